@@ -1,0 +1,98 @@
+"""Top-level pytest configuration: Hypothesis profiles, the --impl options
+of the contributor harness, and the feature-coverage report.
+
+Profiles (select with ``--hypothesis-profile NAME`` or the environment
+variable ``KVCOMPRESS_PROFILE``; default ``ci``):
+
+- ``dev``: a handful of examples per property, random, for editing loops.
+- ``ci``: deterministic (derandomized, no example database), bounded time,
+  prints the ``@reproduce_failure`` blob of any failure; asserts that the
+  promised features were all drawn.
+- ``thorough``: many random examples, for long runs and new kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+_common = dict(deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=8, **_common)
+settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_common)
+settings.register_profile("thorough", max_examples=1000, **_common)
+settings.load_profile(os.environ.get("KVCOMPRESS_PROFILE", "ci"))
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("kvcompress")
+    group.addoption("--impl", action="append", default=[], metavar="KIND=module:callable",
+                    help="verify this callable (reference signature, torch tensors) instead of the built-in "
+                         "backends; repeatable")
+    group.addoption("--impl-device", default=None, choices=("cpu", "cuda"),
+                    help="device of the inputs given to implementations (default: cuda if available, else cpu)")
+    group.addoption("--impl-dtypes", default=None, metavar="LIST",
+                    help="comma list of dtypes to test (default: float64,float32,float16,bfloat16)")
+
+
+def _impls(config):
+    from tests.harness import impls
+
+    cached = getattr(config, "_kvcompress_impls", None)
+    if cached is not None:
+        return cached
+    try:
+        device = impls.parse_device(config.getoption("--impl-device"))
+        dtypes = impls.parse_dtypes(config.getoption("--impl-dtypes"))
+        given = [impls.load_impl(s, device, dtypes) for s in config.getoption("--impl")]
+    except impls.UsageError as e:
+        raise pytest.UsageError(str(e)) from None
+    if given:
+        chosen = given
+    else:
+        chosen = [i for i in impls.builtin_impls(device)]
+        chosen = [impls.Impl(i.kind, i.name, i.fn, i.device, tuple(d for d in i.dtypes if d in dtypes))
+                  for i in chosen]
+    config._kvcompress_impls = chosen
+    return chosen
+
+
+def pytest_configure(config):
+    _impls(config)  # a bad --impl is a usage error before any test runs
+
+
+def pytest_generate_tests(metafunc):
+    """Tests asking for ``impl`` run once per implementation (and per dtype
+    when they also ask for ``dtype``); ``kind`` restricts to one kind."""
+    if "impl" not in metafunc.fixturenames:
+        return
+    impls = _impls(metafunc.config)
+    kinds = getattr(metafunc.function, "kvcompress_kinds", None)
+    impls = [i for i in impls if kinds is None or i.kind in kinds]
+    if "dtype" in metafunc.fixturenames:
+        pairs = [(i, d) for i in impls for d in i.dtypes]
+        metafunc.parametrize(("impl", "dtype"), pairs, ids=[f"{i.id}-{d}" for i, d in pairs])
+    else:
+        metafunc.parametrize("impl", impls, ids=[i.id for i in impls])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from tests.harness import coverage
+
+    lines = coverage.table()
+    if lines:
+        terminalreporter.section("kvcompress: features drawn per implementation and dtype")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests.harness import coverage
+
+    if settings.default is settings.get_profile("ci") and coverage.missing() and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print("\nkvcompress: the ci profile never drew these promised features:")
+        for key, miss in coverage.missing().items():
+            print(f"  {key}: {', '.join(miss)}")

@@ -1,0 +1,91 @@
+"""The registry of implementations: one entry per (kind, backend).
+
+A backend registers its callable with one decorator line::
+
+    @register("linear", "torch", devices=("cpu", "cuda"))
+    def linear(x, weight, bias=None, *, block_size, stride, padding, pe, cu_seqlens): ...
+
+The callable has the reference's signature (SPEC section 4) and receives
+arguments that ``kvcompress.functional`` has already validated.
+``kvcompress.functional`` dispatches through this registry, and the property
+suite parametrizes over every entry, so a registered kernel is verified
+without touching the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+KINDS = ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool")
+ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One registered implementation of one kind.
+
+    kind, name: e.g. ("linear", "torch"). fn: the callable. devices: device
+    types it runs on. dtypes: input dtypes it accepts. priority: "auto"
+    picks the highest-priority backend that is available and supports the
+    call. available: whether it can run here at all (e.g. Triton
+    installed). supports: optional per-call predicate on the validated
+    arguments (a configuration the kernel does not handle returns False).
+    """
+
+    kind: str
+    name: str
+    fn: Callable
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
+    priority: int = 0
+    available: Callable[[], bool] = field(default=lambda: True)
+    supports: Callable[..., bool] | None = None
+
+    def accepts(self, x: torch.Tensor, *args, **kwargs) -> bool:
+        """Whether this backend runs on x's device and dtype and supports the call."""
+        if x.device.type not in self.devices or x.dtype not in self.dtypes or not self.available():
+            return False
+        return self.supports is None or bool(self.supports(x, *args, **kwargs))
+
+
+_REGISTRY: dict[str, dict[str, Backend]] = {k: {} for k in KINDS}
+
+
+def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[torch.dtype, ...] = ALL_DTYPES,
+             priority: int = 0, available: Callable[[], bool] | None = None,
+             supports: Callable[..., bool] | None = None) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as backend ``name`` of ``kind``."""
+    if kind not in KINDS:
+        raise ValueError(f"register: kind must be one of {KINDS}, got {kind!r}")
+
+    def deco(fn: Callable) -> Callable:
+        if name in _REGISTRY[kind]:
+            raise ValueError(f"register: backend {name!r} of {kind!r} is already registered")
+        _REGISTRY[kind][name] = Backend(kind, name, fn, tuple(devices), tuple(dtypes), priority,
+                                        available or (lambda: True), supports)
+        return fn
+
+    return deco
+
+
+def backends(kind: str) -> list[Backend]:
+    """Every backend registered for ``kind``, highest priority first."""
+    _load_builtin()
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return sorted(_REGISTRY[kind].values(), key=lambda b: -b.priority)
+
+
+def get(kind: str, name: str) -> Backend:
+    """The backend ``name`` of ``kind``; ValueError naming the choices if none."""
+    for b in backends(kind):
+        if b.name == name:
+            return b
+    raise ValueError(f"{kind}: backend must be 'auto' or one of {[b.name for b in backends(kind)]}, got {name!r}")
+
+
+def _load_builtin() -> None:
+    from . import ops  # noqa: F401  (importing registers the built-in backends)

@@ -1,0 +1,7 @@
+"""Built-in backends, one folder per kind; importing registers them."""
+
+from .attention_pool import torch_impl as _ap_torch  # noqa: F401
+from .linear import torch_impl as _linear_torch  # noqa: F401
+from .mean_pool import torch_impl as _mean_torch  # noqa: F401
+from .mlp import torch_impl as _mlp_torch  # noqa: F401
+from .weighted_pool import torch_impl as _weighted_torch  # noqa: F401

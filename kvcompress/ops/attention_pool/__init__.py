@@ -1,0 +1,1 @@
+"""attention_pool: its fast paths (torch_impl: vectorized torch)."""

@@ -1,0 +1,1 @@
+"""linear: its fast paths (torch_impl: vectorized torch)."""

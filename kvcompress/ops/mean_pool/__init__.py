@@ -1,0 +1,1 @@
+"""mean_pool: its fast paths (torch_impl: vectorized torch)."""

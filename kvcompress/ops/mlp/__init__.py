@@ -1,0 +1,1 @@
+"""mlp: its fast paths (torch_impl: vectorized torch)."""

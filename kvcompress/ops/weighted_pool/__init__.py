@@ -1,0 +1,1 @@
+"""weighted_pool: its fast paths (torch_impl: vectorized torch)."""

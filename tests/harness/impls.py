@@ -1,0 +1,110 @@
+"""The implementations under test: every backend in kvcompress's registry,
+and contributors' callables given with ``--impl KIND=module:callable``."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import kvcompress.functional as kf
+from kvcompress import backends as kb
+
+from .convert import DTYPES
+from .records import KINDS
+
+DTYPE_NAMES = tuple(DTYPES)
+
+
+@dataclass(frozen=True)
+class Impl:
+    """kind, a display name, the callable (reference signature, torch
+    tensors), the device its inputs live on, the dtypes to test, whether
+    it is built in, and whether its outputs are differentiable."""
+
+    kind: str
+    name: str
+    fn: Callable
+    device: str
+    dtypes: tuple[str, ...]
+    builtin: bool = True
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}-{self.name}"
+
+
+def for_kinds(*kinds: str):
+    """Decorator: a test asking for ``impl`` runs only for these kinds."""
+    def deco(fn):
+        fn.kvcompress_kinds = kinds
+        return fn
+    return deco
+
+
+class UsageError(ValueError):
+    """A malformed --impl/--impl-device/--impl-dtypes value."""
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def builtin_impls(device: str | None = None) -> list[Impl]:
+    """Every registered backend that can run here on ``device``, called
+    through the public function (validation included)."""
+    device = device or default_device()
+    out = []
+    for kind in KINDS:
+        for b in kb.backends(kind):
+            if device in b.devices and b.available():
+                dtypes = tuple(n for n in DTYPE_NAMES if DTYPES[n] in b.dtypes)
+                out.append(Impl(kind, b.name, functools.partial(getattr(kf, kind), backend=b.name), device, dtypes))
+    return out
+
+
+def parse_dtypes(value: str | None) -> tuple[str, ...]:
+    if not value:
+        return DTYPE_NAMES
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [n for n in names if n not in DTYPE_NAMES]
+    if bad or not names:
+        raise UsageError(f"--impl-dtypes takes a comma list of {DTYPE_NAMES}, got {value!r}")
+    return names
+
+
+def parse_device(value: str | None) -> str:
+    if value is None:
+        return default_device()
+    if value not in ("cpu", "cuda"):
+        raise UsageError(f"--impl-device must be cpu or cuda, got {value!r}")
+    if value == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--impl-device cuda: no CUDA device is available here")
+    return value
+
+
+def load_impl(spec: str, device: str, dtypes: tuple[str, ...]) -> Impl:
+    """``KIND=package.module:callable`` -> Impl, or UsageError saying what is wrong."""
+    if "=" not in spec:
+        raise UsageError(f"--impl takes KIND=module:callable, got {spec!r}")
+    kind, target = (s.strip() for s in spec.split("=", 1))
+    if kind not in KINDS:
+        raise UsageError(f"--impl {spec!r}: unknown kind {kind!r}; kinds are {KINDS}")
+    if ":" not in target:
+        raise UsageError(f"--impl {spec!r}: the target must be module:callable, got {target!r}")
+    mod_name, attr = target.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:  # ImportError or an error raised while importing
+        raise UsageError(f"--impl {spec!r}: cannot import module {mod_name!r}: {e}") from e
+    fn = mod
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise UsageError(f"--impl {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise UsageError(f"--impl {spec!r}: {target!r} is not callable")
+    return Impl(kind, target, fn, device, dtypes, builtin=False)

@@ -1,0 +1,95 @@
+"""A vectorized NumPy formulation of the five kinds, independent of the loop
+reference and of kvcompress: windows gathered by index, then einsum.
+
+Used twice: ``tests/test_reference.py`` checks the loop reference against it
+(two independent readings of SPEC must agree), and the tolerance model runs
+it on absolute values to get each output's magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import reference
+
+
+def gather_windows(x, *, block_size, stride, padding, pe=None, seqlens=None):
+    """x (B, H, T, D) float64 -> windows (B, H, W, L, D), pe added,
+    left-pad tokens zero (+ pe). seqlens: lengths of packed sequences or None."""
+    B, H, T, D = x.shape
+    L, S = block_size, stride
+    seqs = [T] if seqlens is None else list(seqlens)
+    idx, valid = [], []
+    start = 0
+    for n in seqs:
+        for i in range(reference.num_windows(n, L, S, padding)):
+            pos = reference.window_start(i, L, S, padding) + np.arange(L)
+            valid.append(pos >= 0)
+            idx.append(start + np.maximum(pos, 0))
+        start += n
+    if not idx:
+        win = np.zeros((B, H, 0, L, D))
+    else:
+        idx, valid = np.stack(idx), np.stack(valid)              # [W, L]
+        win = np.where(valid[None, None, :, :, None], x[:, :, idx, :], 0.0)
+    if pe is not None:
+        win = win + pe[None, :, None, :, :]
+    return win
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def group_of_head(G, H):
+    """(H,) group index of each head: h // (H // G)."""
+    return np.arange(H) // (H // G)
+
+
+def act(name, z):
+    if name == "relu":
+        return np.where(z > 0, z, np.where(np.isnan(z), z, 0.0))
+    if name == "gelu":
+        return 0.5 * z * (1.0 + _erf(z / np.sqrt(2.0)))
+    return z / (1.0 + np.exp(-z))
+
+
+def mean_pool(win):
+    return win.mean(axis=3)
+
+
+def weighted_pool(win, weight):
+    wh = weight[group_of_head(weight.shape[0], win.shape[1])]     # [H, L]
+    return np.einsum("bhwld,hl->bhwd", win, wh)
+
+
+def linear(win, weight, bias=None):
+    H = win.shape[1]
+    gh = group_of_head(weight.shape[0], H)
+    y = np.einsum("bhwld,hldo->bhwo", win, weight[gh])
+    return y if bias is None else y + bias[gh][None, :, None, :]
+
+
+def mlp(win, w1, b1, w2, b2, activation="relu"):
+    B, H, W, L, D = win.shape
+    gh = group_of_head(w1.shape[0], H)
+    pre = np.einsum("bhwk,hkf->bhwf", win.reshape(B, H, W, L * D), w1[gh])
+    if b1 is not None:
+        pre = pre + b1[gh][None, :, None, :]
+    y = np.einsum("bhwf,hfo->bhwo", act(activation, pre), w2[gh])
+    return y if b2 is None else y + b2[gh][None, :, None, :]
+
+
+def attention_logits(win, weight):
+    """Z (B, H, W, L, D) = X @ weight[g]."""
+    gh = group_of_head(weight.shape[0], win.shape[1])
+    return np.einsum("bhwld,hdc->bhwlc", win, weight[gh])
+
+
+def attention_pool(win, weight):
+    z = attention_logits(win, weight)
+    z = z - z.max(axis=3, keepdims=True)
+    p = np.exp(z)
+    p = p / p.sum(axis=3, keepdims=True)
+    return (p * win).sum(axis=3)

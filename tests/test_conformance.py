@@ -1,0 +1,45 @@
+"""The main property: every implementation equals the loop reference within
+the tolerance model (tests/harness/tolerance.py), on every drawn case."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import assume, event, given, note
+from hypothesis import strategies as st
+
+from tests.harness import coverage
+from tests.harness.cases import make_inputs
+from tests.harness.convert import DTYPES, to_numpy
+from tests.harness.records import RECORDS
+from tests.harness.strategies import cases
+from tests.harness.tolerance import compare, forward_bound
+
+
+def describe_failure(impl, case, got, expected, b, ratio, idx, err) -> str:
+    return (f"{impl.id} differs from the reference in {case.dtype}: |error| = {err:.3g} at output index "
+            f"(b, h, w, c) = {idx}, {ratio:.3g} times its bound {b.bound[idx]:.3g} (magnitude {b.magnitude[idx]:.3g}; "
+            f"got {got[idx]!r}, expected {expected[idx]!r}).\n  {case!r}")
+
+
+@given(data=st.data())
+def test_matches_reference(impl, dtype, data):
+    rec = RECORDS[impl.kind]
+    case = data.draw(cases(kind=impl.kind, dtype=dtype), label="case")
+    inputs = make_inputs(case, rec, impl.device)
+    b = forward_bound(case, inputs)
+    assume(b.well_conditioned)
+    coverage.record(impl.id, dtype, case)
+    for f in coverage.features(case):
+        event(f)
+    expected = rec.call_reference(case, inputs)
+    got = rec.call(impl.fn, case, inputs)
+    assert got.shape == (case.B, case.H, case.W, rec.d_out(case)), \
+        f"{impl.id}: output shape {tuple(got.shape)}, expected (B, H, W, D_out) = " \
+        f"{(case.B, case.H, case.W, rec.d_out(case))}\n  {case!r}"
+    assert got.dtype == DTYPES[dtype], f"{impl.id}: output dtype {got.dtype}, expected {DTYPES[dtype]}\n  {case!r}"
+    assert got.device.type == impl.device, f"{impl.id}: output on {got.device}, input on {impl.device}"
+    got64 = to_numpy(got)
+    ok, ratio, idx, err = compare(got64, expected, b.bound)
+    note(f"worst error / bound = {ratio:.3g}")
+    assert ok, describe_failure(impl, case, got64, expected, b, ratio, idx, err)
+    assert np.isfinite(expected).all()
