@@ -16,7 +16,15 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
+
+# Before anything imports triton: without a GPU, Triton kernels run in its
+# interpreter on CPU tensors (that is how CI exercises them); float32 dots
+# are IEEE unless a test is about tf32 (STYLE.md).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 _common = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -33,6 +33,9 @@ class Backend:
     call. available: whether it can run here at all (e.g. Triton
     installed). supports: optional per-call predicate on the validated
     arguments (a configuration the kernel does not handle returns False).
+    auto_devices: the devices on which "auto" may pick it (default: all of
+    ``devices``; Triton runs on the CPU only in its interpreter, for tests,
+    and is never picked there automatically).
     """
 
     kind: str
@@ -43,6 +46,12 @@ class Backend:
     priority: int = 0
     available: Callable[[], bool] = field(default=lambda: True)
     supports: Callable[..., bool] | None = None
+    auto_devices: tuple[str, ...] | None = None
+
+    def accepts_auto(self, x: torch.Tensor, *args, **kwargs) -> bool:
+        """Whether backend="auto" may pick this backend for the call."""
+        auto = self.devices if self.auto_devices is None else self.auto_devices
+        return x.device.type in auto and self.accepts(x, *args, **kwargs)
 
     def accepts(self, x: torch.Tensor, *args, **kwargs) -> bool:
         """Whether this backend runs on x's device and dtype and supports the call."""
@@ -56,7 +65,8 @@ _REGISTRY: dict[str, dict[str, Backend]] = {k: {} for k in KINDS}
 
 def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[torch.dtype, ...] = ALL_DTYPES,
              priority: int = 0, available: Callable[[], bool] | None = None,
-             supports: Callable[..., bool] | None = None) -> Callable[[Callable], Callable]:
+             supports: Callable[..., bool] | None = None,
+             auto_devices: tuple[str, ...] | None = None) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as backend ``name`` of ``kind``."""
     if kind not in KINDS:
         raise ValueError(f"register: kind must be one of {KINDS}, got {kind!r}")
@@ -65,7 +75,8 @@ def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[to
         if name in _REGISTRY[kind]:
             raise ValueError(f"register: backend {name!r} of {kind!r} is already registered")
         _REGISTRY[kind][name] = Backend(kind, name, fn, tuple(devices), tuple(dtypes), priority,
-                                        available or (lambda: True), supports)
+                                        available or (lambda: True), supports,
+                                        None if auto_devices is None else tuple(auto_devices))
         return fn
 
     return deco

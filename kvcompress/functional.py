@@ -57,7 +57,7 @@ def _common(fn, x, block_size, stride, padding, pe, cu_seqlens):
 def _dispatch(kind, backend, x, *args, **kwargs):
     if backend == "auto":
         for b in _backends.backends(kind):
-            if b.accepts(x, *args, **kwargs):
+            if b.accepts_auto(x, *args, **kwargs):
                 return b.fn(x, *args, **kwargs)
         raise ValueError(f"{kind}: no registered backend runs on device {x.device.type} with dtype {x.dtype}")
     b = _backends.get(kind, backend)
