@@ -97,7 +97,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    from tests.harness import coverage
+    from tests.harness import coverage, report
+
+    report.write()
 
     if settings.default is settings.get_profile("ci") and coverage.missing() and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import assume, event, given, note
 from hypothesis import strategies as st
 
-from tests.harness import coverage
+from tests.harness import coverage, report
 from tests.harness.cases import make_inputs
 from tests.harness.convert import DTYPES, to_numpy
 from tests.harness.records import RECORDS
@@ -31,8 +31,16 @@ def test_matches_reference(impl, dtype, data):
     coverage.record(impl.id, dtype, case)
     for f in coverage.features(case):
         event(f)
-    expected = rec.call_reference(case, inputs)
-    got = rec.call(impl.fn, case, inputs)
+    t = {}
+    with report.timed(t, "reference"):
+        expected = rec.call_reference(case, inputs)
+    k = report.key("matches_reference", impl.id, dtype)
+    try:
+        with report.timed(t, "impl"):
+            got = rec.call(impl.fn, case, inputs)
+    except Exception:
+        report.observe(k, failed=True)
+        raise
     assert got.shape == (case.B, case.H, case.W, rec.d_out(case)), \
         f"{impl.id}: output shape {tuple(got.shape)}, expected (B, H, W, D_out) = " \
         f"{(case.B, case.H, case.W, rec.d_out(case))}\n  {case!r}"
@@ -40,6 +48,7 @@ def test_matches_reference(impl, dtype, data):
     assert got.device.type == impl.device, f"{impl.id}: output on {got.device}, input on {impl.device}"
     got64 = to_numpy(got)
     ok, ratio, idx, err = compare(got64, expected, b.bound)
+    report.observe(k, ratio=ratio, impl_seconds=t["impl"], reference_seconds=t["reference"], failed=not ok)
     note(f"worst error / bound = {ratio:.3g}")
     assert ok, describe_failure(impl, case, got64, expected, b, ratio, idx, err)
     assert np.isfinite(expected).all()

@@ -1,0 +1,58 @@
+"""Per-(property, implementation, dtype) measurements, for the verify
+command's matrix and the mutation self-test.
+
+Properties call ``observe(...)`` once per example; the numbers land in a
+JSON file when ``KVCOMPRESS_REPORT=path`` is set (the pytest plugin in
+``conftest.py`` writes it at the end of the session). For each key we keep:
+examples run, examples before the first failure, the worst error as a
+fraction of its bound, and the time spent in the implementation and in the
+reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+_stats: dict[str, dict] = defaultdict(lambda: {"examples": 0, "first_failure": None, "worst_ratio": 0.0,
+                                               "impl_seconds": 0.0, "reference_seconds": 0.0, "failed": False})
+
+
+def key(prop: str, impl_id: str, dtype: str) -> str:
+    return f"{prop}|{impl_id}|{dtype}"
+
+
+def observe(k: str, *, ratio: float | None = None, impl_seconds: float = 0.0, reference_seconds: float = 0.0,
+            failed: bool = False) -> None:
+    s = _stats[k]
+    s["examples"] += 1
+    if ratio is not None and ratio == ratio:
+        s["worst_ratio"] = max(s["worst_ratio"], ratio)
+    s["impl_seconds"] += impl_seconds
+    s["reference_seconds"] += reference_seconds
+    if failed and not s["failed"]:
+        s["failed"] = True
+        s["first_failure"] = s["examples"]
+
+
+@contextmanager
+def timed(out: dict, name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        out[name] = out.get(name, 0.0) + time.perf_counter() - t0
+
+
+def stats() -> dict[str, dict]:
+    return dict(_stats)
+
+
+def write(path: str | None = None) -> None:
+    path = path or os.environ.get("KVCOMPRESS_REPORT")
+    if path:
+        with open(path, "w") as f:
+            json.dump(stats(), f, indent=1, sort_keys=True)
