@@ -15,10 +15,9 @@ import numpy as np
 import reference
 
 
-def gather_windows(x, *, block_size, stride, padding, pe=None, seqlens=None):
-    """x (B, H, T, D) float64 -> windows (B, H, W, L, D), pe added,
-    left-pad tokens zero (+ pe). seqlens: lengths of packed sequences or None."""
-    B, H, T, D = x.shape
+def window_index(T, *, block_size, stride, padding, seqlens=None):
+    """(idx, valid), each (W, L): token index of every window position, and
+    whether it is a real token (False: a left-padding zero)."""
     L, S = block_size, stride
     seqs = [T] if seqlens is None else list(seqlens)
     idx, valid = [], []
@@ -30,13 +29,28 @@ def gather_windows(x, *, block_size, stride, padding, pe=None, seqlens=None):
             idx.append(start + np.maximum(pos, 0))
         start += n
     if not idx:
-        win = np.zeros((B, H, 0, L, D))
-    else:
-        idx, valid = np.stack(idx), np.stack(valid)              # [W, L]
-        win = np.where(valid[None, None, :, :, None], x[:, :, idx, :], 0.0)
+        return np.zeros((0, L), np.int64), np.zeros((0, L), bool)
+    return np.stack(idx), np.stack(valid)
+
+
+def gather_windows(x, *, block_size, stride, padding, pe=None, seqlens=None):
+    """x (B, H, T, D) float64 -> windows (B, H, W, L, D), pe added,
+    left-pad tokens zero (+ pe). seqlens: lengths of packed sequences or None."""
+    idx, valid = window_index(x.shape[2], block_size=block_size, stride=stride, padding=padding, seqlens=seqlens)
+    win = np.where(valid[None, None, :, :, None], x[:, :, idx, :], 0.0)   # [B, H, W, L, D]
     if pe is not None:
         win = win + pe[None, :, None, :, :]
     return win
+
+
+def scatter_windows(gwin, T, *, block_size, stride, padding, seqlens=None):
+    """The adjoint of gather_windows for x: (B, H, W, L, D) -> (B, H, T, D),
+    summing each window position into its token (pad positions dropped)."""
+    B, H, W, L, D = gwin.shape
+    idx, valid = window_index(T, block_size=block_size, stride=stride, padding=padding, seqlens=seqlens)
+    out = np.zeros((B, H, T, D))
+    np.add.at(out, (slice(None), slice(None), idx[valid]), gwin[:, :, valid])
+    return out
 
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
@@ -52,7 +66,7 @@ def act(name, z):
         return np.where(z > 0, z, np.where(np.isnan(z), z, 0.0))
     if name == "gelu":
         return 0.5 * z * (1.0 + _erf(z / np.sqrt(2.0)))
-    return z / (1.0 + np.exp(-z))
+    return z * 0.5 * (1.0 + np.tanh(0.5 * z))   # z * sigmoid(z), without overflow
 
 
 def mean_pool(win):
