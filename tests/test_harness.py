@@ -1,0 +1,64 @@
+"""The contributor harness itself: --impl usage errors are usage errors, a
+broken callable fails with a shrunk counterexample, and kvcompress-verify
+prints its matrix and exits non-zero on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args, **env):
+    e = {**os.environ, "KVCOMPRESS_PROFILE": "dev", **env}
+    e.pop("KVCOMPRESS_REPORT", None)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("linear", "KIND=module:callable"),
+    ("convolution=kvcompress.functional:linear", "unknown kind 'convolution'"),
+    ("linear=kvcompress.nonexistent:linear", "cannot import module 'kvcompress.nonexistent'"),
+    ("linear=kvcompress.functional:nope", "has no attribute 'nope'"),
+    ("linear=kvcompress.functional:__doc__", "is not callable"),
+    ("linear=kvcompress.functional", "module:callable"),
+])
+def test_bad_impl_is_a_usage_error(spec, message):
+    r = _run(["-m", "pytest", "tests/test_conformance.py", "-q", "-p", "no:cacheprovider", "--impl", spec])
+    assert r.returncode == 4, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert message in r.stderr + r.stdout
+
+
+def test_bad_impl_dtypes_is_a_usage_error():
+    r = _run(["-m", "pytest", "tests/test_conformance.py", "-q", "-p", "no:cacheprovider",
+              "--impl-dtypes", "float32,int8"])
+    assert r.returncode == 4 and "--impl-dtypes" in r.stderr + r.stdout
+
+
+def test_verify_prints_the_matrix_and_writes_json(tmp_path):
+    out = tmp_path / "v.json"
+    r = _run(["-m", "kvcompress.verify", "-k", "mean_pool and float32", "--json", str(out)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "mean_pool      torch" in r.stdout and "pass" in r.stdout
+    rep = json.loads(out.read_text())
+    rows = [row for row in rep["rows"] if row["kind"] == "mean_pool" and row["dtype"] == "float32"]
+    assert rows and rows[0]["passed"] and rows[0]["examples"] > 0
+    assert {"matches_reference", "test_locality", "test_gradients_match_exact"} <= set(rows[0]["properties"])
+
+
+def test_verify_fails_on_a_broken_callable(tmp_path):
+    mod = tmp_path / "broken_impl.py"
+    mod.write_text(
+        "import kvcompress.functional as kf\n"
+        "def mean_pool(x, **kw):\n"
+        "    return kf.mean_pool(x, **kw) * 1.01   # 1% off: far outside any tolerance\n")
+    r = _run(["-m", "kvcompress.verify", "--impl", "mean_pool=broken_impl:mean_pool", "--impl-dtypes", "float32",
+              "-k", "matches_reference"], PYTHONPATH=str(tmp_path))
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "FAIL" in r.stdout
