@@ -27,7 +27,8 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 _common = dict(deadline=None, print_blob=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.function_scoped_fixture])  # `rerun` is stateless
 settings.register_profile("dev", max_examples=8, **_common)
 settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_common)
 settings.register_profile("thorough", max_examples=1000, **_common)
@@ -84,6 +85,16 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize(("impl", "dtype"), pairs, ids=[f"{i.id}-{d}" for i, d in pairs])
     else:
         metafunc.parametrize("impl", impls, ids=[i.id for i in impls])
+
+
+@pytest.fixture
+def rerun(request) -> str:
+    """A one-line command that reruns this test (with the same --impl options)."""
+    opts = " ".join(f"--impl {s}" for s in request.config.getoption("--impl"))
+    for name in ("--impl-device", "--impl-dtypes"):
+        if request.config.getoption(name):
+            opts += f" {name} {request.config.getoption(name)}"
+    return f"python -m pytest '{request.node.nodeid}' {opts}".rstrip()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -15,14 +15,19 @@ from tests.harness.strategies import cases
 from tests.harness.tolerance import compare, forward_bound
 
 
-def describe_failure(impl, case, got, expected, b, ratio, idx, err) -> str:
-    return (f"{impl.id} differs from the reference in {case.dtype}: |error| = {err:.3g} at output index "
-            f"(b, h, w, c) = {idx}, {ratio:.3g} times its bound {b.bound[idx]:.3g} (magnitude {b.magnitude[idx]:.3g}; "
-            f"got {got[idx]!r}, expected {expected[idx]!r}).\n  {case!r}")
+def describe_failure(impl, case, inputs, got, expected, b, ratio, idx, err, rerun) -> str:
+    x = inputs.x
+    return (f"{impl.kind} implementation {impl.name!r} differs from the reference in {case.dtype}: |error| = "
+            f"{err:.3g} at output index (b, h, w, c) = {idx}, {ratio:.3g} times its tolerance {b.bound[idx]:.3g} "
+            f"(magnitude {b.magnitude[idx]:.3g}; got {got[idx]!r}, expected {expected[idx]!r}).\n"
+            f"  x: shape {tuple(x.shape)}, strides {tuple(x.stride())} ({case.layout}), dtype {x.dtype}; "
+            f"L={case.L} S={case.S} padding={case.padding!r} G={case.G} pe={case.use_pe} "
+            f"cu_seqlens={None if inputs.cu64 is None else inputs.cu64.tolist()}\n"
+            f"  {case!r}\n  rerun: {rerun}  (add the @reproduce_failure line below for this exact example)")
 
 
 @given(data=st.data())
-def test_matches_reference(impl, dtype, data):
+def test_matches_reference(impl, dtype, data, rerun):
     rec = RECORDS[impl.kind]
     case = data.draw(cases(kind=impl.kind, dtype=dtype), label="case")
     inputs = make_inputs(case, rec, impl.device)
@@ -50,5 +55,5 @@ def test_matches_reference(impl, dtype, data):
     ok, ratio, idx, err = compare(got64, expected, b.bound)
     report.observe(k, ratio=ratio, impl_seconds=t["impl"], reference_seconds=t["reference"], failed=not ok)
     note(f"worst error / bound = {ratio:.3g}")
-    assert ok, describe_failure(impl, case, got64, expected, b, ratio, idx, err)
+    assert ok, describe_failure(impl, case, inputs, got64, expected, b, ratio, idx, err, rerun)
     assert np.isfinite(expected).all()
