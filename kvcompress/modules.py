@@ -1,0 +1,499 @@
+"""``nn.Module`` front ends over ``kvcompress.functional``.
+
+Two families:
+
+- Drop-in versions of the seed's compress networks
+  (``native-sparse-attention-pytorch`` 0.2.3, ``compress_networks.py``):
+  ``ConvLinearCompress``, ``AttentionPool``, ``GroupedMLP`` and
+  ``SingleProjection`` take windows ``kv`` of shape (b, h, w, n, d) and hold
+  the seed's submodules, so parameter names, shapes, initialisation (and
+  the random numbers it draws) are the seed's: a seed ``state_dict`` loads
+  with ``strict=True`` and ours loads into the seed's. Their forward does
+  not redo the math: it flattens kv to a token sequence x (b, h, w*n, d),
+  reads the weights as *views* of the module's parameters in the layout
+  of a functional kind (so autograd reaches the parameters), and calls that
+  kind with block_size = stride = the window length and ``padding="valid"``.
+  Every quirk of the seed is kept and documented on its class.
+- ``Compressor``: one module owning the weights of one kind, for callers
+  who start from keys or values x (B, H, T, D).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops.layers.torch import EinMix, Rearrange
+from torch import nn
+
+from . import backends as _backends
+from . import functional as kf
+from ._validate import ACTIVATIONS, FLOAT_DTYPES, check_activation, check_window_args
+
+__all__ = ["AttentionPool", "Compressor", "ConvLinearCompress", "GroupedMLP", "SingleProjection"]
+
+KINDS = _backends.KINDS
+POOL_KINDS = ("mean_pool", "weighted_pool", "attention_pool")   # D_out = D, no bias
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_pos_int(fn: str, name: str, v) -> None:
+    if not _is_int(v) or v < 1:
+        raise ValueError(f"{fn}: {name} must be an int >= 1, got {v!r}")
+
+
+def _check_backend(fn: str, kind: str, backend) -> str:
+    """"auto" or a backend registered for ``kind``; ValueError naming the choices."""
+    if backend == "auto":
+        return backend
+    names = [b.name for b in _backends.backends(kind)]
+    if backend not in names:
+        raise ValueError(f"{fn}: backend must be 'auto' or one of {names} (the backends of {kind}), got {backend!r}")
+    return backend
+
+
+def _check_kv(fn: str, kv, param: torch.Tensor, *, heads: int | None = None, dim_head: int | None = None,
+              window: int | None = None) -> tuple[int, int, int, int, int]:
+    """kv must be a (b, h, w, n, d) tensor of the parameters' dtype, with
+    h == heads, d == dim_head and n == window where those are given."""
+    if not isinstance(kv, torch.Tensor):
+        raise TypeError(f"{fn}: kv must be a torch.Tensor of shape (b, h, w, n, d), got {type(kv).__name__}")
+    if kv.dim() != 5:
+        raise ValueError(f"{fn}: kv must have 5 dims (b, h, w, n, d), got shape {tuple(kv.shape)}")
+    if kv.dtype != param.dtype:
+        raise TypeError(f"{fn}: kv must have the parameters' dtype {param.dtype}, got {kv.dtype}")
+    b, h, w, n, d = kv.shape
+    if heads is not None and h != heads:
+        raise ValueError(f"{fn}: kv must have h = heads = {heads} heads, got shape {tuple(kv.shape)}")
+    if dim_head is not None and d != dim_head:
+        raise ValueError(f"{fn}: kv must have d = dim_head = {dim_head}, got shape {tuple(kv.shape)}")
+    if window is not None and n != window:
+        raise ValueError(f"{fn}: kv must have n = compress_window_size = {window} tokens per window, "
+                         f"got shape {tuple(kv.shape)}")
+    return b, h, w, n, d
+
+
+def _tokens(kv: torch.Tensor) -> torch.Tensor:
+    """(b, h, w, n, d) windows -> (b, h, w*n, d) tokens: the seed's ``(w n)`` axis."""
+    b, h, w, n, d = kv.shape
+    return kv.reshape(b, h, w * n, d)                    # [B, H, T, D]
+
+
+class ConvLinearCompress(nn.Module):
+    """The seed's ``ConvLinearCompress``: a grouped ``Conv1d`` (one group per
+    head) with kernel and stride ``compress_window_size``, i.e. the kind
+    ``linear`` with G = heads and block_size = stride = compress_window_size.
+
+    Args:
+        heads (int >= 1): h of the input.
+        dim_head (int >= 1): d of the input (and of the output).
+        compress_window_size (int >= 1): the conv's kernel and stride, L.
+        backend (keyword-only, default "auto"): the ``linear`` backend.
+
+    Parameters (the seed's): ``conv.weight`` (h*d, d, L), ``conv.bias``
+    (h*d,), ``nn.Conv1d``'s initialisation. ``conv.weight[g*d + o, i, j]``
+    is the functional ``weight[g, j, i, o]``.
+
+    forward(kv): kv (b, h, w, n, d) of the parameters' dtype -> (b, h,
+    floor(w*n / L), d).
+
+    Quirk (kept): the seed convolves over the flattened ``(w n)`` token
+    axis, so when n != compress_window_size its windows are L consecutive
+    tokens of that axis and cross the boundaries of the input's windows; the
+    output has floor(w*n / L) tokens, and trailing tokens that do not fill a
+    window are dropped. It equals a per-window linear map only when
+    n == compress_window_size.
+
+    Where the seed's conv raises because there are fewer than L tokens
+    (w*n < L, including w = 0 or n = 0), this module returns an empty
+    (b, h, 0, d) tensor instead. Errors: TypeError if kv is not a tensor or
+    has another dtype than the parameters; ValueError if kv is not 5-D or
+    h != heads or d != dim_head (the seed raises there too).
+    """
+
+    def __init__(self, heads, dim_head, compress_window_size, *, backend="auto"):
+        super().__init__()
+        fn = type(self).__name__
+        for name, v in (("heads", heads), ("dim_head", dim_head), ("compress_window_size", compress_window_size)):
+            _check_pos_int(fn, name, v)
+        self.heads, self.dim_head, self.compress_window_size = heads, dim_head, compress_window_size
+        self.backend = _check_backend(fn, "linear", backend)
+        self.conv = nn.Conv1d(heads * dim_head, heads * dim_head, compress_window_size, stride=compress_window_size,
+                              groups=heads)
+
+    def forward(self, kv: torch.Tensor) -> torch.Tensor:
+        _check_kv(type(self).__name__, kv, self.conv.weight, heads=self.heads, dim_head=self.dim_head)
+        H, D, L = self.heads, self.dim_head, self.compress_window_size
+        weight = self.conv.weight.view(H, D, D, L).permute(0, 3, 2, 1)   # [G=H, L, D_in, D_out], a view
+        bias = self.conv.bias.view(H, D)                                  # [G, D_out]
+        return kf.linear(_tokens(kv), weight, bias, block_size=L, stride=L, padding="valid",
+                         backend=self.backend)                            # [b, h, floor(w*n / L), d]
+
+
+class AttentionPool(nn.Module):
+    """The seed's ``AttentionPool`` (Enformer's attention pooling): logits
+    kv @ W.T with one (d, d) matrix shared by all heads, softmax over the n
+    positions of each window, per feature; i.e. the kind ``attention_pool``
+    with G = 1, weight = W.T and block_size = stride = n.
+
+    Args:
+        dim_head (int >= 1): d of the input.
+        compress_window_size (int >= 1): accepted and unused (see the quirk).
+        backend (keyword-only, default "auto"): the ``attention_pool`` backend.
+
+    Parameters (the seed's): ``to_attn_logits.weight`` (d, d), initialised
+    to the identity (nn.Linear's random initialisation is drawn first and
+    then overwritten, as in the seed, so the random stream matches).
+
+    forward(kv): kv (b, h, w, n, d), any h, of the parameters' dtype ->
+    (b, h, w, d).
+
+    Quirk (kept): compress_window_size plays no part; the window length is
+    whatever n the input has, so any n works and two modules that differ
+    only in compress_window_size compute the same function.
+    n = 0 gives zeros (an empty sum, like the seed); the weight then gets no
+    gradient (None) where the seed's gets zeros. Errors: TypeError if kv is
+    not a tensor or has another dtype than the weight; ValueError if kv is
+    not 5-D or d != dim_head.
+    """
+
+    def __init__(self, dim_head, compress_window_size, *, backend="auto"):
+        super().__init__()
+        fn = type(self).__name__
+        _check_pos_int(fn, "dim_head", dim_head)
+        _check_pos_int(fn, "compress_window_size", compress_window_size)
+        self.dim_head, self.compress_window_size = dim_head, compress_window_size
+        self.backend = _check_backend(fn, "attention_pool", backend)
+        self.to_attn_logits = nn.Linear(dim_head, dim_head, bias=False)
+        with torch.no_grad():
+            self.to_attn_logits.weight.copy_(torch.eye(dim_head))
+
+    def forward(self, kv: torch.Tensor) -> torch.Tensor:
+        _, _, _, n, _ = _check_kv(type(self).__name__, kv, self.to_attn_logits.weight, dim_head=self.dim_head)
+        if n == 0:
+            return kv.sum(dim=3)                                          # [b, h, w, d] zeros: an empty sum
+        weight = self.to_attn_logits.weight.t().unsqueeze(0)              # [G=1, D, D]: Z = X @ W.T, a view
+        return kf.attention_pool(_tokens(kv), weight, block_size=n, stride=n, padding="valid",
+                                 backend=self.backend)                    # [b, h, w, d]
+
+
+class GroupedMLP(nn.Module):
+    """The seed's ``GroupedMLP``: per head, a two-layer ReLU MLP on the
+    window flattened token-major (the seed's ``(n d)``); i.e. the kind
+    ``mlp`` with G = heads, F = int(n*d*expand_factor), activation "relu"
+    and block_size = stride = compress_window_size.
+
+    Args:
+        dim_head (int >= 1): d of the input (and of the output).
+        compress_window_size (int >= 1): n, the window length.
+        heads (int >= 1): h of the input.
+        expand_factor (number, default 1.): F = int(n * d * expand_factor),
+            which must be >= 1 (the seed fails to build with F < 1).
+        backend (keyword-only, default "auto"): the ``mlp`` backend.
+
+    Parameters (the seed's einops ``EinMix`` layers, their initialisation):
+    ``net.0.weight`` (h, n*d, F) = w1, ``net.0.bias`` (1, h, 1, F) = b1,
+    ``net.2.weight`` (h, F, d) = w2, ``net.2.bias`` (1, h, 1, d) = b2;
+    ``net.1`` is the ReLU.
+
+    forward(kv): kv (b, h, w, n, d) of the parameters' dtype -> (b, h, w, d).
+
+    Errors: the constructor raises ValueError for sizes < 1 or F < 1.
+    forward raises TypeError if kv is not a tensor or has another dtype than
+    the parameters; ValueError if kv is not 5-D, h != heads, d != dim_head or
+    n != compress_window_size (the seed raises for each of these).
+    """
+
+    def __init__(self, dim_head, compress_window_size, heads, expand_factor=1., *, backend="auto"):
+        super().__init__()
+        fn = type(self).__name__
+        for name, v in (("dim_head", dim_head), ("compress_window_size", compress_window_size), ("heads", heads)):
+            _check_pos_int(fn, name, v)
+        dim = dim_head * compress_window_size
+        try:
+            hidden = int(dim * expand_factor)             # the seed's F
+        except (TypeError, ValueError, OverflowError):
+            hidden = None
+        if hidden is None or hidden < 1:
+            raise ValueError(f"{fn}: expand_factor must be a number with int(compress_window_size * dim_head * "
+                             f"expand_factor) >= 1 hidden units, got {expand_factor!r}")
+        self.dim_head, self.compress_window_size, self.heads = dim_head, compress_window_size, heads
+        self.backend = _check_backend(fn, "mlp", backend)
+        self.dim_hidden = hidden
+        self.net = nn.Sequential(
+            EinMix("b h w i -> b h w o", weight_shape="h i o", bias_shape="h o", h=heads, i=dim, o=self.dim_hidden),
+            nn.ReLU(),
+            EinMix("b h w i -> b h w o", weight_shape="h i o", bias_shape="h o", h=heads, i=self.dim_hidden,
+                   o=dim_head),
+        )
+
+    def forward(self, kv: torch.Tensor) -> torch.Tensor:
+        first, last = self.net[0], self.net[2]
+        _check_kv(type(self).__name__, kv, first.weight, heads=self.heads, dim_head=self.dim_head,
+                  window=self.compress_window_size)
+        H, L = self.heads, self.compress_window_size
+        b1 = first.bias.view(H, self.dim_hidden)                          # [G, F], a view of (1, H, 1, F)
+        b2 = last.bias.view(H, self.dim_head)                             # [G, D_out]
+        return kf.mlp(_tokens(kv), first.weight, b1, last.weight, b2, activation="relu", block_size=L, stride=L,
+                      padding="valid", backend=self.backend)              # [b, h, w, d]
+
+
+class SingleProjection(nn.Module):
+    """The seed's ``SingleProjection``: one linear map per window, without
+    bias. Two different networks, as in the seed:
+
+    - heads == 1: ``compress = Sequential(Rearrange('b h w n d -> b h w
+      (n d)'), nn.Linear(n*d, d, bias=False))``: the window flattened
+      token-major times one (d, n*d) matrix; the kind ``linear`` with
+      G = 1 and weight[0, j, i, o] = W[o, j*d + i]. Quirk (kept): that one
+      projection serves every head, so kv may have any h.
+    - heads > 1: ``compress = EinMix('b h w n i -> b h w o', weight_shape=
+      'h i o')``, weight (h, d, d): y = sum over positions j of kv[j] @
+      weight[h]. Quirk (kept): one (d, d) projection is shared by all
+      positions of a window and the results are summed, so the output does
+      not depend on the order of the positions, n need not equal
+      compress_window_size, and n = 0 gives zeros (the weight then gets no
+      gradient, None, where the seed's gets zeros). It is the kind
+      ``linear`` with G = heads, block_size = stride = n and weight[h, j] =
+      W[h] for every j (an expanded view).
+
+    Args:
+        dim_head (int >= 1): d of the input (and of the output).
+        compress_window_size (int >= 1): n (heads == 1) or unused (heads > 1).
+        heads (int >= 1, default 1).
+        backend (keyword-only, default "auto"): the ``linear`` backend.
+
+    Parameters: ``compress.1.weight`` (d, n*d) (nn.Linear's initialisation)
+    if heads == 1, else ``compress.weight`` (h, d, d) (EinMix's).
+
+    forward(kv): kv (b, h, w, n, d) of the parameter's dtype -> (b, h, w, d).
+    Errors: TypeError if kv is not a tensor or has another dtype than the
+    weight; ValueError if kv is not 5-D or d != dim_head, and for heads == 1
+    if n != compress_window_size, for heads > 1 if h != heads (the seed
+    raises for each of these).
+    """
+
+    def __init__(self, dim_head, compress_window_size, heads=1, *, backend="auto"):
+        super().__init__()
+        fn = type(self).__name__
+        for name, v in (("dim_head", dim_head), ("compress_window_size", compress_window_size), ("heads", heads)):
+            _check_pos_int(fn, name, v)
+        self.dim_head, self.compress_window_size, self.heads = dim_head, compress_window_size, heads
+        self.backend = _check_backend(fn, "linear", backend)
+        self.is_grouped = heads > 1
+        if not self.is_grouped:
+            self.compress = nn.Sequential(Rearrange("b h w n d -> b h w (n d)"),
+                                          nn.Linear(dim_head * compress_window_size, dim_head, bias=False))
+        else:
+            self.compress = EinMix("b h w n i -> b h w o", weight_shape="h i o", h=heads, i=dim_head, o=dim_head)
+
+    def forward(self, kv: torch.Tensor) -> torch.Tensor:
+        fn, D = type(self).__name__, self.dim_head
+        if not self.is_grouped:
+            W = self.compress[1].weight                                   # [D_out, n*D]
+            _check_kv(fn, kv, W, dim_head=D, window=self.compress_window_size)
+            L = self.compress_window_size
+            weight = W.view(D, L, D).permute(1, 2, 0).unsqueeze(0)        # [G=1, L, D_in, D_out], a view
+        else:
+            W = self.compress.weight                                      # [H, D_in, D_out]
+            _, _, _, L, _ = _check_kv(fn, kv, W, heads=self.heads, dim_head=D)
+            if L == 0:
+                return kv.sum(dim=3)                                      # [b, h, w, d] zeros: an empty sum
+            weight = W.unsqueeze(1).expand(self.heads, L, D, D)           # [G=H, L, D_in, D_out], shared over j
+        return kf.linear(_tokens(kv), weight, None, block_size=L, stride=L, padding="valid",
+                         backend=self.backend)                            # [b, h, w, d]
+
+
+class Compressor(nn.Module):
+    """One compressor kind with its own weights, on keys or values
+    x (B, H, T, D): ``forward(x, cu_seqlens=None)`` is
+    ``kvcompress.functional.<kind>(x, <parameters>, block_size=..., stride=...,
+    padding=..., pe=self.pe, cu_seqlens=cu_seqlens, backend=...)``.
+
+    Args:
+        kind: "mean_pool", "weighted_pool", "linear", "mlp" or "attention_pool".
+        heads (int >= 1): H of the input (KV heads).
+        dim_head (int >= 1): D of the input.
+        block_size (int >= 1): L, tokens per window.
+        stride (int, 1 <= stride <= block_size): S.
+        padding: "valid" (default) or "left" (see kvcompress.functional).
+        groups (int >= 1 dividing heads, default 1): G, weight sets; head h
+            uses set h // (heads // groups). No effect on mean_pool (no weights).
+        dim_out (int >= 1 or None): D_out of linear and mlp (default
+            dim_head). The pooling kinds output D: None or dim_head only.
+        hidden (int >= 1 or None): F of mlp (default block_size * dim_head,
+            the seed's expand_factor 1). Other kinds: None only.
+        activation: "relu" (default), "gelu" or "silu", for mlp. Other
+            kinds: "relu" (the default) only.
+        bias (bool, default True): linear's bias, mlp's b1 and b2. No
+            effect on the pooling kinds (they have no bias).
+        pos_emb (bool, default False): a learnable intra-block position
+            embedding ``pe`` (H, L, D) added to every window position.
+        backend: "auto" (default) or a backend registered for the kind.
+        device, dtype: of the parameters (dtype a floating dtype).
+
+    Parameters, named like the functional arguments (absent ones are not
+    attributes; a disabled bias or pe is None):
+        weighted_pool: weight (G, L).    linear: weight (G, L, D, D_out),
+        bias (G, D_out).    mlp: w1 (G, L*D, F), b1 (G, F), w2 (G, F,
+        D_out), b2 (G, D_out).    attention_pool: weight (G, D, D).
+        Any kind with pos_emb: pe (H, L, D).
+
+    Initialisation (``reset_parameters``):
+        weighted_pool: weight = 1/L, so it starts as mean_pool.
+        attention_pool: weight = 0: every logit is 0, the softmax is
+            uniform and it starts as mean_pool (a stable start: no
+            position is preferred before training says so).
+        linear: weight and bias ~ U(-1/sqrt(L*D), 1/sqrt(L*D)), nn.Linear's
+            rule with fan_in = L*D.
+        mlp: w1, b1 ~ U(-1/sqrt(L*D), 1/sqrt(L*D)); w2, b2 ~ U(-1/sqrt(F),
+            1/sqrt(F)) (nn.Linear's rule per layer).
+        pe = 0 (like the seed's intra-block positions): no effect at start.
+
+    forward(x, cu_seqlens=None): x (B, H, T, D) with H == heads and
+    D == dim_head, of the parameters' dtype and device; cu_seqlens as in
+    kvcompress.functional. Returns (B, H, W, D_out) in x's dtype.
+
+    Errors: the constructor raises ValueError naming the argument for an
+    unknown kind, a non-positive or non-int size, a stride outside
+    [1, block_size], an unknown padding/activation/backend, groups not
+    dividing heads, or dim_out, hidden or activation given (other than their
+    defaults) to a kind that does not use it; TypeError for a non-bool bias
+    or pos_emb, or a non-float dtype. forward raises ValueError for an x of
+    the wrong rank, heads or head dim, or on another device than the
+    parameters; TypeError for a non-tensor x or one of another dtype than
+    the parameters; and whatever kvcompress.functional raises (e.g. bad
+    cu_seqlens).
+    """
+
+    def __init__(self, kind, *, heads, dim_head, block_size, stride, padding="valid", groups=1, dim_out=None,
+                 hidden=None, activation="relu", bias=True, pos_emb=False, backend="auto", device=None,
+                 dtype=None):
+        super().__init__()
+        fn = "Compressor"
+        if kind not in KINDS:
+            raise ValueError(f"{fn}: kind must be one of {KINDS}, got {kind!r}")
+        _check_pos_int(fn, "heads", heads)
+        _check_pos_int(fn, "dim_head", dim_head)
+        check_window_args(fn, block_size, stride, padding)
+        _check_pos_int(fn, "groups", groups)
+        if heads % groups != 0:
+            raise ValueError(f"{fn}: groups must divide heads={heads}, got groups={groups}")
+        if kind in POOL_KINDS:
+            if dim_out is not None and dim_out != dim_head:
+                raise ValueError(f"{fn}: dim_out applies to linear and mlp; {kind} outputs dim_head={dim_head}, "
+                                 f"got dim_out={dim_out!r}")
+            dim_out = dim_head
+        elif dim_out is None:
+            dim_out = dim_head
+        else:
+            _check_pos_int(fn, "dim_out", dim_out)
+        if kind == "mlp":
+            if hidden is None:
+                hidden = block_size * dim_head
+            _check_pos_int(fn, "hidden", hidden)
+            check_activation(fn, activation)
+        else:
+            if hidden is not None:
+                raise ValueError(f"{fn}: hidden applies to mlp only, got hidden={hidden!r} for {kind}")
+            if activation != "relu":
+                raise ValueError(f"{fn}: activation applies to mlp only (one of {ACTIVATIONS}), got "
+                                 f"activation={activation!r} for {kind}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"{fn}: bias must be a bool, got {type(bias).__name__}")
+        if not isinstance(pos_emb, bool):
+            raise TypeError(f"{fn}: pos_emb must be a bool, got {type(pos_emb).__name__}")
+        backend = _check_backend(fn, kind, backend)
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{fn}: dtype must be None or one of {FLOAT_DTYPES}, got {dtype!r}")
+
+        self.kind, self.heads, self.dim_head, self.dim_out = kind, heads, dim_head, dim_out
+        self.block_size, self.stride, self.padding, self.groups = block_size, stride, padding, groups
+        self.hidden = hidden if kind == "mlp" else None
+        self.activation = activation
+        self.has_bias = bias and kind in ("linear", "mlp")
+        self.pos_emb, self.backend = pos_emb, backend
+
+        fk = dict(device=device, dtype=dtype)
+        G, L, D, O = groups, block_size, dim_head, dim_out
+
+        def param(name, *shape, enabled=True):
+            # a disabled one is registered as None, nn.Linear's convention for bias
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, **fk)) if enabled else None)
+
+        if kind in ("weighted_pool", "attention_pool"):
+            param("weight", *((G, L) if kind == "weighted_pool" else (G, D, D)))
+        elif kind == "linear":
+            param("weight", G, L, D, O)
+            param("bias", G, O, enabled=bias)
+        elif kind == "mlp":
+            param("w1", G, L * D, hidden)
+            param("b1", G, hidden, enabled=bias)
+            param("w2", G, hidden, O)
+            param("b2", G, O, enabled=bias)
+        param("pe", heads, L, D, enabled=pos_emb)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter as the class docstring says."""
+        L, D = self.block_size, self.dim_head
+        with torch.no_grad():
+            if self.kind == "weighted_pool":
+                self.weight.fill_(1.0 / L)
+            elif self.kind == "attention_pool":
+                self.weight.zero_()
+            elif self.kind == "linear":
+                bound = 1.0 / math.sqrt(L * D)
+                self.weight.uniform_(-bound, bound)
+                if self.bias is not None:
+                    self.bias.uniform_(-bound, bound)
+            elif self.kind == "mlp":
+                for w, b, fan_in in ((self.w1, self.b1, L * D), (self.w2, self.b2, self.hidden)):
+                    bound = 1.0 / math.sqrt(fan_in)
+                    w.uniform_(-bound, bound)
+                    if b is not None:
+                        b.uniform_(-bound, bound)
+            if self.pe is not None:
+                self.pe.zero_()
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, H, T, D) -> (B, H, W, D_out); see the class docstring."""
+        fn = "Compressor"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{fn}: x must be a torch.Tensor of shape (B, H, T, D), got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.heads or x.shape[3] != self.dim_head:
+            raise ValueError(f"{fn}: x must have shape (B, H={self.heads}, T, D={self.dim_head}), "
+                             f"got {tuple(x.shape)}")
+        p = next(self.parameters(), None)
+        if p is not None and x.dtype != p.dtype:
+            raise TypeError(f"{fn}: x must have the parameters' dtype {p.dtype}, got {x.dtype}")
+        if p is not None and x.device != p.device:
+            raise ValueError(f"{fn}: x must be on the parameters' device {p.device}, got {x.device}")
+        kw = dict(block_size=self.block_size, stride=self.stride, padding=self.padding, pe=self.pe,
+                  cu_seqlens=cu_seqlens, backend=self.backend)
+        if self.kind == "mean_pool":
+            return kf.mean_pool(x, **kw)
+        if self.kind == "weighted_pool":
+            return kf.weighted_pool(x, self.weight, **kw)
+        if self.kind == "linear":
+            return kf.linear(x, self.weight, self.bias, **kw)
+        if self.kind == "mlp":
+            return kf.mlp(x, self.w1, self.b1, self.w2, self.b2, activation=self.activation, **kw)
+        return kf.attention_pool(x, self.weight, **kw)
+
+    def extra_repr(self) -> str:
+        parts = [repr(self.kind), f"heads={self.heads}", f"dim_head={self.dim_head}",
+                 f"block_size={self.block_size}", f"stride={self.stride}", f"padding={self.padding!r}"]
+        if self.kind != "mean_pool":
+            parts.append(f"groups={self.groups}")
+        if self.kind in ("linear", "mlp"):
+            parts.append(f"dim_out={self.dim_out}")
+        if self.kind == "mlp":
+            parts += [f"hidden={self.hidden}", f"activation={self.activation!r}"]
+        if self.kind in ("linear", "mlp"):
+            parts.append(f"bias={self.has_bias}")
+        parts += [f"pos_emb={self.pos_emb}", f"backend={self.backend!r}"]
+        return ", ".join(parts)
