@@ -166,3 +166,14 @@ def test_packed_equals_one_by_one(impl, dtype, data):
     tol = b_packed.bound + (np.concatenate(bounds, axis=2) if bounds else 0.0)
     err = np.abs(y_packed - y_one)
     assert (err <= tol).all(), f"{impl.id}: packed batch != sequences one by one\n  {case!r}"
+
+
+@given(data=st.data())
+def test_layout_does_not_change_the_result(impl, dtype, data):
+    """A (B, T, H, D) tensor passed as x.transpose(1, 2), or a sliced view,
+    gives bit for bit what its contiguous copy gives (SPEC section 2)."""
+    case, inputs = _draw(data, impl, dtype, layouts=("bthd", "sliced"))
+    got = _run(impl, case, inputs)
+    flat = case.replace(layout="contiguous")
+    want = _run(impl, flat, with_x(flat, inputs, inputs.x64, impl.device))
+    np.testing.assert_array_equal(got, want, err_msg=f"{impl.id}: layout {case.layout} changed the result\n  {case!r}")
