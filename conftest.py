@@ -13,6 +13,7 @@ variable ``KVCOMPRESS_PROFILE``; default ``ci``):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -25,6 +26,11 @@ from hypothesis import HealthCheck, settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+# The suite runs thousands of tiny ops, where OpenMP start-up and spinning
+# threads cost more than they save (and oversubscribe a shared machine);
+# benchmarks/conftest.py gives the benchmarks their threads back.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
 
 _common = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -62,8 +68,7 @@ def _impls(config):
         chosen = given
     else:
         chosen = [i for i in impls.builtin_impls(device)]
-        chosen = [impls.Impl(i.kind, i.name, i.fn, i.device, tuple(d for d in i.dtypes if d in dtypes))
-                  for i in chosen]
+        chosen = [dataclasses.replace(i, dtypes=tuple(d for d in i.dtypes if d in dtypes)) for i in chosen]
     config._kvcompress_impls = chosen
     return chosen
 

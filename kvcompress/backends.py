@@ -36,6 +36,11 @@ class Backend:
     auto_devices: the devices on which "auto" may pick it (default: all of
     ``devices``; Triton runs on the CPU only in its interpreter, for tests,
     and is never picked there automatically).
+    batch_invariant: the backend promises that a window's output bits do not
+    depend on what else is in the call (other windows, sequences, batch
+    rows); the property suite checks the promise, and streaming is then
+    bit-exact against the full pass. BLAS-backed paths cannot promise it:
+    the library picks its summation order by matrix shape.
     """
 
     kind: str
@@ -47,6 +52,7 @@ class Backend:
     available: Callable[[], bool] = field(default=lambda: True)
     supports: Callable[..., bool] | None = None
     auto_devices: tuple[str, ...] | None = None
+    batch_invariant: bool = False
 
     def accepts_auto(self, x: torch.Tensor, *args, **kwargs) -> bool:
         """Whether backend="auto" may pick this backend for the call."""
@@ -66,7 +72,8 @@ _REGISTRY: dict[str, dict[str, Backend]] = {k: {} for k in KINDS}
 def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[torch.dtype, ...] = ALL_DTYPES,
              priority: int = 0, available: Callable[[], bool] | None = None,
              supports: Callable[..., bool] | None = None,
-             auto_devices: tuple[str, ...] | None = None) -> Callable[[Callable], Callable]:
+             auto_devices: tuple[str, ...] | None = None,
+             batch_invariant: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as backend ``name`` of ``kind``."""
     if kind not in KINDS:
         raise ValueError(f"register: kind must be one of {KINDS}, got {kind!r}")
@@ -76,7 +83,7 @@ def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[to
             raise ValueError(f"register: backend {name!r} of {kind!r} is already registered")
         _REGISTRY[kind][name] = Backend(kind, name, fn, tuple(devices), tuple(dtypes), priority,
                                         available or (lambda: True), supports,
-                                        None if auto_devices is None else tuple(auto_devices))
+                                        None if auto_devices is None else tuple(auto_devices), batch_invariant)
         return fn
 
     return deco

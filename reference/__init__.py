@@ -4,9 +4,11 @@ semantics (SPEC section 4). Slow on purpose, obvious by reading.
 Every function takes and returns NumPy arrays (float16, float32, float64, or
 bfloat16 through ml_dtypes), computes in float64 with explicit loops over
 windows, window positions and features, and returns the input's dtype.
-This package imports neither torch nor kvcompress.
+``reference.streaming`` is the loop definition of streaming compression
+(docs/streaming.md). This package imports neither torch nor kvcompress.
 """
 
+from . import streaming
 from ._windows import compressed_cu_seqlens, num_windows, window_start
 from .attention_pool import attention_pool
 from .linear import linear
@@ -18,5 +20,5 @@ KINDS = ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool")
 
 __all__ = [
     "ACTIVATIONS", "KINDS", "attention_pool", "compressed_cu_seqlens", "linear", "mean_pool", "mlp",
-    "num_windows", "weighted_pool", "window_start",
+    "num_windows", "streaming", "weighted_pool", "window_start",
 ]

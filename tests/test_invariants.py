@@ -10,7 +10,8 @@ implementation with itself, so a bug the reference shares cannot hide.
   a y(x1) + (1-a) y(x2) within the tolerance model;
 - padding="left" equals padding="valid" on x explicitly left-padded with
   L - S zero tokens per sequence;
-- a packed batch equals its sequences compressed one by one.
+- a packed batch equals its sequences compressed one by one (bit for bit
+  where the backend declares itself batch-invariant).
 """
 
 from __future__ import annotations
@@ -163,6 +164,9 @@ def test_packed_equals_one_by_one(impl, dtype, data):
         start += n
     y_one = np.concatenate(parts, axis=2) if parts else y_packed[:, :, :0]
     assert y_one.shape == y_packed.shape, f"{impl.id}: {y_packed.shape} != {y_one.shape}\n  {case!r}"
+    if impl.batch_invariant:   # the backend's promise: a window's bits do not depend on the rest of the call
+        np.testing.assert_array_equal(y_packed, y_one, err_msg=f"{impl.id} declares batch_invariant, but a "
+                                      f"packed batch differs from its sequences one by one\n  {case!r}")
     tol = b_packed.bound + (np.concatenate(bounds, axis=2) if bounds else 0.0)
     err = np.abs(y_packed - y_one)
     assert (err <= tol).all(), f"{impl.id}: packed batch != sequences one by one\n  {case!r}"

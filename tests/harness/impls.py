@@ -31,6 +31,7 @@ class Impl:
     device: str
     dtypes: tuple[str, ...]
     builtin: bool = True
+    batch_invariant: bool = False     # declared by the backend (kvcompress.backends), checked by the suite
 
     @property
     def id(self) -> str:
@@ -62,7 +63,8 @@ def builtin_impls(device: str | None = None) -> list[Impl]:
         for b in kb.backends(kind):
             if device in b.devices and b.available():
                 dtypes = tuple(n for n in DTYPE_NAMES if DTYPES[n] in b.dtypes)
-                out.append(Impl(kind, b.name, functools.partial(getattr(kf, kind), backend=b.name), device, dtypes))
+                out.append(Impl(kind, b.name, functools.partial(getattr(kf, kind), backend=b.name), device, dtypes,
+                                batch_invariant=b.batch_invariant))
     return out
 
 

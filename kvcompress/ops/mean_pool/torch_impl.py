@@ -4,7 +4,8 @@ from ...backends import register
 from .._torch_common import setup
 
 
-@register("mean_pool", "torch", devices=("cpu", "cuda"))
+# elementwise adds and multiplies only: a window's bits never depend on the batch
+@register("mean_pool", "torch", devices=("cpu", "cuda"), batch_invariant=True)
 def mean_pool(x, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
     """x (B, H, T, D) -> (B, H, W, D); arguments already validated."""
     L = block_size

@@ -4,7 +4,8 @@ from ...backends import register
 from .._torch_common import per_head, setup
 
 
-@register("weighted_pool", "torch", devices=("cpu", "cuda"))
+# elementwise adds and multiplies only: a window's bits never depend on the batch
+@register("weighted_pool", "torch", devices=("cpu", "cuda"), batch_invariant=True)
 def weighted_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
     """x (B, H, T, D), weight (G, L) -> (B, H, W, D); arguments already validated."""
     G, L = weight.shape

@@ -1,0 +1,122 @@
+"""Streaming compression, the loop definition (docs/streaming.md).
+
+N streams receive tokens a few at a time. Each stream keeps the tokens a
+future window still needs, oldest first; with ``padding="left"`` a fresh
+stream holds L - S zero tokens (the pad of SPEC section 2). Tokens are
+appended one by one; whenever L tokens are pending they form the next
+window, which is compressed right then by the kind's reference function
+(``pe`` at window position j, as in the full pass) and the first S tokens
+are dropped. So window i of a stream is emitted with its token
+i*S + L - 1 (valid) or (i+1)*S - 1 (left), and a stream never holds more
+than L - 1 tokens between tokens.
+
+Slow on purpose, obvious by reading; NumPy only (float16/32/64, bfloat16
+through ml_dtypes), no torch, no kvcompress.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._windows import PADDINGS, _is_int
+from .attention_pool import attention_pool
+from .linear import linear
+from .mean_pool import mean_pool
+from .mlp import mlp
+from .weighted_pool import weighted_pool
+
+__all__ = ["COMPRESSORS", "StreamState", "init_state", "reset", "step"]
+
+COMPRESSORS = {"mean_pool": mean_pool, "weighted_pool": weighted_pool, "linear": linear, "mlp": mlp,
+               "attention_pool": attention_pool}
+
+
+class StreamState:
+    """The state of N streams.
+
+    block_size (L), stride (S), padding, heads (H), dim (D), dtype: fixed.
+    pending[k]: list of stream k's pending tokens, each a (H, D) array of
+    ``dtype``, oldest first (pad zeros included). n_tokens[k]: tokens
+    received; n_windows[k]: windows emitted.
+    """
+
+    def __init__(self, num_streams, heads, dim, *, block_size, stride, padding, dtype):
+        if not (_is_int(block_size) and _is_int(stride) and 1 <= stride <= block_size):
+            raise ValueError(f"need integers 1 <= stride <= block_size, got block_size={block_size!r} "
+                             f"stride={stride!r}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        self.block_size, self.stride, self.padding = block_size, stride, padding
+        self.heads, self.dim, self.dtype = heads, dim, np.dtype(dtype)
+        self.pending = [self.fresh() for _ in range(num_streams)]
+        self.n_tokens = [0] * num_streams
+        self.n_windows = [0] * num_streams
+
+    def fresh(self):
+        """What a new stream holds: L - S zero tokens with left padding, else nothing."""
+        pad = self.block_size - self.stride if self.padding == "left" else 0
+        return [np.zeros((self.heads, self.dim), dtype=self.dtype) for _ in range(pad)]
+
+    def copy(self):
+        new = object.__new__(StreamState)
+        new.__dict__.update(self.__dict__)
+        new.pending = [[t.copy() for t in p] for p in self.pending]
+        new.n_tokens, new.n_windows = list(self.n_tokens), list(self.n_windows)
+        return new
+
+
+def init_state(num_streams, heads, dim, *, block_size, stride, padding="valid", dtype=np.float64):
+    """A state of ``num_streams`` fresh streams of (heads, dim) tokens of ``dtype``."""
+    return StreamState(num_streams, heads, dim, block_size=block_size, stride=stride, padding=padding, dtype=dtype)
+
+
+def reset(state, streams):
+    """A new state where the streams whose indices are in ``streams`` start over."""
+    new = state.copy()
+    for k in streams:
+        new.pending[k] = new.fresh()
+        new.n_tokens[k] = 0
+        new.n_windows[k] = 0
+    return new
+
+
+def step(kind, state, x, cu_new, *params, pe=None, **kind_kwargs):
+    """Feed new tokens to every stream.
+
+    x: (1, H, T_new, D) array of the state's dtype, the new tokens packed
+    in stream order; cu_new: (N+1,) integer offsets, stream k receives
+    tokens cu_new[k] .. cu_new[k+1] - 1. params, pe, kind_kwargs: as for
+    the kind's reference function.
+    Returns (y, cu_y, new_state): y (1, H, W_new, D_out) in x's dtype, the
+    completed windows of stream 0, then stream 1, ...; cu_y (N+1,) their
+    offsets. ``state`` is not modified.
+    """
+    compressor = COMPRESSORS[kind]
+    x = np.asarray(x)
+    cu = [int(c) for c in np.asarray(cu_new)]
+    N = len(state.pending)
+    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != state.heads or x.shape[3] != state.dim:
+        raise ValueError(f"x must have shape (1, {state.heads}, T_new, {state.dim}), got {x.shape}")
+    if x.dtype != state.dtype:
+        raise TypeError(f"x must have the state's dtype {state.dtype}, got {x.dtype}")
+    if len(cu) != N + 1 or cu[0] != 0 or cu[-1] != x.shape[2] or any(a > b for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_new must be N+1 = {N + 1} offsets non-decreasing from 0 to {x.shape[2]}, got {cu}")
+    L, S = state.block_size, state.stride
+    new = state.copy()
+    out, cu_y = [], [0]
+    for k in range(N):
+        for t in range(cu[k], cu[k + 1]):
+            new.pending[k].append(x[0, :, t, :].copy())
+            new.n_tokens[k] += 1
+            if len(new.pending[k]) == L:
+                window = np.stack(new.pending[k], axis=1)[None]       # (1, H, L, D)
+                # one window: T = L with padding="valid" gives exactly it
+                y = compressor(window, *params, block_size=L, stride=S, padding="valid", pe=pe, **kind_kwargs)
+                out.append(y[:, :, :1])
+                new.n_windows[k] += 1
+                del new.pending[k][:S]
+        cu_y.append(len(out))
+    if not out:
+        # no window completed: the compressor on no tokens gives the empty (1, H, 0, D_out)
+        out.append(compressor(x[:, :, :0], *params, block_size=L, stride=S, padding="valid", pe=pe, **kind_kwargs))
+    return np.concatenate(out, axis=2), np.asarray(cu_y, dtype=np.asarray(cu_new).dtype), new
