@@ -109,7 +109,7 @@ def _local(case, inputs, g):
     elif case.kind == "mlp":
         _mlp_local(case, p, win, win_abs, g, ag, u_o, ua, out)
     elif case.kind == "attention_pool":
-        _attention_local(case, p["weight"], win, win_abs, g, ag, u_o, ua, out)
+        _attention_local(case, p["weight"], win, win_abs, g, ag, u_o, ua, out, _units(case.dtype)[3])
     else:
         raise ValueError(case.kind)
     return out
@@ -163,7 +163,7 @@ def _mlp_local(case, p, win, win_abs, g, ag, u_o, ua, out):
         out["b2"] = (g, C_O * u_o * ag, ag)
 
 
-def _attention_local(case, weight, win, win_abs, g, ag, u_o, ua, out):
+def _attention_local(case, weight, win, win_abs, g, ag, u_o, ua, out, tiny_a):
     B, H, W, L, D = win.shape
     Wh = weight[windows.group_of_head(weight.shape[0], H)]                             # [H, D, D]
     z = np.einsum("bhwld,hdc->bhwlc", win, Wh)
@@ -179,12 +179,16 @@ def _attention_local(case, weight, win, win_abs, g, ag, u_o, ua, out):
     agP = P * ag[:, :, :, None, :]
     gz = gP * (win - y[:, :, :, None, :])                                              # [B, H, W, L, D]
     Gz = agP * (win_abs + Q[:, :, :, None, :])
-    e_gz = (2 * rho[:, :, :, None, :] + (L + 8) * ua + 2 * u_o) * Gz + agP * e_y[:, :, :, None, :]
+    # a softmax weight flushed to zero (tiny_a, see tolerance.py) costs at most
+    # tiny_a |g| (|X| + Q) in gz and tiny_a |g| in the direct term P g
+    e_gz = (2 * rho[:, :, :, None, :] + (L + 8) * ua + 2 * u_o) * Gz + agP * e_y[:, :, :, None, :] \
+        + tiny_a * ag[:, :, :, None, :] * (win_abs + Q[:, :, :, None, :])
     aW = np.abs(Wh)
     ex_x = gP + np.einsum("bhwlc,hdc->bhwld", gz, Wh)
     mag_x = agP + np.einsum("bhwlc,hdc->bhwld", np.abs(gz), aW)
-    bnd_x = (rho[:, :, :, None, :] + ua + u_o) * agP + np.einsum("bhwlc,hdc->bhwld", e_gz, aW) + \
-        ((D + 1) * ua + C_O * u_o) * (agP + np.einsum("bhwlc,hdc->bhwld", Gz, aW))
+    bnd_x = (rho[:, :, :, None, :] + ua + u_o) * agP + tiny_a * ag[:, :, :, None, :] \
+        + np.einsum("bhwlc,hdc->bhwld", e_gz, aW) \
+        + ((D + 1) * ua + C_O * u_o) * (agP + np.einsum("bhwlc,hdc->bhwld", Gz, aW))
     out["X"] = (ex_x, bnd_x, mag_x)
     ex_w = np.einsum("bhwld,bhwlc->bhwdc", win, gz)
     mag_w = np.einsum("bhwld,bhwlc->bhwdc", win_abs, np.abs(gz))

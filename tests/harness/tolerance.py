@@ -19,9 +19,14 @@ store in the input dtype, unit roundoff u_o):
   the output itself, x + pe if it adds them in the input dtype, and for the
   kinds with an intermediate (the MLP hidden layer, the attention
   probabilities) that intermediate too.
-- floor: underflow. Each rounding into the subnormal range adds an absolute
-  error of at most the dtype's smallest subnormal (this is what breaks a
+- floor: underflow. Rounding the output into the dtype's subnormal range
+  adds at most its smallest subnormal; every accumulation-precision
+  operation may flush a subnormal result to zero (GPUs run float32 math
+  with flush-to-zero), an absolute error of at most the smallest *normal*
+  of the accumulation type, 2**-126 for float32 (this is what breaks a
   purely relative rule when the reference error is 0, flash-attention #1136).
+  In attention_pool a flushed softmax weight multiplies its value, so that
+  floor is scaled by sum_j |X_j|.
 
 The bound is worst-case, so a correct implementation can never exceed it;
 real errors are ~sqrt(n) u, so a bug that costs even a few ulps of the
@@ -59,6 +64,7 @@ from . import windows
 UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 SMALLEST_SUBNORMAL = {"float64": 2.0 ** -1074, "float32": 2.0 ** -149, "float16": 2.0 ** -24,
                       "bfloat16": 2.0 ** -133}
+SMALLEST_NORMAL = {"float64": 2.0 ** -1022, "float32": 2.0 ** -126}
 LARGEST = {"float64": 1.79e308, "float32": 3.4e38, "float16": 65504.0, "bfloat16": 3.38e38}
 U64 = UNIT_ROUNDOFF["float64"]
 LIPSCHITZ = 1.13
@@ -69,7 +75,7 @@ MAX_LOGIT_DELTA = 1.0 / 8
 def _units(dtype):
     u_o = UNIT_ROUNDOFF[dtype]
     u_a = U64 if dtype == "float64" else UNIT_ROUNDOFF["float32"]
-    tiny_a = SMALLEST_SUBNORMAL["float64" if dtype == "float64" else "float32"]
+    tiny_a = SMALLEST_NORMAL["float64" if dtype == "float64" else "float32"]   # flush-to-zero allowed
     return u_o, u_a, SMALLEST_SUBNORMAL[dtype], tiny_a
 
 
@@ -117,7 +123,7 @@ def forward_bound(case, inputs) -> Bound:
         delta = ((D + 2) * u_a + u_o) * A
         ok = bool(np.all(delta <= MAX_LOGIT_DELTA))
         bound = (np.expm1(2 * np.minimum(delta, 50.0)) + (2 * L + 8) * (u_a + U64) + 3 * u_o) * M \
-            + tiny_o + L * tiny_a
+            + tiny_o + (L + win_abs.sum(axis=3)) * tiny_a
     else:
         raise ValueError(f"unknown kind {case.kind!r}")
     finite = all(np.isfinite(a).all() for a in [inputs.x64, inputs.pe64, *inputs.params64.values()] if a is not None)

@@ -4,7 +4,7 @@ windows, heads and sequences (strided views of the token stream)."""
 import torch
 
 from ...backends import register
-from .._torch_common import per_head, setup
+from .._torch_common import per_head, position_sum, setup
 
 
 @register("linear", "torch", devices=("cpu", "cuda"))
@@ -14,10 +14,7 @@ def linear(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None
     G, L = weight.shape[:2]
     layout, stream, acc = setup(x, G, block_size=L, stride=stride, padding=padding, cu_seqlens=cu_seqlens)
     w = weight.to(acc)
-    y = 0
-    for j in range(L):
-        y = y + torch.bmm(layout.position(stream, j), w[:, j])   # [G, R, D_out]
-    y = layout.gather(y)                                          # [G, Hg, B, W, D_out]
+    y = layout.gather(position_sum(layout, stream, w))           # [G, Hg, B, W, D_out]
     H = x.shape[1]
     if pe is not None:
         # sum_j pe[h, j] @ weight[g, j] is the same for every window of head h

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ...backends import register
-from .._torch_common import per_head, setup
+from .._torch_common import per_head, position_sum, setup
 
 _ACT = {"relu": F.relu, "gelu": lambda z: F.gelu(z, approximate="none"), "silu": F.silu}
 
@@ -18,10 +18,7 @@ def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="va
     L, D = block_size, x.shape[3]
     layout, stream, acc = setup(x, G, block_size=L, stride=stride, padding=padding, cu_seqlens=cu_seqlens)
     w1_ = w1.to(acc).view(G, L, D, Fh)
-    pre = 0
-    for j in range(L):
-        pre = pre + torch.bmm(layout.position(stream, j), w1_[:, j])  # [G, R, F]
-    pre = layout.gather(pre)                                          # [G, Hg, B, W, F]
+    pre = layout.gather(position_sum(layout, stream, w1_))           # [G, Hg, B, W, F]
     if pe is not None:
         # flat(pe[h]) @ w1[g] is the same for every window of head h
         w1_heads = per_head(w1_.flatten(1, 2), x.shape[1])                # [H, L*D, F]

@@ -1,7 +1,7 @@
 """weighted_pool, vectorized torch: one strided multiply-add per window position."""
 
 from ...backends import register
-from .._torch_common import per_head, setup
+from .._torch_common import per_head, position_sum, setup
 
 
 # elementwise adds and multiplies only: a window's bits never depend on the batch
@@ -11,10 +11,7 @@ def weighted_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu
     G, L = weight.shape
     layout, stream, acc = setup(x, G, block_size=L, stride=stride, padding=padding, cu_seqlens=cu_seqlens)
     w = weight.to(acc)
-    y = 0
-    for j in range(L):
-        y = y + w[:, j, None, None] * layout.position(stream, j)   # [G, R, D]
-    y = layout.gather(y)                                          # [G, Hg, B, W, D]
+    y = layout.gather(position_sum(layout, stream, w))           # [G, Hg, B, W, D]
     if pe is not None:
         # sum_j w[g, j] pe[h, j] is the same for every window of head h
         y = y + layout.per_head((per_head(w, x.shape[1])[:, :, None] * pe.to(acc)).sum(1))
