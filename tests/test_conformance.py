@@ -46,6 +46,9 @@ def test_matches_reference(impl, dtype, data, rerun):
     except Exception:
         report.observe(k, failed=True)
         raise
+    if tuple(got.shape) != (case.B, case.H, case.W, rec.d_out(case)) or got.dtype != DTYPES[dtype] \
+            or got.device.type != impl.device:
+        report.observe(k, failed=True)   # so the report counts these failures too (tests/test_mutants.py)
     assert got.shape == (case.B, case.H, case.W, rec.d_out(case)), \
         f"{impl.id}: output shape {tuple(got.shape)}, expected (B, H, W, D_out) = " \
         f"{(case.B, case.H, case.W, rec.d_out(case))}\n  {case!r}"

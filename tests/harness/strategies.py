@@ -39,7 +39,7 @@ def seq_lengths(L: int, S: int, padding: str, max_windows: int) -> st.SearchStra
 
 
 @st.composite
-def cases(draw, *, kind: str, dtype: str, max_batch: int = 3, max_heads: int = 4, max_dim: int = 10,
+def cases(draw, *, kind: str, dtype: str, max_batch: int = 3, max_heads: int = 6, max_dim: int = 10,
           max_block: int = 6, max_windows: int = 6, max_seqs: int = 4, packed: bool | None = None,
           layouts: tuple[str, ...] = LAYOUTS, paddings: tuple[str, ...] = PADDINGS,
           magnitudes: bool = True) -> Case:

@@ -1,0 +1,276 @@
+"""A plain, explicit torch implementation of the five kinds with bug knobs.
+
+With every knob at its default (``Bugs()``), the functions here are a correct
+implementation: windows are gathered by index from x (B, H, T, D) into
+(B, H, W, L, D), then each kind is one einsum in the accumulation dtype.
+``tests/test_mutants.py`` runs the suite on these defaults as a control:
+each mutant then differs from an accepted implementation by exactly one
+knob, so a kill is caused by that knob and nothing else.
+
+Knobs imitate the way real kernels go wrong; reads outside a sequence are
+zero (a masked load with ``other=0``), so a wrong window start reads zeros or
+a neighbour's tokens instead of crashing, as a Triton or CUDA kernel would.
+Everything is differentiable, so a gradient property judges a mutant by its
+values too, not by an autograd error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Bugs:
+    """One field per kind of mistake; the defaults are correct.
+
+    Windowing: ``start_shift`` (tokens added to every window start),
+    ``step`` (Callable[[L, S], int], the distance between window starts),
+    ``left_pad`` (Callable[[L, S], int], zero tokens before a sequence with
+    padding="left"), ``seq_start`` (Callable[[s, S], int], where the windows
+    of a sequence starting at token s are anchored), ``count``
+    (Callable[[n, L, S, padding], int], windows of a sequence of n tokens),
+    ``pad_each_sequence`` (False: packed sequences after the first read
+    their predecessor's tokens where pad tokens belong).
+    Memory: ``assume_contiguous`` (read x's storage with contiguous strides).
+    pe: ``pe_on_pad`` (False: pad tokens stay zero), ``pe_reversed`` (pe[h, L-1-j]),
+    ``pe_in_values`` (False, attention_pool: pe only in the logits).
+    Groups: ``group_of_head`` (Callable[[h, H, G], int]).
+    Numerics: ``half_accumulate`` (sums carried in x's dtype, one rounding per
+    term), ``out_in_input_dtype`` (False: return the accumulation dtype).
+    """
+
+    start_shift: int = 0
+    step: Callable[[int, int], int] = lambda L, S: S
+    left_pad: Callable[[int, int], int] = lambda L, S: L - S
+    seq_start: Callable[[int, int], int] = lambda s, S: s
+    count: Callable[[int, int, int, str], int] | None = None
+    pad_each_sequence: bool = True
+    assume_contiguous: bool = False
+    pe_on_pad: bool = True
+    pe_reversed: bool = False
+    pe_in_values: bool = True
+    group_of_head: Callable[[int, int, int], int] = lambda h, H, G: h // (H // G)
+    half_accumulate: bool = False
+    out_in_input_dtype: bool = True
+
+
+OK = Bugs()
+
+
+def num_windows(n: int, L: int, S: int, padding: str) -> int:
+    """Windows in a sequence of n tokens (SPEC section 2)."""
+    if padding == "left":
+        return n // S
+    return (n - L) // S + 1 if n >= L else 0
+
+
+def acc_dtype(x: torch.Tensor, bugs: Bugs) -> torch.dtype:
+    """float64 for float64 input, else float32 (SPEC section 3); x's own
+    dtype under ``half_accumulate``."""
+    if bugs.half_accumulate or x.dtype == torch.float64:
+        return x.dtype
+    return torch.float32
+
+
+def sequences(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int]]:
+    """[start, end) token range of every sequence."""
+    if cu_seqlens is None:
+        return [(0, x.shape[2])]
+    cu = cu_seqlens.tolist()
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def window_index(x, *, block_size, stride, padding, cu_seqlens, bugs: Bugs):
+    """(idx, valid): (W, L) token index of every window position and whether
+    it is a real token of its sequence (else a zero pad token)."""
+    L, S = block_size, stride
+    P = bugs.left_pad(L, S) if padding == "left" else 0
+    count = bugs.count or num_windows
+    idx, valid = [], []
+    for s, e in sequences(x, cu_seqlens):
+        floor = s if bugs.pad_each_sequence else 0
+        for i in range(count(e - s, L, S, padding)):
+            first = bugs.seq_start(s, S) + i * bugs.step(L, S) - P + bugs.start_shift
+            pos = torch.arange(first, first + L)                       # [L]
+            idx.append(pos)
+            valid.append((pos >= floor) & (pos < e))
+    if not idx:
+        return torch.zeros(0, L, dtype=torch.long), torch.zeros(0, L, dtype=torch.bool)
+    return torch.stack(idx), torch.stack(valid)
+
+
+def gather(x, *, block_size, stride, padding, pe, cu_seqlens, bugs: Bugs, with_pe: bool = True):
+    """Windows (B, H, W, L, D) in the accumulation dtype, pe added."""
+    if bugs.assume_contiguous:
+        # what a kernel does when it is handed x.data_ptr() and computes
+        # offsets from the logical shape: right only for contiguous x
+        strides = torch.empty(x.shape, device="meta").stride()
+        x = x.as_strided(x.shape, strides, x.storage_offset())
+    B, H, T, D = x.shape
+    acc = acc_dtype(x, bugs)
+    idx, valid = window_index(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                              bugs=bugs)
+    idx, valid = idx.to(x.device), valid.to(x.device)
+    xz = torch.cat([x.to(acc), x.new_zeros(B, H, 1, D, dtype=acc)], dim=2)   # [B, H, T+1, D]; token T is 0
+    win = xz[:, :, torch.where(valid, idx, T)]                                 # [B, H, W, L, D]
+    if pe is not None and with_pe:
+        p = pe.to(acc).flip(1) if bugs.pe_reversed else pe.to(acc)             # [H, L, D]
+        p = p[None, :, None]                                                   # [1, H, 1, L, D]
+        win = win + (p if bugs.pe_on_pad else p * valid[None, None, :, :, None])
+    return win
+
+
+def heads_of_groups(w: torch.Tensor, H: int, bugs: Bugs) -> torch.Tensor:
+    """(G, ...) -> (H, ...): the weight set of every head."""
+    G = w.shape[0]
+    return w[torch.tensor([bugs.group_of_head(h, H, G) for h in range(H)], dtype=torch.long, device=w.device)]
+
+
+def finish(y: torch.Tensor, x: torch.Tensor, bugs: Bugs) -> torch.Tensor:
+    """The output (B, H, W, C) in x's dtype (the accumulation dtype under
+    ``out_in_input_dtype=False``)."""
+    return y.to(x.dtype) if bugs.out_in_input_dtype else y
+
+
+def dot(a: torch.Tensor, b: torch.Tensor, bugs: Bugs) -> torch.Tensor:
+    """sum_k a[..., k, None] * b[..., k, :]: one matmul, or under
+    ``half_accumulate`` a running sum rounded to the input dtype at every
+    term (a kernel whose accumulator has x's dtype).
+    a: [..., K]; b: [..., K, C] broadcastable -> [..., C]."""
+    if not bugs.half_accumulate:
+        return (a.unsqueeze(-2) @ b).squeeze(-2)
+    y = torch.zeros(torch.broadcast_shapes(a.shape[:-1], b.shape[:-2]) + b.shape[-1:], dtype=a.dtype,
+                    device=a.device)
+    for k in range(a.shape[-1]):
+        y = y + a[..., k, None] * b[..., k, :]
+    return y
+
+
+# ---- the five kinds, each with the reference signature plus ``bugs`` ----
+
+def mean_pool(x, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None, bugs: Bugs = OK,
+              divide_by_real_tokens: bool = False):
+    """x (B, H, T, D) -> (B, H, W, D). ``divide_by_real_tokens``: divide by
+    the number of non-pad tokens instead of L."""
+    win = gather(x, block_size=block_size, stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens, bugs=bugs)
+    if bugs.half_accumulate:
+        y = win[:, :, :, 0]
+        for j in range(1, block_size):
+            y = y + win[:, :, :, j]                                  # [B, H, W, D], rounded every step
+    else:
+        y = win.sum(3)                                               # [B, H, W, D]
+    if divide_by_real_tokens:
+        _, valid = window_index(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                                bugs=bugs)
+        n = valid.sum(1).clamp(min=1).to(device=x.device, dtype=y.dtype)   # [W]
+        y = y / n[:, None]
+    else:
+        y = y / block_size
+    return finish(y, x, bugs)
+
+
+def weighted_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None, bugs: Bugs = OK):
+    """x (B, H, T, D), weight (G, L) -> (B, H, W, D)."""
+    win = gather(x, block_size=block_size, stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens, bugs=bugs)
+    wh = heads_of_groups(weight.to(win.dtype), x.shape[1], bugs)     # [H, L]
+    y = dot(win.transpose(3, 4), wh[None, :, None, None, :, None], bugs)   # [B, H, W, D, 1]
+    return finish(y.squeeze(-1), x, bugs)
+
+
+def linear(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None,
+           bugs: Bugs = OK, bias_per_position: bool = False, flip_kernel: bool = False):
+    """x (B, H, T, D), weight (G, L, D, D_out), bias (G, D_out) or None ->
+    (B, H, W, D_out). ``bias_per_position``: bias added once per window
+    position; ``flip_kernel``: weight[g, L-1-j] (convolution, not correlation)."""
+    win = gather(x, block_size=block_size, stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens, bugs=bugs)
+    B, H, W, L, D = win.shape
+    wh = heads_of_groups(weight.to(win.dtype), H, bugs)              # [H, L, D, D_out]
+    if flip_kernel:
+        wh = wh.flip(1)
+    y = dot(win.reshape(B, H, W, L * D), wh.reshape(1, H, 1, L * D, -1), bugs)   # [B, H, W, D_out]
+    if bias is not None:
+        bh = heads_of_groups(bias.to(win.dtype), H, bugs)[None, :, None]         # [1, H, 1, D_out]
+        y = y + (L if bias_per_position else 1) * bh
+    return finish(y, x, bugs)
+
+
+def _gelu_tanh(z):
+    return F.gelu(z, approximate="tanh")
+
+
+def _relu_where(z):
+    # tl.where(z > 0, z, 0): NaN > 0 is False, so NaN becomes 0
+    return torch.where(z > 0, z, torch.zeros_like(z))
+
+
+ACTIVATIONS = {"relu": F.relu, "gelu": lambda z: F.gelu(z, approximate="none"), "silu": F.silu}
+WRONG_ACTIVATIONS = {"gelu_tanh": _gelu_tanh, "relu_where": _relu_where}
+
+
+def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="valid", pe=None, cu_seqlens=None,
+        bugs: Bugs = OK, feature_major: bool = False, activations: dict | None = None,
+        b2_only_with_b1: bool = False):
+    """x (B, H, T, D), w1 (G, L*D, F), b1 (G, F) or None, w2 (G, F, D_out),
+    b2 (G, D_out) or None -> (B, H, W, D_out). ``feature_major``: flatten the
+    window as (d n) instead of (n d); ``activations``: overrides of the
+    activation table; ``b2_only_with_b1``: one has-bias flag for both layers."""
+    win = gather(x, block_size=block_size, stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens, bugs=bugs)
+    B, H, W, L, D = win.shape
+    flat = (win.transpose(3, 4) if feature_major else win).reshape(B, H, W, L * D)   # [B, H, W, L*D]
+    acc = win.dtype
+    pre = dot(flat, heads_of_groups(w1.to(acc), H, bugs)[None, :, None], bugs)      # [B, H, W, F]
+    if b1 is not None:
+        pre = pre + heads_of_groups(b1.to(acc), H, bugs)[None, :, None]
+    act = {**ACTIVATIONS, **(activations or {})}[activation]
+    y = dot(act(pre), heads_of_groups(w2.to(acc), H, bugs)[None, :, None], bugs)     # [B, H, W, D_out]
+    if b2 is not None and (b1 is not None or not b2_only_with_b1):
+        y = y + heads_of_groups(b2.to(acc), H, bugs)[None, :, None]
+    return finish(y, x, bugs)
+
+
+def _softmax_shifted(z, dim):
+    return torch.softmax(z, dim=dim)
+
+
+def _softmax_unshifted(z, dim):
+    # exp(z) / sum exp(z) as written in the paper, without subtracting the max
+    e = torch.exp(z)
+    return e / e.sum(dim, keepdim=True)
+
+
+def attention_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None, bugs: Bugs = OK,
+                   softmax_dim: int = 3, shift: bool = True, transpose_weight: bool = False):
+    """x (B, H, T, D), weight (G, D, D) -> (B, H, W, D). ``softmax_dim``: 3
+    (window positions, correct) or 4 (features); ``shift``: subtract the
+    max; ``transpose_weight``: Z = X @ weight[g].T (nn.Linear's orientation)."""
+    kw = dict(block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens, bugs=bugs)
+    win = gather(x, pe=pe, **kw)                                       # [B, H, W, L, D], pe added
+    values = win if bugs.pe_in_values else gather(x, pe=pe, with_pe=False, **kw)
+    H = win.shape[1]
+    wh = heads_of_groups(weight.to(win.dtype), H, bugs)               # [H, D, D]
+    if transpose_weight:
+        wh = wh.transpose(1, 2)
+    z = dot(win, wh[None, :, None, None], bugs)                         # [B, H, W, L, D]
+    p = (_softmax_shifted if shift else _softmax_unshifted)(z, softmax_dim)
+    y = (p.to(values.dtype) * values).sum(3)                           # [B, H, W, D]
+    return finish(y, x, bugs)
+
+
+def banded_mean_pool(x, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None, bugs: Bugs = OK):
+    """mean_pool as one dense matmul: y = A @ x with A (W, T) holding 1/L
+    inside each window and 0 elsewhere; pe's mean added per head."""
+    B, H, T, D = x.shape
+    acc = acc_dtype(x, bugs)
+    idx, valid = window_index(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                              bugs=bugs)
+    A = torch.zeros(idx.shape[0], T + 1, dtype=acc)                     # [W, T+1]; column T collects pads
+    A.scatter_add_(1, torch.where(valid, idx, T), torch.full(idx.shape, 1.0 / block_size, dtype=acc))
+    y = torch.einsum("wt,bhtd->bhwd", A[:, :T].to(x.device), x.to(acc))  # [B, H, W, D]
+    if pe is not None:
+        y = y + pe.to(acc).mean(1)[None, :, None]
+    return finish(y, x, bugs)
+

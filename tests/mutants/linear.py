@@ -1,0 +1,77 @@
+"""linear mutants: y = sum_j X[j] @ weight[g, j] + bias[g] (NSA eq. 7), gone wrong."""
+
+from __future__ import annotations
+
+from . import BIAS_ACT, CONTIGUOUS, HALF, PE, WEIGHT_LAYOUT, WINDOW, mutant
+from ._base import Bugs
+from ._base import linear as _linear
+
+
+def control(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """The bug-free base implementation (tests/mutants/_base.py); must pass."""
+    return _linear(x, weight, bias, block_size=block_size, stride=stride, padding=padding, pe=pe,
+                   cu_seqlens=cu_seqlens)
+
+
+@mutant(WINDOW)
+def start_off_by_one(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """Every window starts one token early (masked to zero before the
+    sequence start), so it misses its last token.
+
+    The start derived from the window's last token as ``last - L`` where
+    ``last - L + 1`` is meant (inclusive vs exclusive end)."""
+    return _linear(x, weight, bias, block_size=block_size, stride=stride, padding=padding, pe=pe,
+                   cu_seqlens=cu_seqlens, bugs=Bugs(start_shift=-1))
+
+
+@mutant(PE)
+def pe_reversed(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """Window position j gets pe[h, L - 1 - j].
+
+    A kernel that walks the window backwards from its last token (as a
+    causal kernel likes to) and indexes pe by the loop counter."""
+    return _linear(x, weight, bias, block_size=block_size, stride=stride, padding=padding, pe=pe,
+                   cu_seqlens=cu_seqlens, bugs=Bugs(pe_reversed=True))
+
+
+@mutant(BIAS_ACT)
+def bias_per_position(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """The bias is added once per window position: L * bias[g].
+
+    ``acc += tl.dot(x_j, w_j) + b`` inside the loop over positions instead
+    of once after it."""
+    return _linear(x, weight, bias, block_size=block_size, stride=stride, padding=padding, pe=pe,
+                   cu_seqlens=cu_seqlens, bias_per_position=True)
+
+
+@mutant(HALF)
+def half_accumulate(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """The L * D products are accumulated in x's dtype, one rounding each.
+
+    A Triton accumulator declared with x's dtype (or ``tl.dot(...,
+    out_dtype=x.dtype)`` chained across positions): exact in float32 and
+    float64, wrong by many ulps in float16/bfloat16 over long sums."""
+    return _linear(x, weight, bias, block_size=block_size, stride=stride, padding=padding, pe=pe,
+                   cu_seqlens=cu_seqlens, bugs=Bugs(half_accumulate=True))
+
+
+@mutant(CONTIGUOUS)
+def assumes_contiguous(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """Reads x's storage with the strides of a contiguous (B, H, T, D) tensor.
+
+    A kernel given ``x.data_ptr()`` that computes offsets from the shape
+    (``((b * H + h) * T + t) * D + d``) instead of ``x.stride()``: keys
+    stored (B, T, H, D) and passed as ``k.transpose(1, 2)`` come out as
+    garbage, without an error."""
+    return _linear(x, weight, bias, block_size=block_size, stride=stride, padding=padding, pe=pe,
+                   cu_seqlens=cu_seqlens, bugs=Bugs(assume_contiguous=True))
+
+
+@mutant(WEIGHT_LAYOUT)
+def flipped_kernel(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """Window position j is multiplied by weight[g, L - 1 - j].
+
+    Convolution instead of cross-correlation (an FFT or a hand-written
+    conv flips the kernel; ``nn.Conv1d`` does not)."""
+    return _linear(x, weight, bias, block_size=block_size, stride=stride, padding=padding, pe=pe,
+                   cu_seqlens=cu_seqlens, flip_kernel=True)
