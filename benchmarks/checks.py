@@ -1,0 +1,225 @@
+"""The correctness gate: nothing is timed before its result is checked.
+
+An entrant is called once on the timing arguments themselves (argument set
+0, the exact configuration, T included: the same grid and the same tuned
+kernel that will be timed), and slices of that one result are compared
+with the exact answer under the project's tolerance model:
+
+- forward, head: the first HEAD_WINDOWS windows. They read only the first
+  tokens of x, so the exact answer comes from that slice
+  (tests/harness/windows.py, the vectorized NumPy formulation that
+  tests/test_reference.py proves equal to the loop reference) and the
+  bound from tests/harness/tolerance.py.
+- forward, tail: the last TAIL_WINDOWS windows, from the tokens they read
+  (they are the valid windows of that slice).
+- gradients (fwd+bwd): the backward of the same call with a cotangent that
+  is zero except on the first windows (and, for large per-window
+  gradients, the first head only: see ``grad_scope``). Every gradient (x,
+  pe, each parameter) is then that of this slice alone, compared with
+  tests/harness/gradients.py (exact float64 gradients and their derived
+  bounds); every gradient element outside the slice must be exactly 0
+  (each of its contributions is 0 times a finite value).
+
+Two windows overlap (L - S tokens) and the first one holds the left
+padding, so the head checks see overlap and padding; the tail checks see
+the end of the sequence.
+
+The head checks depend on the configuration but not on T
+(benchmarks/inputs.py draws the head of x, pe and the parameters
+independently of T), so their exact answers are computed once per
+configuration and cached.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import reference
+from tests.harness import windows
+from tests.harness.cases import Inputs
+from tests.harness.convert import round_to, to_numpy
+from tests.harness.gradients import exact_and_bounds
+from tests.harness.records import RECORDS
+from tests.harness.tolerance import compare, forward_bound
+
+HEAD_WINDOWS = 2
+TAIL_WINDOWS = 2
+GRAD_WINDOWS = 2
+# tests/harness/gradients.py materializes every per-window local gradient
+# in float64 (the mlp's w1 term is windows x heads x L*D x F): past this
+# many elements the gradient check narrows to one head, then one window.
+MAX_GRAD_ELEMENTS = 1 << 24
+
+
+class CheckFailed(AssertionError):
+    """An entrant's result is outside the tolerance model: it is not timed."""
+
+
+def token_range(case, first: int, last: int) -> tuple[int, int, str]:
+    """The tokens [t0, t1) that windows first..last-1 read, and the padding
+    under which exactly those windows are the windows of x[t0:t1]."""
+    start = reference.window_start(first, case.L, case.S, case.padding)
+    end = reference.window_start(last - 1, case.L, case.S, case.padding) + case.L
+    if start >= 0:
+        return start, end, "valid"
+    return 0, end, "left"   # only left padding starts before token 0, and only from window 0
+
+
+def head_tokens(case) -> int:
+    """Tokens of x that the head checks (forward and gradients) read."""
+    return token_range(case, 0, max(1, min(HEAD_WINDOWS, case.W)))[1]
+
+
+def grad_scope(case) -> tuple[int, int]:
+    """(windows, heads) carrying the gradient check's cotangent: GRAD_WINDOWS
+    windows of every head, narrowed to the first head and then to one window
+    while the harness's per-window gradient arrays exceed MAX_GRAD_ELEMENTS."""
+    rec = RECORDS[case.kind]
+    D_out = rec.d_out(case)
+    per_window = case.L * case.D * (case.F if rec.has_hidden else max(case.D, D_out))
+    W = min(GRAD_WINDOWS, case.W)
+    for heads, n in ((case.H, W), (1, W), (1, 1)):
+        if case.B * heads * n * per_window <= MAX_GRAD_ELEMENTS:
+            break
+    return min(n, case.W), heads
+
+
+def _slice(case, sets, first, last, heads=None):
+    """The Case and Inputs of the tokens that windows first..last-1 read
+    (of the first ``heads`` heads and their weight groups, if given), and
+    where those tokens lie in x."""
+    t0, t1, padding = token_range(case, first, last)
+    H = case.H if heads is None else heads
+    G = case.G if H == case.H else 1            # narrowed to head 0: its group alone
+    sub = case.replace(T=t1 - t0, H=H, G=G, padding=padding, layout="contiguous", seqlens=None)
+    params64 = {k: None if v is None else to_numpy(v[:G]) for k, v in sets.params[0].items()}
+    pe = sets.pe[0]
+    inputs = Inputs(x64=to_numpy(sets.x[0][:, :H, t0:t1]), params64=params64,
+                    pe64=None if pe is None else to_numpy(pe[:H]), x=None, params=None, pe=None,
+                    cu_seqlens=None, cu64=None)
+    return sub, inputs, (t0, t1)
+
+
+def _expected(sub, inputs):
+    rec = RECORDS[sub.kind]
+    win = windows.gather_windows(inputs.x64, pe=inputs.pe64, **sub.window_kwargs())
+    return rec.oracle(win, *[inputs.params64[p.name] for p in rec.params], **rec.extra_kwargs(sub))
+
+
+def _to64(y) -> np.ndarray:
+    if isinstance(y, torch.Tensor):
+        return to_numpy(y)
+    return np.asarray(y, dtype=np.float64)
+
+
+class Checker:
+    """The gate, with its exact answers cached (see the module docstring)."""
+
+    def __init__(self):
+        self._head: dict = {}
+        self._tail: dict = {}
+        self._grad: dict = {}
+
+    def _head_forward(self, case, sets):
+        key = case.replace(T=0)
+        if key not in self._head:
+            n = min(HEAD_WINDOWS, case.W)
+            sub, inputs, _ = _slice(case, sets, 0, n)
+            self._head[key] = (n, _expected(sub, inputs), forward_bound(sub, inputs), sub)
+        return self._head[key]
+
+    def _tail_forward(self, case, sets):
+        if case.W < HEAD_WINDOWS + TAIL_WINDOWS:
+            return None                     # the head check already covers every window
+        if case not in self._tail:
+            first = case.W - TAIL_WINDOWS
+            sub, inputs, _ = _slice(case, sets, first, case.W)
+            self._tail.clear()              # one T at a time keeps memory bounded
+            self._tail[case] = (first, _expected(sub, inputs), forward_bound(sub, inputs), sub)
+        return self._tail[case]
+
+    def forward(self, case, sets, y, who: str) -> float:
+        """Compare the first and last windows of ``y`` (B, H, W, D_out; a
+        tensor in the input's dtype, or an ndarray from the reference: the
+        entrant's output on argument set 0) with the exact answer. Returns
+        the worst error / bound; raises CheckFailed."""
+        if tuple(y.shape) != (case.B, case.H, case.W, sets.d_out):
+            raise CheckFailed(f"{who}: output shape {tuple(y.shape)}, expected (B, H, W, D_out) = "
+                              f"{(case.B, case.H, case.W, sets.d_out)}; not timed")
+        if isinstance(y, torch.Tensor) and y.dtype != sets.dtype:   # another dtype writes other bytes
+            raise CheckFailed(f"{who}: output dtype {y.dtype}, expected the input's {sets.dtype}; not timed")
+        n, expected, bound, sub = self._head_forward(case, sets)
+        parts = [("first", 0, n, expected, bound, sub)]
+        tail = self._tail_forward(case, sets)
+        if tail is not None:
+            first, texp, tbound, tsub = tail
+            parts.append(("last", first, case.W, texp, tbound, tsub))
+        worst = 0.0
+        for where, w0, w1, exp, b, sub in parts:
+            if not b.well_conditioned:
+                raise CheckFailed(f"{who}: the check of the {where} windows is ill-conditioned under the tolerance "
+                                  f"model ({sub!r}): choose another seed for this configuration")
+            ok, ratio, idx, err = compare(_to64(y[:, :, w0:w1]), exp, b.bound)
+            worst = max(worst, ratio)
+            if not ok:
+                raise CheckFailed(
+                    f"{who} is wrong on the {where} windows of {case!r}: |error| {err:.3g} at (b, h, w, c) = "
+                    f"{idx} (w counted from window {w0}) is {ratio:.3g} times its bound {b.bound[idx]:.3g}; "
+                    f"not timed")
+        return worst
+
+    def _head_grad(self, case, sets):
+        key = case.replace(T=0)
+        if key not in self._grad:
+            n, heads = grad_scope(case)
+            sub, inputs, (_, t1) = _slice(case, sets, 0, n, heads)
+            rng = np.random.default_rng(case.seed + 7)
+            g64 = round_to(rng.standard_normal((case.B, heads, n, sets.d_out)), case.dtype)
+            self._grad.clear()              # the exact mlp gradients are large: keep one configuration's
+            self._grad[key] = (n, heads, t1, g64, exact_and_bounds(sub, inputs, g64))
+        return self._grad[key]
+
+    def cotangent(self, case, sets) -> torch.Tensor:
+        """(B, H, W, D_out) in the case's dtype: zero except on the windows and
+        heads of ``grad_scope(case)``."""
+        n, heads, _, g64, _ = self._head_grad(case, sets)
+        g = torch.zeros((case.B, case.H, case.W, sets.d_out), dtype=sets.dtype, device=sets.device)
+        g[:, :heads, :n] = torch.from_numpy(g64).to(sets.dtype).to(sets.device)
+        return g
+
+    def gradients(self, case, sets, grads: dict, who: str) -> float:
+        """Compare gradients of sum(y * cotangent(case, sets)) (name -> tensor
+        in the record's layout: "x", "pe" and each parameter) with the exact
+        ones. Returns the worst error / bound; raises CheckFailed."""
+        n, heads, t1, _, gb = self._head_grad(case, sets)
+        if not gb.well_conditioned:
+            raise CheckFailed(f"{who}: the gradient check is ill-conditioned under the tolerance model ({case!r})")
+        if set(grads) != set(gb.exact):
+            raise CheckFailed(f"{who}: gradients of {sorted(grads)}, expected {sorted(gb.exact)}")
+        groups = case.G if heads == case.H else 1
+        worst = 0.0
+        for name, got in grads.items():
+            if got is None:
+                raise CheckFailed(f"{who}: no gradient for {name}; not timed")
+            region = {"x": (slice(None), slice(0, heads), slice(0, t1)), "pe": (slice(0, heads),)}.get(
+                name, (slice(0, groups),))
+            outside = got.detach().clone()
+            outside[region] = 0
+            if torch.count_nonzero(outside).item():
+                raise CheckFailed(f"{who}: the gradient of {name} is nonzero outside {region}, where every "
+                                  f"contribution has a zero cotangent; not timed")
+            got64 = to_numpy(got[region])
+            exact, bound = gb.exact[name], gb.bound[name]
+            if got64.shape != exact.shape:
+                raise CheckFailed(f"{who}: gradient of {name} has shape {got64.shape} in the checked region, "
+                                  f"expected {exact.shape}")
+            err = np.where(np.isfinite(got64), np.abs(got64 - exact), np.inf)
+            ratio = err / bound
+            if ratio.size:
+                i = np.unravel_index(np.argmax(ratio), ratio.shape)
+                worst = max(worst, float(ratio[i]))
+                if ratio[i] > 1:
+                    raise CheckFailed(f"{who}: the gradient of {name} is wrong: |error| {err[i]:.3g} at {i} is "
+                                      f"{ratio[i]:.3g} times its bound {bound[i]:.3g} ({case!r}); not timed")
+        return worst

@@ -1,0 +1,205 @@
+"""What is benchmarked: the configurations, and the cost model (flops and
+bytes) every measured time is divided by.
+
+A configuration is a harness ``Case`` (tests/harness/cases.py: every field
+the property suite draws, fixed here) plus a device and a direction. The
+kind's record (tests/harness/records.py) says which parameters exist and
+their shapes, so a new kind needs a line in ``GROUPS`` and one in
+``flops_per_window``.
+
+The NSA setting (arXiv 2502.11089, its experiments: block L = 32, stride S = 16;
+GQA with H = 4 KV heads; head dims 128 and 192) in the seed's windowing
+(``padding="left"``: ZeroPad L - S, then Unfold) with its intra-block
+position embedding ``pe``, and keys laid out (B, T, H, D) as a projection
+produces them (``layout="bthd"``: the (B, H, T, D) argument is a transposed
+view, as the seed's ``split_heads`` gives it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tests.harness.cases import Case
+from tests.harness.records import KINDS, RECORDS
+
+DIRECTIONS = ("fwd", "fwd+bwd")
+SIZES = ("quick", "default", "full")
+
+# Weight groups per kind, chosen to equal the seed module each kind is
+# compared with: ConvLinearCompress and GroupedMLP hold one weight set per
+# head (G = H), AttentionPool one shared (G = 1); weighted_pool has no seed
+# module and follows the per-head networks; mean_pool has no weights.
+GROUPS = {"mean_pool": "1", "weighted_pool": "H", "linear": "H", "mlp": "H", "attention_pool": "1"}
+
+NSA = dict(B=1, H=4, block_size=32, stride=16)
+
+# (D, T) shapes, most informative first: a run cut short by --kvbench-deadline
+# or by the compile budget loses the least useful ones.
+GPU_SHAPES = {
+    "quick": [(128, 8192)],
+    "default": [(128, 131072), (128, 8192), (192, 131072), (192, 8192)],
+    "full": [(D, T) for D in (128, 192) for T in (131072, 65536, 32768, 16384, 8192)],
+}
+CPU_SHAPES = {
+    "quick": [(64, 2048)],
+    "default": [(64, 8192), (64, 2048)],
+    "full": [(64, T) for T in (8192, 4096, 2048)],
+}
+# Where the loop reference is timed (the floor of readability): it runs
+# Python loops over windows, positions and features, so only this small.
+READABILITY_SHAPE = (8, 64)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmarked configuration.
+
+    case: the harness Case (kind, dtype, B, H, G, T, D, L, S, padding, pe,
+    D_out, F, biases, activation, layout, seed). device: "cpu" or "cuda".
+    direction: "fwd" (under torch.no_grad) or "fwd+bwd" (forward, then the
+    gradients of x, pe and every parameter for a random cotangent).
+    role: "nsa" (the NSA setting), "nonoverlap" (S == L, no pe: where
+    fla's non-overlapping mean_pooling is comparable) or "readability"
+    (tiny, where the loop reference is timed).
+    """
+
+    case: Case
+    device: str
+    direction: str
+    role: str = "nsa"
+
+    @property
+    def kind(self) -> str:
+        return self.case.kind
+
+    @property
+    def shape_key(self) -> Case:
+        """Configurations sharing this key share their inputs (both directions)."""
+        return self.case
+
+    @property
+    def group(self) -> str:
+        """pytest-benchmark group: the entrants compared with each other."""
+        c = self.case
+        extra = {"nonoverlap": ", S == L (non-overlapping), no pe", "readability": ", readability floor"}
+        return (f"{c.kind} {self.direction} B={c.B} H={c.H} T={c.T} D={c.D} L={c.L} S={c.S} G={c.G} {c.dtype} "
+                f"{self.device}{extra.get(self.role, '')}")
+
+    @property
+    def id(self) -> str:
+        c = self.case
+        return f"{c.kind}-{self.direction}-D{c.D}-T{c.T}-L{c.L}S{c.S}-{c.dtype}"
+
+    def info(self) -> dict:
+        """The configuration as plain data for the benchmark JSON."""
+        c = self.case
+        return dict(kind=c.kind, direction=self.direction, device=self.device, role=self.role, dtype=c.dtype,
+                    B=c.B, H=c.H, T=c.T, D=c.D, L=c.L, S=c.S, G=c.G, W=c.W, D_out=RECORDS[c.kind].d_out(c),
+                    F=c.F if RECORDS[c.kind].has_hidden else None, padding=c.padding, pe=c.use_pe,
+                    layout=c.layout, group=self.group)
+
+
+def nsa_case(kind: str, dtype: str, D: int, T: int, **overrides) -> Case:
+    """The Case of ``kind`` in the NSA setting with head dim D and T tokens.
+
+    D_out = D; mlp: F = L * D (GroupedMLP's and the seed default MLP's
+    expand_factor 1), relu, both biases; linear: bias (ConvLinearCompress
+    has one).
+    """
+    rec = RECORDS[kind]
+    H, L = NSA["H"], NSA["block_size"]
+    fields = dict(kind=kind, dtype=dtype, T=T, D=D, G=H if GROUPS[kind] == "H" else 1, padding="left",
+                  use_pe=True, layout="bthd", seed=1234, **NSA)
+    if rec.has_dout:
+        fields["D_out"] = D
+    if rec.has_bias:
+        fields["bias"] = True
+    if rec.has_hidden:
+        fields.update(F=L * D, bias2=True, activation="relu")
+    fields.update(overrides)
+    return Case(**fields)
+
+
+def config_sets(device: str, dtype: str, sizes: str, kinds=KINDS) -> list[BenchConfig]:
+    """Every configuration to run, in run order (shape, kind, direction).
+
+    device: "cpu" or "cuda"; dtype: a harness dtype name; sizes: one of
+    SIZES; kinds: the kinds to include. Raises ValueError on an unknown
+    size set or kind.
+    """
+    if sizes not in SIZES:
+        raise ValueError(f"sizes must be one of {SIZES}, got {sizes!r}")
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown kinds {bad}; kinds are {KINDS}")
+    shapes = (GPU_SHAPES if device == "cuda" else CPU_SHAPES)[sizes]
+    L = NSA["block_size"]
+    out = []
+    for i, (D, T) in enumerate(shapes):
+        for kind in kinds:
+            for direction in DIRECTIONS:
+                out.append(BenchConfig(nsa_case(kind, dtype, D, T), device, direction))
+        if "mean_pool" in kinds and i < 2:
+            # fla's mean_pooling cuts the sequence into disjoint chunks: the only
+            # like-for-like comparison is S == L, where left padding adds nothing.
+            for direction in DIRECTIONS:
+                case = nsa_case("mean_pool", dtype, D, T, stride=L, use_pe=False)
+                out.append(BenchConfig(case, device, direction, role="nonoverlap"))
+    if device == "cpu":
+        D, T = READABILITY_SHAPE
+        for kind in kinds:
+            out.append(BenchConfig(nsa_case(kind, dtype, D, T), device, "fwd", role="readability"))
+    return out
+
+
+def param_elements(case: Case) -> int:
+    """Number of parameter elements of the case (pe excluded)."""
+    total = 0
+    for spec in RECORDS[case.kind].params:
+        if spec.enabled is None or spec.enabled(case):
+            n = 1
+            for s in spec.shape(case):
+                n *= s
+            total += n
+    return total
+
+
+def flops_per_window(case: Case) -> int:
+    """Flops of the compression of one window of one head (a multiply-add
+    counts 2; pe additions, biases, activations and the softmax's
+    exp/max/sum are not counted: implementations fold or fuse them)."""
+    L, D = case.L, case.D
+    D_out = RECORDS[case.kind].d_out(case)
+    return {
+        "mean_pool": L * D,                              # L - 1 adds and one scale per feature
+        "weighted_pool": 2 * L * D,
+        "linear": 2 * L * D * D_out,
+        "mlp": 2 * L * D * case.F + 2 * case.F * D_out,
+        "attention_pool": 2 * L * D * D + 2 * L * D,     # logits X @ W, then the weighted sum
+    }[case.kind]
+
+
+def cost(case: Case, direction: str, itemsize: int) -> tuple[int, int]:
+    """(flops, bytes) of one call: the compression's flops and the minimum
+    memory traffic (each input read once, each output written once).
+
+    fwd: bytes = (x + pe + params + y) elements * itemsize.
+    fwd+bwd: the forward, then the backward reads x, pe, params and the
+    cotangent (y's size) and writes dx, dpe, dparams:
+    bytes = (3 (x + pe + params) + 2 y) * itemsize. Backward flops are
+    twice the forward's (one product for the input gradient, one for the
+    parameter gradient; mean_pool, without parameters, once).
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    c = case
+    D_out = RECORDS[c.kind].d_out(c)
+    x = c.B * c.H * c.T * c.D
+    pe = c.H * c.L * c.D if c.use_pe else 0
+    p = param_elements(c)
+    y = c.B * c.H * c.W * D_out
+    fwd_flops = c.B * c.H * c.W * flops_per_window(c)
+    if direction == "fwd":
+        return fwd_flops, (x + pe + p + y) * itemsize
+    factor = 2 if c.kind == "mean_pool" else 3
+    return factor * fwd_flops, (3 * (x + pe + p) + 2 * y) * itemsize

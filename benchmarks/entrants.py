@@ -1,0 +1,414 @@
+"""Who is timed: every registered kvcompress backend, and the peers a user
+would pick instead, each made ready for one configuration.
+
+- ``kvcompress/<backend>``: ``kvcompress.functional.<kind>(..., backend=...)``
+  for every entry of ``kvcompress.backends.backends(kind)`` (a new backend is
+  benchmarked without a line here), called as the kind's record says.
+- ``seed`` / ``seed+compile``: the seed's own pipeline
+  (native-sparse-attention-pytorch 0.2.3): ``split_compress_window`` taken
+  from a ``SparseAttention`` instance (Rearrange, ZeroPad2d(L - S), Unfold,
+  Rearrange), its intra-block positions added with ``einx.add`` as the seed
+  does, then its compress network: ``ConvLinearCompress`` (linear),
+  ``GroupedMLP`` (mlp), ``AttentionPool`` (attention_pool); mean_pool and
+  weighted_pool have no seed module, so the seed's windows are reduced by a
+  plain torch mean / einsum. Eager, and under ``torch.compile`` (the whole
+  pipeline, dynamic=False: one compile per shape).
+- ``fla``: fla-core's ``mean_pooling`` (CUDA only). Its chunks do not
+  overlap and it takes no pe: it is compared only where S == L without pe.
+- ``reference``: the loop reference (reference/), on CPU at the
+  readability size: the floor of readability.
+
+A peer that is not installed is skipped with the reason, never replaced.
+Each peer receives the same values as kvcompress (our parameters mapped to
+its modules' layouts) and passes the same correctness gate.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import kvcompress.functional as kf
+from kvcompress import backends as kb
+from tests.harness.cases import Inputs
+from tests.harness.convert import to_numpy
+from tests.harness.records import RECORDS
+
+
+class NotApplicable(Exception):
+    """The entrant cannot run this configuration (the message says why)."""
+
+
+@dataclass
+class Prepared:
+    """An entrant ready for one configuration.
+
+    forward(i): the output (B, H, W, D_out) on argument set i (a tensor, or
+    an ndarray for the reference). leaves[i]: the tensors a fwd+bwd call
+    differentiates (x, pe, parameters). to_ours(grads): those gradients as
+    {"x", "pe", parameter names of the record} in the record's layouts.
+    n_sets: how many argument sets forward rotates through.
+    """
+
+    forward: Callable[[int], object]
+    leaves: list
+    to_ours: Callable[[list], dict]
+    n_sets: int
+
+
+class Entrant:
+    """Base: ``name`` (test id), ``family`` ("kvcompress" or "peer"), ``label``."""
+
+    name = ""
+    family = "peer"
+    compiled = False
+
+    def label(self, cfg) -> str:
+        return self.name
+
+    def skip_reason(self, cfg) -> str | None:
+        return None
+
+    def prepare(self, cfg, sets, grad: bool) -> Prepared:
+        raise NotImplementedError
+
+
+def _leaf(t, grad):
+    return None if t is None else t.detach().requires_grad_(grad)
+
+
+# ----------------------------------------------------------------------------- kvcompress
+
+
+class Backend(Entrant):
+    """A registered kvcompress backend, through the public function."""
+
+    family = "kvcompress"
+
+    def __init__(self, backend: str):
+        self.name = backend
+
+    def label(self, cfg) -> str:
+        return f"kvcompress.functional.{cfg.kind}(backend={self.name!r})"
+
+    def skip_reason(self, cfg) -> str | None:
+        b = kb.get(cfg.kind, self.name)
+        auto = b.devices if b.auto_devices is None else b.auto_devices
+        dtype = getattr(torch, cfg.case.dtype)
+        if not b.available():
+            return f"backend {self.name!r} is not available here"
+        if cfg.device not in b.devices:
+            return f"backend {self.name!r} runs on {b.devices}, not {cfg.device}"
+        if cfg.device not in auto:
+            return (f"backend {self.name!r} runs on {cfg.device} only for tests (e.g. Triton's interpreter), "
+                    f"not for speed: not benchmarked there")
+        if dtype not in b.dtypes:
+            return f"backend {self.name!r} does not take {cfg.case.dtype}"
+        return None
+
+    def prepare(self, cfg, sets, grad):
+        rec, case = RECORDS[cfg.kind], cfg.case
+        fn = functools.partial(getattr(kf, cfg.kind), backend=self.name)
+        per_set, leaves = [], []
+        for i in range(sets.n):
+            params = {k: _leaf(v, grad) for k, v in sets.params[i].items()}
+            inp = Inputs(x64=None, params64=None, pe64=None, x=_leaf(sets.x[i], grad), params=params,
+                         pe=_leaf(sets.pe[i], grad), cu_seqlens=None, cu64=None)
+            per_set.append(inp)
+            leaves.append([inp.x] + ([inp.pe] if inp.pe is not None else []) + [v for v in params.values()
+                                                                                  if v is not None])
+        names = ["x"] + (["pe"] if case.use_pe else []) + [k for k, v in sets.params[0].items() if v is not None]
+        b = kb.get(cfg.kind, self.name)
+        first = per_set[0]
+        if not b.accepts(first.x, *rec.args(first), **case.window_kwargs(), pe=first.pe, cu_seqlens=None,
+                         **rec.extra_kwargs(case)):
+            raise NotApplicable(f"backend {self.name!r} does not support this configuration")
+        return Prepared(forward=lambda i: rec.call(fn, case, per_set[i]), leaves=leaves,
+                        to_ours=lambda grads: dict(zip(names, grads)), n_sets=sets.n)
+
+
+# ----------------------------------------------------------------------------- the seed
+
+
+class _WindowMean(nn.Module):
+    """mean_pool on the seed's windows: a plain torch mean (no seed module exists)."""
+
+    def forward(self, win):                          # [B, H, W, L, D]
+        return win.mean(dim=-2)                      # [B, H, W, D]
+
+
+class _WindowWeightedSum(nn.Module):
+    """weighted_pool on the seed's windows: a plain einsum (no seed module exists)."""
+
+    def __init__(self, heads: int, block: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(heads, block))   # [H, L]
+
+    def forward(self, win):                          # [B, H, W, L, D]
+        return torch.einsum("bhwnd,hn->bhwd", win, self.weight)
+
+
+@dataclass(frozen=True)
+class SeedSpec:
+    """How one kind maps onto the seed: the module, what it requires of the
+    Case, and the parameter maps (ours -> module state; module gradients
+    -> ours)."""
+
+    label: str
+    build: Callable
+    requires: Callable          # Case -> reason it does not apply, or None
+    to_module: Callable         # (Case, our params) -> {module parameter name: tensor}
+    to_ours: Callable           # (Case, {module name: grad}) -> {our name: grad}
+
+
+def _seed_modules():
+    return importlib.import_module("native_sparse_attention_pytorch.compress_networks")
+
+
+def _per_head(c):
+    return None if c.G == c.H else f"the seed's module holds one weight set per head (G = H = {c.H}), got G = {c.G}"
+
+
+def _linear_requires(c):
+    if c.D_out != c.D or not c.bias:
+        return "ConvLinearCompress maps D -> D with a bias"
+    return _per_head(c)
+
+
+def _mlp_requires(c):
+    if c.D_out != c.D or not (c.bias and c.bias2) or c.activation != "relu":
+        return "GroupedMLP maps L*D -> F -> D with relu and both biases"
+    return _per_head(c)
+
+
+SEED = {
+    "mean_pool": SeedSpec(
+        "seed windows (split_compress_window + einx.add pe) + torch mean",
+        lambda c: _WindowMean(), lambda c: None, lambda c, p: {}, lambda c, g: {}),
+    "weighted_pool": SeedSpec(
+        "seed windows (split_compress_window + einx.add pe) + torch einsum",
+        lambda c: _WindowWeightedSum(c.H, c.L), _per_head,
+        lambda c, p: {"weight": p["weight"]}, lambda c, g: {"weight": g["weight"]}),
+    "linear": SeedSpec(
+        "seed split_compress_window + einx.add pe + ConvLinearCompress",
+        lambda c: _seed_modules().ConvLinearCompress(c.H, c.D, c.L), _linear_requires,
+        # conv weight [h*D_out + o, d, j] = weight[h, j, d, o]
+        lambda c, p: {"conv.weight": p["weight"].permute(0, 3, 2, 1).reshape(c.H * c.D_out, c.D, c.L),
+                      "conv.bias": p["bias"].reshape(c.H * c.D_out)},
+        lambda c, g: {"weight": g["conv.weight"].view(c.H, c.D_out, c.D, c.L).permute(0, 3, 2, 1),
+                      "bias": g["conv.bias"].view(c.H, c.D_out)}),
+    "mlp": SeedSpec(
+        "seed split_compress_window + einx.add pe + GroupedMLP",
+        lambda c: _seed_modules().GroupedMLP(c.D, c.L, c.H, expand_factor=c.F / (c.L * c.D)), _mlp_requires,
+        lambda c, p: {"net.0.weight": p["w1"], "net.0.bias": p["b1"].view(1, c.H, 1, c.F),
+                      "net.2.weight": p["w2"], "net.2.bias": p["b2"].view(1, c.H, 1, c.D_out)},
+        lambda c, g: {"w1": g["net.0.weight"], "b1": g["net.0.bias"].view(c.H, c.F),
+                      "w2": g["net.2.weight"], "b2": g["net.2.bias"].view(c.H, c.D_out)}),
+    "attention_pool": SeedSpec(
+        "seed split_compress_window + einx.add pe + AttentionPool",
+        lambda c: _seed_modules().AttentionPool(c.D, c.L),
+        lambda c: None if c.G == 1 else f"AttentionPool shares one weight across heads (G = 1), got G = {c.G}",
+        # nn.Linear computes X @ W.T: our weight (Z = X @ weight) is its transpose
+        lambda c, p: {"to_attn_logits.weight": p["weight"][0].T},
+        lambda c, g: {"weight": g["to_attn_logits.weight"].T.unsqueeze(0)}),
+}
+
+
+@functools.lru_cache(maxsize=8)
+def _seed_split(H: int, D: int, L: int, S: int) -> nn.Module:
+    """The seed's own ``split_compress_window`` for these sizes."""
+    from native_sparse_attention_pytorch import SparseAttention
+
+    sa = SparseAttention(dim=D, dim_head=D, heads=H, kv_heads=H, sliding_window_size=S, compress_block_size=L,
+                         compress_block_sliding_stride=S, selection_block_size=S, num_selected_blocks=1,
+                         compress_mlp=nn.Identity())
+    return sa.split_compress_window
+
+
+def _seed_windows(split, x, pe):
+    import einx
+
+    win = split(x)                                           # [B, H, W, L, D]
+    return win if pe is None else einx.add("b h w n d, h n d", win, pe)
+
+
+class Seed(Entrant):
+    """The seed's pipeline, eager or compiled."""
+
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        self.name = "seed+compile" if compiled else "seed"
+
+    def label(self, cfg) -> str:
+        return SEED[cfg.kind].label + (" under torch.compile" if self.compiled else "")
+
+    def skip_reason(self, cfg) -> str | None:
+        try:
+            importlib.import_module("native_sparse_attention_pytorch")
+            importlib.import_module("einx")
+        except ImportError as e:
+            return f"native-sparse-attention-pytorch is not installed ({e}): the seed's pipeline is not measured"
+        c = cfg.case
+        if self.compiled and cfg.device == "cpu" and cfg.direction == "fwd+bwd" and torch.get_num_threads() > 1:
+            # inductor's C++ backward of pad + unfold corrupts memory (segfault, abort) with more than one
+            # thread (torch 2.13.0+cpu; minimal repro in docs/benchmarks.md): it would kill the whole run
+            return ("torch.compile (inductor, CPU) crashes the process in the backward of the seed's pad + unfold "
+                    "with more than one thread (docs/benchmarks.md): not measured in fwd+bwd on CPU")
+        if c.padding != "left":
+            return "the seed's windows are left-padded (ZeroPad L - S): compared only with padding='left'"
+        if c.T % c.S:
+            return "the seed truncates T to a multiple of S: compared only where S divides T"
+        return SEED[cfg.kind].requires(c)
+
+    def prepare(self, cfg, sets, grad):
+        spec, c = SEED[cfg.kind], cfg.case
+        split = _seed_split(c.H, c.D, c.L, c.S)
+        mods, xs, pes, leaves = [], [], [], []
+        for i in range(sets.n):
+            with torch.device("meta"):
+                m = spec.build(c)
+            m = m.to_empty(device=sets.device).to(sets.dtype)
+            with torch.no_grad():
+                m.load_state_dict({k: v.contiguous() for k, v in spec.to_module(c, sets.params[i]).items()})
+            m.requires_grad_(grad)
+            mods.append(m)
+            xs.append(_leaf(sets.x[i], grad))
+            pes.append(_leaf(sets.pe[i], grad))
+            leaves.append([xs[i]] + ([pes[i]] if pes[i] is not None else []) + list(m.parameters()))
+        names = [n for n, _ in mods[0].named_parameters()]
+        n_lead = 2 if c.use_pe else 1
+
+        def to_ours(grads):
+            out = {"x": grads[0]}
+            if c.use_pe:
+                out["pe"] = grads[1]
+            out.update(spec.to_ours(c, dict(zip(names, grads[n_lead:]))))
+            return out
+
+        if not self.compiled:
+            return Prepared(forward=lambda i: mods[i](_seed_windows(split, xs[i], pes[i])), leaves=leaves,
+                            to_ours=to_ours, n_sets=sets.n)
+        # A parameter-less stand-in holds the structure: were it one of the
+        # sets' modules, Dynamo would guard on its own parameters and
+        # recompile for every other set.
+        with torch.device("meta"):
+            template = spec.build(c).to(sets.dtype)
+        params = [dict(m.named_parameters()) for m in mods]
+
+        def pipeline(x, pe, p):
+            return torch.func.functional_call(template, p, (_seed_windows(split, x, pe),))
+
+        # Dynamo caches compiled code per code object, and ``pipeline`` is one
+        # code object for every configuration: start from an empty cache so
+        # that this shape gets its own compile and never hits the cache limit.
+        torch._dynamo.reset()
+        compiled = torch.compile(pipeline, dynamic=False)
+        return Prepared(forward=lambda i: compiled(xs[i], pes[i], params[i]), leaves=leaves, to_ours=to_ours,
+                        n_sets=sets.n)
+
+
+# ----------------------------------------------------------------------------- fla
+
+
+def _fla_mean_pooling():
+    for mod in ("fla.ops.utils.pooling", "fla.ops.utils"):
+        try:
+            return importlib.import_module(mod).mean_pooling
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+class Fla(Entrant):
+    """fla-core's mean_pooling: non-overlapping chunks, (B, T, H, D) input."""
+
+    name = "fla"
+
+    def label(self, cfg) -> str:
+        return "fla.ops.utils.mean_pooling (chunks do not overlap: compared at S == L, no pe)"
+
+    def skip_reason(self, cfg) -> str | None:
+        c = cfg.case
+        if cfg.kind != "mean_pool":
+            return "fla has a mean_pooling only"
+        if c.S != c.L or c.use_pe:
+            return "fla's chunks do not overlap and take no pe: compared only at S == L without pe"
+        if c.T % c.L:
+            return "fla keeps a partial last chunk: compared only where L divides T"
+        if cfg.device != "cuda":
+            return "fla's mean_pooling is a Triton kernel for CUDA: not run on cpu"
+        try:
+            importlib.import_module("fla")
+        except ImportError as e:
+            return f"fla-core is not installed ({e}; pip install fla-core): not measured"
+        if _fla_mean_pooling() is None:
+            return "the installed fla has no mean_pooling in fla.ops.utils"
+        return None
+
+    def prepare(self, cfg, sets, grad):
+        pool, L = _fla_mean_pooling(), cfg.case.L
+        xs = [_leaf(x, grad) for x in sets.x]
+        # fla takes (B, T, H, D): x is a view of exactly that storage (layout "bthd")
+        return Prepared(forward=lambda i: pool(xs[i].transpose(1, 2), chunk_size=L).transpose(1, 2),
+                        leaves=[[x] for x in xs], to_ours=lambda grads: {"x": grads[0]}, n_sets=sets.n)
+
+
+# ----------------------------------------------------------------------------- the loop reference
+
+
+class Reference(Entrant):
+    """The loop reference (NumPy, float64 loops): the floor of readability."""
+
+    name = "reference"
+
+    def label(self, cfg) -> str:
+        return f"reference.{cfg.kind} (NumPy, Python loops)"
+
+    def skip_reason(self, cfg) -> str | None:
+        if cfg.direction != "fwd":
+            return "the reference has no backward"
+        if cfg.device != "cpu":
+            return "the reference runs on the CPU"
+        return None
+
+    def prepare(self, cfg, sets, grad):
+        rec, case = RECORDS[cfg.kind], cfg.case
+        inp = Inputs(x64=to_numpy(sets.x[0]), params64={k: to_numpy(v) for k, v in sets.params[0].items()},
+                     pe64=to_numpy(sets.pe[0]), x=None, params=None, pe=None, cu_seqlens=None, cu64=None)
+        return Prepared(forward=lambda i: rec.call_reference(case, inp), leaves=[[]], to_ours=dict, n_sets=1)
+
+
+# -----------------------------------------------------------------------------
+
+
+def entrants_for(cfg) -> list[Entrant]:
+    """Everything timed in one configuration, kvcompress backends first."""
+    out: list[Entrant] = [Backend(b.name) for b in kb.backends(cfg.kind)]
+    if cfg.role == "readability":
+        return out + [Seed(False), Reference()]
+    out += [Seed(False), Seed(True)]
+    if cfg.role == "nonoverlap":
+        out.append(Fla())
+    return out
+
+
+def call_loop(prepared: Prepared, sets, grad: bool) -> Callable[[], object]:
+    """One benchmarked call: the next argument set, forward (under no_grad)
+    or forward and the gradients of every leaf for that set's cotangent."""
+    order = itertools.cycle(range(prepared.n_sets))
+    if grad:
+        def call():
+            i = next(order)
+            return torch.autograd.grad(prepared.forward(i), prepared.leaves[i], sets.g[i])
+    else:
+        def call():
+            i = next(order)
+            with torch.no_grad():
+                return prepared.forward(i)
+    return call

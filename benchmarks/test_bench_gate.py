@@ -1,0 +1,160 @@
+"""The correctness gate (benchmarks/checks.py) itself: it checks only the
+first and last windows of the timed call, and the gradients of a cotangent
+on the first windows; these tests show that this loses nothing.
+
+- test_gate_agrees_with_a_full_check: for every deliberately wrong
+  implementation of tests/mutants/ and every bug-free control, in float32
+  and bfloat16, on a small configuration of the NSA setting (bthd layout,
+  left padding, pe, G as benchmarked), the gate's verdict (forward; and
+  gradients) equals that of comparing the whole output (and every gradient
+  of a cotangent on all windows) with the tolerance model. Mutants whose
+  bug this configuration does not exercise (packed sequences, NaN, gelu,
+  1 < G < H, ...) pass both; the test also requires that each kind has a
+  mutant both reject, so the agreement is not vacuous.
+- test_gate_rejects_a_slightly_wrong_element: one output element moved by
+  1.5 times its bound, in the first or in the last windows, fails.
+- test_gate_rejects_wrong_gradients: one parameter-gradient element moved by
+  1.5 times its bound fails; a nonzero x gradient outside the checked
+  tokens fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+import kvcompress.functional as kf
+from tests.harness import windows
+from tests.harness.cases import Inputs
+from tests.harness.convert import round_to, to_numpy
+from tests.harness.gradients import exact_and_bounds
+from tests.harness.records import KINDS, RECORDS
+from tests.harness.tolerance import compare, forward_bound
+
+from .checks import Checker, CheckFailed, head_tokens
+from .configs import nsa_case
+from .inputs import ArgumentSets
+
+mutants = pytest.importorskip("tests.mutants", reason="tests/mutants is where the wrong implementations live")
+
+
+def _small(kind, dtype):
+    """The NSA setting at D = 8, T = 128 (8 windows: head, middle, tail)."""
+    case = nsa_case(kind, dtype, 8, 128)
+    return case, ArgumentSets(case, "cpu", head_tokens=head_tokens(case), max_sets=1)
+
+
+def _leaves(sets):
+    names = ["x"] + (["pe"] if sets.pe[0] is not None else []) + [k for k, v in sets.params[0].items()
+                                                                   if v is not None]
+    src = {"x": sets.x[0], "pe": sets.pe[0], **sets.params[0]}
+    return names, {n: src[n].detach().requires_grad_() for n in names}
+
+
+def _call(fn, case, sets, leaves):
+    rec = RECORDS[case.kind]
+    params = {k: leaves.get(k) for k in sets.params[0]}
+    inp = Inputs(None, None, None, leaves["x"], params, leaves.get("pe"), None, None)
+    return rec.call(fn, case, inp)
+
+
+def _gate(fn, case, sets) -> tuple[bool, bool]:
+    """(forward passes, gradients pass) through the gate."""
+    names, leaves = _leaves(sets)
+    y = _call(fn, case, sets, leaves)
+    checker = Checker()
+    try:
+        checker.forward(case, sets, y, "impl")
+        fwd = True
+    except CheckFailed:
+        fwd = False
+    grads = torch.autograd.grad(y, [leaves[n] for n in names], checker.cotangent(case, sets), allow_unused=True)
+    got = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)}
+    try:
+        checker.gradients(case, sets, got, "impl")
+        bwd = True
+    except CheckFailed:
+        bwd = False
+    return fwd, bwd
+
+
+def _full(fn, case, sets) -> tuple[bool, bool]:
+    """(forward passes, gradients pass) comparing everything with the tolerance model."""
+    rec = RECORDS[case.kind]
+    names, leaves = _leaves(sets)
+    y = _call(fn, case, sets, leaves)
+    p64 = {k: None if v is None else to_numpy(v) for k, v in sets.params[0].items()}
+    inputs = Inputs(to_numpy(sets.x[0]), p64, to_numpy(sets.pe[0]), None, None, None, None, None)
+    win = windows.gather_windows(inputs.x64, pe=inputs.pe64, **case.window_kwargs())
+    expected = rec.oracle(win, *[p64[p.name] for p in rec.params], **rec.extra_kwargs(case))
+    fwd = y.dtype == sets.dtype and compare(to_numpy(y), expected, forward_bound(case, inputs).bound)[0]
+    g64 = round_to(np.random.default_rng(5).standard_normal(tuple(y.shape)), case.dtype)
+    grads = torch.autograd.grad(y, [leaves[n] for n in names], torch.from_numpy(g64).to(y.dtype), allow_unused=True)
+    gb = exact_and_bounds(case, inputs, g64)
+    bwd = all(g is not None and np.all(np.abs(to_numpy(g) - gb.exact[n]) <= gb.bound[n])
+              for n, g in zip(names, grads))
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gate_agrees_with_a_full_check(dtype):
+    rejected = defaultdict(int)
+    impls = [(m.kind, m.name, m.fn) for m in mutants.all_mutants()]
+    impls += [(kind, "control", importlib.import_module(f"tests.mutants.{kind}").control) for kind in KINDS]
+    for kind, name, fn in impls:
+        case, sets = _small(kind, dtype)
+        gate, full = _gate(fn, case, sets), _full(fn, case, sets)
+        assert gate == full, (f"{kind} {name} ({dtype}): the gate says (forward, gradients) = {gate}, the whole "
+                              f"output says {full}")
+        if name == "control":
+            assert gate == (True, True), f"{kind}: the bug-free control fails the gate: {gate}"
+        elif gate != (True, True):
+            rejected[kind] += 1
+    assert set(rejected) == set(KINDS), f"kinds without a mutant the gate rejects: {set(KINDS) - set(rejected)}"
+
+
+def _linear_case():
+    case = nsa_case("linear", "float32", 16, 256)
+    return case, ArgumentSets(case, "cpu", head_tokens=head_tokens(case), max_sets=1)
+
+
+def test_gate_rejects_a_slightly_wrong_element():
+    case, sets = _linear_case()
+    p = sets.params[0]
+    y = kf.linear(sets.x[0], p["weight"], p["bias"], block_size=case.L, stride=case.S, padding=case.padding,
+                  pe=sets.pe[0], backend="torch")                                  # [B, H, W, D_out]
+    checker = Checker()
+    assert checker.forward(case, sets, y, "torch") <= 1.0
+    _, expected, bound, _ = checker._head_forward(case, sets)
+    wrong = y.double().numpy().copy()
+    wrong[0, 1, 1, 3] = expected[0, 1, 1, 3] + 1.5 * bound.bound[0, 1, 1, 3]
+    with pytest.raises(CheckFailed, match="first windows"):
+        checker.forward(case, sets, wrong, "torch")
+    wrong = y.double().numpy().copy()
+    wrong[0, 0, -1, 0] += 1.0
+    with pytest.raises(CheckFailed, match="last windows"):
+        checker.forward(case, sets, wrong, "torch")
+    with pytest.raises(CheckFailed, match="dtype"):
+        checker.forward(case, sets, y.double(), "torch")
+
+
+def test_gate_rejects_wrong_gradients():
+    case, sets = _linear_case()
+    names, leaves = _leaves(sets)
+    y = _call(kf.linear, case, sets, leaves)
+    checker = Checker()
+    grads = dict(zip(names, torch.autograd.grad(y, [leaves[n] for n in names], checker.cotangent(case, sets))))
+    assert checker.gradients(case, sets, grads, "torch") <= 1.0
+    *_, gb = checker._head_grad(case, sets)
+    wrong = dict(grads, weight=grads["weight"].clone())
+    wrong["weight"][0, 2, 1, 1] = float(gb.exact["weight"][0, 2, 1, 1] + 1.5 * gb.bound["weight"][0, 2, 1, 1])
+    with pytest.raises(CheckFailed, match="gradient of weight is wrong"):
+        checker.gradients(case, sets, wrong, "torch")
+    wrong = dict(grads, x=grads["x"].clone())
+    wrong["x"][0, 0, -1, 0] = 1e-30
+    with pytest.raises(CheckFailed, match="nonzero outside"):
+        checker.gradients(case, sets, wrong, "torch")

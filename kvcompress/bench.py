@@ -1,0 +1,373 @@
+"""kvcompress-bench: time every kind x registered backend beside its peers.
+
+Runs the benchmark suite of a source checkout (``benchmarks/``: the
+configurations, the peers, the correctness gate, the timing method are
+described in docs/benchmarks.md) in this process with pytest and
+pytest-benchmark, then writes to the output directory:
+
+- ``bench.json``: pytest-benchmark's JSON (every round, the machine, the
+  ceilings measured in this run, and per benchmark its configuration,
+  flops, bytes, achieved TFLOP/s and GB/s, fraction of the roofline, peak
+  extra memory, and the correctness gate's worst error / bound);
+- ``bench.md``: the tables (also printed): per kind, every configuration
+  and entrant with median time, TFLOP/s, GB/s, % of roofline, peak extra
+  memory and the speedup of each kvcompress backend over each peer;
+- ``roofline.png``: every benchmark against the measured ceilings
+  (needs matplotlib; without it the plot is skipped with a message).
+
+    kvcompress-bench --out results                 # default set for this machine (GPU if present)
+    kvcompress-bench --out results --quick --kinds linear,mlp
+    kvcompress-bench --out results --benchmark-save base      # keep this run in results/storage
+    kvcompress-bench --out results --benchmark-compare        # compare with the last saved run
+    kvcompress-bench --out results --check-only               # correctness only, nothing timed (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+SUITE = "benchmarks"
+PEER_ORDER = ("seed", "seed+compile", "fla", "reference")
+
+
+def _checkout() -> Path:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / SUITE / "conftest.py").is_file() or not (root / "tests" / "harness").is_dir():
+        raise SystemExit("kvcompress-bench: needs a source checkout of kvcompress (benchmarks/ and tests/ beside the "
+                         f"package); none found at {root}. Clone the repository and `pip install -e '.[test]'`.")
+    return root
+
+
+class _Outcomes:
+    """A pytest plugin: which benchmarks passed, failed or were skipped (and why)."""
+
+    def __init__(self):
+        self.passed, self.failed, self.skipped = [], [], []
+        self.t0 = time.perf_counter()
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" and report.passed:
+            self.passed.append(report.nodeid)
+        elif report.failed:
+            self.failed.append((report.nodeid, _one_line(report.longreprtext)))
+        elif report.skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            self.skipped.append((report.nodeid, reason.removeprefix("Skipped: ")))
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("E ")]
+    return (lines[0][2:].strip() if lines else text.strip().splitlines()[-1] if text.strip() else "")[:300]
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _fmt_time(s: float) -> str:
+    if s >= 1:
+        return f"{s:.3g} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} us"
+
+
+def _fmt(v, spec=".3g", none="-") -> str:
+    return none if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _ours(b) -> bool:
+    return b["extra_info"].get("family") == "kvcompress"
+
+
+def _config_key(e: dict) -> tuple:
+    return (e["kind"], e["role"], e["direction"], e["D"], e["T"], e["L"], e["S"], e["dtype"], e["device"])
+
+
+def render(data: dict, outcomes: _Outcomes | None = None, compared: dict | None = None) -> str:
+    """The markdown report of one pytest-benchmark JSON (``data``).
+
+    outcomes: the run's passed/failed/skipped tests (for the lists at the
+    end); compared: an earlier saved JSON to show the change against.
+    """
+    info = data.get("kvcompress", {})
+    ceil = info.get("ceilings") or {}
+    ours = [b for b in data.get("benchmarks", []) if "kind" in b.get("extra_info", {})]
+    other = [b for b in data.get("benchmarks", []) if "kind" not in b.get("extra_info", {})]
+    out = ["# kvcompress benchmarks", ""]
+    if info.get("device") == "cuda":
+        where = f"{info.get('gpu')} (CUDA {info.get('cuda')}, torch {info.get('torch')})"
+    else:
+        where = (f"{info.get('cpu')}, {info.get('cpu_count')} cores, torch {info.get('torch')} "
+                 f"({info.get('torch_threads')} intra-op threads)")
+    out.append(f"Machine: {where}; dtype {info.get('dtype')}; size set `{info.get('sizes')}`; "
+               f"{data.get('datetime', '')[:19]}.")
+    if ceil:
+        out.append(f"Ceilings measured in this run: copy {ceil['bandwidth_gbps']:.4g} GB/s (bytes read + written, "
+                   f"{ceil['copy_bytes'] >> 20} MiB), matmul {ceil['matmul_tflops']:.4g} TFLOP/s "
+                   f"({ceil['matmul_dtype']}, n = {ceil['matmul_n']}).")
+    if info.get("device") == "cpu":
+        out.append("CPU timings are rough: other processes may share these cores, and a server's shared L3 stays "
+                   "warm between calls (docs/benchmarks.md).")
+    out += ["", "Median time per call over rounds of back-to-back calls, each call on a different argument set "
+            "(together at least twice the last-level cache); TFLOP/s and GB/s from the cost model of "
+            "docs/benchmarks.md; % of roofline = max(flops / matmul ceiling, bytes / copy ceiling) / time; "
+            "peak extra memory = device memory allocated during one call (outputs included). "
+            "`vs X` = X's time / this time (> 1: kvcompress is faster). Every entrant passed the correctness "
+            "gate on the timed call before it was timed.", ""]
+    if compared:
+        out += [f"`vs saved` compares with the saved run of {compared.get('datetime', '')[:19]} "
+                "(its time / this time).", ""]
+    old = {b["fullname"]: b["stats"]["median"] for b in (compared or {}).get("benchmarks", [])}
+
+    groups = defaultdict(dict)                     # config -> entrant -> benchmark
+    for b in ours:
+        groups[_config_key(b["extra_info"])][b["extra_info"]["entrant"]] = b
+    if groups:
+        out += _summary(groups)
+    by_kind = defaultdict(list)
+    for key in groups:
+        by_kind[key[0]].append(key)
+    for kind, keys in by_kind.items():
+        peers = [p for p in PEER_ORDER if any(p in groups[k] for k in keys)]
+        head = ["dir", "T", "D", "L/S", "entrant", "median", "TFLOP/s", "GB/s", "% roofline", "peak MiB"]
+        head += [f"vs {p}" for p in peers] + (["vs saved"] if compared else [])
+        out += [f"## {kind}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        notes = set()
+        for key in keys:
+            for name, b in sorted(groups[key].items(), key=lambda kv: (not _ours(kv[1]), kv[0])):
+                e, med = b["extra_info"], b["stats"]["median"]
+                peak = e.get("peak_extra_bytes")
+                row = [e["direction"], str(e["T"]), str(e["D"]), f"{e['L']}/{e['S']}", name, _fmt_time(med),
+                       _fmt(e.get("tflops")), _fmt(e.get("gbps")), _fmt(100 * e["roofline_fraction"], ".3g")
+                       if e.get("roofline_fraction") is not None else "-",
+                       _fmt(None if peak is None else peak / 2 ** 20, ".4g")]
+                for p in peers:
+                    pb = groups[key].get(p)
+                    row.append(f"{pb['stats']['median'] / med:.3g}x" if pb is not None and _ours(b) else "")
+                if compared:
+                    row.append(f"{old[b['fullname']] / med:.3g}x" if b["fullname"] in old else "")
+                out.append("| " + " | ".join(row) + " |")
+                if e["role"] == "nonoverlap":
+                    notes.add("L/S 32/32 rows: S == L without pe, where fla's non-overlapping mean_pooling computes "
+                              "the same thing (its chunks never overlap, so NSA's S < L cannot be compared).")
+                if e["role"] == "readability":
+                    notes.add(f"T={e['T']} D={e['D']} rows: the readability floor, where the loop reference runs.")
+        labels = sorted({(b["extra_info"]["entrant"], b["extra_info"]["label"]) for k in keys
+                         for b in groups[k].values()})
+        out += ["", "Entrants: " + "; ".join(f"`{n}` = {lab}" for n, lab in labels) + "."]
+        out += [f"Note: {n}" for n in sorted(notes)] + [""]
+    if other:
+        out += ["## Other benchmarks", "", "| benchmark | median | rounds |", "|---|---|---|"]
+        out += [f"| {b['fullname']} | {_fmt_time(b['stats']['median'])} | {b['stats']['rounds']} |" for b in other]
+        out.append("")
+    if outcomes is not None:
+        if outcomes.failed:
+            out += ["## Failed (not timed)", ""] + [f"- `{n}`: {r}" for n, r in outcomes.failed] + [""]
+        if outcomes.skipped:
+            out += ["## Not measured", ""]
+            reasons = defaultdict(list)
+            for n, r in outcomes.skipped:
+                reasons[r].append(n.split("[")[-1].rstrip("]"))
+            for r, names in reasons.items():
+                more = f" and {len(names) - 6} more" if len(names) > 6 else ""
+                out.append(f"- {r}: " + ", ".join(f"`{n}`" for n in names[:6]) + more)
+            out.append("")
+    return "\n".join(out)
+
+
+def _summary(groups) -> list[str]:
+    """One line per kind and direction at the largest T of each D: the best
+    kvcompress backend against each peer."""
+    best = {}
+    for key, entrants in groups.items():
+        kind, role, direction, D, T = key[:5]
+        if role != "nsa":
+            continue
+        k = (kind, direction, D)
+        if k not in best or T > best[k][0]:
+            best[k] = (T, entrants)
+    if not best:
+        return []
+    out = ["## Summary (largest T per head dim, NSA setting)", "",
+           "| kind | dir | D | T | fastest kvcompress | median | vs seed | vs seed+compile |",
+           "|---|---|---|---|---|---|---|---|"]
+    for (kind, direction, D), (T, entrants) in best.items():
+        mine = [b for b in entrants.values() if _ours(b)]
+        if not mine:
+            continue
+        b = min(mine, key=lambda b: b["stats"]["median"])
+        med = b["stats"]["median"]
+        ratios = [f"{entrants[p]['stats']['median'] / med:.3g}x" if p in entrants else "-"
+                  for p in ("seed", "seed+compile")]
+        out.append(f"| {kind} | {direction} | {D} | {T} | {b['extra_info']['entrant']} | {_fmt_time(med)} | "
+                   + " | ".join(ratios) + " |")
+    return out + [""]
+
+
+def plot(data: dict, path: Path) -> str:
+    """The roofline plot (achieved TFLOP/s against arithmetic intensity, one
+    panel per direction, the measured ceilings as roofs). Returns a message."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no roofline plot (pip install matplotlib)"
+    ceil = data.get("kvcompress", {}).get("ceilings")
+    points = [b["extra_info"] for b in data.get("benchmarks", []) if b.get("extra_info", {}).get("median_s")]
+    if not ceil or not points:
+        return "no timed benchmarks: no roofline plot"
+    bw, peak = ceil["bandwidth_gbps"] * 1e9, ceil["matmul_tflops"] * 1e12
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), sharey=True)
+    names = sorted({e["entrant"] for e in points}, key=lambda n: (n in PEER_ORDER, n))
+    colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+    markers = dict(zip(("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool"), "osD^v"))
+    ai = [e["flops"] / e["bytes"] for e in points]
+    lo, hi = min(ai) / 2, max(max(ai) * 2, peak / bw * 4)
+    for ax, direction in zip(axes, ("fwd", "fwd+bwd")):
+        xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+        ax.plot(xs, [min(peak, x * bw) / 1e12 for x in xs], "k-", lw=1.5, label="roof (measured)")
+        for e in points:
+            if e["direction"] != direction:
+                continue
+            ax.scatter(e["flops"] / e["bytes"], e["tflops"], color=colors[e["entrant"]],
+                       marker=markers.get(e["kind"], "o"), s=36, edgecolors="none",
+                       alpha=1.0 if e["family"] == "kvcompress" else 0.6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("arithmetic intensity (flop / byte, minimum traffic)")
+        ax.set_title(direction)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("achieved TFLOP/s")
+    handles = [plt.Line2D([], [], color=colors[n], marker="o", ls="", label=n) for n in names]
+    handles += [plt.Line2D([], [], color="gray", marker=m, ls="", label=k) for k, m in markers.items()]
+    axes[1].legend(handles=handles, loc="lower right", fontsize=8)
+    info = data.get("kvcompress", {})
+    fig.suptitle(f"kvcompress roofline: {info.get('gpu') or info.get('cpu')} ({info.get('dtype')}); "
+                 f"copy {ceil['bandwidth_gbps']:.0f} GB/s, matmul {ceil['matmul_tflops']:.3g} TFLOP/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"roofline plot: {path}"
+
+
+def _find_saved(storage: str, which: str, base: Path) -> dict | None:
+    """The saved run ``which`` (a run number, a name fragment, or "" for the
+    latest) in a file:// pytest-benchmark storage (relative to ``base``), or None."""
+    root = base / Path(storage.removeprefix("file://"))
+    files = sorted(root.glob("*/*.json"))
+    if which:
+        num = f"{int(which):04d}_" if which.isdigit() else None
+        files = [f for f in files if (f.name.startswith(num) if num else which in f.name)]
+    return json.loads(files[-1].read_text()) if files else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="kvcompress-bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Options not listed here go to pytest with --pytest-args.")
+    ap.add_argument("--out", default="bench-results", help="output directory (default: bench-results)")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--dtype", default=None, help="input dtype (default: bfloat16 on cuda, float32 on cpu)")
+    ap.add_argument("--kinds", default=None, metavar="LIST", help="comma list of kinds (default: all)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", dest="sizes", const="quick", help="one small shape")
+    size.add_argument("--full", action="store_const", dest="sizes", const="full", help="more sequence lengths")
+    ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                    help="time the seed under torch.compile too (auto: on unless --check-only)")
+    ap.add_argument("--compile-budget", type=float, default=None, metavar="S",
+                    help="seconds of torch.compile warm-up in total (default: 120 on cuda, none on cpu)")
+    ap.add_argument("--deadline", type=float, default=None, metavar="S",
+                    help="skip what remains after S seconds (default: 300 on cuda, none on cpu)")
+    ap.add_argument("--check-only", action="store_true",
+                    help="correctness only, nothing timed (pytest-benchmark's --benchmark-disable)")
+    ap.add_argument("--benchmark-save", default=None, metavar="NAME",
+                    help="save this run in the storage (pytest-benchmark)")
+    ap.add_argument("--benchmark-compare", nargs="?", const="", default=None, metavar="NUM",
+                    help="compare with saved run NUM (default: the latest) in the storage (pytest-benchmark)")
+    ap.add_argument("--benchmark-storage", default=None, metavar="URI",
+                    help="pytest-benchmark storage (default: file://OUT/storage; relative to OUT)")
+    ap.add_argument("-k", dest="keyword", default=None, help="pytest -k expression selecting benchmarks")
+    ap.add_argument("--pytest-args", default="", help="more pytest arguments, one string")
+    args = ap.parse_args(argv)
+
+    try:
+        import pytest
+        import pytest_benchmark  # noqa: F401
+    except ImportError:
+        raise SystemExit("kvcompress-bench needs the test extra (pytest, pytest-benchmark): "
+                         "pip install -e '.[test]'") from None
+    import torch
+
+    root = _checkout()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device == "cuda"
+    storage = args.benchmark_storage or f"file://{out / 'storage'}"
+    json_path = out / "bench.json"
+    if json_path.exists():
+        json_path.unlink()
+    compile_budget = args.compile_budget if args.compile_budget is not None else (120.0 if gpu else 0.0)
+    deadline = args.deadline if args.deadline is not None else (300.0 if gpu else 0.0)
+    pargs = [str(root / SUITE), "-q", "-p", "no:cacheprovider", "--no-header", "--tb=short", f"--rootdir={root}",
+             f"--kvbench-device={device}", f"--kvbench-sizes={args.sizes or 'default'}",
+             f"--kvbench-compile={args.compile}", f"--kvbench-compile-budget={compile_budget}",
+             f"--kvbench-deadline={deadline}", f"--benchmark-storage={storage}", "--benchmark-sort=name"]
+    if args.dtype:
+        pargs.append(f"--kvbench-dtype={args.dtype}")
+    if args.kinds:
+        pargs.append(f"--kvbench-kinds={args.kinds}")
+    if args.check_only:
+        pargs.append("--benchmark-disable")
+    else:
+        pargs.append(f"--benchmark-json={json_path}")
+    if args.benchmark_save:
+        pargs.append(f"--benchmark-save={args.benchmark_save}")
+    if args.benchmark_compare is not None:
+        pargs.append("--benchmark-compare" + (f"={args.benchmark_compare}" if args.benchmark_compare else ""))
+    if args.keyword:
+        pargs += ["-k", args.keyword]
+    pargs += args.pytest_args.split()
+    # the saved run to compare with, read before this run adds itself to the storage
+    compared = _find_saved(storage, args.benchmark_compare, out) if args.benchmark_compare is not None \
+        and storage.startswith("file://") else None
+
+    outcomes = _Outcomes()
+    sys.path.insert(0, str(root))
+    # pytest-benchmark names its storage relative to the working directory (and
+    # fails when the storage lies outside it): run from the output directory
+    cwd = os.getcwd()
+    os.chdir(out)
+    try:
+        code = pytest.main(pargs, plugins=[outcomes])
+    finally:
+        os.chdir(cwd)
+    seconds = time.perf_counter() - outcomes.t0
+    if code in (pytest.ExitCode.USAGE_ERROR, pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.NO_TESTS_COLLECTED):
+        sys.stderr.write(f"kvcompress-bench: pytest stopped with {code!r}\n")
+        return int(code)
+    summary = (f"{len(outcomes.passed)} passed, {len(outcomes.failed)} failed, {len(outcomes.skipped)} not measured "
+               f"in {seconds:.0f} s")
+    if args.check_only:
+        text = f"# kvcompress benchmarks: correctness only (nothing timed)\n\n{summary}\n"
+        text += "".join(f"- FAILED `{n}`: {r}\n" for n, r in outcomes.failed)
+    else:
+        data = json.loads(json_path.read_text()) if json_path.exists() else {"benchmarks": []}
+        text = render(data, outcomes, compared) + f"\n{summary}.\n"
+        print(plot(data, out / "roofline.png"))
+    (out / "bench.md").write_text(text)
+    print(text)
+    print(f"kvcompress-bench: wrote {out / 'bench.md'}" + ("" if args.check_only else f", {json_path}"))
+    return 0 if code == pytest.ExitCode.OK else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
