@@ -53,6 +53,7 @@ class Backend:
     supports: Callable[..., bool] | None = None
     auto_devices: tuple[str, ...] | None = None
     batch_invariant: bool = False
+    emulated_devices: tuple[str, ...] = ()
 
     def accepts_auto(self, x: torch.Tensor, *args, **kwargs) -> bool:
         """Whether backend="auto" may pick this backend for the call."""
@@ -73,7 +74,8 @@ def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[to
              priority: int = 0, available: Callable[[], bool] | None = None,
              supports: Callable[..., bool] | None = None,
              auto_devices: tuple[str, ...] | None = None,
-             batch_invariant: bool = False) -> Callable[[Callable], Callable]:
+             batch_invariant: bool = False,
+             emulated_devices: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as backend ``name`` of ``kind``."""
     if kind not in KINDS:
         raise ValueError(f"register: kind must be one of {KINDS}, got {kind!r}")
@@ -83,7 +85,8 @@ def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[to
             raise ValueError(f"register: backend {name!r} of {kind!r} is already registered")
         _REGISTRY[kind][name] = Backend(kind, name, fn, tuple(devices), tuple(dtypes), priority,
                                         available or (lambda: True), supports,
-                                        None if auto_devices is None else tuple(auto_devices), batch_invariant)
+                                        None if auto_devices is None else tuple(auto_devices), batch_invariant,
+                                        tuple(emulated_devices))
         return fn
 
     return deco

@@ -29,7 +29,7 @@ def describe_failure(impl, case, inputs, got, expected, b, ratio, idx, err, reru
 @given(data=st.data())
 def test_matches_reference(impl, dtype, data, rerun):
     rec = RECORDS[impl.kind]
-    case = data.draw(cases(kind=impl.kind, dtype=dtype), label="case")
+    case = data.draw(cases(kind=impl.kind, dtype=dtype, **impl.limits), label="case")
     inputs = make_inputs(case, rec, impl.device)
     b = forward_bound(case, inputs)
     assume(b.well_conditioned)

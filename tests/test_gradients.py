@@ -21,6 +21,7 @@ from tests.harness import report, windows
 from tests.harness.cases import make_inputs
 from tests.harness.convert import round_to, to_numpy
 from tests.harness.gradients import exact_and_bounds
+from tests.harness.impls import needs_dtype
 from tests.harness.records import KINDS, RECORDS
 from tests.harness.strategies import cases
 
@@ -47,7 +48,7 @@ def _call(rec, impl, case, inputs, leaves):
 @given(data=st.data())
 def test_gradients_match_exact(impl, dtype, data):
     rec = RECORDS[impl.kind]
-    case = data.draw(cases(kind=impl.kind, dtype=dtype, **SMALL), label="case")
+    case = data.draw(cases(kind=impl.kind, dtype=dtype, **{**SMALL, **impl.limits}), label="case")
     inputs = make_inputs(case, rec, impl.device)
     rng = np.random.default_rng(case.seed + 7)
     g64 = round_to(rng.standard_normal((case.B, case.H, case.W, rec.d_out(case))), dtype)
@@ -126,11 +127,10 @@ def test_exact_gradients_match_finite_differences(kind, data):
 
 # gradcheck and gradgradcheck perturb every input element twice over: a
 # few examples per profile budget (the analytic check above carries the load)
+@needs_dtype("float64")
 @settings(max_examples=max(3, settings().max_examples // 8))
 @given(data=st.data())
 def test_gradcheck(impl, data):
-    if torch.float64 not in [getattr(torch, d) for d in impl.dtypes]:
-        pytest.skip(f"{impl.id} does not take float64")
     rec = RECORDS[impl.kind]
     case = data.draw(cases(kind=impl.kind, dtype="float64", magnitudes=False, max_batch=1, max_heads=2, max_dim=3,
                            max_block=3, max_windows=2, max_seqs=2), label="case")

@@ -35,7 +35,7 @@ def _run(impl, case, inputs):
 
 
 def _draw(data, impl, dtype, **kw):
-    case = data.draw(cases(kind=impl.kind, dtype=dtype, **kw), label="case")
+    case = data.draw(cases(kind=impl.kind, dtype=dtype, **{**impl.limits, **kw}), label="case")
     inputs = make_inputs(case, RECORDS[impl.kind], impl.device)
     assume(forward_bound(case, inputs).well_conditioned)
     return case, inputs

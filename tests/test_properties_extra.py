@@ -69,7 +69,7 @@ def with_weight_offset(case, inputs, offset, device):
 @given(data=st.data())
 def test_matches_reference_in_realistic_regime(impl, dtype, data):
     rec = RECORDS[impl.kind]
-    case = data.draw(cases(kind=impl.kind, dtype=dtype, **REALISTIC), label="case")
+    case = data.draw(cases(kind=impl.kind, dtype=dtype, **{**REALISTIC, **impl.limits}), label="case")
     offset = data.draw(st.sampled_from(OFFSETS), label="offset")
     weight_offset = data.draw(st.sampled_from(WEIGHT_OFFSETS), label="weight_offset")
     inputs = make_inputs(case, rec, impl.device)

@@ -244,7 +244,7 @@ def _two_impls(bound):
 @pytest.mark.parametrize("stream_impl, full_impl, dtype", PAIRS, ids=PAIR_IDS)
 @given(data=st.data())
 def test_stream_equals_full_pass(stream_impl, full_impl, dtype, data):
-    case, inputs, bound, steps = _draw(data, stream_impl.kind, dtype)
+    case, inputs, bound, steps = _draw(data, stream_impl.kind, dtype, **stream_impl.limits)
     outs, state, _ = _run_stream(stream_impl, case, inputs, steps)
     full = to_numpy(RECORDS[case.kind].call(full_impl.fn, case, inputs))
     exact = stream_impl.name == full_impl.name and stream_impl.batch_invariant
@@ -258,7 +258,7 @@ def test_stream_equals_full_pass(stream_impl, full_impl, dtype, data):
 @pytest.mark.parametrize("builtin, dtype", SINGLES, ids=SINGLE_IDS)
 @given(data=st.data())
 def test_stream_matches_reference_streaming(builtin, dtype, data):
-    case, inputs, bound, steps = _draw(data, builtin.kind, dtype, max_dim=6, max_windows=3)
+    case, inputs, bound, steps = _draw(data, builtin.kind, dtype, max_dim=6, max_windows=3, **builtin.limits)
     rec = RECORDS[case.kind]
     outs, _, cu_ys = _run_stream(builtin, case, inputs, steps)
     ref_state = rs.init_state(len(case.seqlens), case.H, case.D, block_size=case.L, stride=case.S,
@@ -318,7 +318,7 @@ def _sub_case(case, inputs, spans, device):
 @given(data=st.data())
 def test_reset(builtin, data):
     dtype = data.draw(st.sampled_from(builtin.dtypes), label="dtype")
-    case, inputs, _, _ = _draw(data, builtin.kind, dtype)
+    case, inputs, _, _ = _draw(data, builtin.kind, dtype, **builtin.limits)
     N, dev = len(case.seqlens), builtin.device
     split = [data.draw(st.integers(0, n), label=f"split_{k}") for k, n in enumerate(case.seqlens)]
     chosen = data.draw(st.lists(st.integers(0, N - 1), unique=True, max_size=N) if N else st.just([]),
@@ -358,7 +358,7 @@ def test_reset(builtin, data):
 @given(data=st.data())
 def test_state_round_trip(builtin, data):
     dtype = data.draw(st.sampled_from(builtin.dtypes), label="dtype")
-    case, inputs, _, steps = _draw(data, builtin.kind, dtype)
+    case, inputs, _, steps = _draw(data, builtin.kind, dtype, **builtin.limits)
     cut = data.draw(st.integers(0, len(steps)), label="save_after_step")
     _, state, _ = _run_stream(builtin, case, inputs, steps[:cut])
     buf = io.BytesIO()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,13 @@ class Impl:
     dtypes: tuple[str, ...]
     builtin: bool = True
     batch_invariant: bool = False     # declared by the backend (kvcompress.backends), checked by the suite
+    emulated: bool = False            # runs through an emulator here (Triton's interpreter on the CPU)
+
+    @property
+    def limits(self) -> dict:
+        """Extra bounds for the strategies: an emulated kernel costs per
+        program and per op, so its cases stay small."""
+        return dict(max_batch=2, max_heads=2) if self.emulated else {}
 
     @property
     def id(self) -> str:
@@ -46,6 +54,15 @@ def for_kinds(*kinds: str):
     return deco
 
 
+def needs_dtype(dtype: str):
+    """Decorator: a test asking for ``impl`` runs only for implementations
+    that take this dtype (gradcheck needs float64)."""
+    def deco(fn):
+        fn.kvcompress_needs_dtype = dtype
+        return fn
+    return deco
+
+
 class UsageError(ValueError):
     """A malformed --impl/--impl-device/--impl-dtypes value."""
 
@@ -54,17 +71,34 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+EMULATED_CHOICES = ("exclude", "only", "include")
+
+
+def emulated_choice() -> str:
+    """KVCOMPRESS_EMULATED: whether the suite runs backends that are emulated
+    on this device (exclude, the default; only; include)."""
+    v = os.environ.get("KVCOMPRESS_EMULATED", "exclude")
+    if v not in EMULATED_CHOICES:
+        raise UsageError(f"KVCOMPRESS_EMULATED / --emulated must be one of {EMULATED_CHOICES}, got {v!r}")
+    return v
+
+
 def builtin_impls(device: str | None = None) -> list[Impl]:
     """Every registered backend that can run here on ``device``, called
-    through the public function (validation included)."""
+    through the public function (validation included). Emulated backends
+    (Triton's interpreter on the CPU) are selected by KVCOMPRESS_EMULATED."""
     device = device or default_device()
+    choice = emulated_choice()
     out = []
     for kind in KINDS:
         for b in kb.backends(kind):
+            emulated = device in b.emulated_devices
+            if (choice == "exclude" and emulated) or (choice == "only" and not emulated):
+                continue
             if device in b.devices and b.available():
                 dtypes = tuple(n for n in DTYPE_NAMES if DTYPES[n] in b.dtypes)
                 out.append(Impl(kind, b.name, functools.partial(getattr(kf, kind), backend=b.name), device, dtypes,
-                                batch_invariant=b.batch_invariant))
+                                batch_invariant=b.batch_invariant, emulated=emulated))
     return out
 
 

@@ -1,0 +1,405 @@
+"""linear, Triton: the per-window linear map (NSA eq. 7) as an implicit GEMM
+over windows; its x-gradient by gathering over chunk rows; its weight
+gradient as a split-K GEMM with per-split partials (docs/triton.md).
+Registered as backend "triton" (CUDA; CPU tensors too under
+TRITON_INTERPRET=1, never picked by "auto" there).
+
+The op is ``torch.ops.kvcompress.linear_triton`` (fake implementation and
+autograd registered), so ``torch.compile(fullgraph=True)`` and
+``torch.export`` see one opaque node.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...backends import register
+from .._triton_common import (
+    DEVICES,
+    DTYPES,
+    INTERPRET,
+    Launcher,
+    cdiv,
+    chunk_rows,
+    dot_f32,
+    empty,
+    empty_like,
+    head_gemv,
+    interpret_block,
+    next_pow2,
+    seq_plan,
+    supports_call,
+    total_windows_arg,
+    triton_available,
+    window_rows,
+    windows_or_dynamic,
+)
+
+
+@triton.jit
+def linear_fwd_kernel(x, w, cst, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+                      sxb, sxh, sxt, sxd, swg, swl, swd, swn, syb, syh, syw, syd, scg, scn,
+                      H, HG, HG_C, D, DO, WORK,
+                      BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      IS_VARLEN: tl.constexpr, HAS_CONST: tl.constexpr, DOT_F32: tl.constexpr):
+    """y[w] = sum_j x[t0(w) + j] @ w[g, j] + cst[h // HG_C] for a tile of
+    BLOCK_W windows and BLOCK_N outputs. Grid (window tiles, D_out blocks, B*H).
+
+    K loop over (j, D block): the A tile is BLOCK_W token rows S apart (the
+    strided rows of x at window position j, left-pad rows masked to 0), the
+    B tile w[g, j, D block, N block]. Positions j and j + S read the same rows
+    shifted by one window, so x comes from device memory about once, the
+    re-read from L2. cst: bias and pe's per-head share (pe folded). WORK is
+    only an autotuning key.
+    """
+    i_w, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_g = i_h // HG
+    o_w = i_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    t0, bos, m_w = window_rows(o_w, cu, ccu, N, N_STEPS, W, S, PRE, IS_VARLEN)      # [BLOCK_W]
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < DO
+    o_d = tl.arange(0, BLOCK_D)
+    p_x = x + i_b.to(tl.int64) * sxb + i_h.to(tl.int64) * sxh
+    p_w = w + i_g.to(tl.int64) * swg + o_n[None, :] * swn                               # [1, BLOCK_N]
+    ND = tl.cdiv(D, BLOCK_D)
+    b_acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+    for it in range(0, L * ND):
+        j = it // ND
+        o_dd = (it - j * ND) * BLOCK_D + o_d                                              # [BLOCK_D]
+        m_dd = o_dd < D
+        t = t0 + j
+        m_t = m_w & (t >= bos)
+        b_x = tl.load(p_x + t[:, None] * sxt + o_dd[None, :] * sxd, mask=m_t[:, None] & m_dd[None, :],
+                      other=0.)                                                           # [BLOCK_W, BLOCK_D]
+        b_wt = tl.load(p_w + j * swl + o_dd[:, None] * swd, mask=m_dd[:, None] & m_n[None, :],
+                       other=0.)                                                          # [BLOCK_D, BLOCK_N]
+        if DOT_F32:
+            b_x, b_wt = b_x.to(tl.float32), b_wt.to(tl.float32)
+        b_acc = tl.dot(b_x, b_wt, b_acc, input_precision="ieee")
+    if HAS_CONST:
+        b_acc += tl.load(cst + (i_h // HG_C).to(tl.int64) * scg + o_n * scn, mask=m_n, other=0.).to(tl.float32)[None, :]
+    p_y = y + i_b.to(tl.int64) * syb + i_h.to(tl.int64) * syh + o_w[:, None].to(tl.int64) * syw + o_n[None, :] * syd
+    tl.store(p_y, b_acc.to(y.dtype.element_ty), mask=m_w[:, None] & m_n[None, :])
+
+
+@triton.jit
+def linear_bwd_kernel_dx(dy, w, dx, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+                         sdb, sdh, sdw, sdn, swg, swl, swd, swn, sgb, sgh, sgt, sgd,
+                         H, HG, D, DO, C, WORK,
+                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         IS_VARLEN: tl.constexpr, DOT_F32: tl.constexpr):
+    """dx[t] = sum over windows q - c holding token t (chunk q, phase r) at
+    position j = c*S + r of dy[q - c] @ w[g, j]^T: gathered, no atomics; every
+    token row is written once (zero if no window holds it).
+    Grid (chunk-row tiles, D blocks, B*H); per phase r, a GEMM with
+    K = C * D_out over the tile's BLOCK_K chunk rows.
+    """
+    i_t, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_g = i_h // HG
+    o_k = tl.arange(0, BLOCK_K)
+    t_base, bos, eos, q, n_win, win_base, m_q = chunk_rows(i_t * BLOCK_K + o_k, cu, ccu, cq, N, N_STEPS, T, W, NQ,
+                                                           S, PRE, IS_VARLEN)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_n = tl.arange(0, BLOCK_N)
+    p_dy = dy + i_b.to(tl.int64) * sdb + i_h.to(tl.int64) * sdh
+    p_w = w + i_g.to(tl.int64) * swg + o_d[None, :] * swd                                 # [1, BLOCK_D]
+    p_dx = dx + i_b.to(tl.int64) * sgb + i_h.to(tl.int64) * sgh + o_d[None, :].to(tl.int64) * sgd
+    NN = tl.cdiv(DO, BLOCK_N)
+    for r in range(0, S):
+        b_acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        # phase r is position c*S + r < L of the window c chunks back: cdiv(L - r, S) of them
+        for it in range(0, tl.cdiv(L - r, S) * NN):
+            c = it // NN
+            o_nn = (it - c * NN) * BLOCK_N + o_n                                          # [BLOCK_N]
+            m_nn = o_nn < DO
+            j = c * S + r
+            q_w = q - c                                                                   # window holding t at j
+            m_win = m_q & (q_w >= 0) & (q_w < n_win)
+            b_dy = tl.load(p_dy + (win_base + q_w)[:, None] * sdw + o_nn[None, :] * sdn,
+                           mask=m_win[:, None] & m_nn[None, :], other=0.)                 # [BLOCK_K, BLOCK_N]
+            b_wt = tl.load(p_w + j * swl + o_nn[:, None] * swn, mask=m_nn[:, None] & m_d[None, :],
+                           other=0.)                                                      # [BLOCK_N, BLOCK_D]
+            if DOT_F32:
+                b_dy, b_wt = b_dy.to(tl.float32), b_wt.to(tl.float32)
+            b_acc = tl.dot(b_dy, b_wt, b_acc, input_precision="ieee")
+        t = t_base + r
+        m_t = m_q & (t >= bos) & (t < eos)
+        tl.store(p_dx + t[:, None] * sgt, b_acc.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
+def linear_bwd_kernel_dw(x, dy, pe, cs, dw, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+                         sxb, sxh, sxt, sxd, sdb, sdh, sdw, sdn, sph, spj, spd,
+                         sos, sog, soj, sod, son, B, H, HG, D, DO, ROWS_PER_SPLIT, WORK,
+                         BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         IS_VARLEN: tl.constexpr, HAS_PE: tl.constexpr, DOT_F32: tl.constexpr):
+    """dw[split, g, j, D block, N block] = sum over this split's windows (all
+    batch rows and heads of group g) of x[t0(w) + j]^T dy[w], plus, in split
+    0, pe's share sum_{h in g} pe[h, j]^T colsum[h] (pe folded).
+    Grid (L * D blocks, D_out blocks, G * splits); the splits are summed by
+    torch afterwards (deterministic, no atomics).
+    """
+    i_jd, i_n, i_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ND = tl.cdiv(D, BLOCK_D)
+    j = i_jd // ND
+    o_d = (i_jd - j * ND) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    G = H // HG
+    i_g, i_s = i_gs % G, i_gs // G
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < DO
+    R = B * HG * W                                                                        # rows (b, hh, w) of group g
+    r_lo = i_s * ROWS_PER_SPLIT
+    r_hi = tl.minimum(r_lo + ROWS_PER_SPLIT, R)
+    b_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    for r0 in range(r_lo, r_hi, BLOCK_W):
+        o_r = r0 + tl.arange(0, BLOCK_W)
+        m_r = o_r < r_hi
+        o_w = o_r % W
+        i_hh = (o_r // W) % HG
+        i_b = o_r // (W * HG)
+        i_h = (i_g * HG + i_hh).to(tl.int64)
+        t0, bos, m_w = window_rows(o_w, cu, ccu, N, N_STEPS, W, S, PRE, IS_VARLEN)
+        t = t0 + j
+        m_t = m_r & m_w & (t >= bos)
+        b_x = tl.load(x + (i_b.to(tl.int64) * sxb + i_h * sxh + t * sxt)[:, None] + o_d[None, :] * sxd,
+                      mask=m_t[:, None] & m_d[None, :], other=0.)                         # [BLOCK_W, BLOCK_D]
+        b_dy = tl.load(dy + (i_b.to(tl.int64) * sdb + i_h * sdh + o_w.to(tl.int64) * sdw)[:, None]
+                       + o_n[None, :] * sdn, mask=m_r[:, None] & m_n[None, :], other=0.)  # [BLOCK_W, BLOCK_N]
+        if DOT_F32:
+            b_x, b_dy = b_x.to(tl.float32), b_dy.to(tl.float32)
+        b_acc = tl.dot(tl.trans(b_x), b_dy, b_acc, input_precision="ieee")
+    if HAS_PE:
+        if i_s == 0:
+            for hh in range(0, HG):
+                i_h = i_g * HG + hh
+                b_pe = tl.load(pe + i_h.to(tl.int64) * sph + j * spj + o_d * spd, mask=m_d, other=0.).to(tl.float32)
+                b_cs = tl.load(cs + i_h.to(tl.int64) * DO + o_n, mask=m_n, other=0.)
+                b_acc += b_pe[:, None] * b_cs[None, :]
+    p_o = dw + i_s.to(tl.int64) * sos + i_g.to(tl.int64) * sog + j.to(tl.int64) * soj \
+        + o_d[:, None].to(tl.int64) * sod + o_n[None, :] * son
+    tl.store(p_o, b_acc.to(dw.dtype.element_ty), mask=m_d[:, None] & m_n[None, :])
+
+
+# --------------------------------------------------------------------------- launch configurations
+
+def _bucket(n: int) -> int:
+    """log2 size class of a problem: an autotuning key that keeps tiny test
+    problems from choosing the configuration of large ones."""
+    return max(int(n), 1).bit_length()
+
+
+def _fits(configs, kw, rows_name):
+    """Configurations whose blocks do not overshoot D and D_out; for float32
+    (IEEE dots run on FMA units, operands twice as large) only tiles that
+    compile for sm_90 without register spills or shared memory overflow
+    (checked with scripts/gpu_check.py --compile-only)."""
+    D, DO = kw["D"], kw["DO"]
+    f32 = kw["x" if "x" in kw else "dy"].dtype == torch.float32     # the input's dtype, not cst's (float32)
+    big = D >= 64 and DO >= 64                                      # then 16-wide tiles only waste autotuning time
+    return [c for c in configs if c.kwargs["BLOCK_D"] <= max(16, next_pow2(D))
+            and c.kwargs["BLOCK_N"] <= max(16, next_pow2(DO))
+            and not (big and min(c.kwargs["BLOCK_D"], c.kwargs["BLOCK_N"]) < 32)
+            and (not f32 or c.kwargs[rows_name] * max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]) <= 4096)]
+
+
+def _cfg(names, rows):
+    return [triton.Config(dict(zip(names, r[:3])), num_warps=r[3], num_stages=r[4]) for r in rows]
+
+
+# (block rows, BLOCK_D, BLOCK_N, warps, stages); sized for D = D_out = 128 (NSA) and smaller dims
+_FWD = Launcher(
+    linear_fwd_kernel,
+    configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
+                 [(128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4), (128, 128, 128, 8, 3),
+                  (256, 64, 128, 8, 3), (64, 32, 64, 4, 3), (32, 32, 128, 4, 3), (32, 16, 32, 4, 2),
+                  (16, 16, 16, 2, 2)]),
+    key=["D", "DO", "L", "S", "WORK", "IS_VARLEN", "HAS_CONST", "DOT_F32"],
+    interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["W"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
+                               "BLOCK_N": interpret_block(kw["DO"], 32)},
+    prune=lambda cs, kw: _fits(cs, kw, "BLOCK_W"))
+_DX = Launcher(
+    linear_bwd_kernel_dx,
+    configs=_cfg(("BLOCK_K", "BLOCK_D", "BLOCK_N"),
+                 [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3), (128, 64, 128, 8, 3),
+                  (64, 128, 128, 8, 2), (32, 64, 64, 4, 2), (32, 128, 32, 4, 3), (16, 16, 16, 2, 2)]),
+    key=["D", "DO", "L", "S", "WORK", "IS_VARLEN", "DOT_F32"],
+    interpret_meta=lambda kw: {"BLOCK_K": interpret_block(kw["NQ"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
+                               "BLOCK_N": interpret_block(kw["DO"], 32)},
+    prune=lambda cs, kw: _fits(cs, kw, "BLOCK_K"))
+_DW = Launcher(
+    linear_bwd_kernel_dw,
+    configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
+                 [(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (128, 64, 128, 8, 3), (128, 128, 128, 8, 3),
+                  (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)]),
+    key=["D", "DO", "L", "WORK", "IS_VARLEN", "HAS_PE", "DOT_F32"],
+    interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["B"] * kw["W"], 32),
+                               "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_N": interpret_block(kw["DO"], 32)},
+    prune=lambda cs, kw: _fits(cs, kw, "BLOCK_W"))
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _splits(rows: int, programs: int, device) -> int:
+    """Window splits of the weight gradient: enough programs to fill the GPU
+    (assuming 64 x 128 tiles), each still summing >= 512 windows."""
+    want = max(1, (2 * _num_sms(device)) // max(programs, 1))
+    return max(1, min(want, rows // 512, 16))
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _forward(x, weight, bias, pe, plan):
+    B, H, T, D = x.shape
+    G, L, _, DO = weight.shape
+    HG = H // G
+    y = empty((B, H, plan.W, DO), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    if pe is not None:   # sum_j pe[h, j] @ w[g, j] (+ bias[g]): one constant per head
+        cst = head_gemv(H, pe, pe.stride(), 1, weight,
+                        (weight.stride(0), weight.stride(1), weight.stride(2), 0, weight.stride(3)), HG,
+                        L * D, D, DO, DO, bias=bias, bias_strides=bias.stride() if bias is not None else (0, 0),
+                        hg_b=HG)
+        hg_c, c_strides = 1, cst.stride()
+    elif bias is not None:
+        cst, hg_c, c_strides = bias, HG, bias.stride()
+    else:
+        cst, hg_c, c_strides = None, 1, (0, 0)
+    _FWD(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), cdiv(DO, meta["BLOCK_N"]), B * H),
+         x, weight, cst if cst is not None else x, y, *plan.seq_args(),
+         *x.stride(), *weight.stride(), *y.stride(), *c_strides, H, HG, hg_c, D, DO, _bucket(B * H * plan.W),
+         IS_VARLEN=plan.varlen, HAS_CONST=cst is not None, DOT_F32=dot_f32(x.dtype))
+    return y
+
+
+def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
+    B, H, T, D = x.shape
+    G, L, _, DO = weight.shape
+    HG = H // G
+    # a gradient not asked for is a fresh empty tensor (custom op outputs may not alias)
+    dx, dw, db, dpe = (x.new_empty(0) for _ in range(4))
+    cs = None
+    if need_b or need_pe or (need_w and pe is not None):
+        cs = dy.sum(dim=(0, 2), dtype=torch.float32)                                      # [H, D_out]
+    if need_x:
+        dx = empty_like(x)
+        if dx.numel() > 0:
+            _DX(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), B * H),
+                dy, weight, dx, *plan.seq_args(), *dy.stride(), *weight.stride(), *dx.stride(),
+                H, HG, D, DO, plan.C, _bucket(B * H * plan.NQ), IS_VARLEN=plan.varlen, DOT_F32=dot_f32(x.dtype))
+    if need_w:
+        rows = B * HG * plan.W
+        splits = _splits(rows, G * L * cdiv(D, 64) * cdiv(DO, 128), x.device)
+        if splits == 1:
+            dw = empty(weight.shape, dtype=x.dtype, device=x.device)
+            out, o_strides = dw, (0, *dw.stride())
+        else:
+            out = empty((splits, G, L, D, DO), dtype=torch.float32, device=x.device)
+            o_strides = out.stride()
+        if weight.numel() > 0:
+            _DW(lambda meta: (L * cdiv(D, meta["BLOCK_D"]), cdiv(DO, meta["BLOCK_N"]), G * splits),
+                x, dy, pe if pe is not None else x, cs if cs is not None else x, out, *plan.seq_args(),
+                *x.stride(), *dy.stride(), *(pe.stride() if pe is not None else (0, 0, 0)), *o_strides,
+                B, H, HG, D, DO, cdiv(rows, splits), _bucket(rows),
+                IS_VARLEN=plan.varlen, HAS_PE=pe is not None, DOT_F32=dot_f32(x.dtype))
+        if splits > 1:
+            dw = out.sum(0).to(x.dtype)
+    if need_b:
+        db = cs.view(G, HG, DO).sum(1).to(x.dtype)
+    if need_pe:   # dpe[h, j, d] = sum_n w[g, j, d, n] colsum[h, n]
+        dpe = head_gemv(H, cs, (cs.stride(0), 0, cs.stride(1)), 1, weight,
+                        (weight.stride(0), 0, weight.stride(3), weight.stride(1), weight.stride(2)), HG,
+                        DO, DO, L * D, D).view(H, L, D).to(x.dtype)
+    return dx, dw, db, dpe
+
+
+@torch.library.custom_op("kvcompress::linear_triton", mutates_args=())
+def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pe: torch.Tensor | None,
+              cu_seqlens: torch.Tensor | None, block_size: int, stride: int, padding: str,
+              total_windows: int) -> torch.Tensor:
+    """x (B, H, T, D) any strides, weight (G, L, D, D_out), bias (G, D_out) or
+    None, pe (H, L, D) or None -> (B, H, W, D_out), contiguous."""
+    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                    total_windows=total_windows)
+    return _forward(x, weight, bias, pe, plan)
+
+
+@linear_op.register_fake
+def _(x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total_windows):
+    B, H = x.shape[:2]
+    W = windows_or_dynamic(x, cu_seqlens, block_size, stride, padding, total_windows)
+    return x.new_empty((B, H, W, weight.shape[3]))
+
+
+@torch.library.custom_op("kvcompress::linear_triton_bwd", mutates_args=())
+def linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor | None,
+                  cu_seqlens: torch.Tensor | None, block_size: int, stride: int, padding: str, need_x: bool,
+                  need_w: bool, need_b: bool, need_pe: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
+    """(dx like x, dweight, dbias (G, D_out), dpe (H, L, D)); one not needed is
+    an empty (0,) tensor."""
+    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                    total_windows=dy.shape[2] if cu_seqlens is not None else -1)
+    return _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe)
+
+
+@linear_bwd_op.register_fake
+def _(dy, x, weight, pe, cu_seqlens, block_size, stride, padding, need_x, need_w, need_b, need_pe):
+    G, DO = weight.shape[0], weight.shape[3]
+    return (empty_like(x) if need_x else x.new_empty(0),
+            x.new_empty(weight.shape) if need_w else x.new_empty(0),
+            x.new_empty((G, DO)) if need_b else x.new_empty(0),
+            x.new_empty(pe.shape) if need_pe and pe is not None else x.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, pe, cu_seqlens, block_size, stride, padding, _ = inputs
+    ctx.save_for_backward(x, weight, pe, cu_seqlens)
+    ctx.window_args = (block_size, stride, padding)
+
+
+def _backward_rule(ctx, dy):
+    x, weight, pe, cu_seqlens = ctx.saved_tensors
+    need_x, need_w, need_b, need_pe = ctx.needs_input_grad[:4]
+    dx, dw, db, dpe = torch.ops.kvcompress.linear_triton_bwd(dy, x, weight, pe, cu_seqlens, *ctx.window_args,
+                                                             need_x, need_w, need_b, need_pe)
+    return (dx if need_x else None, dw if need_w else None, db if need_b else None, dpe if need_pe else None,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd("kvcompress::linear_triton", _backward_rule, setup_context=_setup)
+
+
+@register("linear", "triton", devices=DEVICES, dtypes=DTYPES, priority=10, available=triton_available,
+          supports=supports_call, auto_devices=("cuda",),
+          emulated_devices=("cpu",))
+def linear(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None,
+           total_windows=None):
+    """Per-window linear map, Triton kernels (arguments already validated by
+    ``kvcompress.functional.linear``).
+
+    x: (B, H, T, D) float16/bfloat16/float32, any strides (never copied);
+    weight: (G, L, D, D_out); bias: (G, D_out) or None; pe: (H, L, D) or None;
+    cu_seqlens: (N+1,) int32/int64 or None. total_windows: with cu_seqlens,
+    the packed output size if known (no device read then), default None.
+    Returns (B, H, W, D_out) in x's dtype. Differentiable in x, weight, bias
+    and pe. float32 dots are IEEE (never tf32).
+
+    Raises TypeError/ValueError for a malformed total_windows.
+    """
+    total = total_windows_arg("linear", total_windows, cu_seqlens)
+    return torch.ops.kvcompress.linear_triton(x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total)
+
+
+__all__ = ["INTERPRET", "linear", "linear_bwd_kernel_dw", "linear_bwd_kernel_dx", "linear_fwd_kernel"]

@@ -1,0 +1,137 @@
+"""weighted_pool, Triton: each tile loads its chunk rows once; chunk row q,
+phase r adds weight[g, c*S + r] * x to the partial of window q - c, and the
+partials are shifted into windows (docs/triton.md). Registered as backend
+"triton" (CUDA; CPU tensors too under TRITON_INTERPRET=1, never by "auto").
+
+The op is ``torch.ops.kvcompress.weighted_pool_triton`` (fake implementation
+and autograd registered).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...backends import register
+from .._triton_common import (
+    DEVICES,
+    DTYPES,
+    POOL_BWD_CONFIGS,
+    POOL_BWD_KEY,
+    POOL_FWD_CONFIGS,
+    POOL_FWD_KEY,
+    Launcher,
+    _pool_fwd_prune,
+    empty_like,
+    pool_backward,
+    pool_bwd,
+    pool_bwd_interpret_meta,
+    pool_forward,
+    pool_fwd,
+    pool_fwd_interpret_meta,
+    seq_plan,
+    supports_call,
+    total_windows_arg,
+    triton_available,
+    windows_or_dynamic,
+)
+
+
+@triton.jit
+def weighted_pool_fwd_kernel(x, wt, cst, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+                             sxb, sxh, sxt, sxd, syb, syh, syw, syd, swg, swl, H, HG, D, C,
+                             C_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                             IS_VARLEN: tl.constexpr, HAS_CONST: tl.constexpr, STAGES: tl.constexpr):
+    """y[b, h, w] = sum_j wt[g, j] x[b, h, t0(w) + j] (+ cst[h] = sum_j wt[g, j] pe[h, j])."""
+    pool_fwd(x, wt, cst, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+             sxb, sxh, sxt, sxd, syb, syh, syw, syd, swg, swl, H, HG, D, C,
+             C_PAD, BLOCK_K, BLOCK_D, IS_VARLEN, False, HAS_CONST, STAGES)
+
+
+@triton.jit
+def weighted_pool_bwd_kernel(dy, x, wt, dx, pw, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+                             sdb, sdh, sdw, sdd, sxb, sxh, sxt, sxd, sgb, sgh, sgt, sgd, swg, swl, H, HG, D, C,
+                             BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+                             NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, STAGES: tl.constexpr):
+    """dx[t] = sum over windows w holding t at position j of wt[g, j] dy[w];
+    pw[program, j] = that program's share of sum_w dy[w] . x[t0(w) + j]."""
+    pool_bwd(dy, x, wt, dx, pw, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+             sdb, sdh, sdw, sdd, sxb, sxh, sxt, sxd, sgb, sgh, sgt, sgd, swg, swl, H, HG, D, C,
+             BLOCK_K, BLOCK_D, IS_VARLEN, False, NEED_DX, NEED_DW, STAGES)
+
+
+_FWD = Launcher(weighted_pool_fwd_kernel, configs=POOL_FWD_CONFIGS, key=POOL_FWD_KEY,
+                interpret_meta=pool_fwd_interpret_meta, prune=_pool_fwd_prune)
+_BWD = Launcher(weighted_pool_bwd_kernel, configs=POOL_BWD_CONFIGS, key=POOL_BWD_KEY,
+                interpret_meta=pool_bwd_interpret_meta)
+
+
+@torch.library.custom_op("kvcompress::weighted_pool_triton", mutates_args=())
+def weighted_pool_op(x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor | None,
+                     cu_seqlens: torch.Tensor | None, block_size: int, stride: int, padding: str,
+                     total_windows: int) -> torch.Tensor:
+    """x (B, H, T, D) any strides, weight (G, L), pe (H, L, D) or None -> (B, H, W, D)."""
+    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                    total_windows=total_windows)
+    return pool_forward(_FWD, x, weight, pe, plan)
+
+
+@weighted_pool_op.register_fake
+def _(x, weight, pe, cu_seqlens, block_size, stride, padding, total_windows):
+    B, H, T, D = x.shape
+    return x.new_empty((B, H, windows_or_dynamic(x, cu_seqlens, block_size, stride, padding, total_windows), D))
+
+
+@torch.library.custom_op("kvcompress::weighted_pool_triton_bwd", mutates_args=())
+def weighted_pool_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor | None,
+                         cu_seqlens: torch.Tensor | None, block_size: int, stride: int, padding: str, need_x: bool,
+                         need_w: bool, need_pe: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx like x, dweight (G, L), dpe (H, L, D)); one not needed is an empty (0,) tensor."""
+    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                    total_windows=dy.shape[2] if cu_seqlens is not None else -1)
+    return pool_backward(_BWD, dy, x, weight, pe, plan, need_x, need_w, need_pe)
+
+
+@weighted_pool_bwd_op.register_fake
+def _(dy, x, weight, pe, cu_seqlens, block_size, stride, padding, need_x, need_w, need_pe):
+    return (empty_like(x) if need_x else x.new_empty(0),
+            x.new_empty(weight.shape) if need_w else x.new_empty(0),
+            x.new_empty(pe.shape) if need_pe and pe is not None else x.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, pe, cu_seqlens, block_size, stride, padding, _ = inputs
+    ctx.save_for_backward(x, weight, pe, cu_seqlens)
+    ctx.window_args = (block_size, stride, padding)
+
+
+def _backward(ctx, dy):
+    x, weight, pe, cu_seqlens = ctx.saved_tensors
+    need_x, need_w, need_pe = ctx.needs_input_grad[:3]
+    dx, dw, dpe = torch.ops.kvcompress.weighted_pool_triton_bwd(dy, x, weight, pe, cu_seqlens, *ctx.window_args,
+                                                                 need_x, need_w, need_pe)
+    return (dx if need_x else None, dw if need_w else None, dpe if need_pe else None,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd("kvcompress::weighted_pool_triton", _backward, setup_context=_setup)
+
+
+@register("weighted_pool", "triton", devices=DEVICES, dtypes=DTYPES, priority=10, available=triton_available,
+          supports=supports_call, auto_devices=("cuda",),
+          emulated_devices=("cpu",))
+def weighted_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None, total_windows=None):
+    """Weighted sum of every window, Triton kernels (arguments already
+    validated by ``kvcompress.functional.weighted_pool``).
+
+    x: (B, H, T, D) float16/bfloat16/float32, any strides (never copied);
+    weight: (G, L) of x's dtype; pe: (H, L, D) or None; cu_seqlens: (N+1,)
+    int32/int64 or None. total_windows: with cu_seqlens, the packed output
+    size if known (no device read then), default None. Returns (B, H, W, D)
+    in x's dtype. Differentiable in x, weight and pe.
+
+    Raises TypeError/ValueError for a malformed total_windows.
+    """
+    total = total_windows_arg("weighted_pool", total_windows, cu_seqlens)
+    return torch.ops.kvcompress.weighted_pool_triton(x, weight, pe, cu_seqlens, block_size, stride, padding, total)
