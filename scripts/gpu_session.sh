@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One lease of the lent GPU (see docs/triton.md "GPU runs"): install the
+# test-only wheels carried in .whl/, then run the named phases, each under a
+# time limit, logging to $OUT. Usage: bash scripts/gpu_session.sh PHASE...
+#   info      nvidia-smi, versions
+#   check     scripts/gpu_check.py (correctness + timing of the Triton kernels)
+#   quick     scripts/gpu_check.py --quick
+#   gputests  pytest -m gpu tests/test_triton.py
+#   suite     the property suite on CUDA (every backend, ci profile)
+#   thorough  the property suite on the Triton backend, thorough profile (time-boxed)
+#   bench     kvcompress-bench (tables and roofline plot)
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+run() {  # name, limit seconds, command...
+    local name=$1 limit=$2; shift 2
+    echo "=== $name ($(date +%T))"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "=== $name exit $? ($(date +%T))"
+    tail -n 40 "$OUT/$name.log"
+}
+for phase in "$@"; do
+    case $phase in
+        info) run info 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"' ;;
+        quick) run quick 300 python3 scripts/gpu_check.py --quick --out "$OUT/quick.json" ;;
+        check) run check 420 python3 scripts/gpu_check.py --out "$OUT/gpu_check.json" ;;
+        gputests) run gputests 300 python3 -m pytest -m gpu tests/test_triton.py -q -p no:cacheprovider -x ;;
+        suite) run suite 420 python3 -m pytest tests/test_conformance.py tests/test_invariants.py tests/test_gradients.py \
+                   tests/test_properties_extra.py tests/test_streaming.py tests/test_triton.py -q -p no:cacheprovider \
+                   --hypothesis-show-statistics ;;
+        thorough) run thorough 300 python3 -m pytest tests/test_conformance.py tests/test_gradients.py -q \
+                   -p no:cacheprovider -k triton --hypothesis-profile thorough --hypothesis-show-statistics ;;
+        bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench" ;;
+        *) echo "unknown phase $phase" ;;
+    esac
+done
