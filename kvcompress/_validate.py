@@ -81,14 +81,17 @@ def check_cu_seqlens_tensor(fn: str, cu) -> None:
         raise ValueError(f"{fn}: cu_seqlens must be 1-D with N+1 >= 1 entries, got shape {tuple(cu.shape)}")
 
 
-def check_cu_seqlens(fn: str, cu, x: torch.Tensor) -> None:
+def check_cu_seqlens(fn: str, cu, x: torch.Tensor, *, read_values: bool = True) -> None:
     """cu_seqlens (N+1,) int32/int64 on x's device, 0 = cu[0] <= ... <= cu[N] = T,
-    with x of batch size 1. Reading the values synchronises with the device."""
+    with x of batch size 1. Reading the values synchronises with the device;
+    ``read_values=False`` (the caller passed total_windows) checks the rest only."""
     check_cu_seqlens_tensor(fn, cu)
     if cu.device != x.device:
         raise ValueError(f"{fn}: cu_seqlens must be on x's device {x.device}, got {cu.device}")
     if x.shape[0] != 1:
         raise ValueError(f"{fn}: with cu_seqlens, x must hold the packed sequences in batch 1, got B={x.shape[0]}")
+    if not read_values:
+        return
     T = x.shape[2]
     vals = cu.tolist()
     if vals[0] != 0 or vals[-1] != T or any(a > b for a, b in zip(vals, vals[1:])):
@@ -103,3 +106,15 @@ def check_pe(fn: str, pe, x: torch.Tensor, block_size: int) -> None:
 def check_activation(fn: str, activation) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"{fn}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def check_total_windows(fn: str, total_windows, cu_seqlens) -> None:
+    """None, or (with cu_seqlens) an int >= 0: the packed output size."""
+    if total_windows is None:
+        return
+    if not _is_int(total_windows):
+        raise TypeError(f"{fn}: total_windows must be None or an int, got {type(total_windows).__name__}")
+    if cu_seqlens is None:
+        raise ValueError(f"{fn}: total_windows is the packed output size and needs cu_seqlens")
+    if total_windows < 0:
+        raise ValueError(f"{fn}: total_windows must be >= 0, got {total_windows}")

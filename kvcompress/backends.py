@@ -14,6 +14,7 @@ without touching the tests.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,6 +55,7 @@ class Backend:
     auto_devices: tuple[str, ...] | None = None
     batch_invariant: bool = False
     emulated_devices: tuple[str, ...] = ()
+    takes_total_windows: bool = False
 
     def accepts_auto(self, x: torch.Tensor, *args, **kwargs) -> bool:
         """Whether backend="auto" may pick this backend for the call."""
@@ -86,7 +88,8 @@ def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[to
         _REGISTRY[kind][name] = Backend(kind, name, fn, tuple(devices), tuple(dtypes), priority,
                                         available or (lambda: True), supports,
                                         None if auto_devices is None else tuple(auto_devices), batch_invariant,
-                                        tuple(emulated_devices))
+                                        tuple(emulated_devices),
+                                        "total_windows" in inspect.signature(fn).parameters)
         return fn
 
     return deco

@@ -133,3 +133,27 @@ def test_tripwire_is_armed(kind):
     args, kw = _valid(kind)
     with pytest.raises(AssertionError, match="a backend ran"):
         _call(kind, args, kw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("value, exc, match", [
+    (1.0, TypeError, "total_windows must be None or an int"),
+    (True, TypeError, "total_windows must be None or an int"),
+    (-1, ValueError, "total_windows must be >= 0"),
+])
+def test_total_windows(kind, value, exc, match):
+    args, kw = _valid(kind)
+    with pytest.raises(exc, match=match):
+        _call(kind, args, {**kw, "total_windows": value})
+    kw.pop("cu_seqlens")
+    with pytest.raises(ValueError, match="needs cu_seqlens"):
+        _call(kind, args, {**kw, "total_windows": 3})
+
+
+def test_total_windows_skips_reading_cu_seqlens(monkeypatch):
+    """With total_windows the values of cu_seqlens are trusted: no host read
+    (the tripwire backend is reached although cu_seqlens is malformed)."""
+    args, kw = _valid("linear")
+    kw["cu_seqlens"] = torch.tensor([0, 7, 4, 9], dtype=torch.int32)
+    with pytest.raises(AssertionError, match="a backend ran"):
+        _call("linear", args, {**kw, "total_windows": 5})
