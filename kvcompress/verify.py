@@ -1,8 +1,10 @@
 """kvcompress-verify: the project's main job.
 
 Runs the conformance properties (values against the loop reference,
-invariants, gradients) for every registered backend, or for callables given
-with ``--impl KIND=module:callable``, and prints one row per kind x
+invariants, gradients) for every registered backend (those emulated on this
+device, such as Triton through its interpreter without a GPU, in a second
+session with the smaller ci-emulated budget), or for callables given with
+``--impl KIND=module:callable``, and prints one row per kind x
 implementation x dtype: examples run, the worst error as a fraction of its
 tolerance, pass/fail, and the time per example of the implementation next
 to the reference's. Exits non-zero on any failure; ``--json PATH`` writes
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +69,15 @@ class _Collector:
         self.done = 0
         self.outcomes: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
         self.failures: list[str] = []
+        self.emulated: set[str] = set()
         self.t0 = time.perf_counter()
+
+    def merge(self, part: dict) -> None:
+        """Add a session's outcomes (the JSON _run_session writes)."""
+        for impl_id, dtype, props in part["outcomes"]:
+            self.outcomes[(impl_id, dtype)].update(props)
+        self.failures += part["failures"]
+        self.emulated.update(part["emulated"])
 
     def pytest_collection_modifyitems(self, session, config, items):
         self.total = len(items)
@@ -78,6 +89,8 @@ class _Collector:
         impl = params.get("impl")
         if impl is None:
             return
+        if getattr(impl, "emulated", False):
+            self.emulated.add(impl.id)
         dtype = params.get("dtype", "*")   # "*": a property run once for all dtypes (gradcheck: float64)
         prop = item.originalname if hasattr(item, "originalname") else item.name
         if call.excinfo is None:
@@ -118,6 +131,8 @@ def _matrix(collector, stats):
         n = conf.get("examples", 0)
         t_impl = conf.get("impl_seconds", 0.0) / n if n else float("nan")
         t_ref = conf.get("reference_seconds", 0.0) / n if n else float("nan")
+        if impl_id in collector.emulated:
+            name += " (interpreter)"
         rows.append({
             "kind": kind, "backend": name, "dtype": dtype, "examples": n,
             "worst_error_over_tolerance": conf.get("worst_ratio", float("nan")),
@@ -149,6 +164,51 @@ def _print(rows, machine, seconds, profile, out=sys.stdout):
                                         "for the shrunk counterexample)") + "\n")
 
 
+def _run_session(args) -> int:
+    """One pytest session in this process (``--_session exclude|only``);
+    writes the collector's outcomes and the harness report to ``--_out``."""
+    import pytest
+    import torch
+
+    root = _checkout()
+    if not torch.cuda.is_available():   # as conftest.py: Triton kernels run in its interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        report_path = os.path.join(tmp, "report.json")
+        os.environ["KVCOMPRESS_REPORT"] = report_path
+        os.environ["KVCOMPRESS_PROFILE"] = args.profile
+        pargs = [str(root / f) for f in PROPERTY_FILES]
+        pargs += ["-q", "-p", "no:cacheprovider", "--no-header", "--tb=line", f"--rootdir={root}",
+                  f"--hypothesis-profile={args.profile}", "--emulated", args._session]
+        for spec in args.impl:
+            pargs += ["--impl", spec]
+        if args.impl_device:
+            pargs += ["--impl-device", args.impl_device]
+        if args.impl_dtypes:
+            pargs += ["--impl-dtypes", args.impl_dtypes]
+        if args.keyword:
+            pargs += ["-k", args.keyword]
+        pargs += args.pytest_args.split()
+        collector = _Collector(sys.stderr)
+        sys.path.insert(0, str(root))
+        code = pytest.main(pargs, plugins=[collector])
+        stats = json.loads(Path(report_path).read_text()) if os.path.exists(report_path) else {}
+    Path(args._out).write_text(json.dumps({
+        "outcomes": [[k[0], k[1], v] for k, v in collector.outcomes.items()],
+        "failures": collector.failures, "emulated": sorted(collector.emulated), "stats": stats}))
+    return int(code)
+
+
+def _has_emulated(device) -> bool:
+    """Whether some registered backend is emulated on the device tests run on."""
+    import torch
+
+    from . import backends as kb
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return any(dev in b.emulated_devices and b.available() for k in kb.KINDS for b in kb.backends(k))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="kvcompress-verify", description=__doc__.split("\n\n")[0])
     ap.add_argument("--impl", action="append", default=[], metavar="KIND=module:callable",
@@ -160,42 +220,63 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default=None, help="Hypothesis profile name (dev, ci, thorough)")
     ap.add_argument("--json", dest="json_path", default=None, help="write the report as JSON here")
     ap.add_argument("--pytest-args", default="", help="extra arguments for pytest, one string")
+    ap.add_argument("--_session", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args._session:
+        return _run_session(args)
 
     try:
         import pytest
     except ImportError:
         raise SystemExit("kvcompress-verify needs the test extra: pip install -e '.[test]'") from None
     root = _checkout()
+    import torch
+
+    if not torch.cuda.is_available():   # as conftest.py: Triton kernels run in its interpreter, before triton loads
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     profile = args.profile or ("thorough" if args.thorough else os.environ.get("KVCOMPRESS_PROFILE", "ci"))
+    # Backends emulated on this device (Triton's interpreter without a GPU)
+    # run in a second session with the ci-emulated budget (conftest.py).
+    sessions = [("exclude", profile)]
+    if not args.impl and _has_emulated(args.impl_device):
+        sessions.append(("only", "ci-emulated" if profile == "ci" else profile))
+    collector = _Collector(sys.stderr)
+    code = pytest.ExitCode.OK
+    t0 = time.perf_counter()
+    stats = {}
+    # each session in its own process: Hypothesis fixes a test's settings at
+    # its first run, so one process cannot switch profiles between sessions
     with tempfile.TemporaryDirectory() as tmp:
-        report_path = os.path.join(tmp, "report.json")
-        os.environ["KVCOMPRESS_REPORT"] = report_path
-        os.environ["KVCOMPRESS_PROFILE"] = profile
-        pargs = [str(root / f) for f in PROPERTY_FILES]
-        pargs += ["-q", "-p", "no:cacheprovider", "--no-header", "--tb=line", f"--rootdir={root}",
-                  f"--hypothesis-profile={profile}"]
-        for spec in args.impl:
-            pargs += ["--impl", spec]
-        if args.impl_device:
-            pargs += ["--impl-device", args.impl_device]
-        if args.impl_dtypes:
-            pargs += ["--impl-dtypes", args.impl_dtypes]
-        if args.keyword:
-            pargs += ["-k", args.keyword]
-        pargs += args.pytest_args.split()
-        collector = _Collector(sys.stderr)
-        t0 = time.perf_counter()
-        sys.path.insert(0, str(root))
-        code = pytest.main(pargs, plugins=[collector])
-        seconds = time.perf_counter() - t0
-        stats = json.loads(Path(report_path).read_text()) if os.path.exists(report_path) else {}
-    if code in (pytest.ExitCode.USAGE_ERROR, pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.NO_TESTS_COLLECTED):
-        sys.stderr.write(f"kvcompress-verify: pytest stopped with {code!r}\n")
-        return int(code)
+        for i, (emulated, prof) in enumerate(sessions):
+            out = os.path.join(tmp, f"session{i}.json")
+            sys.stderr.write(f"kvcompress-verify: {'emulated backends' if emulated == 'only' else 'backends'}, "
+                             f"Hypothesis profile {prof}\n")
+            cmd = [sys.executable, "-m", "kvcompress.verify", "--_session", emulated, "--_out", out, "--profile", prof]
+            for spec in args.impl:
+                cmd += ["--impl", spec]
+            for opt, val in (("--impl-device", args.impl_device), ("--impl-dtypes", args.impl_dtypes),
+                             ("-k", args.keyword)):
+                if val:
+                    cmd += [opt, val]
+            if args.pytest_args:
+                cmd += ["--pytest-args", args.pytest_args]
+            rc = subprocess.run(cmd, cwd=root).returncode
+            if rc in (int(pytest.ExitCode.USAGE_ERROR), int(pytest.ExitCode.INTERNAL_ERROR)) or not os.path.exists(out):
+                sys.stderr.write(f"kvcompress-verify: the pytest session stopped with exit code {rc}\n")
+                return rc or 1
+            part = json.loads(Path(out).read_text())
+            collector.merge(part)
+            stats.update(part["stats"])
+            if rc not in (0, int(pytest.ExitCode.NO_TESTS_COLLECTED)) and code == pytest.ExitCode.OK:
+                code = rc
+    seconds = time.perf_counter() - t0
+    if not collector.outcomes:
+        sys.stderr.write("kvcompress-verify: no property ran (check -k and --impl)\n")
+        return int(pytest.ExitCode.NO_TESTS_COLLECTED)
     rows = _matrix(collector, stats)
     machine = _machine()
-    _print(rows, machine, seconds, profile)
+    _print(rows, machine, seconds, " + ".join(p for _, p in sessions))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({"machine": machine, "profile": profile, "seconds": seconds,
                                                     "pytest_exit_code": int(code), "rows": rows,
