@@ -35,8 +35,8 @@ def _to_bf16_kernel(p_x, p_y, n, BLOCK: tl.constexpr):
 @pytest.mark.xfail(INTERPRET, strict=True, reason="triton 3.9 interpreter: fp32 -> bf16 conversion truncates "
                    "instead of rounding to nearest (within the tolerance model's two output roundings)")
 def test_fp32_to_bf16_rounds_to_nearest():
-    # 2.156005859375 lies just above the midpoint-free neighbourhood of 2.15625:
-    # round to nearest gives 2.15625, truncation 2.140625
+    # 2.156005859375 is 0.0002 below 2.15625 and 0.0154 above 2.140625, its
+    # bfloat16 neighbours: round to nearest gives the first, truncation the second
     x = torch.tensor([2.156005859375, -2.156005859375, 1.0039, 3.0e-3], dtype=torch.float32, device=DEVICE)
     y = torch.empty(4, dtype=torch.bfloat16, device=DEVICE)
     _to_bf16_kernel[(1,)](x, y, 4, BLOCK=4)

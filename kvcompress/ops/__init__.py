@@ -11,6 +11,8 @@ try:  # the Triton backends need triton (the "triton" extra); without it only th
 except ImportError:
     _triton = None
 if _triton is not None:
+    from .attention_pool import triton_impl as _ap_triton  # noqa: F401
     from .linear import triton_impl as _linear_triton  # noqa: F401
     from .mean_pool import triton_impl as _mean_triton  # noqa: F401
+    from .mlp import triton_impl as _mlp_triton  # noqa: F401
     from .weighted_pool import triton_impl as _weighted_triton  # noqa: F401

@@ -51,8 +51,9 @@ from .._windows import compressed_cu_seqlens, num_windows
 __all__ = [
     "DEVICES", "DTYPES", "INTERPRET", "POOL_BWD_CONFIGS", "POOL_FWD_CONFIGS", "Launcher", "SeqPlan", "cdiv",
     "chunk_rows", "dot_f32", "empty", "empty_like", "head_gemv", "interpret_block", "next_pow2", "pool_backward",
-    "pool_bwd", "pool_forward", "pool_fwd", "search_sorted", "seq_plan", "small_tiles", "supports_call",
-    "total_windows_arg", "triton_available", "window_rows", "windows_or_dynamic",
+    "pool_bwd", "pool_forward", "pool_fwd", "round_tf32", "search_sorted", "seq_plan", "small_tiles",
+    "supports_call", "tf32_intermediate", "total_windows_arg", "triton_available", "window_rows",
+    "windows_or_dynamic",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
@@ -94,6 +95,23 @@ def dot_f32(dtype: torch.dtype) -> bool:
     same value the GPU's native bfloat16 dot (float32 accumulation) does.
     """
     return INTERPRET and dtype == torch.bfloat16
+
+
+def tf32_intermediate(dtype: torch.dtype) -> bool:
+    """Whether a kernel keeps an intermediate that feeds a second tensor-core
+    dot (the MLP hidden layer, attention_pool's logit gradient) in float32
+    rounded to tf32 (``round_tf32``) rather than in the input dtype.
+
+    True for float16: its unit roundoff is tf32's (2**-11), but its range is
+    not: an intermediate of size 2**-14 or less would be rounded into
+    float16's subnormals, an absolute error of up to 2**-25 that the tolerance
+    model (relative to the intermediate's magnitude) does not allow. tf32 has
+    float32's exponent range, and a tf32 x float16 product is exact in
+    float32, so the dot runs on tensor cores (input_precision="tf32") at the
+    error the model grants the input dtype. bfloat16 shares float32's
+    exponent range: its intermediates are stored as bfloat16.
+    """
+    return dtype == torch.float16
 
 
 def poison_enabled() -> bool:
@@ -360,6 +378,18 @@ def chunk_rows(o_q, cu, ccu, cq, N, N_STEPS, T, W, NQ, S, PRE, IS_VARLEN: tl.con
         n_win = bos + W
     t_base = bos - PRE + q * S
     return t_base, bos, eos, q, n_win, win_base, m
+
+
+@triton.jit
+def round_tf32(v):
+    """float32 v rounded to tf32 (10 mantissa bits; to nearest, ties away from
+    zero), kept as float32: the same value on a GPU and in the interpreter,
+    and exact when a tensor core converts it to tf32. inf stays inf, NaN
+    stays NaN (the bit trick alone would turn 0x7FFFFFFF, CUDA's NaN, into
+    -0.0 by overflow; hence the where), the largest finite floats round to inf."""
+    u = v.to(tl.uint32, bitcast=True)
+    r = ((u + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(v == v, r, v)
 
 
 # --------------------------------------------------------------------------- pe folding
