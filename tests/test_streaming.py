@@ -29,7 +29,6 @@ parameters, then a chunking of every stream's tokens into steps):
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import pathlib
 import re
@@ -43,11 +42,10 @@ from hypothesis import strategies as st
 
 import kvcompress.streaming as ks
 import reference
-from kvcompress import backends as kb
 from reference import streaming as rs
 from tests.harness.cases import Case, make_inputs, place, with_x
 from tests.harness.convert import DTYPES, NUMPY_DTYPES, to_numpy
-from tests.harness.impls import builtin_impls
+from tests.harness.impls import arm_tripwire, builtin_impls
 from tests.harness.records import KINDS, RECORDS
 from tests.harness.strategies import cases
 from tests.harness.tolerance import forward_bound
@@ -385,11 +383,7 @@ def test_state_round_trip(builtin, data):
 @pytest.fixture
 def tripwire(monkeypatch):
     """Every registered backend fails the test if it is reached."""
-    def boom(*a, **k):
-        raise AssertionError("a backend ran although the arguments were invalid")
-    for kind in KINDS:
-        for b in kb.backends(kind):
-            monkeypatch.setitem(kb._REGISTRY[kind], b.name, dataclasses.replace(b, fn=boom))
+    arm_tripwire(monkeypatch)
 
 
 def _valid_step(kind):

@@ -144,3 +144,19 @@ def load_impl(spec: str, device: str, dtypes: tuple[str, ...]) -> Impl:
     if not callable(fn):
         raise UsageError(f"--impl {spec!r}: {target!r} is not callable")
     return Impl(kind, target, fn, device, dtypes, builtin=False)
+
+
+TRIPWIRE_MESSAGE = "a backend ran although the arguments were invalid"
+
+
+def arm_tripwire(monkeypatch) -> None:
+    """Replace every registered backend by one that fails the test if it is
+    reached: validation errors must come before any computation."""
+    import dataclasses
+
+    def boom(*a, **k):
+        raise AssertionError(TRIPWIRE_MESSAGE)
+
+    for kind in KINDS:
+        for b in kb.backends(kind):
+            monkeypatch.setitem(kb._REGISTRY[kind], b.name, dataclasses.replace(b, fn=boom))
