@@ -1,34 +1,43 @@
 #!/usr/bin/env python
-"""GPU check of the Triton backend: mean_pool, weighted_pool, linear.
+"""GPU check of the Triton backend: mean_pool, weighted_pool, linear, mlp,
+attention_pool.
 
 Run from the repository root on a CUDA machine (needs only torch, triton,
 numpy; the seed package is optional):
 
-    python scripts/gpu_check.py --out gpu_check.json            # the full run (a few minutes on an H100)
+    python scripts/gpu_check.py --out gpu_check.json            # the full run (several minutes on an H100)
     python scripts/gpu_check.py --quick --out quick.json        # smoke run: small sizes, few repetitions
-    python scripts/gpu_check.py --kinds linear --cases nsa      # a subset
+    python scripts/gpu_check.py --kinds mlp --cases nsa         # a subset
     python scripts/gpu_check.py --compile-only                  # no GPU: compile every kernel config for sm_90
     python scripts/gpu_check.py --dry-run-cpu                   # no GPU: every step on CPU, interpreter, tiny
 
 What it measures, per kind:
 
-(a) correctness of the triton backend against the torch backend, forward
-    and every gradient, bfloat16, at NSA sizes (B=1, H=4, D=128, L=32, S=16,
-    T=131072, left padding, pe and bias on, x a (B, T, H, D) tensor seen
-    through transpose), at B=4, T=8192, D=192, and packed with cu_seqlens
-    (empty and short sequences). The bound is derived as in
-    tests/test_triton.py: both backends sum n products in float32 and round
-    to bfloat16 at most twice, so they differ by at most
-    2 ((2 u_o + n u_a) M + floors), M the same computation in float64 on
-    absolute values.
+(a) correctness of the triton backend, forward and every gradient,
+    bfloat16, at NSA sizes (B=1, H=4, D=128, L=32, S=16, T=131072, left
+    padding, pe and bias on, x a (B, T, H, D) tensor seen through transpose;
+    mlp with F = L*D as the seed's GroupedMLP, relu), at B=4, T=8192, D=192,
+    at D=64 (mlp with gelu; attention_pool's one-pass backward), and packed
+    with cu_seqlens (empty and short sequences). Bilinear kinds: against the
+    torch backend within 2 ((2 u_o + n u_a) M + floors), both backends
+    summing n products in float32 and rounding to bfloat16 at most twice, M
+    the same computation in float64 on absolute values (as
+    tests/test_triton.py). mlp, attention_pool: against the exact float64
+    values within the tolerance model of tests/harness (tolerance.py,
+    gradients.py) evaluated in torch on the GPU (``model_bounds``; the torch
+    backend's ratios are printed beside, as a check of the bound).
 (b) timing (triton.testing.do_bench, median) of forward and forward +
-    backward, triton vs torch backend; for linear also the seed's pipeline
-    (ZeroPad + Unfold + einops, skipped if native_sparse_attention_pytorch is
-    absent) and torch.compile of the torch path.
+    backward, triton vs the torch backend; for linear, mlp and
+    attention_pool also torch.compile of the torch path and the seed's
+    pipeline (ZeroPad + Unfold, then einops / its GroupedMLP / its
+    AttentionPool; skipped if native_sparse_attention_pytorch is absent) and
+    its torch.compile; peak memory allocated beyond the inputs, forward and
+    forward + backward.
 (c) ceilings measured in the same run: a device-to-device copy (TB/s,
     read + write bytes) and a bfloat16 matmul (TFLOP/s); per timed case the
-    effective TB/s (pools) or TFLOP/s (linear) and its fraction of the ceiling,
-    checked against the issue's targets.
+    effective TB/s (pools), TFLOP/s (linear, mlp: model flops, forward + backward
+    counted as 3 forwards) or time over the floor (attention_pool: minimal
+    bytes at the copy bandwidth), checked against the issue's targets.
 (d) host overhead: wall time per call on tiny inputs, and the CPU time of
     issuing a call without waiting for the GPU.
 
@@ -49,12 +58,18 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-KINDS = ("mean_pool", "weighted_pool", "linear")
+KINDS = ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool")
 U = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 2.0 ** -24}
 TINY = {"bfloat16": 2.0 ** -133, "float16": 2.0 ** -24, "float32": 2.0 ** -149}   # smallest subnormals
 TINY_ACC = 2.0 ** -126   # float32's smallest normal: GPU float32 math may flush subnormals to zero
 # issue targets: H100 80GB, bf16, B=1, H=4, D=128, L=32, S=16, T=131072
 TARGETS = {"linear": {"fwd_ms": 0.10, "fwdbwd_ms": 0.30},
+           # mlp: model TFLOP/s, speedup over torch.compile (of the seed's pipeline when installed, else of the
+           # torch path), and peak extra memory at most this fraction of torch.compile's
+           "mlp": {"fwd_tflops": 630, "fwdbwd_tflops": 520, "fwd_vs_compile": 1.05, "fwdbwd_vs_compile": 1.4,
+                   "fwd_mem_vs_compile": 0.5, "fwdbwd_mem_vs_compile": 0.5},
+           # attention_pool: time over the floor (minimal bytes at the measured copy bandwidth)
+           "attention_pool": {"fwd_over_floor": 2.0, "fwdbwd_over_floor": 2.0},
            "mean_pool": {"fwd_tbs": 2.3, "fwdbwd_tbs": 2.0},
            "weighted_pool": {"fwd_tbs": 2.3, "fwdbwd_tbs": 2.0}}
 
@@ -69,8 +84,9 @@ def log(*a):
 # --------------------------------------------------------------------------- inputs
 
 
-def make(kind, *, B, H, T, D, L, S, dtype, layout="bhtd", pe=False, bias=False, seed=0):
-    """x (B, H, T, D) in the layout, the kind's parameters (G = H), pe or None."""
+def make(kind, *, B, H, T, D, L, S, dtype, layout="bhtd", pe=False, bias=False, seed=0, expand=1.0):
+    """x (B, H, T, D) in the layout, the kind's parameters (G = H), pe or None.
+    Weights are N(0, 1) / sqrt(fan in); mlp's hidden size is F = expand * L * D."""
     import torch
     device = DEVICE
     g = torch.Generator(device=device).manual_seed(seed)
@@ -82,19 +98,203 @@ def make(kind, *, B, H, T, D, L, S, dtype, layout="bhtd", pe=False, bias=False, 
         x = rnd(B, T, H, D).transpose(1, 2)
     else:
         x = rnd(B, H, T, D)
-    params = {"mean_pool": [], "weighted_pool": [rnd(H, L, scale=1 / L)],
-              "linear": [rnd(H, L, D, D, scale=(L * D) ** -0.5), rnd(H, D) if bias else None]}[kind]
+    F = int(expand * L * D)
+    if kind == "mlp":
+        params = [rnd(H, L * D, F, scale=(L * D) ** -0.5), rnd(H, F) if bias else None, rnd(H, F, D, scale=F ** -0.5),
+                  rnd(H, D) if bias else None]
+    else:
+        params = {"mean_pool": [], "weighted_pool": [rnd(H, L, scale=1 / L)],
+                  "linear": [rnd(H, L, D, D, scale=(L * D) ** -0.5), rnd(H, D) if bias else None],
+                  "attention_pool": [rnd(H, D, D, scale=D ** -0.5)]}[kind]
     return x, params, (rnd(H, L, D) if pe else None)
 
 
-def call(kind, backend, x, params, pe, *, L, S, padding, cu=None, **extra):
+PARAM_NAMES = {"mean_pool": [], "weighted_pool": ["weight"], "linear": ["weight", "bias"],
+               "mlp": ["w1", "b1", "w2", "b2"], "attention_pool": ["weight"]}
+
+
+def call(kind, backend, x, params, pe, *, L, S, padding, cu=None, activation="relu", **extra):
+    """One call of ``kind`` through the triton backend's callable (extra: e.g.
+    total_windows) or kvcompress.functional with ``backend``; activation for mlp."""
     import kvcompress.functional as kf
+    if kind == "mlp":
+        extra["activation"] = activation
     if backend == "triton":
         from kvcompress import backends as kb
         fn = kb.get(kind, "triton").fn
         return fn(x, *params, block_size=L, stride=S, padding=padding, pe=pe, cu_seqlens=cu, **extra)
     return getattr(kf, kind)(x, *params, block_size=L, stride=S, padding=padding, pe=pe, cu_seqlens=cu,
-                             backend=backend)
+                             backend=backend, **extra)
+
+
+# --------------------------------------------------------------------------- the tolerance model, in torch
+
+# mlp and attention_pool are not bilinear: their gradients are held to the
+# backward model of tests/harness/gradients.py (and y to tests/harness/
+# tolerance.py), written here with torch in float64 on the device, the sums
+# over windows as matmuls so that NSA sizes fit (the harness builds
+# per-window outer products in NumPy). tests/test_triton.py checks that
+# these functions return the harness's arrays on small cases.
+U64 = 2.0 ** -53
+LIPSCHITZ, ACT_ULPS, KAPPA, C_O, MAX_LOGIT_DELTA = 1.13, 8, 0.8, 3, 1.0 / 8
+LARGEST = {"bfloat16": 3.38e38, "float16": 65504.0, "float32": 3.4e38}
+
+
+def window_index(T, L, S, padding, seqlens, device):
+    """(idx, valid), each (W, L): token of every window position (packed order)
+    and whether it is a real token (False: a left-padding zero)."""
+    import torch
+    PRE = L - S if padding == "left" else 0
+    idx, valid, start = [], [], 0
+    for n in ([T] if seqlens is None else list(seqlens)):
+        W = ((n - L) // S + 1 if n >= L else 0) if padding == "valid" else n // S
+        pos = torch.arange(W, device=device)[:, None] * S - PRE + torch.arange(L, device=device)[None, :]
+        idx.append(start + pos.clamp(min=0))
+        valid.append(pos >= 0)
+        start += n
+    return torch.cat(idx), torch.cat(valid)
+
+
+def _act(name, z):
+    import torch
+    if name == "relu":
+        return torch.where(z > 0, z, torch.zeros_like(z))
+    if name == "gelu":
+        return 0.5 * z * (1.0 + torch.erf(z / 2 ** 0.5))
+    return z * torch.sigmoid(z)
+
+
+def _act_prime(name, z):
+    import torch
+    if name == "relu":
+        return (z > 0).double()
+    if name == "gelu":
+        return 0.5 * (1.0 + torch.erf(z / 2 ** 0.5)) + z * torch.exp(-0.5 * z * z) / (2 * torch.pi) ** 0.5
+    sg = torch.sigmoid(z)
+    return sg * (1.0 + z * (1.0 - sg))
+
+
+def model_bounds(kind, x, params, pe, dy, *, L, S, padding, seqlens=None, activation="relu"):
+    """The exact float64 output and gradients of sum(y * dy) and the bound the
+    tolerance model grants each element: {"y" | "x" | "pe" | param name:
+    (exact, bound)}, and whether the case is well conditioned.
+
+    kind "mlp" (params w1, b1, w2, b2) or "attention_pool" (params weight);
+    x (B, H, T, D), params, pe and dy in the dtype under test (any device)."""
+    import torch
+    dt = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[x.dtype]
+    u_o, u_a, tiny_o, tiny_a = U[dt], U["float32"], TINY[dt], TINY_ACC
+    ua = u_a + U64
+    B, H, T, D = x.shape
+    idx, valid = window_index(T, L, S, padding, seqlens, x.device)
+    W = idx.shape[0]
+
+    def gather(v, p):   # (B, H, T, D) -> (B, H, W, L, D) float64, pe added
+        win = torch.where(valid[None, None, :, :, None], v.double()[:, :, idx], torch.zeros((), dtype=torch.float64,
+                                                                                           device=v.device))
+        return win if p is None else win + p.double()[None, :, None]
+
+    def scatter(gwin):  # adjoint of gather for x
+        out = torch.zeros((B, H, T, D), dtype=torch.float64, device=x.device)
+        return out.index_add_(2, idx[valid], gwin[:, :, valid])
+
+    win, win_abs = gather(x, pe), gather(x.abs(), None if pe is None else pe.abs())
+    g = dy.double()
+    ag = g.abs()
+    ps = [None if p is None else p.double() for p in params]
+    G = ps[0].shape[0]
+    gh = torch.arange(H, device=x.device) // (H // G)                       # group of each head
+    out, local = {}, {}
+
+    def total(a):   # per-head sums (H, ...) -> per-group (G, ...)
+        return a.view(G, H // G, *a.shape[1:]).sum(1)
+
+    if kind == "mlp":
+        w1, b1, w2, b2 = ps
+        F, DO = w1.shape[2], w2.shape[2]
+        w1h, w2h = w1[gh], w2[gh]                                            # [H, LD, F], [H, F, DO]
+        X, Xa = win.reshape(B, H, W, L * D), win_abs.reshape(B, H, W, L * D)
+        pre = torch.einsum("bhwk,hkf->bhwf", X, w1h)
+        M_p = torch.einsum("bhwk,hkf->bhwf", Xa, w1h.abs())
+        if b1 is not None:
+            pre, M_p = pre + b1[gh][None, :, None], M_p + b1[gh].abs()[None, :, None]
+        hid = _act(activation, pre)
+        y = torch.einsum("bhwf,hfo->bhwo", hid, w2h)
+        M = torch.einsum("bhwf,hfo->bhwo", M_p, w2h.abs())                   # the MLP on |values| with relu
+        if b2 is not None:
+            y, M = y + b2[gh][None, :, None], M + b2[gh].abs()[None, :, None]
+        n = LIPSCHITZ * (L * D + 2) + ACT_ULPS + F + 2
+        out["y"] = (y, ((LIPSCHITZ + 2) * u_o + n * (u_a + U64)) * M + tiny_o + n * tiny_a)
+        ok = bool(torch.isfinite(M).all() and (M < LARGEST[dt] / 8).all())
+        e_p = ((L * D + 2) * ua + u_o) * M_p
+        e_h = LIPSCHITZ * e_p + (ACT_ULPS * ua + u_o) * M_p
+        ghd = torch.einsum("bhwo,hfo->bhwf", g, w2h)
+        Mgh = torch.einsum("bhwo,hfo->bhwf", ag, w2h.abs())
+        e_gh = (DO + 1) * ua * Mgh
+        if activation == "relu":
+            e_d = (pre.abs() <= e_p).double()
+        else:
+            e_d = KAPPA * e_p + ACT_ULPS * ua * LIPSCHITZ
+        gp = ghd * _act_prime(activation, pre)
+        e_gp = LIPSCHITZ * e_gh + Mgh * e_d + (ua + u_o) * LIPSCHITZ * Mgh
+        agp, lm = gp.abs(), LIPSCHITZ * Mgh
+        shape = (B, H, W, L, D)
+        local["x"] = (torch.einsum("bhwf,hkf->bhwk", gp, w1h).reshape(shape),
+                      (torch.einsum("bhwf,hkf->bhwk", e_gp, w1h.abs())
+                       + (F * ua + C_O * u_o) * torch.einsum("bhwf,hkf->bhwk", lm, w1h.abs())).reshape(shape),
+                      torch.einsum("bhwf,hkf->bhwk", agp, w1h.abs()).reshape(shape))
+        sums = {"w1": (torch.einsum("bhwk,bhwf->hkf", X, gp),
+                       torch.einsum("bhwk,bhwf->hkf", Xa, e_gp) + (ua + C_O * u_o) * torch.einsum("bhwk,bhwf->hkf",
+                                                                                                   Xa, lm),
+                       torch.einsum("bhwk,bhwf->hkf", Xa, agp)),
+                "w2": (torch.einsum("bhwf,bhwo->hfo", hid, g),
+                       torch.einsum("bhwf,bhwo->hfo", e_h, ag) + (ua + C_O * u_o) * torch.einsum("bhwf,bhwo->hfo",
+                                                                                                  M_p, ag),
+                       torch.einsum("bhwf,bhwo->hfo", hid.abs(), ag))}
+        if b1 is not None:
+            sums["b1"] = (gp.sum((0, 2)), (e_gp + C_O * u_o * lm).sum((0, 2)), agp.sum((0, 2)))
+        if b2 is not None:
+            sums["b2"] = (g.sum((0, 2)), C_O * u_o * ag.sum((0, 2)), ag.sum((0, 2)))
+    else:
+        w = ps[0]
+        Wh = w[gh]                                                           # [H, D, D]
+        z = torch.einsum("bhwld,hdc->bhwlc", win, Wh)
+        P = torch.softmax(z, dim=3)
+        y = (P * win).sum(3)
+        A = torch.einsum("bhwld,hdc->bhwlc", win_abs, Wh.abs()).amax(3) if W * B > 0 else win_abs.sum(3)
+        Q = (P * win_abs).sum(3)
+        delta_f = ((D + 2) * u_a + u_o) * A
+        out["y"] = (y, (torch.expm1(2 * delta_f.clamp(max=50.0)) + (2 * L + 8) * (u_a + U64) + 3 * u_o) * Q
+                    + tiny_o + (L + win_abs.sum(3)) * tiny_a)
+        ok = bool((delta_f <= MAX_LOGIT_DELTA).all() and torch.isfinite(Q).all() and (Q < LARGEST[dt] / 8).all())
+        rho = torch.expm1(2 * (((D + 2) * ua + u_o) * A).clamp(max=50.0)) + (L + 4) * ua + u_o
+        e_y = (rho + L * ua + 2 * u_o) * Q
+        gP, agP = P * g[:, :, :, None], P * ag[:, :, :, None]
+        gz = gP * (win - y[:, :, :, None])
+        Gz = agP * (win_abs + Q[:, :, :, None])
+        e_gz = (2 * rho[:, :, :, None] + (L + 8) * ua + 2 * u_o) * Gz + agP * e_y[:, :, :, None] \
+            + tiny_a * ag[:, :, :, None] * (win_abs + Q[:, :, :, None])
+        aW = Wh.abs()
+        local["x"] = (gP + torch.einsum("bhwlc,hdc->bhwld", gz, Wh),
+                      (rho[:, :, :, None] + ua + u_o) * agP + tiny_a * ag[:, :, :, None]
+                      + torch.einsum("bhwlc,hdc->bhwld", e_gz, aW)
+                      + ((D + 1) * ua + C_O * u_o) * (agP + torch.einsum("bhwlc,hdc->bhwld", Gz, aW)),
+                      agP + torch.einsum("bhwlc,hdc->bhwld", gz.abs(), aW))
+        sums = {"weight": (torch.einsum("bhwld,bhwlc->hdc", win, gz),
+                           torch.einsum("bhwld,bhwlc->hdc", win_abs, e_gz) + (L * ua + C_O * u_o + u_o)
+                           * torch.einsum("bhwld,bhwlc->hdc", win_abs, Gz),
+                           torch.einsum("bhwld,bhwlc->hdc", win_abs, gz.abs()))}
+    ex, bn, mag = local["x"]
+    K = -(-L // S) + 1
+    out["x"] = (scatter(ex), scatter(bn) + K * ua * scatter(mag) + tiny_o + K * tiny_a)
+    if pe is not None:
+        K = B * W
+        out["pe"] = (ex.sum((0, 2)), bn.sum((0, 2)) + K * ua * mag.sum((0, 2)) + tiny_o + K * tiny_a)
+    K = B * W * (H // G)
+    for name, (e, b, m) in sums.items():
+        out[name] = (total(e), total(b) + K * ua * total(m) + tiny_o + K * tiny_a)
+    ok = ok and all(bool(torch.isfinite(b).all() and (b < LARGEST[dt] / 8).all()) for _, b in out.values())
+    return out, ok
 
 
 # --------------------------------------------------------------------------- (a) correctness
@@ -118,7 +318,7 @@ def check(kind, case):
     dtype = torch.bfloat16
     c = dict(case)
     name, seqlens, padding = c.pop("name"), c.pop("seqlens", None), c.pop("padding")
-    use_pe, use_bias = c.pop("pe", False), c.pop("bias", False)
+    use_pe, use_bias, activation = c.pop("pe", False), c.pop("bias", False), c.pop("activation", "relu")
     L, S = c["L"], c["S"]
     if seqlens:
         c["T"] = sum(seqlens)
@@ -127,7 +327,7 @@ def check(kind, case):
     if seqlens:
         cu = torch.tensor([0] + list(torch.tensor(seqlens).cumsum(0).tolist()), device=DEVICE, dtype=torch.int32)
     named = {"x": x, "pe": pe}
-    pnames = {"mean_pool": [], "weighted_pool": ["weight"], "linear": ["weight", "bias"]}[kind]
+    pnames = PARAM_NAMES[kind]
     named.update({n: p for n, p in zip(pnames, params)})
     t0 = time.perf_counter()
 
@@ -135,7 +335,7 @@ def check(kind, case):
         # clone keeps the strides of a dense tensor: x stays a (B, T, H, D) tensor seen as (B, H, T, D)
         leaves = {k: v.detach().clone().requires_grad_(True) if v is not None else None for k, v in values.items()}
         y = call(kind, backend, leaves["x"], [leaves[n] for n in pnames], leaves["pe"], L=L, S=S, padding=padding,
-                 cu=cu)
+                 cu=cu, activation=activation)
         if dy is None:
             dy = torch.randn(y.shape, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(5)).to(
                 y.dtype)
@@ -146,22 +346,38 @@ def check(kind, case):
     sync()
     t_triton = time.perf_counter() - t0
     y_to, g_to, _ = run("torch", named, dy)
-    absd = {k: v.detach().abs().double() if v is not None else None for k, v in named.items()}
-    m_y, m_g, _ = run("torch", absd, dy.abs().double())
     B, H, W = y_tr.shape[:3]
-    sizes = dict(L=L, S=S, D=c["D"], BW=B * W, BHW=B * W)
     out = {"kind": kind, "case": name, "dtype": "bfloat16", "T": c["T"], "B": B, "W": W, "ok": True, "ratios": {},
            "triton_first_call_s": round(t_triton, 2)}
+
+    def judge(key, got, want, bound):
+        err = (got.double() - want.double()).abs()
+        finite = bool(torch.isfinite(got).all())
+        ratio = float((err / bound).max()) if err.numel() else 0.0
+        return ratio if finite else float("inf")
+
+    if kind in ("mlp", "attention_pool"):   # the exact values and the tolerance model, on the device
+        model, ok = model_bounds(kind, x, params, pe, dy, L=L, S=S, padding=padding, seqlens=seqlens,
+                                 activation=activation)
+        out["well_conditioned"] = ok
+        out["ok"] &= ok
+        out["torch_ratios"] = {}
+        for key, got, ref in [("y", y_tr, y_to)] + [(k, g_tr[k], g_to[k]) for k in g_tr]:
+            exact, bound = model[key]
+            out["ratios"][key] = judge(key, got, exact, bound)
+            out["torch_ratios"][key] = judge(key, ref, exact, bound)
+            out["ok"] &= out["ratios"][key] <= 1.0
+        del model
+        return out
+    absd = {k: v.detach().abs().double() if v is not None else None for k, v in named.items()}
+    m_y, m_g, _ = run("torch", absd, dy.abs().double())
+    sizes = dict(L=L, S=S, D=c["D"], BW=B * W, BHW=B * W)
     for key, got, want, mag in [("y", y_tr, y_to, m_y)] + [(k, g_tr[k], g_to[k], m_g[k]) for k in g_tr]:
         n = n_terms(kind, key, **sizes)
         # each backend: n float32 roundings, at most 2 to bfloat16 (tolerance.py's forward model)
         bound = 2 * ((2 * U["bfloat16"] + n * U["float32"]) * mag + TINY["bfloat16"] + n * TINY_ACC)
-        err = (got.double() - want.double()).abs()
-        finite = bool(torch.isfinite(got).all())
-        ratio = float((err / bound).max()) if err.numel() else 0.0
-        ok = finite and ratio <= 1.0
-        out["ratios"][key] = ratio if finite else float("inf")
-        out["ok"] &= ok
+        out["ratios"][key] = judge(key, got, want, bound)
+        out["ok"] &= out["ratios"][key] <= 1.0
     return out
 
 
@@ -172,6 +388,8 @@ def correctness_cases(mode):
             "nsa": dict(name="nsa", B=1, H=2, T=96, D=16, L=8, S=4, padding="left", pe=True, bias=True,
                         layout="bthd"),
             "b4d192": dict(name="b4d192", B=2, H=2, T=40, D=24, L=8, S=4, padding="valid"),
+            "d64": dict(name="d64", B=2, H=2, T=48, D=8, L=4, S=2, padding="left", pe=True, bias=True,
+                        activation="gelu"),
             "packed": dict(name="packed", B=1, H=2, T=0, D=16, L=8, S=4, padding="left", pe=True, layout="bthd",
                            seqlens=[3, 0, 50, 7, 0, 30]),
         }
@@ -183,6 +401,8 @@ def correctness_cases(mode):
         "nsa": dict(name="nsa", **nsa, padding="left", pe=True, bias=True, layout="bthd"),
         "b4d192": dict(name="b4d192", B=4, H=4, T=2048 if mode == "quick" else 8192, D=192, L=32, S=16,
                        padding="valid"),
+        "d64": dict(name="d64", B=2, H=4, T=4096 if mode == "quick" else 16384, D=64, L=32, S=16, padding="left",
+                    pe=True, bias=True, activation="gelu"),
         "packed": dict(name="packed", B=1, H=4, T=0, D=128, L=32, S=16, padding="left", pe=True, layout="bthd",
                        seqlens=seqlens),
     }
@@ -250,70 +470,169 @@ def seed_linear_fn(L, S, H, D):
     return fn
 
 
+def seed_split(L, S, H, D):
+    """The seed's split_compress_window (Rearrange, ZeroPad2d, Unfold, Rearrange,
+    as in native_sparse_attention_pytorch): (B, H, T, D) -> windows
+    (B, H, W, L, D), an unfolded copy."""
+    from einops.layers.torch import Rearrange
+    from torch import nn
+    return nn.Sequential(
+        Rearrange("b h n d -> (b h) d 1 n"),
+        nn.ZeroPad2d(((L - S), 0, 0, 0)),
+        nn.Unfold(kernel_size=(1, L), stride=(1, S)),
+        Rearrange("(b h) (d n) w -> b h w n d", d=D, h=H, n=L))
+
+
+def seed_fn(kind, L, S, H, D):
+    """The seed's pipeline for ``kind`` as fn(x, *params): its window split,
+    then an einsum (linear), its GroupedMLP (mlp; our w1, b1, w2, b2 as its
+    parameters through functional_call) or its AttentionPool (its one
+    (D, D) logit projection for every head: our weight[0], transposed for its
+    nn.Linear); None if the seed package is absent."""
+    try:
+        import native_sparse_attention_pytorch.compress_networks as cn
+        from einops import einsum
+        from torch.func import functional_call
+    except ImportError:
+        return None
+    split = seed_split(L, S, H, D)
+    if kind == "linear":
+        def fn(x, w):
+            return einsum(split(x), w, "b h w n d, h n d o -> b h w o")
+    elif kind == "mlp":
+        module = cn.GroupedMLP(D, L, H).to(DEVICE)
+
+        def fn(x, w1, b1, w2, b2):
+            return functional_call(module, {"net.0.weight": w1, "net.0.bias": b1[None, :, None],
+                                            "net.2.weight": w2, "net.2.bias": b2[None, :, None]}, (split(x),))
+    elif kind == "attention_pool":
+        module = cn.AttentionPool(D, L).to(DEVICE)
+
+        def fn(x, w):
+            return functional_call(module, {"to_attn_logits.weight": w[0].t()}, (split(x),))
+    else:
+        return None
+    return fn
+
+
+def peak_extra(step):
+    """Peak bytes allocated beyond what was allocated before ``step()`` (None on CPU)."""
+    import torch
+    if DEVICE != "cuda":
+        step()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak
+
+
 def timing(kind, quick, ceil):
     import torch
-
-    import kvcompress.functional as kf
     B, H, D, L, S = 1, 4, 128, 32, 16
     T = 16384 if quick else 131072
     if DEVICE != "cuda":
         H, D, L, S, T = 2, 16, 8, 4, 128
+    padding = "valid" if kind in ("mean_pool", "weighted_pool", "linear") else "left"   # the seed pads left
     rows = []
     for layout in ("bhtd", "bthd"):
-        x, params, _ = make(kind, B=B, H=H, T=T, D=D, L=L, S=S, dtype=torch.bfloat16, layout=layout)
-        W = (T - L) // S + 1
+        x, params, _ = make(kind, B=B, H=H, T=T, D=D, L=L, S=S, dtype=torch.bfloat16, layout=layout,
+                            bias=kind == "mlp")
+        W = (T - L) // S + 1 if padding == "valid" else T // S
+        F = L * D
         x_bytes, y_bytes = x.numel() * 2, B * H * W * D * 2
-        flops = 2 * B * H * W * L * D * D
+        flops = {"linear": 2 * B * H * W * L * D * D, "mlp": 2 * B * H * W * (L * D * F + F * D)}.get(kind)
         fwd_bytes = x_bytes + y_bytes
-        # minimal traffic of forward + backward: mean reads dy, writes dx; weighted and linear also read x
+        # minimal traffic of forward + backward: mean reads dy, writes dx; the others also read x
         bwd_bytes = y_bytes + x_bytes + (x_bytes if kind != "mean_pool" else 0)
+
         def backend_fn(backend):
-            return lambda xx, *pp: call(kind, backend, xx, list(pp), None, L=L, S=S, padding="valid")
+            return lambda xx, *pp: call(kind, backend, xx, list(pp), None, L=L, S=S, padding=padding)
 
         fns = {"triton": backend_fn("triton")}
         if layout == "bhtd":       # the baselines once, on the plain layout
             fns["torch"] = backend_fn("torch")
-            if kind == "linear":
-                seed = seed_linear_fn(L, S, H, D)
+            if kind in ("linear", "mlp", "attention_pool"):
+                seed = seed_fn(kind, L, S, H, D)
                 if seed is None:
                     log("  seed package native_sparse_attention_pytorch not installed: seed pipeline skipped")
                 else:
                     fns["seed"] = seed
                 if DEVICE == "cuda":   # inductor needs a C++ compiler for CPU code: not in the dry run
-                    fns["torch.compile"] = torch.compile(
-                        lambda xx, *pp: kf.linear(xx, *pp, block_size=L, stride=S, backend="torch"))
+                    fns["torch.compile"] = torch.compile(backend_fn("torch"))
+                    if seed is not None and kind != "linear":
+                        fns["seed.compile"] = torch.compile(seed)
         for name, fn in fns.items():
-            ps = [p for p in params if p is not None]
             try:
-                f_ms = bench(lambda fn=fn, x=x, ps=ps: fn(x, *ps), quick)
+                f_ms = bench(lambda fn=fn, x=x, ps=params: fn(x, *ps), quick)
+                with torch.no_grad():
+                    mem_f = peak_extra(lambda fn=fn, x=x, ps=params: fn(x, *ps))
                 xg = x.detach().requires_grad_(True)
-                pg = [p.detach().requires_grad_(True) for p in ps]
-                dy = torch.randn_like(fn(x, *ps))
+                pg = [p.detach().requires_grad_(True) if p is not None else None for p in params]
+                leaves = [xg, *[p for p in pg if p is not None]]
+                dy = torch.randn_like(fn(x, *params))
 
                 def step(fn=fn, xg=xg, pg=pg, dy=dy):
                     fn(xg, *pg).backward(dy)
-                fb_ms = bench(step, quick, grad_to_none=[xg, *pg])
+                fb_ms = bench(step, quick, grad_to_none=leaves)
+                for t in leaves:
+                    t.grad = None
+                mem_fb = peak_extra(step)
+                for t in leaves:
+                    t.grad = None
             except Exception as e:   # report and go on: one broken baseline must not hide the rest
                 log(f"  {kind} {name} {layout}: {type(e).__name__}: {e}")
                 rows.append({"kind": kind, "impl": name, "layout": layout, "error": repr(e)})
                 continue
-            r = {"kind": kind, "impl": name, "layout": layout, "T": T, "fwd_ms": f_ms, "fwdbwd_ms": fb_ms}
-            if kind == "linear":
+            r = {"kind": kind, "impl": name, "layout": layout, "T": T, "fwd_ms": f_ms, "fwdbwd_ms": fb_ms,
+                 "fwd_mem_mib": None if mem_f is None else mem_f / 2 ** 20,
+                 "fwdbwd_mem_mib": None if mem_fb is None else mem_fb / 2 ** 20}
+            if flops is not None:     # linear, mlp: model flops (forward + backward = 3 forwards)
                 r["fwd_tflops"] = flops / (f_ms * 1e-3) / 1e12
                 r["fwdbwd_tflops"] = 3 * flops / (fb_ms * 1e-3) / 1e12
                 r["fwd_frac"] = r["fwd_tflops"] / ceil["matmul_bf16_tflops"]
                 r["fwdbwd_frac"] = r["fwdbwd_tflops"] / ceil["matmul_bf16_tflops"]
                 r["fwd_tbs"] = fwd_bytes / (f_ms * 1e-3) / 1e12
+            elif kind == "attention_pool":   # the floor: minimal bytes at the copy bandwidth (docs/triton.md)
+                floor_f = fwd_bytes / (ceil["copy_tbs"] * 1e12) * 1e3
+                floor_fb = (fwd_bytes + bwd_bytes) / (ceil["copy_tbs"] * 1e12) * 1e3
+                r.update(floor_fwd_ms=floor_f, floor_fwdbwd_ms=floor_fb, fwd_over_floor=f_ms / floor_f,
+                         fwdbwd_over_floor=fb_ms / floor_fb)
+                r["fwd_tbs"] = fwd_bytes / (f_ms * 1e-3) / 1e12
+                r["fwdbwd_tbs"] = (fwd_bytes + bwd_bytes) / (fb_ms * 1e-3) / 1e12
+                r["fwd_frac"], r["fwdbwd_frac"] = 1 / r["fwd_over_floor"], 1 / r["fwdbwd_over_floor"]
             else:
                 r["fwd_tbs"] = fwd_bytes / (f_ms * 1e-3) / 1e12
                 r["fwdbwd_tbs"] = (fwd_bytes + bwd_bytes) / (fb_ms * 1e-3) / 1e12
                 r["fwd_frac"] = r["fwd_tbs"] / ceil["copy_tbs"]
                 r["fwdbwd_frac"] = r["fwdbwd_tbs"] / ceil["copy_tbs"]
-            if name == "triton" and not quick and DEVICE == "cuda":
-                t = TARGETS[kind]
-                r["meets_targets"] = all(r[k] <= v if k.endswith("_ms") else r[k] >= v for k, v in t.items())
             rows.append(r)
-            log(f"  {kind:14s} {name:14s} {layout}: fwd {f_ms:.4f} ms, fwd+bwd {fb_ms:.4f} ms")
+            mem = "" if mem_f is None else f", peak extra {mem_f / 2 ** 20:.0f} / {mem_fb / 2 ** 20:.0f} MiB"
+            log(f"  {kind:14s} {name:14s} {layout}: fwd {f_ms:.4f} ms, fwd+bwd {fb_ms:.4f} ms{mem}")
+    # comparisons with torch.compile (mlp: of the seed's pipeline when installed) and the targets
+    base = {r["impl"]: r for r in rows if "error" not in r and r["layout"] == "bhtd"}
+    ref = base.get("seed.compile") or base.get("torch.compile")
+    for r in rows:
+        if r.get("impl") != "triton" or "error" in r:
+            continue
+        if kind == "mlp" and ref is not None:
+            r["compile_ref"] = ref["impl"]
+            r["fwd_vs_compile"] = ref["fwd_ms"] / r["fwd_ms"]
+            r["fwdbwd_vs_compile"] = ref["fwdbwd_ms"] / r["fwdbwd_ms"]
+            if r["fwd_mem_mib"] is not None and ref["fwd_mem_mib"]:
+                # lower is better for these two: the target is a ceiling
+                r["fwd_mem_vs_compile"] = r["fwd_mem_mib"] / ref["fwd_mem_mib"]
+                r["fwdbwd_mem_vs_compile"] = r["fwdbwd_mem_mib"] / ref["fwdbwd_mem_mib"]
+        if not quick and DEVICE == "cuda" and kind in TARGETS:
+            t = TARGETS[kind]
+            lower = ("_ms", "_over_floor", "_mem_vs_compile")
+            r["targets"] = {k: (None if r.get(k) is None else (r[k] <= v if k.endswith(lower) else r[k] >= v))
+                            for k, v in t.items()}
+            r["meets_targets"] = all(r["targets"].values())
     return rows
 
 
@@ -323,7 +642,7 @@ def timing(kind, quick, ceil):
 def overhead(kind, quick):
     import torch
     x, params, _ = make(kind, B=1, H=1, T=64, D=16, L=4, S=2, dtype=torch.bfloat16)
-    ps = [p for p in params if p is not None]
+    ps = list(params)
     n = 5 if DEVICE != "cuda" else 200 if quick else 1000
     out = {"kind": kind}
     for backend in ("triton", "torch"):
@@ -345,13 +664,16 @@ def overhead(kind, quick):
 
 def autotuned():
     """The configuration each autotuned kernel picked (per key) in this run."""
+    from kvcompress.ops.attention_pool import triton_impl as ap
     from kvcompress.ops.linear import triton_impl as li
     from kvcompress.ops.mean_pool import triton_impl as mp
+    from kvcompress.ops.mlp import triton_impl as ml
     from kvcompress.ops.weighted_pool import triton_impl as wp
     out = {}
     for name, launcher in [("mean_pool_fwd", mp._FWD), ("mean_pool_bwd", mp._BWD), ("weighted_pool_fwd", wp._FWD),
                            ("weighted_pool_bwd", wp._BWD), ("linear_fwd", li._FWD), ("linear_dx", li._DX),
-                           ("linear_dw", li._DW)]:
+                           ("linear_dw", li._DW), ("mlp_fwd", ml._FWD), ("mlp_dp", ml._DP), ("mlp_dx", ml._DX),
+                           ("mlp_dw1", ml._DW1), ("attention_pool_fwd", ap._FWD), ("attention_pool_bwd", ap._BWD)]:
         tuned = launcher.tuned
         if tuned is not None:
             out[name] = {str(k): str(v) for k, v in tuned.cache.items()}
@@ -361,7 +683,7 @@ def autotuned():
 # --------------------------------------------------------------------------- compile only
 
 
-def compile_only(dtypes):
+def compile_only(dtypes, kinds=KINDS):
     """Compile every configuration of every kernel for sm_90 (no GPU needed),
     with the JIT's specialisations of an NSA-sized call (ints equal to 1 are
     constants, multiples of 16 are marked divisible); report shared memory,
@@ -421,33 +743,41 @@ def compile_only(dtypes):
         log(f"{name:34s} {str(r['config']):86s} " + (f"smem {r['shared']:6d} regs {r['regs']:3d} stack "
                                                       f"{r['stack']:5d}" if "error" not in r else r["error"]))
 
+    import torch
     for dt in dtypes:
+        tdt = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dt])
         for varlen in (False, True):
             tag = f"[{dt}{' varlen' if varlen else ''}]"
-            p = {"x": dt, "wt": dt, "cst": "fp32", "y": dt, "cu": "i64", "ccu": "i64", "cq": "i64"}
-            for fn in (mp.mean_pool_fwd_kernel, wp.weighted_pool_fwd_kernel):
-                for cfg in tc._pool_fwd_prune(tc.POOL_FWD_CONFIGS, {"C_PAD": 2, "D": D}):
-                    one(f"{fn.__name__} {tag}", fn, cfg, p, dict(C_PAD=2, IS_VARLEN=varlen, HAS_CONST=True), pool_w)
-            pb = {"dy": dt, "x": dt, "wt": dt, "dx": dt, "pw": "fp32", "cu": "i64", "ccu": "i64", "cq": "i64"}
-            for fn, dw in ((mp.mean_pool_bwd_kernel, False), (wp.weighted_pool_bwd_kernel, True)):
-                for cfg in tc.POOL_BWD_CONFIGS:
-                    cfg = triton.Config({"BLOCK_K": 64, "BLOCK_D": 64 if dt == "fp32" else 128, **cfg.kwargs},
-                                        num_warps=cfg.num_warps)
-                    one(f"{fn.__name__} {tag}", fn, cfg, pb, dict(IS_VARLEN=varlen, NEED_DX=True, NEED_DW=dw), pool_w)
-            import torch
-            tdt = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dt])
-            probe = {"D": D, "DO": D, "x": torch.empty(0, dtype=tdt), "cst": torch.empty(0)}
-            for name, launcher, ptrs, const, rows_name in [
-                ("linear_fwd_kernel", li._FWD, {"x": dt, "w": dt, "cst": "fp32", "y": dt, "cu": "i64", "ccu": "i64",
-                                                "cq": "i64"}, dict(IS_VARLEN=varlen, HAS_CONST=True, DOT_F32=False),
-                 "BLOCK_W"),
-                ("linear_bwd_kernel_dx", li._DX, {"dy": dt, "w": dt, "dx": dt, "cu": "i64", "ccu": "i64",
-                                                  "cq": "i64"}, dict(IS_VARLEN=varlen, DOT_F32=False), "BLOCK_K"),
-                ("linear_bwd_kernel_dw", li._DW, {"x": dt, "dy": dt, "pe": dt, "cs": "fp32", "dw": "fp32",
-                                                  "cu": "i64", "ccu": "i64", "cq": "i64"},
-                 dict(IS_VARLEN=varlen, HAS_PE=True, DOT_F32=False), "BLOCK_W")]:
-                for cfg in li._fits(launcher.tuned.configs, probe, rows_name):
-                    one(f"{name} {tag}", launcher.kernel, cfg, ptrs, const, lin_w)
+            if "mean_pool" in kinds or "weighted_pool" in kinds:
+                p = {"x": dt, "wt": dt, "cst": "fp32", "y": dt, "cu": "i64", "ccu": "i64", "cq": "i64"}
+                for fn in (mp.mean_pool_fwd_kernel, wp.weighted_pool_fwd_kernel):
+                    for cfg in tc._pool_fwd_prune(tc.POOL_FWD_CONFIGS, {"C_PAD": 2, "D": D}):
+                        one(f"{fn.__name__} {tag}", fn, cfg, p, dict(C_PAD=2, IS_VARLEN=varlen, HAS_CONST=True),
+                            pool_w)
+                pb = {"dy": dt, "x": dt, "wt": dt, "dx": dt, "pw": "fp32", "cu": "i64", "ccu": "i64", "cq": "i64"}
+                for fn, dw in ((mp.mean_pool_bwd_kernel, False), (wp.weighted_pool_bwd_kernel, True)):
+                    for cfg in tc.POOL_BWD_CONFIGS:
+                        cfg = triton.Config({"BLOCK_K": 64, "BLOCK_D": 64 if dt == "fp32" else 128, **cfg.kwargs},
+                                            num_warps=cfg.num_warps)
+                        one(f"{fn.__name__} {tag}", fn, cfg, pb, dict(IS_VARLEN=varlen, NEED_DX=True, NEED_DW=dw),
+                            pool_w)
+            if "linear" in kinds:
+                probe = {"D": D, "DO": D, "x": torch.empty(0, dtype=tdt), "cst": torch.empty(0)}
+                for name, launcher, ptrs, const, rows_name in [
+                    ("linear_fwd_kernel", li._FWD, {"x": dt, "w": dt, "cst": "fp32", "y": dt, "cu": "i64",
+                                                    "ccu": "i64", "cq": "i64"},
+                     dict(IS_VARLEN=varlen, HAS_CONST=True, DOT_F32=False), "BLOCK_W"),
+                    ("linear_bwd_kernel_dx", li._DX, {"dy": dt, "w": dt, "dx": dt, "cu": "i64", "ccu": "i64",
+                                                      "cq": "i64"}, dict(IS_VARLEN=varlen, DOT_F32=False), "BLOCK_K"),
+                    ("linear_bwd_kernel_dw", li._DW, {"x": dt, "dy": dt, "pe": dt, "cs": "fp32", "dw": "fp32",
+                                                      "cu": "i64", "ccu": "i64", "cq": "i64"},
+                     dict(IS_VARLEN=varlen, HAS_PE=True, DOT_F32=False), "BLOCK_W")]:
+                    for cfg in li._fits(launcher.tuned.configs, probe, rows_name):
+                        one(f"{name} {tag}", launcher.kernel, cfg, ptrs, const, lin_w)
+            if "mlp" in kinds:
+                compile_mlp(one, dt, tdt, tag, varlen, T=T, H=H, D=D, L=L, S=S, W=W)
+            if "attention_pool" in kinds:
+                compile_attention_pool(one, dt, tdt, tag, varlen, T=T, H=H, D=D, L=L, S=S, W=W)
     bad = [r for r in rows if "error" in r or r["stack"] > 0 or r["shared"] > 232448]
     log(f"\ncompile-only: {len(rows)} kernel configurations for sm_90, {len(bad)} failing, spilling or over "
         f"227 KB of shared memory")
@@ -457,43 +787,145 @@ def compile_only(dtypes):
     return rows
 
 
+def compile_mlp(one, dt, tdt, tag, varlen, *, T, H, D, L, S, W):
+    """mlp's kernels at the NSA shape with F = L*D (the seed's GroupedMLP,
+    expand 1): the fused forward, the dp kernel, and linear's dx / dw kernels
+    with F as their D_out (the mlp module's own configurations)."""
+    import torch
+
+    from kvcompress.ops.mlp import triton_impl as ml
+    F, DO, G = L * D, D, H
+    BN = ml.block_n(DO)
+    seq = {"cu": "i64", "ccu": "i64", "cq": "i64"}
+    x_s = dict(sxb=T * H * D, sxh=D, sxt=H * D, sxd=1)
+    w_s = dict(s1g=L * D * F, s1k=F, s1f=1, scg=F, scf=1, s2g=F * DO, s2f=DO, s2n=1, sbg=DO, sbn=1)
+    sizes = dict(H=H, HG=1, HG_C=1, D=D, F=F, DO=DO, B=1, WORK=15)
+    probe = {"D": D, "F": F, "DO": F, "BLOCK_N": BN, "x": torch.empty(0, dtype=tdt), "dy": torch.empty(0, dtype=tdt)}
+    flags = dict(IS_VARLEN=varlen, HID_TF32=dt == "fp16", DOT_F32=False)
+    for cfg in ml._fused_prune(ml._FWD.tuned.configs, probe, "fwd"):
+        one(f"mlp_fwd_kernel {tag}", ml.mlp_fwd_kernel, cfg,
+            {"x": dt, "w1": dt, "cst": "fp32", "w2": dt, "b2": dt, "y": dt, **seq},
+            dict(BLOCK_N=BN, ACT=0, HAS_CONST=True, HAS_B2=True, **flags),
+            dict(x_s, **w_s, **sizes, syb=H * W * DO, syh=W * DO, syw=DO, syd=1))
+    for cfg in ml._fused_prune(ml._DP.tuned.configs, probe, "dp"):
+        one(f"mlp_bwd_kernel_dp {tag}", ml.mlp_bwd_kernel_dp, cfg,
+            {"x": dt, "w1": dt, "cst": "fp32", "w2": dt, "dy": dt, "dp": dt, "pw2": "fp32", **seq},
+            dict(BLOCK_N=BN, ACT=1, HAS_CONST=True, NEED_DP=True, NEED_W2=True, **flags),
+            dict(x_s, **w_s, **sizes, sdb=H * W * DO, sdh=W * DO, sdw=DO, sdn=1, spb=H * W * F, sph=W * F, spw=F,
+                 spf=1, sos=G * F * DO, sog=F * DO, sof=DO, son=1, ROWS_PER_SPLIT=W // 8))
+    lin = dict(swg=L * D * F, swl=D * F, swd=F, swn=1, DO=F)
+    dp_s = dict(sdb=H * W * F, sdh=W * F, sdw=F, sdn=1)
+    for cfg in ml._linear_prune(ml._DX.tuned.configs, probe, "BLOCK_K"):
+        one(f"mlp dx (linear_bwd_kernel_dx) {tag}", ml._DX.kernel, cfg, {"dy": dt, "w": dt, "dx": dt, **seq},
+            dict(IS_VARLEN=varlen, DOT_F32=False), dict(lin, **dp_s, sgb=T * H * D, sgh=D, sgt=H * D, sgd=1))
+    for cfg in ml._linear_prune(ml._DW1.tuned.configs, probe, "BLOCK_W"):
+        one(f"mlp dw1 (linear_bwd_kernel_dw) {tag}", ml._DW1.kernel, cfg,
+            {"x": dt, "dy": dt, "pe": dt, "cs": "fp32", "dw": dt, **seq},
+            dict(IS_VARLEN=varlen, HAS_PE=True, DOT_F32=False),
+            dict(lin, **dp_s, sos=0, sog=L * D * F, soj=D * F, sod=F, son=1, ROWS_PER_SPLIT=W))
+
+
+def compile_attention_pool(one, dt, tdt, tag, varlen, *, T, H, D, L, S, W):
+    """attention_pool's kernels at the NSA shape: the forward (with the LSE for
+    autograd), the fused backward (dx, dW and pe's sums in one pass) and the
+    feature-blocked dW pass used when D > FUSED_MAX_D."""
+    import torch
+
+    from kvcompress.ops.attention_pool import triton_impl as ap
+    C = -(-L // S)
+    C_PAD = 1 << (C - 1).bit_length()
+    seq = {"cu": "i64", "ccu": "i64", "cq": "i64"}
+    ints = dict(sxb=T * H * D, sxh=D, sxt=H * D, sxd=1, swg=D * D, swd=D, swc=1, sph=L * D, spj=D, spd=1,
+                syb=H * W * D, syh=W * D, syw=D, syd=1, slb=H * W * D, slh=W * D, slw=D, sld=1, H=H, HG=1, D=D, C=C,
+                sdb=H * W * D, sdh=W * D, sdw=D, sdd=1, sgb=T * H * D, sgh=D, sgt=H * D, sgd=1, WORK=15)
+    BD = max(16, 1 << (D - 1).bit_length())
+    probe = {"C_PAD": C_PAD, "D": D, "x": torch.empty(0, dtype=tdt)}
+    for cfg in ap._fwd_prune(ap._FWD.tuned.configs, probe):
+        one(f"attention_pool_fwd_kernel {tag}", ap.attention_pool_fwd_kernel, cfg,
+            {"x": dt, "w": dt, "cpe": "fp32", "pe": dt, "y": dt, "lse": "fp32", **seq},
+            dict(C_PAD=C_PAD, BLOCK_D=BD, IS_VARLEN=varlen, HAS_PE=True, HAS_LSE=True, DOT_F32=False), ints)
+    ptrs = {"x": dt, "w": dt, "cpe": "fp32", "pe": dt, "dy": dt, "y": dt, "lse": "fp32", "dx": dt, "pw": "fp32",
+            "pp": "fp32", **seq}
+    # the launches the host makes (bwd_blocks): at D = 128 a dx pass and a dW (+ pe sums) pass; at
+    # D <= FUSED_MAX_D one pass
+    bb, Df = ap.bwd_blocks(D, tdt), ap.FUSED_MAX_D
+    passes = [("dx", D, bb.BD, bb.dx_c, bb.ncb, True, False, False), ("dW", D, bb.BD, bb.dw_c, 1, False, True, True),
+              ("fused", Df, Df, Df, 1, True, True, True)]
+    for what, d, bd, bc, ncb, need_dx, need_dw, need_pe in passes:
+        kw = {"BLOCK_D": bd, "BLOCK_C": bc, "NEED_DX": need_dx, "NEED_DW": need_dw, "x": torch.empty(0, dtype=tdt)}
+        dims = dict(ints, D=d, swg=d * d, swd=d, sph=L * d, spj=d, syb=H * W * d, syh=W * d, syw=d, slb=H * W * d,
+                    slh=W * d, slw=d, sdb=H * W * d, sdh=W * d, sdw=d, sxb=T * H * d, sxh=d, sxt=H * d, sgb=T * H * d,
+                    sgh=d, sgt=H * d)
+        for cfg in ap._bwd_prune(ap._BWD.tuned.configs, kw):
+            one(f"attention_pool_bwd_kernel {what} D={d} {tag}", ap.attention_pool_bwd_kernel, cfg, ptrs,
+                dict(BLOCK_D=bd, BLOCK_C=bc, NCB=ncb, L_PAD=L, IS_VARLEN=varlen, HAS_PE=True, NEED_DX=need_dx,
+                     NEED_DW=need_dw, NEED_PE=need_pe, HID_TF32=dt == "fp16", DOT_F32=False), dims)
+
+
 # --------------------------------------------------------------------------- main
+
+
+def _fmt_targets(r):
+    if "targets" not in r:
+        return ""
+    bad = [k for k, v in r["targets"].items() if v is not True]
+    return "  targets MET" if not bad else "  targets MISSED: " + ", ".join(
+        f"{k}{' (not measured)' if r['targets'][k] is None else ''}" for k in bad)
 
 
 def summary(res):
     log("\n" + "=" * 100)
     log("SUMMARY (bfloat16, H100 targets: linear fwd <= 0.10 ms, fwd+bwd <= 0.30 ms; pools fwd >= 2.3 TB/s, "
-        "fwd+bwd >= 2.0 TB/s)")
+        "fwd+bwd >= 2.0 TB/s;\n  mlp fwd >= 630, fwd+bwd >= 520 model TFLOP/s, >= 1.05x / 1.4x torch.compile's speed, "
+        "<= 0.5x its peak extra memory;\n  attention_pool fwd and fwd+bwd <= 2x the floor, minimal bytes at the "
+        "measured copy bandwidth)")
     if "ceilings" in res:
         c = res["ceilings"]
         log(f"ceilings: copy {c['copy_tbs']:.2f} TB/s (read + write), "
             f"bf16 matmul {c['matmul_bf16_tflops']:.0f} TFLOP/s")
     for r in res.get("correctness", []):
         worst = max(r["ratios"].values()) if r["ratios"] else 0.0
+        extra = ""
+        if "torch_ratios" in r:
+            tw = max(r["torch_ratios"].values()) if r["torch_ratios"] else 0.0
+            extra = f"  (vs exact model; torch backend worst {tw:.2g}" + \
+                ("" if r.get("well_conditioned", True) else "; ILL-CONDITIONED case") + ")"
         log(f"correct  {r['kind']:14s} {r['case']:8s} T={r['T']:<7d} {'PASS' if r['ok'] else 'FAIL'}  "
-            f"worst error/bound {worst:.3g}  " + " ".join(f"{k}={v:.2g}" for k, v in r["ratios"].items()))
+            f"worst error/bound {worst:.3g}  " + " ".join(f"{k}={v:.2g}" for k, v in r["ratios"].items()) + extra)
     for r in res.get("timing", []):
         if "error" in r:
             log(f"timing   {r['kind']:14s} {r['impl']:14s} {r['layout']}: ERROR {r['error'][:60]}")
             continue
-        unit = "TFLOP/s" if r["kind"] == "linear" else "TB/s"
-        key = "tflops" if r["kind"] == "linear" else "tbs"
-        fb = r.get(f"fwdbwd_{key}")
-        tgt = {True: "  targets MET", False: "  targets MISSED"}.get(r.get("meets_targets"), "")
-        log(f"timing   {r['kind']:14s} {r['impl']:14s} {r['layout']}  fwd {r['fwd_ms']:.4f} ms "
-            f"({r[f'fwd_{key}']:.2f} {unit}, {100 * r['fwd_frac']:.0f}%)  fwd+bwd {r['fwdbwd_ms']:.4f} ms "
-            f"({fb:.2f} {unit}, {100 * r['fwdbwd_frac']:.0f}%){tgt}")
+        line = f"timing   {r['kind']:14s} {r['impl']:14s} {r['layout']}  fwd {r['fwd_ms']:.4f} ms "
+        if "fwd_tflops" in r:
+            line += (f"({r['fwd_tflops']:.0f} TFLOP/s, {100 * r['fwd_frac']:.0f}%)  fwd+bwd {r['fwdbwd_ms']:.4f} ms "
+                     f"({r['fwdbwd_tflops']:.0f} TFLOP/s, {100 * r['fwdbwd_frac']:.0f}%)")
+        elif "fwd_over_floor" in r:
+            line += (f"({r['fwd_over_floor']:.2f}x floor {r['floor_fwd_ms']:.4f})  fwd+bwd {r['fwdbwd_ms']:.4f} ms "
+                     f"({r['fwdbwd_over_floor']:.2f}x floor {r['floor_fwdbwd_ms']:.4f})")
+        else:
+            line += (f"({r['fwd_tbs']:.2f} TB/s, {100 * r['fwd_frac']:.0f}%)  fwd+bwd {r['fwdbwd_ms']:.4f} ms "
+                     f"({r['fwdbwd_tbs']:.2f} TB/s, {100 * r['fwdbwd_frac']:.0f}%)")
+        if r.get("fwd_mem_mib") is not None:
+            line += f"  mem {r['fwd_mem_mib']:.0f}/{r['fwdbwd_mem_mib']:.0f} MiB"
+        if "fwd_vs_compile" in r:
+            line += (f"  vs {r['compile_ref']}: {r['fwd_vs_compile']:.2f}x/{r['fwdbwd_vs_compile']:.2f}x speed"
+                     + (f", {r['fwd_mem_vs_compile']:.2f}x/{r['fwdbwd_mem_vs_compile']:.2f}x memory"
+                        if "fwd_mem_vs_compile" in r else ""))
+        log(line + _fmt_targets(r))
     for r in res.get("overhead", []):
         log(f"overhead {r['kind']:14s} per call: triton {r['triton_wall_us']:.1f} us wall, "
             f"{r['triton_issue_us']:.1f} us to issue; torch {r['torch_wall_us']:.1f} us wall, "
             f"{r['torch_issue_us']:.1f} us to issue")
+    bad = [f"{r['kind']} {r['case']}" for r in res.get("correctness", []) if not r["ok"]]
+    log(("CORRECTNESS FAILED: " + ", ".join(bad)) if bad else "correctness: all PASS")
     log("=" * 100)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma list of " + ", ".join(KINDS))
-    ap.add_argument("--cases", default="nsa,b4d192,packed", help="correctness cases: nsa, b4d192, packed")
+    ap.add_argument("--cases", default="nsa,b4d192,d64,packed", help="correctness cases: nsa, b4d192, d64, packed")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, few repetitions")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
@@ -510,7 +942,7 @@ def main(argv=None):
         ap.error(f"--kinds: unknown {bad}; choose from {KINDS}")
     res = {"argv": sys.argv[1:]}
     if a.compile_only:
-        res["compile"] = compile_only([d.strip() for d in a.dtypes.split(",")])
+        res["compile"] = compile_only([d.strip() for d in a.dtypes.split(",")], kinds)
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=1)
@@ -525,8 +957,10 @@ def main(argv=None):
     import triton
     if DEVICE == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device: run with --compile-only or --dry-run-cpu, or on a GPU machine")
+    import kvcompress.ops.attention_pool.triton_impl  # noqa: F401
     import kvcompress.ops.linear.triton_impl  # noqa: F401  (registers the backends if ops/__init__ does not)
     import kvcompress.ops.mean_pool.triton_impl  # noqa: F401
+    import kvcompress.ops.mlp.triton_impl  # noqa: F401
     import kvcompress.ops.weighted_pool.triton_impl  # noqa: F401
     res.update(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run, interpreter)",
                torch=torch.__version__, triton=triton.__version__)

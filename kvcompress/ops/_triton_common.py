@@ -16,6 +16,10 @@ Host side:
 - ``Launcher``: one kernel, autotuned on a GPU, run with fixed tiles in the
   interpreter (autotuning there would only be slow).
 - ``supports_call``: the registry predicate (B*H fits a grid axis).
+- ``eager_call(x)``: whether a call may run the kind's ``autograd.Function``
+  directly instead of its ``torch.library`` op (nothing traces).
+- ``tf32_intermediate(dtype)``: float16 keeps an intermediate that feeds a
+  second dot in float32 rounded to tf32 (``round_tf32``), not in float16.
 - ``head_gemv(...)``: out[h, m] = sum_k vec[h, k] * mat[g, k, m] (+ bias[g, m])
   in float32 without tensor cores: folds ``pe`` through the linear parts
   (a pad token is 0 + pe[h, j], so pe's share is one constant per head).
@@ -45,13 +49,14 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._windows import compressed_cu_seqlens, num_windows
 
 __all__ = [
     "DEVICES", "DTYPES", "INTERPRET", "POOL_BWD_CONFIGS", "POOL_FWD_CONFIGS", "Launcher", "SeqPlan", "cdiv",
-    "chunk_rows", "dot_f32", "empty", "empty_like", "head_gemv", "interpret_block", "next_pow2", "pool_backward",
-    "pool_bwd", "pool_forward", "pool_fwd", "round_tf32", "search_sorted", "seq_plan", "small_tiles",
+    "chunk_rows", "dot_f32", "eager_call", "empty", "empty_like", "head_gemv", "interpret_block", "next_pow2",
+    "pool_backward", "pool_bwd", "pool_forward", "pool_fwd", "round_tf32", "search_sorted", "seq_plan", "small_tiles",
     "supports_call", "tf32_intermediate", "total_windows_arg", "triton_available", "window_rows",
     "windows_or_dynamic",
 ]
@@ -95,6 +100,19 @@ def dot_f32(dtype: torch.dtype) -> bool:
     same value the GPU's native bfloat16 dot (float32 accumulation) does.
     """
     return INTERPRET and dtype == torch.bfloat16
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_call(x: torch.Tensor) -> bool:
+    """Whether a call may skip the ``torch.library`` custom op and run the
+    kind's ``autograd.Function`` directly (same kernels, same bits): x is a
+    plain tensor and nothing traces (torch.compile, torch.export, make_fx,
+    fake tensors all go through the op, which they see as one node). The
+    op's dispatch costs tens of microseconds of host time per call.
+    ``torch.compiler.is_compiling()`` comes first: dynamo folds it to True."""
+    return not torch.compiler.is_compiling() and type(x) in _PLAIN and _get_current_dispatch_mode() is None
 
 
 def tf32_intermediate(dtype: torch.dtype) -> bool:

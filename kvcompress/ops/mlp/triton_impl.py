@@ -1,0 +1,622 @@
+"""mlp, Triton: the per-window two-layer MLP with its hidden layer kept on
+chip (docs/triton.md, "mlp"). Registered as backend "triton" (CUDA; CPU
+tensors too under TRITON_INTERPRET=1, never picked by "auto" there).
+
+- Forward (``mlp_fwd_kernel``): for a tile of windows, the first layer is
+  linear's implicit GEMM over (window position, D block) with w1 seen as
+  (G, L, D, F); each F tile of the pre-activation goes through the
+  activation and straight into the second GEMM's accumulator, so the hidden
+  layer never reaches device memory.
+- Backward: ``mlp_bwd_kernel_dp`` recomputes the pre-activation p per
+  (window tile, F tile), forms dp = (dy @ w2^T) * act'(p) and dw2 partials
+  h^T dy; dp (B, H, W, F) is stored, one group chunk at a time, and is the
+  incoming gradient of the first layer, a ``linear`` with weight w1: its
+  x-gradient and weight gradient are linear's kernels
+  (``linear_bwd_kernel_dx``/``_dw``) launched with F as D_out.
+
+The op is ``torch.ops.kvcompress.mlp_triton`` (fake implementation and
+autograd registered), so ``torch.compile(fullgraph=True)`` and
+``torch.export`` see one opaque node; eager calls run the same functions
+through an ``autograd.Function`` instead (``eager_call``: no op dispatch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from ...backends import register
+from .._triton_common import (
+    DEVICES,
+    DTYPES,
+    INTERPRET,
+    Launcher,
+    cdiv,
+    dot_f32,
+    eager_call,
+    empty,
+    empty_like,
+    head_gemv,
+    interpret_block,
+    next_pow2,
+    round_tf32,
+    seq_plan,
+    supports_call,
+    tf32_intermediate,
+    total_windows_arg,
+    triton_available,
+    window_rows,
+    windows_or_dynamic,
+)
+from ..linear.triton_impl import linear_bwd_kernel_dw, linear_bwd_kernel_dx
+
+ACTIVATIONS = ("relu", "gelu", "silu")
+# dp, the first layer's incoming gradient, is stored for this many bytes of
+# groups at a time (at least one group): bounds the backward's extra memory
+# (docs/triton.md, "mlp: memory"); tests lower it to reach the chunked path
+DP_CHUNK_BYTES = 64 << 20
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """act(z) in float32; ACT 0 relu, 1 gelu (exact, erf), 2 silu."""
+    if ACT == 0:
+        # not where(z > 0, z, 0): a NaN pre-activation must stay NaN (SPEC section 3, NaN locality)
+        return tl.where(z < 0.0, 0.0, z)
+    elif ACT == 1:
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    else:
+        return z * tl.sigmoid(z)
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """act'(z) in float32: relu 1[z > 0]; gelu Phi(z) + z phi(z); silu s (1 + z (1 - s))."""
+    if ACT == 0:
+        return tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 1:
+        return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    else:
+        s = tl.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def mlp_fwd_kernel(x, w1, cst, w2, b2, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+                   sxb, sxh, sxt, sxd, s1g, s1k, s1f, scg, scf, s2g, s2f, s2n, sbg, sbn, syb, syh, syw, syd,
+                   H, HG, HG_C, D, F, DO, WORK,
+                   BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ACT: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_CONST: tl.constexpr, HAS_B2: tl.constexpr,
+                   HID_TF32: tl.constexpr, DOT_F32: tl.constexpr):
+    """y[w] = act(flat(X_w) @ w1[g] + cst[h // HG_C]) @ w2[g] + b2[g] for a tile
+    of BLOCK_W windows and BLOCK_N outputs. Grid (window tiles, D_out blocks, B*H).
+
+    Per F tile: the pre-activation [BLOCK_W, BLOCK_F] accumulates over the
+    K loop (j, D block) exactly as linear's forward (A tile: the token rows
+    t0(w) + j, S tokens apart, pad rows masked to 0; B tile: w1[g, j*D + d, f]);
+    then the activation in float32, the hidden tile rounded to x's dtype
+    (SPEC permits storing the hidden layer in the input dtype; the tensor
+    cores take it so) and fed from registers into the second dot. cst: b1
+    and pe's share flat(pe[h]) @ w1[g] (pe folded). WORK: autotuning key only.
+    """
+    i_w, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_g = i_h // HG
+    o_w = i_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    t0, bos, m_w = window_rows(o_w, cu, ccu, N, N_STEPS, W, S, PRE, IS_VARLEN)      # [BLOCK_W]
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < DO
+    o_d = tl.arange(0, BLOCK_D)
+    o_f = tl.arange(0, BLOCK_F)
+    p_x = x + i_b.to(tl.int64) * sxb + i_h.to(tl.int64) * sxh
+    p_w1 = w1 + i_g.to(tl.int64) * s1g
+    p_w2 = w2 + i_g.to(tl.int64) * s2g + o_n[None, :] * s2n                             # [1, BLOCK_N]
+    ND = tl.cdiv(D, BLOCK_D)
+    b_y = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+    for f0 in range(0, F, BLOCK_F):
+        o_ff = f0 + o_f                                                                  # [BLOCK_F]
+        m_ff = o_ff < F
+        b_p = tl.zeros([BLOCK_W, BLOCK_F], dtype=tl.float32)
+        for it in range(0, L * ND):
+            j = it // ND
+            o_dd = (it - j * ND) * BLOCK_D + o_d                                         # [BLOCK_D]
+            m_dd = o_dd < D
+            t = t0 + j
+            m_t = m_w & (t >= bos)
+            b_x = tl.load(p_x + t[:, None] * sxt + o_dd[None, :] * sxd, mask=m_t[:, None] & m_dd[None, :],
+                          other=0.)                                                      # [BLOCK_W, BLOCK_D]
+            b_w1 = tl.load(p_w1 + (j * D + o_dd)[:, None] * s1k + o_ff[None, :] * s1f,
+                           mask=m_dd[:, None] & m_ff[None, :], other=0.)                 # [BLOCK_D, BLOCK_F]
+            if DOT_F32:
+                b_x, b_w1 = b_x.to(tl.float32), b_w1.to(tl.float32)
+            b_p = tl.dot(b_x, b_w1, b_p, input_precision="ieee")
+        if HAS_CONST:
+            b_p += tl.load(cst + (i_h // HG_C).to(tl.int64) * scg + o_ff * scf, mask=m_ff,
+                           other=0.).to(tl.float32)[None, :]
+        b_w2 = tl.load(p_w2 + o_ff[:, None] * s2f, mask=m_ff[:, None] & m_n[None, :], other=0.)
+        if HID_TF32:   # float16: the hidden rounded to tf32, not into float16's subnormals (tf32_intermediate)
+            b_y = tl.dot(round_tf32(_act(b_p, ACT)), b_w2.to(tl.float32), b_y, input_precision="tf32")
+        else:
+            b_h = _act(b_p, ACT).to(y.dtype.element_ty)                                  # [BLOCK_W, BLOCK_F]
+            if DOT_F32:
+                b_h, b_w2 = b_h.to(tl.float32), b_w2.to(tl.float32)
+            b_y = tl.dot(b_h, b_w2, b_y, input_precision="ieee")                         # [BLOCK_W, BLOCK_N]
+    if HAS_B2:
+        b_y += tl.load(b2 + i_g.to(tl.int64) * sbg + o_n * sbn, mask=m_n, other=0.).to(tl.float32)[None, :]
+    p_y = y + i_b.to(tl.int64) * syb + i_h.to(tl.int64) * syh + o_w[:, None].to(tl.int64) * syw + o_n[None, :] * syd
+    tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_w[:, None] & m_n[None, :])
+
+
+@triton.jit
+def mlp_bwd_kernel_dp(x, w1, cst, w2, dy, dp, pw2, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+                      sxb, sxh, sxt, sxd, s1g, s1k, s1f, scg, scf, s2g, s2f, s2n, sdb, sdh, sdw, sdn,
+                      spb, sph, spw, spf, sos, sog, sof, son,
+                      B, H, HG, HG_C, D, F, DO, ROWS_PER_SPLIT, WORK,
+                      BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr,
+                      ACT: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_CONST: tl.constexpr,
+                      NEED_DP: tl.constexpr, NEED_W2: tl.constexpr, HID_TF32: tl.constexpr,
+                      DOT_F32: tl.constexpr):
+    """For one F tile and this split's windows of group g (rows (b, hh, w)):
+    recompute p = flat(X) @ w1[g] + cst (as the forward), then
+
+    - NEED_DP (D_out block 0 only): dp = (dy @ w2[g]^T) * act'(p), stored in
+      x's dtype (B, H, W, F): the first layer's incoming gradient;
+    - NEED_W2: pw2[split, g, f, n] = sum over the rows of act(p)^T dy (the
+      hidden rounded to x's dtype, as in the forward); torch sums the splits
+      (deterministic, no atomics).
+
+    Grid (F tiles, D_out blocks, G * splits). The hidden layer exists only in
+    registers; p is recomputed, never stored.
+    """
+    i_f, i_n, i_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    G = H // HG
+    i_g, i_s = i_gs % G, i_gs // G
+    o_f = i_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    m_f = o_f < F
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < DO
+    o_d = tl.arange(0, BLOCK_D)
+    o_nb = tl.arange(0, BLOCK_N)
+    ND = tl.cdiv(D, BLOCK_D)
+    R = B * HG * W                                                                       # rows (b, hh, w) of group g
+    r_lo = i_s * ROWS_PER_SPLIT
+    r_hi = tl.minimum(r_lo + ROWS_PER_SPLIT, R)
+    p_w1 = w1 + i_g.to(tl.int64) * s1g + o_f[None, :] * s1f                             # [1, BLOCK_F]
+    p_w2 = w2 + i_g.to(tl.int64) * s2g + o_f[None, :] * s2f                             # [1, BLOCK_F]
+    b_dw2 = tl.zeros([BLOCK_F, BLOCK_N], dtype=tl.float32)
+    for r0 in range(r_lo, r_hi, BLOCK_W):
+        o_r = r0 + tl.arange(0, BLOCK_W)
+        m_r = o_r < r_hi
+        o_w = o_r % W
+        i_hh = (o_r // W) % HG
+        i_b = (o_r // (W * HG)).to(tl.int64)
+        i_h = (i_g * HG + i_hh).to(tl.int64)                                             # [BLOCK_W] head per row
+        t0, bos, m_w = window_rows(o_w, cu, ccu, N, N_STEPS, W, S, PRE, IS_VARLEN)
+        m_w = m_w & m_r
+        p_xr = x + i_b * sxb + i_h * sxh                                                 # [BLOCK_W]
+        b_p = tl.zeros([BLOCK_W, BLOCK_F], dtype=tl.float32)
+        for it in range(0, L * ND):
+            j = it // ND
+            o_dd = (it - j * ND) * BLOCK_D + o_d
+            m_dd = o_dd < D
+            t = t0 + j
+            m_t = m_w & (t >= bos)
+            b_x = tl.load(p_xr[:, None] + t[:, None] * sxt + o_dd[None, :] * sxd, mask=m_t[:, None] & m_dd[None, :],
+                          other=0.)                                                      # [BLOCK_W, BLOCK_D]
+            b_w1 = tl.load(p_w1 + (j * D + o_dd)[:, None] * s1k, mask=m_dd[:, None] & m_f[None, :], other=0.)
+            if DOT_F32:
+                b_x, b_w1 = b_x.to(tl.float32), b_w1.to(tl.float32)
+            b_p = tl.dot(b_x, b_w1, b_p, input_precision="ieee")                         # [BLOCK_W, BLOCK_F]
+        if HAS_CONST:
+            b_p += tl.load(cst + (i_h // HG_C)[:, None] * scg + o_f[None, :] * scf, mask=m_w[:, None] & m_f[None, :],
+                           other=0.).to(tl.float32)
+        p_dyr = dy + i_b * sdb + i_h * sdh + o_w.to(tl.int64) * sdw                      # [BLOCK_W]
+        if NEED_DP:
+            if i_n == 0:
+                b_gh = tl.zeros([BLOCK_W, BLOCK_F], dtype=tl.float32)
+                for n0 in range(0, DO, BLOCK_N):
+                    o_nn = n0 + o_nb
+                    m_nn = o_nn < DO
+                    b_dy = tl.load(p_dyr[:, None] + o_nn[None, :] * sdn, mask=m_w[:, None] & m_nn[None, :],
+                                   other=0.)                                             # [BLOCK_W, BLOCK_N]
+                    b_w2t = tl.load(p_w2 + o_nn[:, None] * s2n, mask=m_nn[:, None] & m_f[None, :],
+                                    other=0.)                                            # [BLOCK_N, BLOCK_F]
+                    if DOT_F32:
+                        b_dy, b_w2t = b_dy.to(tl.float32), b_w2t.to(tl.float32)
+                    b_gh = tl.dot(b_dy, b_w2t, b_gh, input_precision="ieee")
+                b_dp = b_gh * _act_grad(b_p, ACT)
+                p_dp = dp + i_b[:, None] * spb + i_h[:, None] * sph + o_w[:, None].to(tl.int64) * spw \
+                    + o_f[None, :] * spf
+                tl.store(p_dp, b_dp.to(dp.dtype.element_ty), mask=m_w[:, None] & m_f[None, :])
+        if NEED_W2:
+            # rows outside the split hold act(cst), not 0: mask them out of the sum
+            b_h = tl.where(m_w[:, None], _act(b_p, ACT), 0.)                            # [BLOCK_W, BLOCK_F]
+            b_dyn = tl.load(p_dyr[:, None] + o_n[None, :] * sdn, mask=m_w[:, None] & m_n[None, :], other=0.)
+            if HID_TF32:
+                b_dw2 = tl.dot(tl.trans(round_tf32(b_h)), b_dyn.to(tl.float32), b_dw2, input_precision="tf32")
+            else:
+                b_h = b_h.to(dy.dtype.element_ty)
+                if DOT_F32:
+                    b_h, b_dyn = b_h.to(tl.float32), b_dyn.to(tl.float32)
+                b_dw2 = tl.dot(tl.trans(b_h), b_dyn, b_dw2, input_precision="ieee")      # [BLOCK_F, BLOCK_N]
+    if NEED_W2:
+        p_o = pw2 + i_s.to(tl.int64) * sos + i_g.to(tl.int64) * sog + o_f[:, None].to(tl.int64) * sof \
+            + o_n[None, :] * son
+        tl.store(p_o, b_dw2, mask=m_f[:, None] & m_n[None, :])
+
+
+# --------------------------------------------------------------------------- launch configurations
+
+
+def _bucket(n: int) -> int:
+    """log2 size class: an autotuning key that keeps tiny test problems from
+    choosing the configuration of large ones."""
+    return max(int(n), 1).bit_length()
+
+
+def block_n(DO: int) -> int:
+    """The D_out block of the fused kernels (fixed on the host: the second
+    GEMM's accumulator [BLOCK_W, BLOCK_N] stays in registers across the whole
+    F loop, so D_out beyond it costs a recomputation of the first layer per
+    block)."""
+    if INTERPRET:
+        return interpret_block(DO, 32)
+    return min(256, max(16, next_pow2(DO)))
+
+
+def _is_f32(kw, name):
+    return kw[name].dtype == torch.float32
+
+
+def _fused_prune(configs, kw, kernel):
+    """Tiles not overshooting D and F, whose float32 accumulators fit the
+    register file without spilling on sm_90 (gpu_check --compile-only):
+    per thread, the forward holds [BLOCK_W, BLOCK_N] + [BLOCK_W, BLOCK_F]
+    (at most 128 for bfloat16, 96 for float16 whose second dot takes
+    float32 operands, 48 for float32 whose IEEE dots keep their operands in
+    registers); the dp kernel holds p and dy @ w2^T [BLOCK_W, BLOCK_F] and
+    the dw2 partial [BLOCK_F, BLOCK_N] (at most 64, 48 for float32)."""
+    D, F, BN = kw["D"], kw["F"], kw["BLOCK_N"]
+    dt = kw["x"].dtype
+    f32 = dt == torch.float32
+    big = D >= 64 and F >= 64
+    out = []
+    for c in configs:
+        BW, BD, BF = c.kwargs["BLOCK_W"], c.kwargs["BLOCK_D"], c.kwargs["BLOCK_F"]
+        threads = 32 * c.num_warps
+        if kernel == "fwd":
+            fits = (BW * BN + BW * BF) / threads <= {torch.bfloat16: 128, torch.float16: 96}.get(dt, 48)
+        else:
+            fits = (2 * BW * BF + BF * BN) / threads <= (48 if f32 else 64)
+        if fits and BD <= max(16, next_pow2(D)) and BF <= max(16, next_pow2(F)) \
+                and not (big and min(BD, BF) < 32) and (not f32 or BD <= 32):
+            out.append(c)
+    return out
+
+
+def _linear_prune(configs, kw, rows):
+    """linear's kernels run with F as D_out: tiles not overshooting D and F;
+    float32 only tiles that fit the register file without spilling (gpu_check
+    --compile-only): rows x the wider block at most 16 per thread."""
+    D, F = kw["D"], kw["DO"]
+    f32 = kw["x" if "x" in kw else "dy"].dtype == torch.float32
+    big = D >= 64 and F >= 64
+    return [c for c in configs if c.kwargs["BLOCK_D"] <= max(16, next_pow2(D))
+            and c.kwargs["BLOCK_N"] <= max(16, next_pow2(F))
+            and not (big and min(c.kwargs["BLOCK_D"], c.kwargs["BLOCK_N"]) < 32)
+            and (not f32 or c.kwargs[rows] * max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]) <= 16 * 32 * c.num_warps)]
+
+
+def _cfg(names, rows):
+    return [triton.Config(dict(zip(names, r[:3])), num_warps=r[3], num_stages=r[4]) for r in rows]
+
+
+# (BLOCK_W, BLOCK_D, BLOCK_F, warps, stages): sized for D = D_out = 128, F = 4096 (NSA, the seed's
+# GroupedMLP with expand 1) and smaller dims; the dp kernel's F tile is 64 (it also holds the dw2 partial)
+_FWD = Launcher(
+    mlp_fwd_kernel,
+    configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_F"),
+                 [(128, 64, 128, 8, 3), (128, 64, 128, 8, 4), (128, 64, 64, 8, 3), (128, 64, 64, 8, 4),
+                  (64, 64, 128, 8, 3), (64, 64, 64, 4, 3), (64, 32, 64, 8, 3), (32, 32, 64, 4, 3),
+                  (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)]),
+    key=["D", "F", "DO", "L", "S", "WORK", "BLOCK_N", "ACT", "IS_VARLEN", "HAS_CONST", "HAS_B2", "HID_TF32",
+         "DOT_F32"],
+    interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["W"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
+                               "BLOCK_F": interpret_block(kw["F"], 32)},
+    prune=lambda cs, kw: _fused_prune(cs, kw, "fwd"))
+_DP = Launcher(
+    mlp_bwd_kernel_dp,
+    configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_F"),
+                 [(64, 64, 64, 8, 3), (64, 64, 64, 8, 4), (64, 128, 64, 8, 2), (64, 32, 64, 8, 4),
+                  (64, 64, 32, 8, 3), (64, 32, 32, 8, 3), (32, 32, 64, 8, 3), (32, 32, 32, 4, 2),
+                  (16, 16, 16, 2, 2)]),
+    key=["D", "F", "DO", "L", "S", "WORK", "BLOCK_N", "ACT", "IS_VARLEN", "HAS_CONST", "NEED_DP", "NEED_W2",
+         "HID_TF32", "DOT_F32"],
+    interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["B"] * kw["W"], 32),
+                               "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_F": interpret_block(kw["F"], 32)},
+    prune=lambda cs, kw: _fused_prune(cs, kw, "dp"))
+# linear's x-gradient with dy := dp (K = C * F) and weight gradient with dy := dp (N = F)
+_DX = Launcher(
+    linear_bwd_kernel_dx,
+    configs=_cfg(("BLOCK_K", "BLOCK_D", "BLOCK_N"),
+                 [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 128, 8, 3),
+                  (64, 128, 128, 8, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 2), (16, 16, 16, 2, 2)]),
+    key=["D", "DO", "L", "S", "WORK", "IS_VARLEN", "DOT_F32"],
+    interpret_meta=lambda kw: {"BLOCK_K": interpret_block(kw["NQ"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
+                               "BLOCK_N": interpret_block(kw["DO"], 32)},
+    prune=lambda cs, kw: _linear_prune(cs, kw, "BLOCK_K"))
+_DW1 = Launcher(
+    linear_bwd_kernel_dw,
+    configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
+                 [(64, 128, 128, 8, 3), (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (64, 128, 256, 8, 3),
+                  (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)]),
+    key=["D", "DO", "L", "WORK", "IS_VARLEN", "HAS_PE", "DOT_F32"],
+    interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["B"] * kw["W"], 32),
+                               "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_N": interpret_block(kw["DO"], 32)},
+    prune=lambda cs, kw: _linear_prune(cs, kw, "BLOCK_W"))
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _splits(rows: int, programs: int, device, min_rows: int = 512) -> int:
+    """Window splits of a weight-gradient kernel: enough programs to fill the
+    GPU twice, each split still summing >= min_rows windows, at most 16."""
+    want = max(1, (2 * _num_sms(device)) // max(programs, 1))
+    return max(1, min(want, rows // min_rows, 16))
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _first_layer_constant(x, w1, b1, pe, L):
+    """(cst, HG_C, strides): what the kernels add to the pre-activation.
+
+    With pe, one float32 vector per head: flat(pe[h]) @ w1[g] + b1[g] (a pad
+    token is 0 + pe[h, j], so pe's share is the same for every window of head
+    h); else b1 itself per group, or nothing."""
+    H, D = x.shape[1], x.shape[3]
+    G, LD, F = w1.shape
+    HG = H // G
+    if pe is not None:
+        cst = head_gemv(H, pe, pe.stride(), 1, w1, (w1.stride(0), D * w1.stride(1), w1.stride(1), 0, w1.stride(2)),
+                        HG, L * D, D, F, F, bias=b1, bias_strides=b1.stride() if b1 is not None else (0, 0), hg_b=HG)
+        return cst, 1, cst.stride()
+    if b1 is not None:
+        return b1, HG, b1.stride()
+    return None, 1, (0, 0)
+
+
+def _forward(x, w1, b1, w2, b2, pe, plan, act):
+    B, H, T, D = x.shape
+    G, LD, F = w1.shape
+    DO = w2.shape[2]
+    HG = H // G
+    y = empty((B, H, plan.W, DO), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    cst, hg_c, c_strides = _first_layer_constant(x, w1, b1, pe, plan.L)
+    BN = block_n(DO)
+    _FWD(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), cdiv(DO, BN), B * H),
+         x, w1, cst if cst is not None else x, w2, b2 if b2 is not None else x, y, *plan.seq_args(),
+         *x.stride(), *w1.stride(), *c_strides, *w2.stride(), *(b2.stride() if b2 is not None else (0, 0)),
+         *y.stride(), H, HG, hg_c, D, F, DO, _bucket(B * H * plan.W),
+         BLOCK_N=BN, ACT=ACTIVATIONS.index(act), IS_VARLEN=plan.varlen, HAS_CONST=cst is not None,
+         HAS_B2=b2 is not None, HID_TF32=tf32_intermediate(x.dtype), DOT_F32=dot_f32(x.dtype))
+    return y
+
+
+def _groups_per_chunk(B, HG, W, F, G, elt) -> int:
+    """Groups whose dp (B, HG, W, F) fits DP_CHUNK_BYTES together (at least one)."""
+    per_group = max(1, B * HG * W * F * elt)
+    return max(1, min(G, DP_CHUNK_BYTES // per_group))
+
+
+def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w2, need_b2, need_pe):
+    B, H, T, D = x.shape
+    G, LD, F = w1.shape
+    DO = w2.shape[2]
+    HG = H // G
+    L, W = plan.L, plan.W
+    dev, dt = x.device, x.dtype
+    # a gradient not asked for is a fresh empty tensor (custom op outputs may not alias)
+    dx = empty_like(x) if need_x else x.new_empty(0)
+    dw1 = empty(w1.shape, dtype=dt, device=dev) if need_w1 else x.new_empty(0)
+    db1 = empty((G, F), dtype=dt, device=dev) if need_b1 else x.new_empty(0)
+    dw2 = empty(w2.shape, dtype=dt, device=dev) if need_w2 else x.new_empty(0)
+    db2 = dy.sum(dim=(0, 2), dtype=torch.float32).view(G, HG, DO).sum(1).to(dt) if need_b2 else x.new_empty(0)
+    dpe = empty((H, L, D), dtype=dt, device=dev) if need_pe else x.new_empty(0)
+    need_dp = need_x or need_w1 or need_b1 or need_pe
+    if not (need_dp or need_w2):
+        return dx, dw1, db1, dw2, db2, dpe
+    cst, hg_c, _ = _first_layer_constant(x, w1, b1, pe, L)
+    BN = block_n(DO)
+    ACT = ACTIVATIONS.index(act)
+    w1v = w1.unflatten(1, (L, D))                                                          # [G, L, D, F] view
+    gpc = _groups_per_chunk(B, HG, W, F, G, x.element_size())
+    for g0 in range(0, G, gpc):
+        g1 = min(G, g0 + gpc)
+        Gc, h0, h1 = g1 - g0, g0 * HG, g1 * HG
+        # the chunk is a sub-problem of whole groups: views, no copies
+        xc, dyc, w1c, w2c = x[:, h0:h1], dy[:, h0:h1], w1[g0:g1], w2[g0:g1]
+        cc = None if cst is None else (cst[h0:h1] if hg_c == 1 else cst[g0:g1])
+        pec = None if pe is None else pe[h0:h1]
+        pc = dataclasses.replace(plan, H=h1 - h0)
+        rows = B * HG * W
+        splits = _splits(rows, Gc * cdiv(F, 64) * cdiv(DO, BN), dev) if need_w2 else 1
+        dp = empty((B, h1 - h0, W, F), dtype=dt, device=dev) if need_dp else x
+        pw2 = empty((splits, Gc, F, DO), dtype=torch.float32, device=dev) if need_w2 else x
+        if Gc * F * max(DO, 1) > 0 and (rows > 0 or need_w2):
+            _DP(lambda meta, n=Gc * splits: (cdiv(F, meta["BLOCK_F"]), cdiv(DO, BN) if need_w2 else 1, n),
+                xc, w1c, cc if cc is not None else x, w2c, dyc, dp, pw2, *pc.seq_args(),
+                *xc.stride(), *w1c.stride(), *(cc.stride() if cc is not None else (0, 0)), *w2c.stride(),
+                *dyc.stride(), *(dp.stride() if need_dp else (0, 0, 0, 0)),
+                *(pw2.stride() if need_w2 else (0, 0, 0, 0)), B, h1 - h0, HG, hg_c, D, F, DO,
+                cdiv(rows, splits), _bucket(rows),
+                BLOCK_N=BN, ACT=ACT, IS_VARLEN=plan.varlen, HAS_CONST=cc is not None, NEED_DP=need_dp,
+                NEED_W2=need_w2, HID_TF32=tf32_intermediate(dt), DOT_F32=dot_f32(dt))
+        if need_w2:
+            dw2[g0:g1] = pw2.sum(0).to(dt) if DO > 0 else dw2[g0:g1]
+        if not need_dp:
+            continue
+        cs = None
+        if need_b1 or need_pe or (need_w1 and pe is not None):
+            cs = dp.sum(dim=(0, 2), dtype=torch.float32)                                   # [Hc, F]
+        if need_x and xc.numel() > 0:
+            dxc = dx[:, h0:h1]
+            _DX(lambda meta, nq=pc.NQ, n=B * (h1 - h0): (cdiv(nq, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), n),
+                dp, w1v[g0:g1], dxc, *pc.seq_args(), *dp.stride(), *w1v.stride(), *dxc.stride(),
+                h1 - h0, HG, D, F, plan.C, _bucket(B * (h1 - h0) * pc.NQ), IS_VARLEN=plan.varlen,
+                DOT_F32=dot_f32(dt))
+        if need_w1 and w1c.numel() > 0:
+            wsplits = _splits(rows, Gc * L * cdiv(D, 64) * cdiv(F, 128), dev)
+            if wsplits == 1:
+                out = dw1[g0:g1].unflatten(1, (L, D))
+                o_strides = (0, *out.stride())
+            else:
+                out = empty((wsplits, Gc, L, D, F), dtype=torch.float32, device=dev)
+                o_strides = out.stride()
+            _DW1(lambda meta, n=Gc * wsplits: (L * cdiv(D, meta["BLOCK_D"]), cdiv(F, meta["BLOCK_N"]), n),
+                 xc, dp, pec if pec is not None else x, cs if cs is not None else x, out, *pc.seq_args(),
+                 *xc.stride(), *dp.stride(), *(pec.stride() if pec is not None else (0, 0, 0)), *o_strides,
+                 B, h1 - h0, HG, D, F, cdiv(rows, wsplits), _bucket(rows),
+                 IS_VARLEN=plan.varlen, HAS_PE=pec is not None, DOT_F32=dot_f32(dt))
+            if wsplits > 1:
+                dw1[g0:g1] = out.sum(0).flatten(1, 2).to(dt)
+        if need_b1:
+            db1[g0:g1] = cs.view(Gc, HG, F).sum(1).to(dt)
+        if need_pe:   # dpe[h, j, d] = sum_f w1[g, j*D + d, f] cs[h, f]
+            dpe[h0:h1] = head_gemv(h1 - h0, cs, (cs.stride(0), 0, cs.stride(1)), 1, w1c,
+                                   (w1c.stride(0), 0, w1c.stride(2), 0, w1c.stride(1)), HG,
+                                   F, F, L * D, L * D).view(h1 - h0, L, D).to(dt)
+    return dx, dw1, db1, dw2, db2, dpe
+
+
+# --------------------------------------------------------------------------- torch.library
+
+
+@torch.library.custom_op("kvcompress::mlp_triton", mutates_args=())
+def mlp_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
+           pe: torch.Tensor | None, cu_seqlens: torch.Tensor | None, block_size: int, stride: int, padding: str,
+           activation: str, total_windows: int) -> torch.Tensor:
+    """x (B, H, T, D) any strides, w1 (G, L*D, F), b1 (G, F) or None, w2 (G, F, D_out),
+    b2 (G, D_out) or None, pe (H, L, D) or None -> (B, H, W, D_out), contiguous."""
+    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                    total_windows=total_windows)
+    return _forward(x, w1, b1, w2, b2, pe, plan, activation)
+
+
+@mlp_op.register_fake
+def _(x, w1, b1, w2, b2, pe, cu_seqlens, block_size, stride, padding, activation, total_windows):
+    B, H = x.shape[:2]
+    W = windows_or_dynamic(x, cu_seqlens, block_size, stride, padding, total_windows)
+    return x.new_empty((B, H, W, w2.shape[2]))
+
+
+@torch.library.custom_op("kvcompress::mlp_triton_bwd", mutates_args=())
+def mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+               pe: torch.Tensor | None, cu_seqlens: torch.Tensor | None, block_size: int, stride: int,
+               padding: str, activation: str, need_x: bool, need_w1: bool, need_b1: bool, need_w2: bool,
+               need_b2: bool, need_pe: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                     torch.Tensor, torch.Tensor]:
+    """(dx like x, dw1, db1 (G, F), dw2, db2 (G, D_out), dpe (H, L, D)); one not
+    needed is an empty (0,) tensor."""
+    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                    total_windows=dy.shape[2] if cu_seqlens is not None else -1)
+    return _backward(dy, x, w1, b1, w2, pe, plan, activation, need_x, need_w1, need_b1, need_w2, need_b2,
+                     need_pe)
+
+
+@mlp_bwd_op.register_fake
+def _(dy, x, w1, b1, w2, pe, cu_seqlens, block_size, stride, padding, activation, need_x, need_w1, need_b1,
+      need_w2, need_b2, need_pe):
+    G, F, DO = w1.shape[0], w1.shape[2], w2.shape[2]
+    return (empty_like(x) if need_x else x.new_empty(0),
+            x.new_empty(w1.shape) if need_w1 else x.new_empty(0),
+            x.new_empty((G, F)) if need_b1 else x.new_empty(0),
+            x.new_empty(w2.shape) if need_w2 else x.new_empty(0),
+            x.new_empty((G, DO)) if need_b2 else x.new_empty(0),
+            x.new_empty(pe.shape) if need_pe and pe is not None else x.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, pe, cu_seqlens, block_size, stride, padding, activation, _ = inputs
+    ctx.save_for_backward(x, w1, b1, w2, pe, cu_seqlens)
+    ctx.window_args = (block_size, stride, padding, activation)
+
+
+def _backward_rule(ctx, dy):
+    x, w1, b1, w2, pe, cu_seqlens = ctx.saved_tensors
+    need = ctx.needs_input_grad[:6]
+    dx, dw1, db1, dw2, db2, dpe = torch.ops.kvcompress.mlp_triton_bwd(dy, x, w1, b1, w2, pe, cu_seqlens,
+                                                                      *ctx.window_args, *need)
+    return tuple(g if n else None for g, n in zip((dx, dw1, db1, dw2, db2, dpe), need)) + (None,) * 6
+
+
+torch.library.register_autograd("kvcompress::mlp_triton", _backward_rule, setup_context=_setup)
+
+
+class _MlpFn(torch.autograd.Function):
+    """The same forward and backward as the custom op, for eager calls
+    (``eager_call``): no op dispatch on the host. Same kernels, same bits."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, pe, cu_seqlens, block_size, stride, padding, activation, total_windows):
+        plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                        total_windows=total_windows)
+        ctx.save_for_backward(x, w1, b1, w2, pe, cu_seqlens)
+        ctx.args = (plan, activation)
+        return _forward(x, w1, b1, w2, b2, pe, plan, activation)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, w1, b1, w2, pe, cu_seqlens = ctx.saved_tensors
+        plan, activation = ctx.args
+        need = ctx.needs_input_grad[:6]
+        grads = _backward(dy, x, w1, b1, w2, pe, plan, activation, *need)
+        return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 6
+
+
+@register("mlp", "triton", devices=DEVICES, dtypes=DTYPES, priority=10, available=triton_available,
+          supports=supports_call, auto_devices=("cuda",), emulated_devices=("cpu",))
+def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="valid", pe=None, cu_seqlens=None,
+        total_windows=None):
+    """Per-window two-layer MLP, Triton kernels (arguments already validated by
+    ``kvcompress.functional.mlp``).
+
+    x: (B, H, T, D) float16/bfloat16/float32, any strides (never copied);
+    w1: (G, L*D, F); b1: (G, F) or None; w2: (G, F, D_out); b2: (G, D_out) or
+    None; activation: "relu" (default), "gelu" (exact erf form) or "silu";
+    pe: (H, L, D) or None; cu_seqlens: (N+1,) int32/int64 or None.
+    total_windows: with cu_seqlens, the packed output size if known (no
+    device read then), default None. Returns (B, H, W, D_out) in x's dtype.
+    Differentiable in x, w1, b1, w2, b2 and pe. The hidden layer never
+    reaches device memory in the forward; float32 dots are IEEE (never tf32).
+
+    Raises TypeError/ValueError for a malformed total_windows, ValueError for
+    an unknown activation.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"mlp: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    total = total_windows_arg("mlp", total_windows, cu_seqlens)
+    if eager_call(x):
+        return _MlpFn.apply(x, w1, b1, w2, b2, pe, cu_seqlens, block_size, stride, padding, activation, total)
+    return torch.ops.kvcompress.mlp_triton(x, w1, b1, w2, b2, pe, cu_seqlens, block_size, stride, padding,
+                                           activation, total)
+
+
+__all__ = ["ACTIVATIONS", "INTERPRET", "mlp", "mlp_bwd_kernel_dp", "mlp_fwd_kernel"]
