@@ -672,7 +672,10 @@ def autotuned():
     out = {}
     for name, launcher in [("mean_pool_fwd", mp._FWD), ("mean_pool_bwd", mp._BWD), ("weighted_pool_fwd", wp._FWD),
                            ("weighted_pool_bwd", wp._BWD), ("linear_fwd", li._FWD), ("linear_dx", li._DX),
-                           ("linear_dw", li._DW), ("mlp_fwd", ml._FWD), ("mlp_dp", ml._DP), ("mlp_dx", ml._DX),
+                           ("linear_dw", li._DW), ("mean_pool_fwd_v2", mp._FWD2), ("mean_pool_bwd_v2", mp._BWD2),
+                           ("weighted_pool_fwd_v2", wp._FWD2), ("weighted_pool_bwd_v2", wp._BWD2),
+                           ("linear_fwd_v2", li._FWD2), ("linear_dx_v2", li._DX2), ("linear_dw_v2", li._DW2),
+                           ("mlp_fwd", ml._FWD), ("mlp_dp", ml._DP), ("mlp_dx", ml._DX),
                            ("mlp_dw1", ml._DW1), ("attention_pool_fwd", ap._FWD), ("attention_pool_bwd", ap._BWD)]:
         tuned = launcher.tuned
         if tuned is not None:

@@ -9,6 +9,7 @@
 #   suite     the property suite on CUDA (every backend, ci profile)
 #   thorough  the property suite on the Triton backend, thorough profile (time-boxed)
 #   bench     kvcompress-bench (tables and roofline plot)
+#   perflinear, perfpool  scripts/gpu_perf.py: kernel versions v1 and v2 side by side (docs/triton-perf.md)
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -35,6 +36,10 @@ for phase in "$@"; do
                    --hypothesis-show-statistics ;;
         thorough) run thorough 300 python3 -m pytest tests/test_conformance.py tests/test_gradients.py -q \
                    -p no:cacheprovider -k triton --hypothesis-profile thorough --hypothesis-show-statistics ;;
+        perflinear) run perflinear 590 python3 scripts/gpu_perf.py --variants v1,v2 --kinds linear \
+                   --out "$OUT/perf_linear.json" ;;
+        perfpool) run perfpool 590 python3 scripts/gpu_perf.py --variants v1,v2 --kinds mean_pool,weighted_pool \
+                   --out "$OUT/perf_pool.json" ;;
         bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench" ;;
         *) echo "unknown phase $phase" ;;
     esac

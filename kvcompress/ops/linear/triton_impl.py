@@ -4,6 +4,15 @@ gradient as a split-K GEMM with per-split partials (docs/triton.md).
 Registered as backend "triton" (CUDA; CPU tensors too under
 TRITON_INTERPRET=1, never picked by "auto" there).
 
+Two versions, chosen once at import by KVCOMPRESS_TRITON_VARIANT (see
+``_triton_pool``): ``v1`` as first committed; ``v2`` (default) folds pe in L x H
+small programs whose partials the forward's epilogue sums, computes the
+x-gradient with the window rows of dy loaded once per tile for all S phases
+(K = C * D_out) and the column sums of dy on the way, so that one small
+``finalize`` kernel gives bias, pe and the weight gradient's pe term; and, in
+eager mode, calls the autograd.Function without the custom op's dispatch
+(docs/triton-perf.md).
+
 The op is ``torch.ops.kvcompress.linear_triton`` (fake implementation and
 autograd registered), so ``torch.compile(fullgraph=True)`` and
 ``torch.export`` see one opaque node.
@@ -14,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ...backends import register
 from .._triton_common import (
@@ -36,6 +46,7 @@ from .._triton_common import (
     window_rows,
     windows_or_dynamic,
 )
+from .._triton_pool import VARIANT, eager_call, num_sms
 
 
 @triton.jit
@@ -186,6 +197,193 @@ def linear_bwd_kernel_dw(x, dy, pe, cs, dw, cu, ccu, cq, N, N_STEPS, T, W, NQ, L
     tl.store(p_o, b_acc.to(dw.dtype.element_ty), mask=m_d[:, None] & m_n[None, :])
 
 
+# --------------------------------------------------------------------------- version 2 kernels
+
+
+@triton.jit
+def linear_pe_kernel(pe, w, out, H, HG, L, D, DO, sph, spj, spd, swg, swl, swd, swn,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[j, h, n] = sum_d pe[h, j, d] w[g, j, d, n] in float32 (plain
+    multiply-adds, no tf32): pe's share of the output, one partial per window
+    position, summed by linear_fwd_kernel_v2's epilogue (deterministic).
+    Grid (L, H, D_out blocks): L * H programs of D x BLOCK_N each, where one
+    program per head would loop over all L * D rows of the weight."""
+    i_j, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_g = i_h // HG
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < DO
+    b_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        b_pe = tl.load(pe + i_h.to(tl.int64) * sph + i_j * spj + o_d * spd, mask=m_d, other=0.).to(tl.float32)
+        b_w = tl.load(w + i_g.to(tl.int64) * swg + i_j * swl + o_d[:, None] * swd + o_n[None, :] * swn,
+                      mask=m_d[:, None] & m_n[None, :], other=0.).to(tl.float32)       # [BLOCK_D, BLOCK_N]
+        b_acc += tl.sum(b_pe[:, None] * b_w, axis=0)
+    tl.store(out + (i_j * H + i_h).to(tl.int64) * DO + o_n, b_acc, mask=m_n)
+
+
+@triton.jit
+def linear_fwd_kernel_v2(x, w, pep, bias, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+                         sxb, sxh, sxt, sxd, swg, swl, swd, swn, syb, syh, syw, syd, sbg, sbn,
+                         H, HG, D, DO, WORK,
+                         BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_L: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_PE: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
+    """linear_fwd_kernel (v1), but pe's share arrives as L partials per head
+    (linear_pe_kernel), summed here BLOCK_L rows per load, and the bias is
+    added here: y[w] = sum_j x[t0(w) + j] @ w[g, j] + sum_j pep[j, h] + bias[g].
+    Grid (window tiles, D_out blocks, B*H)."""
+    i_w, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_g = i_h // HG
+    o_w = i_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    t0, bos, m_w = window_rows(o_w, cu, ccu, N, N_STEPS, W, S, PRE, IS_VARLEN)      # [BLOCK_W]
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < DO
+    o_d = tl.arange(0, BLOCK_D)
+    p_x = x + i_b.to(tl.int64) * sxb + i_h.to(tl.int64) * sxh
+    p_w = w + i_g.to(tl.int64) * swg + o_n[None, :] * swn                               # [1, BLOCK_N]
+    ND = tl.cdiv(D, BLOCK_D)
+    b_acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+    for it in range(0, L * ND):
+        j = it // ND
+        o_dd = (it - j * ND) * BLOCK_D + o_d                                              # [BLOCK_D]
+        m_dd = o_dd < D
+        t = t0 + j
+        m_t = m_w & (t >= bos)
+        b_x = tl.load(p_x + t[:, None] * sxt + o_dd[None, :] * sxd, mask=m_t[:, None] & m_dd[None, :],
+                      other=0.)                                                           # [BLOCK_W, BLOCK_D]
+        b_wt = tl.load(p_w + j * swl + o_dd[:, None] * swd, mask=m_dd[:, None] & m_n[None, :],
+                       other=0.)                                                          # [BLOCK_D, BLOCK_N]
+        if DOT_F32:
+            b_x, b_wt = b_x.to(tl.float32), b_wt.to(tl.float32)
+        b_acc = tl.dot(b_x, b_wt, b_acc, input_precision="ieee")
+    if HAS_PE:
+        b_c = tl.zeros([BLOCK_N], dtype=tl.float32)
+        o_l = tl.arange(0, BLOCK_L)
+        for l0 in range(0, L, BLOCK_L):     # one load per BLOCK_L positions: no chain of L dependent loads
+            m_l = (l0 + o_l) < L
+            b_c += tl.sum(tl.load(pep + ((l0 + o_l)[:, None] * H + i_h).to(tl.int64) * DO + o_n[None, :],
+                                  mask=m_l[:, None] & m_n[None, :], other=0.), axis=0)
+        b_acc += b_c[None, :]
+    if HAS_BIAS:
+        b_acc += tl.load(bias + i_g.to(tl.int64) * sbg + o_n * sbn, mask=m_n, other=0.).to(tl.float32)[None, :]
+    p_y = y + i_b.to(tl.int64) * syb + i_h.to(tl.int64) * syh + o_w[:, None].to(tl.int64) * syw + o_n[None, :] * syd
+    tl.store(p_y, b_acc.to(y.dtype.element_ty), mask=m_w[:, None] & m_n[None, :])
+
+
+@triton.jit
+def linear_bwd_kernel_dx_v2(dy, w, dx, pcs, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+                            sdb, sdh, sdw, sdn, swg, swl, swd, swn, sgb, sgh, sgt, sgd,
+                            H, HG, D, DO, C, NSLOT, WORK,
+                            C_PAD: tl.constexpr, DO_PAD: tl.constexpr, SLOT_ROWS: tl.constexpr,
+                            HAS_CS: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_F32: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+    """dx[t] for BLOCK_K chunk rows x all S phases x BLOCK_D features.
+    Grid (chunk-row tiles, D blocks, B*H).
+
+    Chunk q, phase r (token t) is position c*S + r of window q - c, so the
+    rows of the tile for phase r are A @ B_r with A[k, (c, n)] = dy[q_k - c, n]
+    (the C windows holding chunk q; 0 where q - c is not a window of q's
+    sequence) and B_r[(c, n), d] = w[g, c*S + r, d, n]: A, [BLOCK_K, C_PAD *
+    DO_PAD], is loaded once for all S phases (v1 reloads it per phase), and
+    the loop over phases streams B_r. Every token is written once (zero when
+    no window holds it); no atomics.
+
+    HAS_CS: programs of D block 0 also write the column sums of their
+    windows' dy (the c = 0 columns of A: each window is chunk row q at c = 0
+    of one tile) to slot i_t * (BLOCK_K // SLOT_ROWS) of pcs[b*H + h, slot],
+    and zeros to the tile's other slots, so the slots do not depend on the
+    tile chosen by the autotuner.
+    """
+    i_t, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_g = i_h // HG
+    o_k = i_t * BLOCK_K + tl.arange(0, BLOCK_K)
+    t_base, bos, eos, q, n_win, win_base, m_q = chunk_rows(o_k, cu, ccu, cq, N, N_STEPS, T, W, NQ, S, PRE,
+                                                           IS_VARLEN)
+    o_kk = tl.arange(0, C_PAD * DO_PAD)
+    c_kk = o_kk // DO_PAD                                                                 # [C_PAD * DO_PAD]
+    n_kk = o_kk % DO_PAD
+    m_kk = (c_kk < C) & (n_kk < DO)
+    q_w = q[:, None] - c_kk[None, :]                                                      # [BLOCK_K, C_PAD*DO_PAD]
+    m_a = m_q[:, None] & m_kk[None, :] & (q_w >= 0) & (q_w < n_win[:, None])
+    b_dy = tl.load(dy + i_b.to(tl.int64) * sdb + i_h.to(tl.int64) * sdh + (win_base[:, None] + q_w) * sdw
+                   + n_kk[None, :] * sdn, mask=m_a, other=0.)                             # [BLOCK_K, C_PAD*DO_PAD]
+    if HAS_CS:
+        if i_d == 0:
+            b_cs = tl.sum(tl.where((c_kk == 0)[None, :], b_dy.to(tl.float32), 0.), axis=0)
+            o_s = tl.arange(0, BLOCK_K // SLOT_ROWS)
+            slot = i_t * (BLOCK_K // SLOT_ROWS) + o_s
+            tl.store(pcs + (i_bh.to(tl.int64) * NSLOT + slot[:, None]) * DO + n_kk[None, :],
+                     tl.where(o_s[:, None] == 0, b_cs[None, :], 0.),
+                     mask=(slot < NSLOT)[:, None] & ((c_kk == 0) & (n_kk < DO))[None, :])
+    if DOT_F32:
+        b_dy = b_dy.to(tl.float32)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    p_w = w + i_g.to(tl.int64) * swg + (c_kk * S)[:, None] * swl + n_kk[:, None] * swn + o_d[None, :] * swd
+    p_dx = dx + i_b.to(tl.int64) * sgb + i_h.to(tl.int64) * sgh + o_d[None, :].to(tl.int64) * sgd
+    for r in tl.range(0, S, num_stages=STAGES):
+        m_b = m_kk & ((c_kk * S + r) < L)
+        b_w = tl.load(p_w + r * swl, mask=m_b[:, None] & m_d[None, :], other=0.)         # [C_PAD*DO_PAD, BLOCK_D]
+        if DOT_F32:
+            b_w = b_w.to(tl.float32)
+        b_acc = tl.dot(b_dy, b_w, input_precision="ieee")                                 # [BLOCK_K, BLOCK_D]
+        t = t_base + r
+        m_t = m_q & (t >= bos) & (t < eos)
+        tl.store(p_dx + t[:, None] * sgt, b_acc.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _head_colsum(pcs, i_h, B, H, NSLOT, DO, o_n, m_n, BLOCK_R: tl.constexpr):
+    """sum over b and slots of pcs[b*H + h, slot, n] for the columns o_n, in a fixed order."""
+    o_r = tl.arange(0, BLOCK_R)
+    b_cs = tl.zeros_like(o_n).to(tl.float32)
+    for i_b in range(0, B):
+        p_row = pcs + ((i_b * H + i_h).to(tl.int64) * NSLOT) * DO
+        for r0 in range(0, NSLOT, BLOCK_R):
+            m_r = (r0 + o_r) < NSLOT
+            b_cs += tl.sum(tl.load(p_row + (r0 + o_r)[:, None] * DO + o_n[None, :], mask=m_r[:, None] & m_n[None, :],
+                                   other=0.), axis=0)
+    return b_cs
+
+
+@triton.jit
+def linear_bwd_kernel_finalize(pcs, w, cs, db, dpe, B, H, HG, L, D, DO, NSLOT, swg, swl, swd, swn,
+                               NEED_CS: tl.constexpr, NEED_B: tl.constexpr, NEED_PE: tl.constexpr,
+                               DO_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (H, L if NEED_PE else 1). colsum[h] = sum of the slots of pcs
+    (deterministic order); program (h, 0) stores it in cs (float32, for the
+    weight gradient's pe term; NEED_CS); program (g*HG, 0) stores
+    db[g] = sum over the heads of group g of colsum (NEED_B); program (h, j)
+    stores dpe[h, j, d] = sum_n w[g, j, d, n] colsum[h, n] (NEED_PE).
+    Replaces v1's torch reductions, head_gemv and casts (five launches)."""
+    i_h, i_j = tl.program_id(0), tl.program_id(1)
+    i_g = i_h // HG
+    o_n = tl.arange(0, DO_PAD)
+    m_n = o_n < DO
+    b_cs = _head_colsum(pcs, i_h, B, H, NSLOT, DO, o_n, m_n, BLOCK_R)                   # [DO_PAD]
+    if i_j == 0:
+        if NEED_CS:
+            tl.store(cs + i_h.to(tl.int64) * DO + o_n, b_cs, mask=m_n)
+        if NEED_B:
+            if i_h % HG == 0:
+                b_db = b_cs
+                for hh in range(1, HG):
+                    b_db += _head_colsum(pcs, i_h + hh, B, H, NSLOT, DO, o_n, m_n, BLOCK_R)
+                tl.store(db + i_g.to(tl.int64) * DO + o_n, b_db.to(db.dtype.element_ty), mask=m_n)
+    if NEED_PE:
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m_d = o_d < D
+            b_w = tl.load(w + i_g.to(tl.int64) * swg + i_j * swl + o_d[:, None] * swd + o_n[None, :] * swn,
+                          mask=m_d[:, None] & m_n[None, :], other=0.).to(tl.float32)     # [BLOCK_D, DO_PAD]
+            tl.store(dpe + (i_h.to(tl.int64) * L + i_j) * D + o_d,
+                     tl.sum(b_w * b_cs[None, :], axis=1).to(dpe.dtype.element_ty), mask=m_d)
+
+
 # --------------------------------------------------------------------------- launch configurations
 
 def _bucket(n: int) -> int:
@@ -237,6 +435,58 @@ _DW = Launcher(
     configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
                  [(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (128, 64, 128, 8, 3), (128, 128, 128, 8, 3),
                   (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)]),
+    key=["D", "DO", "L", "WORK", "IS_VARLEN", "HAS_PE", "DOT_F32"],
+    interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["B"] * kw["W"], 32),
+                               "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_N": interpret_block(kw["DO"], 32)},
+    prune=lambda cs, kw: _fits(cs, kw, "BLOCK_W"))
+
+
+# version 2: the forward gains larger window tiles and deeper pipelines to choose from (sized for D = D_out =
+# 128: the weight tile is re-read from L2 by every window tile, so 256-window tiles halve that traffic)
+_FWD2 = Launcher(
+    linear_fwd_kernel_v2,
+    configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
+                 [(128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (128, 128, 128, 8, 3), (256, 64, 128, 8, 3),
+                  (256, 32, 128, 8, 4), (128, 32, 128, 4, 5), (64, 64, 128, 4, 4), (64, 32, 64, 4, 3),
+                  (32, 32, 128, 4, 3), (32, 16, 32, 4, 2), (16, 16, 16, 2, 2)]),
+    key=["D", "DO", "L", "S", "WORK", "IS_VARLEN", "HAS_PE", "HAS_BIAS", "DOT_F32"],
+    interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["W"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
+                               "BLOCK_N": interpret_block(kw["DO"], 32)},
+    prune=lambda cs, kw: _fits(cs, kw, "BLOCK_W"))
+
+# rows of dy per column-sum slot of linear_bwd_kernel_dx_v2: every BLOCK_K is a multiple
+SLOT_ROWS = 16 if INTERPRET else 64
+# the x-gradient of version 2 holds dy's rows for all C windows, C_PAD * DO_PAD wide: beyond this, and for
+# float32 (IEEE dots on FMA units, operands in registers), v1's kernel runs
+DX2_MAX_K = 512
+
+
+def _dx2_fits(configs, kw):
+    """(BLOCK_K, BLOCK_D, stages) whose shared memory (the A tile once, B
+    tiles per stage) stays under 200 KB of sm_90's 227 KB, BLOCK_D <=
+    next_pow2(D) (>= 16)."""
+    K = kw["C_PAD"] * kw["DO_PAD"]
+    esize = kw["dy"].element_size()
+    out = [c for c in configs if c.kwargs["BLOCK_D"] <= max(16, next_pow2(kw["D"]))
+           and (c.kwargs["BLOCK_K"] + c.kwargs["STAGES"] * c.kwargs["BLOCK_D"]) * K * esize <= 200 * 1024]
+    return out or [triton.Config({"BLOCK_K": 64, "BLOCK_D": 32, "STAGES": 2}, num_warps=4)]
+
+
+_DX2 = Launcher(
+    linear_bwd_kernel_dx_v2,
+    configs=[triton.Config({"BLOCK_K": bk, "BLOCK_D": bd, "STAGES": st}, num_warps=nw)
+             for bk, bd, nw, st in [(128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3),
+                                    (256, 64, 8, 2), (128, 64, 4, 3), (64, 128, 8, 2)]],
+    key=["D", "DO", "L", "S", "C_PAD", "DO_PAD", "WORK", "IS_VARLEN", "HAS_CS", "DOT_F32"],
+    interpret_meta=lambda kw: {"BLOCK_K": interpret_block(kw["NQ"], 32, small=SLOT_ROWS),
+                               "BLOCK_D": interpret_block(kw["D"], 32), "STAGES": 1},
+    prune=_dx2_fits)
+_DW2 = Launcher(
+    linear_bwd_kernel_dw,
+    configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
+                 [(64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 8, 4), (64, 64, 128, 4, 3),
+                  (128, 64, 128, 8, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2),
+                  (16, 16, 16, 2, 2)]),
     key=["D", "DO", "L", "WORK", "IS_VARLEN", "HAS_PE", "DOT_F32"],
     interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["B"] * kw["W"], 32),
                                "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_N": interpret_block(kw["DO"], 32)},
@@ -324,6 +574,111 @@ def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
     return dx, dw, db, dpe
 
 
+def _forward_v2(x, weight, bias, pe, plan):
+    """Version 2 forward: pe's share by linear_pe_kernel (L * H programs), then
+    the GEMM with bias and the pe partials in its epilogue. Two launches with
+    pe, one without."""
+    B, H, T, D = x.shape
+    G, L, _, DO = weight.shape
+    HG = H // G
+    y = empty((B, H, plan.W, DO), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    pep = None
+    if pe is not None and D > 0:
+        pep = empty((L, H, DO), dtype=torch.float32, device=x.device)                    # [L, H, D_out]
+        BN = min(128, max(16, next_pow2(DO)))
+        linear_pe_kernel[(L, H, cdiv(DO, BN))](pe, weight, pep, H, HG, L, D, DO, *pe.stride(), *weight.stride(),
+                                               BLOCK_D=min(64, max(16, next_pow2(D))), BLOCK_N=BN)
+    _FWD2(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), cdiv(DO, meta["BLOCK_N"]), B * H),
+          x, weight, pep if pep is not None else x, bias if bias is not None else x, y, *plan.seq_args(),
+          *x.stride(), *weight.stride(), *y.stride(), *(bias.stride() if bias is not None else (0, 0)),
+          H, HG, D, DO, _bucket(B * H * plan.W), BLOCK_L=min(32, next_pow2(L)), IS_VARLEN=plan.varlen,
+          HAS_PE=pep is not None, HAS_BIAS=bias is not None, DOT_F32=dot_f32(x.dtype))
+    return y
+
+
+def _backward_v2(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
+    """Version 2 backward: dx (with the column sums of dy on the way), one
+    finalize kernel (column sums, dbias, dpe), the weight gradient. Three
+    launches at most when the split-K of the weight gradient is not needed
+    (it is not at NSA sizes)."""
+    B, H, T, D = x.shape
+    G, L, _, DO = weight.shape
+    HG = H // G
+    # a gradient not asked for is a fresh empty tensor (custom op outputs may not alias)
+    dx, dw, db, dpe = (x.new_empty(0) for _ in range(4))
+    need_pe = need_pe and pe is not None
+    need_cs = need_b or need_pe or (need_w and pe is not None)
+    pcs, nslot = None, 0
+    if need_x:
+        dx = empty_like(x)
+        C_PAD, DO_PAD = plan.C_PAD, max(16, next_pow2(DO))
+        dx2 = x.dtype != torch.float32 and C_PAD * DO_PAD <= DX2_MAX_K
+        if dx.numel() > 0 and dx2:
+            nslot = cdiv(plan.NQ, SLOT_ROWS)
+            if need_cs:
+                pcs = empty((B * H * nslot * DO,), dtype=torch.float32, device=x.device)
+            _DX2(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), B * H),
+                 dy, weight, dx, pcs if pcs is not None else x, *plan.seq_args(), *dy.stride(), *weight.stride(),
+                 *dx.stride(), H, HG, D, DO, plan.C, nslot, _bucket(B * H * plan.NQ), C_PAD=C_PAD, DO_PAD=DO_PAD,
+                 SLOT_ROWS=SLOT_ROWS, HAS_CS=need_cs, IS_VARLEN=plan.varlen, DOT_F32=dot_f32(x.dtype))
+        elif dx.numel() > 0:
+            _DX(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), B * H),
+                dy, weight, dx, *plan.seq_args(), *dy.stride(), *weight.stride(), *dx.stride(),
+                H, HG, D, DO, plan.C, _bucket(B * H * plan.NQ), IS_VARLEN=plan.varlen, DOT_F32=dot_f32(x.dtype))
+    if need_cs and pcs is None:    # no x-gradient kernel ran (or v1's did): the column sums from torch
+        pcs, nslot = dy.sum(dim=2, dtype=torch.float32), 1                                # [B, H, D_out]
+    cs = None
+    if need_cs:
+        cs = empty((H, DO), dtype=torch.float32, device=x.device)
+        if need_b:
+            db = empty((G, DO), dtype=x.dtype, device=x.device)
+        if need_pe:
+            dpe = empty((H, L, D), dtype=x.dtype, device=x.device)
+        if H > 0 and DO > 0:
+            DO_PAD = max(16, next_pow2(DO))
+            linear_bwd_kernel_finalize[(H, L if need_pe else 1)](
+                pcs, weight, cs, db if need_b else cs, dpe if need_pe else cs, B, H, HG, L, D, DO, nslot,
+                *weight.stride(), NEED_CS=True, NEED_B=need_b, NEED_PE=need_pe, DO_PAD=DO_PAD,
+                BLOCK_R=16 if INTERPRET else 32, BLOCK_D=max(16, min(128, 8192 // DO_PAD)))
+        elif need_pe:           # D_out = 0: pe does not reach the output
+            dpe.zero_()
+    if need_w:
+        rows = B * HG * plan.W
+        splits = _splits_v2(rows, G * L * cdiv(D, 64) * cdiv(DO, 128), x.device)
+        if splits == 1:
+            dw = empty(weight.shape, dtype=x.dtype, device=x.device)
+            out, o_strides = dw, (0, *dw.stride())
+        else:
+            out = empty((splits, G, L, D, DO), dtype=torch.float32, device=x.device)
+            o_strides = out.stride()
+        if weight.numel() > 0:
+            _DW2(lambda meta: (L * cdiv(D, meta["BLOCK_D"]), cdiv(DO, meta["BLOCK_N"]), G * splits),
+                 x, dy, pe if pe is not None else x, cs if cs is not None else x, out, *plan.seq_args(),
+                 *x.stride(), *dy.stride(), *(pe.stride() if pe is not None else (0, 0, 0)), *o_strides,
+                 B, H, HG, D, DO, cdiv(rows, splits), _bucket(rows),
+                 IS_VARLEN=plan.varlen, HAS_PE=pe is not None, DOT_F32=dot_f32(x.dtype))
+        if splits > 1:
+            dw = out.sum(0).to(x.dtype)
+    return dx, dw, db, dpe
+
+
+def _splits_v2(rows: int, programs: int, device) -> int:
+    """_splits with the SM count cached (v1 asks the driver on every call)."""
+    want = max(1, (2 * num_sms(device)) // max(programs, 1))
+    return max(1, min(want, rows // 512, 16))
+
+
+def _forward_any(x, weight, bias, pe, plan):
+    return _forward(x, weight, bias, pe, plan) if VARIANT == "v1" else _forward_v2(x, weight, bias, pe, plan)
+
+
+def _backward_any(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
+    fn = _backward if VARIANT == "v1" else _backward_v2
+    return fn(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe)
+
+
 @torch.library.custom_op("kvcompress::linear_triton", mutates_args=())
 def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pe: torch.Tensor | None,
               cu_seqlens: torch.Tensor | None, block_size: int, stride: int, padding: str,
@@ -332,7 +687,7 @@ def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     None, pe (H, L, D) or None -> (B, H, W, D_out), contiguous."""
     plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                     total_windows=total_windows)
-    return _forward(x, weight, bias, pe, plan)
+    return _forward_any(x, weight, bias, pe, plan)
 
 
 @linear_op.register_fake
@@ -351,7 +706,7 @@ def linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pe: t
     an empty (0,) tensor."""
     plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                     total_windows=dy.shape[2] if cu_seqlens is not None else -1)
-    return _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe)
+    return _backward_any(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe)
 
 
 @linear_bwd_op.register_fake
@@ -381,6 +736,31 @@ def _backward_rule(ctx, dy):
 torch.library.register_autograd("kvcompress::linear_triton", _backward_rule, setup_context=_setup)
 
 
+class _LinearFn(torch.autograd.Function):
+    """The op's forward and backward without its dispatch, for eager calls
+    (version 2; see ``_triton_pool.eager_call``). Same kernels, same results."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total_windows):
+        ctx.save_for_backward(x, weight, pe, cu_seqlens)
+        ctx.window_args = (block_size, stride, padding)
+        plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                        total_windows=total_windows)
+        return _forward_any(x, weight, bias, pe, plan)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, pe, cu_seqlens = ctx.saved_tensors
+        need_x, need_w, need_b, need_pe = ctx.needs_input_grad[:4]
+        block_size, stride, padding = ctx.window_args
+        plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                        total_windows=dy.shape[2] if cu_seqlens is not None else -1)
+        dx, dw, db, dpe = _backward_any(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe)
+        return (dx if need_x else None, dw if need_w else None, db if need_b else None, dpe if need_pe else None,
+                None, None, None, None, None)
+
+
 @register("linear", "triton", devices=DEVICES, dtypes=DTYPES, priority=10, available=triton_available,
           supports=supports_call, auto_devices=("cuda",),
           emulated_devices=("cpu",))
@@ -399,7 +779,10 @@ def linear(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None
     Raises TypeError/ValueError for a malformed total_windows.
     """
     total = total_windows_arg("linear", total_windows, cu_seqlens)
+    if VARIANT == "v2" and eager_call(x):
+        return _LinearFn.apply(x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total)
     return torch.ops.kvcompress.linear_triton(x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total)
 
 
-__all__ = ["INTERPRET", "linear", "linear_bwd_kernel_dw", "linear_bwd_kernel_dx", "linear_fwd_kernel"]
+__all__ = ["INTERPRET", "linear", "linear_bwd_kernel_dw", "linear_bwd_kernel_dx", "linear_bwd_kernel_dx_v2",
+           "linear_bwd_kernel_finalize", "linear_fwd_kernel", "linear_fwd_kernel_v2", "linear_pe_kernel"]

@@ -5,6 +5,11 @@ per-chunk partial sums into windows (docs/triton.md). Registered as backend
 The op is ``torch.ops.kvcompress.mean_pool_triton`` (fake implementation and
 autograd registered), so ``torch.compile(fullgraph=True)`` and
 ``torch.export`` see one opaque node.
+
+KVCOMPRESS_TRITON_VARIANT (read once at import, ``_triton_pool``) picks the
+kernels: ``v1``, the wrappers below of ``_triton_common.pool_fwd``/``pool_bwd``;
+``v2`` (default), the kernels of ``_triton_pool`` (one launch forward, two
+backward), whose eager calls skip the op's dispatch (docs/triton-perf.md).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ...backends import register
 from .._triton_common import (
@@ -36,6 +42,7 @@ from .._triton_common import (
     triton_available,
     windows_or_dynamic,
 )
+from .._triton_pool import VARIANT, eager_call, pool_backward_v2, pool_bwd_launcher, pool_forward_v2, pool_fwd_launcher
 
 
 @triton.jit
@@ -64,15 +71,30 @@ _FWD = Launcher(mean_pool_fwd_kernel, configs=POOL_FWD_CONFIGS, key=POOL_FWD_KEY
                 interpret_meta=pool_fwd_interpret_meta, prune=_pool_fwd_prune)
 _BWD = Launcher(mean_pool_bwd_kernel, configs=POOL_BWD_CONFIGS, key=POOL_BWD_KEY,
                 interpret_meta=pool_bwd_interpret_meta)
+_FWD2, _BWD2 = pool_fwd_launcher(), pool_bwd_launcher()     # version 2 (_triton_pool)
+
+
+def _forward(x, pe, cu_seqlens, block_size, stride, padding, total_windows):
+    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                    total_windows=total_windows)
+    if VARIANT == "v1":
+        return pool_forward(_FWD, x, None, pe, plan)
+    return pool_forward_v2(_FWD2, x, None, pe, plan)
+
+
+def _backward_impl(dy, x, pe, cu_seqlens, block_size, stride, padding, need_x, need_pe):
+    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                    total_windows=dy.shape[2] if cu_seqlens is not None else -1)
+    backward = pool_backward if VARIANT == "v1" else pool_backward_v2
+    dx, _, dpe = backward(_BWD if VARIANT == "v1" else _BWD2, dy, x, None, pe, plan, need_x, False, need_pe)
+    return dx, dpe
 
 
 @torch.library.custom_op("kvcompress::mean_pool_triton", mutates_args=())
 def mean_pool_op(x: torch.Tensor, pe: torch.Tensor | None, cu_seqlens: torch.Tensor | None, block_size: int,
                  stride: int, padding: str, total_windows: int) -> torch.Tensor:
     """x (B, H, T, D) any strides, pe (H, L, D) or None -> (B, H, W, D), contiguous."""
-    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
-                    total_windows=total_windows)
-    return pool_forward(_FWD, x, None, pe, plan)
+    return _forward(x, pe, cu_seqlens, block_size, stride, padding, total_windows)
 
 
 @mean_pool_op.register_fake
@@ -86,10 +108,7 @@ def mean_pool_bwd_op(dy: torch.Tensor, x: torch.Tensor, pe: torch.Tensor | None,
                      block_size: int, stride: int, padding: str, need_x: bool,
                      need_pe: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx like x, dpe (H, L, D)); a gradient not needed is an empty (0,) tensor."""
-    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
-                    total_windows=dy.shape[2] if cu_seqlens is not None else -1)
-    dx, _, dpe = pool_backward(_BWD, dy, x, None, pe, plan, need_x, False, need_pe)
-    return dx, dpe
+    return _backward_impl(dy, x, pe, cu_seqlens, block_size, stride, padding, need_x, need_pe)
 
 
 @mean_pool_bwd_op.register_fake
@@ -114,6 +133,25 @@ def _backward(ctx, dy):
 torch.library.register_autograd("kvcompress::mean_pool_triton", _backward, setup_context=_setup)
 
 
+class _MeanPoolFn(torch.autograd.Function):
+    """The op's forward and backward without its dispatch, for eager calls
+    (version 2; see ``_triton_pool.eager_call``). Same kernels, same results."""
+
+    @staticmethod
+    def forward(ctx, x, pe, cu_seqlens, block_size, stride, padding, total_windows):
+        ctx.save_for_backward(x, pe, cu_seqlens)
+        ctx.window_args = (block_size, stride, padding)
+        return _forward(x, pe, cu_seqlens, block_size, stride, padding, total_windows)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, pe, cu_seqlens = ctx.saved_tensors
+        need_x, need_pe = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx, dpe = _backward_impl(dy, x, pe, cu_seqlens, *ctx.window_args, need_x, need_pe)
+        return dx if need_x else None, dpe if need_pe else None, None, None, None, None, None
+
+
 @register("mean_pool", "triton", devices=DEVICES, dtypes=DTYPES, priority=10, available=triton_available,
           supports=supports_call, auto_devices=("cuda",),
           emulated_devices=("cpu",))
@@ -131,4 +169,6 @@ def mean_pool(x, *, block_size, stride, padding="valid", pe=None, cu_seqlens=Non
     Raises TypeError/ValueError for a malformed total_windows.
     """
     total = total_windows_arg("mean_pool", total_windows, cu_seqlens)
+    if VARIANT == "v2" and eager_call(x):
+        return _MeanPoolFn.apply(x, pe, cu_seqlens, block_size, stride, padding, total)
     return torch.ops.kvcompress.mean_pool_triton(x, pe, cu_seqlens, block_size, stride, padding, total)

@@ -5,6 +5,11 @@ partials are shifted into windows (docs/triton.md). Registered as backend
 
 The op is ``torch.ops.kvcompress.weighted_pool_triton`` (fake implementation
 and autograd registered).
+
+KVCOMPRESS_TRITON_VARIANT (read once at import, ``_triton_pool``) picks the
+kernels: ``v1``, the wrappers below of ``_triton_common.pool_fwd``/``pool_bwd``;
+``v2`` (default), the kernels of ``_triton_pool`` (one launch forward, two
+backward), whose eager calls skip the op's dispatch (docs/triton-perf.md).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ...backends import register
 from .._triton_common import (
@@ -36,6 +42,7 @@ from .._triton_common import (
     triton_available,
     windows_or_dynamic,
 )
+from .._triton_pool import VARIANT, eager_call, pool_backward_v2, pool_bwd_launcher, pool_forward_v2, pool_fwd_launcher
 
 
 @triton.jit
@@ -65,6 +72,23 @@ _FWD = Launcher(weighted_pool_fwd_kernel, configs=POOL_FWD_CONFIGS, key=POOL_FWD
                 interpret_meta=pool_fwd_interpret_meta, prune=_pool_fwd_prune)
 _BWD = Launcher(weighted_pool_bwd_kernel, configs=POOL_BWD_CONFIGS, key=POOL_BWD_KEY,
                 interpret_meta=pool_bwd_interpret_meta)
+_FWD2, _BWD2 = pool_fwd_launcher(), pool_bwd_launcher()     # version 2 (_triton_pool)
+
+
+def _forward(x, weight, pe, cu_seqlens, block_size, stride, padding, total_windows):
+    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                    total_windows=total_windows)
+    if VARIANT == "v1":
+        return pool_forward(_FWD, x, weight, pe, plan)
+    return pool_forward_v2(_FWD2, x, weight, pe, plan)
+
+
+def _backward_impl(dy, x, weight, pe, cu_seqlens, block_size, stride, padding, need_x, need_w, need_pe):
+    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
+                    total_windows=dy.shape[2] if cu_seqlens is not None else -1)
+    if VARIANT == "v1":
+        return pool_backward(_BWD, dy, x, weight, pe, plan, need_x, need_w, need_pe)
+    return pool_backward_v2(_BWD2, dy, x, weight, pe, plan, need_x, need_w, need_pe)
 
 
 @torch.library.custom_op("kvcompress::weighted_pool_triton", mutates_args=())
@@ -72,9 +96,7 @@ def weighted_pool_op(x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor | N
                      cu_seqlens: torch.Tensor | None, block_size: int, stride: int, padding: str,
                      total_windows: int) -> torch.Tensor:
     """x (B, H, T, D) any strides, weight (G, L), pe (H, L, D) or None -> (B, H, W, D)."""
-    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
-                    total_windows=total_windows)
-    return pool_forward(_FWD, x, weight, pe, plan)
+    return _forward(x, weight, pe, cu_seqlens, block_size, stride, padding, total_windows)
 
 
 @weighted_pool_op.register_fake
@@ -88,9 +110,7 @@ def weighted_pool_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
                          cu_seqlens: torch.Tensor | None, block_size: int, stride: int, padding: str, need_x: bool,
                          need_w: bool, need_pe: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx like x, dweight (G, L), dpe (H, L, D)); one not needed is an empty (0,) tensor."""
-    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
-                    total_windows=dy.shape[2] if cu_seqlens is not None else -1)
-    return pool_backward(_BWD, dy, x, weight, pe, plan, need_x, need_w, need_pe)
+    return _backward_impl(dy, x, weight, pe, cu_seqlens, block_size, stride, padding, need_x, need_w, need_pe)
 
 
 @weighted_pool_bwd_op.register_fake
@@ -118,6 +138,26 @@ def _backward(ctx, dy):
 torch.library.register_autograd("kvcompress::weighted_pool_triton", _backward, setup_context=_setup)
 
 
+class _WeightedPoolFn(torch.autograd.Function):
+    """The op's forward and backward without its dispatch, for eager calls
+    (version 2; see ``_triton_pool.eager_call``). Same kernels, same results."""
+
+    @staticmethod
+    def forward(ctx, x, weight, pe, cu_seqlens, block_size, stride, padding, total_windows):
+        ctx.save_for_backward(x, weight, pe, cu_seqlens)
+        ctx.window_args = (block_size, stride, padding)
+        return _forward(x, weight, pe, cu_seqlens, block_size, stride, padding, total_windows)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, pe, cu_seqlens = ctx.saved_tensors
+        need_x, need_w, need_pe = ctx.needs_input_grad[:3]
+        dx, dw, dpe = _backward_impl(dy, x, weight, pe, cu_seqlens, *ctx.window_args, need_x, need_w, need_pe)
+        return (dx if need_x else None, dw if need_w else None, dpe if need_pe else None,
+                None, None, None, None, None)
+
+
 @register("weighted_pool", "triton", devices=DEVICES, dtypes=DTYPES, priority=10, available=triton_available,
           supports=supports_call, auto_devices=("cuda",),
           emulated_devices=("cpu",))
@@ -134,4 +174,6 @@ def weighted_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu
     Raises TypeError/ValueError for a malformed total_windows.
     """
     total = total_windows_arg("weighted_pool", total_windows, cu_seqlens)
+    if VARIANT == "v2" and eager_call(x):
+        return _WeightedPoolFn.apply(x, weight, pe, cu_seqlens, block_size, stride, padding, total)
     return torch.ops.kvcompress.weighted_pool_triton(x, weight, pe, cu_seqlens, block_size, stride, padding, total)

@@ -1,0 +1,518 @@
+"""The pooling kernels of mean_pool and weighted_pool, version 2, and what
+selects a version (docs/triton-perf.md gives the why and the predictions).
+
+``KVCOMPRESS_TRITON_VARIANT`` (``v1`` or ``v2``, default ``v2``) is read once,
+at import: ``v1`` runs the kernels and host path committed first (the bodies
+``pool_fwd``/``pool_bwd`` of ``_triton_common``, every call through the
+``torch.library`` custom op); ``v2`` runs the kernels below, and in eager mode
+calls the ``autograd.Function`` directly (the custom op stays for
+``torch.compile`` and ``torch.export``). ``scripts/gpu_perf.py --variants
+v1,v2`` times both side by side; the loser is then deleted.
+
+Version 2, per call (fixed length; packed batches the same with chunk rows):
+
+- forward, one launch (``pool_fwd_kernel``): a program owns BLOCK_K windows x
+  BLOCK_D features and loads its windows as [BLOCK_J, BLOCK_K, BLOCK_D]
+  blocks (BLOCK_J window positions at once, 16-byte vectors along D), so
+  every load has many bytes in flight and needs no shift between windows
+  (a token shared by two windows is read twice, the second time from L1/L2);
+  pe's share sum_j a_j pe[h, j] is computed by each program from pe itself
+  (L x BLOCK_D values), not by a separate kernel. The grid is 1-D with the
+  (batch, head) row fastest, so the programs running together read the same
+  token span of every head (one DRAM page of a (B, T, H, D) tensor holds
+  them all).
+- backward, two launches: ``pool_bwd_kernel`` runs P programs per (b, h)
+  row, each looping over the chunk-row tiles i_p, i_p + P, ... (P fills the
+  GPU about twice, independent of the tile, so the autotuner may pick any
+  tile); a tile is BLOCK_K chunks of S tokens, taken BLOCK_R phases per
+  step as a 2-D block of token rows x BLOCK_D (one vectorised layout for x,
+  dy and dx), all steps one loop that ``num_stages`` may prefetch; it
+  writes dx once, and accumulates in registers, over all its steps, the
+  partial weight gradient
+  sum dy[q - c] . x[t] per window position and the partial column sums of
+  dy (for pe), stored once per program. ``pool_bwd_kernel_finalize`` (one
+  program per group and block of positions) sums the partials in a fixed
+  order (deterministic, no atomics) and writes dweight and dpe in x's
+  dtype, pe's shares included.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ._triton_common import (
+    INTERPRET,
+    Launcher,
+    SeqPlan,
+    cdiv,
+    chunk_rows,
+    empty,
+    empty_like,
+    interpret_block,
+    next_pow2,
+)
+
+__all__ = [
+    "POOL_BWD_CONFIGS", "POOL_FWD_CONFIGS", "VARIANT", "VARIANTS", "bwd_programs", "eager_call", "num_sms",
+    "pool_backward_v2", "pool_bwd_kernel", "pool_bwd_kernel_finalize", "pool_bwd_launcher", "pool_forward_v2",
+    "pool_fwd_kernel", "pool_fwd_launcher", "triton_variant",
+]
+
+VARIANTS = ("v1", "v2")
+
+
+def triton_variant() -> str:
+    """The kernel version chosen by the environment variable
+    KVCOMPRESS_TRITON_VARIANT: "v1" or "v2" (default "v2").
+
+    Raises ValueError for any other value.
+    """
+    v = os.environ.get("KVCOMPRESS_TRITON_VARIANT", "v2")
+    if v not in VARIANTS:
+        raise ValueError(f"KVCOMPRESS_TRITON_VARIANT must be one of {VARIANTS}, got {v!r}")
+    return v
+
+
+VARIANT = triton_variant()   # read once: the impl modules choose their kernels and host path at import
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_call(x: torch.Tensor) -> bool:
+    """Whether a call may skip the ``torch.library`` custom op and run its
+    ``autograd.Function`` directly: x is a plain tensor, nothing traces
+    (torch.compile, torch.export, make_fx, fake tensors: all go through the
+    op, which they see as one node). The op's dispatch costs tens of
+    microseconds of host time per call, more than a small kernel runs.
+    ``torch.compiler.is_compiling()`` comes first: dynamo folds it to True and
+    never traces the rest."""
+    return not torch.compiler.is_compiling() and type(x) in _PLAIN and _get_current_dispatch_mode() is None
+
+
+_SMS: dict = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (cached); 2 on the CPU (the
+    interpreter), so that tests run programs that loop over several tiles."""
+    if device.type != "cuda":
+        return 2
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
+def _bucket(n: int) -> int:
+    """log2 size class: an autotuning key, so a tiny problem does not choose
+    the tiles of a large one."""
+    return max(int(n), 1).bit_length()
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def pool_fwd_kernel(x, wt, pe, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+                    sxb, sxh, sxt, sxd, syb, syh, syw, syd, swg, swl, sph, spj, spd,
+                    BH, H, HG, D, WORK,
+                    UNIT: tl.constexpr, HAS_PE: tl.constexpr, IS_VARLEN: tl.constexpr,
+                    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+    """y[w] = sum_j a_j (X_w[j] + pe[h, j]) for BLOCK_K windows (chunk rows) x
+    BLOCK_D features; a_j = 1/L (UNIT, mean_pool) or wt[g, j].
+
+    1-D grid, (b, h) row fastest, then D block, then tile. Each step of the
+    loop loads window positions j0 .. j0 + BLOCK_J - 1 of every window of the
+    tile as one [BLOCK_J, BLOCK_K, BLOCK_D] block (pad positions and
+    positions >= L masked to 0, so no product ever involves a token outside
+    its window: a NaN reaches only the windows that hold it) and reduces it
+    over positions. pe's share is the same for every window of head h and is
+    computed here from pe (no x + pe is formed). WORK is only an autotuning
+    key.
+    """
+    pid = tl.program_id(0)
+    i_bh = pid % BH
+    i_d = (pid // BH) % tl.cdiv(D, BLOCK_D)
+    i_t = pid // (BH * tl.cdiv(D, BLOCK_D))
+    i_b, i_h = i_bh // H, i_bh % H
+    i_g = i_h // HG
+    o_k = i_t * BLOCK_K + tl.arange(0, BLOCK_K)
+    t_base, bos, eos, q, n_win, win_base, m_q = chunk_rows(o_k, cu, ccu, cq, N, N_STEPS, T, W, NQ, S, PRE,
+                                                           IS_VARLEN)
+    m_w = m_q & (q < n_win)                                                           # [BLOCK_K] windows
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    p_x = x + i_b.to(tl.int64) * sxb + i_h.to(tl.int64) * sxh + o_d[None, None, :].to(tl.int64) * sxd
+    b_y = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    b_c = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j0 in tl.range(0, L, BLOCK_J, num_stages=STAGES):
+        o_j = j0 + tl.arange(0, BLOCK_J)                                              # [BLOCK_J]
+        m_j = o_j < L
+        t = t_base[None, :] + o_j[:, None]                                            # [BLOCK_J, BLOCK_K]
+        m_t = m_j[:, None] & m_w[None, :] & (t >= bos[None, :])
+        # kept in x's dtype, widened where used: half the registers of a float32 copy for 16-bit input
+        b_x = tl.load(p_x + t[:, :, None] * sxt, mask=m_t[:, :, None] & m_d[None, None, :],
+                      other=0.)                                                       # [BLOCK_J, BLOCK_K, BLOCK_D]
+        if HAS_PE:
+            b_pe = tl.load(pe + i_h.to(tl.int64) * sph + o_j[:, None] * spj + o_d[None, :] * spd,
+                           mask=m_j[:, None] & m_d[None, :], other=0.).to(tl.float32)  # [BLOCK_J, BLOCK_D]
+        if UNIT:
+            b_y += tl.sum(b_x.to(tl.float32), axis=0)
+            if HAS_PE:
+                b_c += tl.sum(b_pe, axis=0)
+        else:
+            b_a = tl.load(wt + i_g.to(tl.int64) * swg + o_j * swl, mask=m_j, other=0.).to(tl.float32)  # [BLOCK_J]
+            b_y += tl.sum(b_a[:, None, None] * b_x.to(tl.float32), axis=0)
+            if HAS_PE:
+                b_c += tl.sum(b_a[:, None] * b_pe, axis=0)
+    if HAS_PE:
+        b_y += b_c[None, :]
+    if UNIT:
+        b_y = b_y / L
+    p_y = y + i_b.to(tl.int64) * syb + i_h.to(tl.int64) * syh + (win_base + q)[:, None] * syw \
+        + o_d[None, :].to(tl.int64) * syd
+    tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_w[:, None] & m_d[None, :])
+
+
+# (BLOCK_J, BLOCK_K, BLOCK_D, warps, stages): sized for D = 128, L = 32; the pruning fits them to the call
+POOL_FWD_CONFIGS = [triton.Config({"BLOCK_J": bj, "BLOCK_K": bk, "BLOCK_D": bd, "STAGES": st}, num_warps=nw)
+                    for bj, bk, bd, nw, st in [(16, 8, 128, 4, 1), (8, 16, 128, 4, 1), (32, 8, 128, 8, 1),
+                                               (16, 16, 64, 4, 1), (8, 32, 64, 4, 1), (8, 8, 128, 4, 2),
+                                               (16, 8, 64, 4, 2), (32, 4, 128, 4, 1), (16, 8, 128, 8, 1)]]
+POOL_FWD_KEY = ["D", "L", "WORK", "UNIT", "HAS_PE", "IS_VARLEN"]
+def _pool_fwd_prune(configs, kw):
+    """Fit the tiles to the call: BLOCK_J <= next_pow2(L), BLOCK_D <=
+    next_pow2(D) (>= 16); a [BLOCK_J, BLOCK_K, BLOCK_D] block of at most 128
+    elements per thread, and for float32 input (twice the bytes) at most 64
+    and no software pipelining: beyond, sm_90 spills registers
+    (scripts/gpu_perf.py --compile-only). Duplicates dropped."""
+    f32 = kw["x"].element_size() == 4
+    cap = 64 if f32 else 128
+    out, seen = [], set()
+    for c in configs:
+        bj = min(c.kwargs["BLOCK_J"], next_pow2(kw["L"]))
+        bd = min(c.kwargs["BLOCK_D"], max(16, next_pow2(kw["D"])))
+        bk = c.kwargs["BLOCK_K"]
+        if bj * bk * bd > cap * 32 * c.num_warps or (f32 and c.kwargs["STAGES"] > 1):
+            continue
+        key = (bj, bk, bd, c.kwargs["STAGES"], c.num_warps)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config({"BLOCK_J": bj, "BLOCK_K": bk, "BLOCK_D": bd, "STAGES": c.kwargs["STAGES"]},
+                                     num_warps=c.num_warps))
+    return out or [triton.Config({"BLOCK_J": min(8, next_pow2(kw["L"])), "BLOCK_K": 8, "BLOCK_D": 32, "STAGES": 1},
+                                 num_warps=4)]
+
+
+def _pool_fwd_interpret_meta(kw):
+    return {"BLOCK_J": min(next_pow2(kw["L"]), 4 if _small() else 32), "BLOCK_K": interpret_block(kw["W"], 32),
+            "BLOCK_D": interpret_block(kw["D"], 64), "STAGES": 1}
+
+
+def _small() -> bool:
+    from . import _triton_common as tc  # read at call time: small_tiles() flips it
+    return tc._SMALL_TILES
+
+
+def pool_fwd_launcher() -> Launcher:
+    """A Launcher of ``pool_fwd_kernel`` (one per kind, each with its own autotuning cache)."""
+    return Launcher(pool_fwd_kernel, configs=POOL_FWD_CONFIGS, key=POOL_FWD_KEY,
+                    interpret_meta=_pool_fwd_interpret_meta, prune=_pool_fwd_prune)
+
+
+def pool_forward_v2(launcher: Launcher, x: torch.Tensor, weight: torch.Tensor | None, pe: torch.Tensor | None,
+                    plan: SeqPlan) -> torch.Tensor:
+    """One launch: y (B, H, W, D) in x's dtype, contiguous. weight (G, L) or
+    None (mean_pool); pe (H, L, D) or None."""
+    B, H, T, D = x.shape
+    y = empty((B, H, plan.W, D), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    G = 1 if weight is None else weight.shape[0]
+    rows = plan.NQ if plan.varlen else plan.W    # packed: every chunk row may start a window
+    BH = B * H
+
+    def grid(meta):
+        return (cdiv(rows, meta["BLOCK_K"]) * cdiv(D, meta["BLOCK_D"]) * BH,)
+    launcher(grid, x, weight if weight is not None else x, pe if pe is not None else x, y, *plan.seq_args(),
+             *x.stride(), *y.stride(), *(weight.stride() if weight is not None else (0, 0)),
+             *(pe.stride() if pe is not None else (0, 0, 0)), BH, H, H // G, D, _bucket(BH * rows),
+             UNIT=weight is None, HAS_PE=pe is not None, IS_VARLEN=plan.varlen)
+    return y
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _pool_bwd_window(c, b_dx, b_pw, b_x, p_dy, wt, q, o_r, n_win, win_base, m_q, o_d, m_d, o_c, o_rb, i_r, i_g,
+                     sdw, sdd, swg, swl, S, L, C,
+                     UNIT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One window offset c of pool_bwd_kernel's step: the rows' window q - c,
+    position j = c*S + r. Returns the updated (dx block, pw partials)."""
+    q_w = q - c                                                                       # [ROWS]
+    o_j = c * S + o_r
+    m_w = m_q & (o_r < S) & (o_j < L) & (q_w >= 0) & (q_w < n_win) & ((q * 0 + c) < C)
+    b_dy = tl.load(p_dy + (win_base + q_w)[:, None] * sdw + o_d[None, :].to(tl.int64) * sdd,
+                   mask=m_w[:, None] & m_d[None, :], other=0.).to(tl.float32)         # [ROWS, BLOCK_D]
+    if NEED_DX:
+        if UNIT:
+            b_dx += b_dy
+        else:
+            b_a = tl.load(wt + i_g.to(tl.int64) * swg + o_j * swl, mask=m_w, other=0.).to(tl.float32)
+            b_dx += b_a[:, None] * b_dy
+    if NEED_DW:
+        b_s = tl.sum(b_x.to(tl.float32) * b_dy, axis=1)                               # [ROWS]
+        b_s = tl.sum(tl.reshape(b_s, (BLOCK_K, BLOCK_R)), axis=0)                     # [BLOCK_R] per phase
+        b_pw += tl.where((o_c[:, None, None] == c) & (o_rb[None, :, None] == i_r), b_s[None, None, :], 0.)
+    return b_dx, b_pw
+
+
+@triton.jit
+def pool_bwd_kernel(dy, x, wt, dx, pw, pcs, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+                    sdb, sdh, sdw, sdd, sxb, sxh, sxt, sxd, sgb, sgh, sgt, sgd, swg, swl,
+                    H, HG, D, C, P, WORK,
+                    UNIT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_CS: tl.constexpr,
+                    IS_VARLEN: tl.constexpr, S_PAD: tl.constexpr, C_PAD: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+    """Grid (P, B*H): program i_p of row (b, h) takes the chunk-row tiles
+    i_p, i_p + P, ... of every D block.
+
+    Token t = chunk q, phase r is position j = c*S + r of window q - c, so
+    dx[t] = sum_c a_j dy[q - c] over the windows that exist (gathered: each
+    token written once, zero when no window holds it; no atomics). A tile is
+    BLOCK_K chunks x S phases, taken BLOCK_R phases per step as one 2-D
+    block of BLOCK_K * BLOCK_R token rows (row i: chunk i // BLOCK_R, phase
+    i % BLOCK_R) x BLOCK_D features: every per-row quantity (window, weight,
+    mask) is a vector along the rows, so x, dy's rows and dx share one
+    vectorised layout (a [phase, chunk, feature] block made the compiler
+    shuffle dx through shared memory). dy's rows are loaded per row
+    (BLOCK_R rows share one: L1 hits). The steps of all the program's tiles
+    are one loop, with the C_PAD window offsets unrolled when C_PAD <= 8, so
+    STAGES > 1 can prefetch the next step's x and dy (more bytes in flight;
+    an autotuning choice). Masks include j < L: no product pairs a token with
+    a window that lacks it (a NaN cannot leak).
+
+    Partials kept in registers over all steps, stored once at the end:
+    NEED_DW: pw[b*H + h, i_p, j] = sum of dy[q - c] . x[t] (the share of
+    dL/da_j); NEED_CS: pcs[b*H + h, i_p, d] = the column sums of dy over the
+    windows q (chunk rows at c = 0), for pe's gradients.
+    pool_bwd_kernel_finalize sums them.
+    """
+    i_p, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_g = i_h // HG
+    o_i = tl.arange(0, BLOCK_K * BLOCK_R)
+    i_k, i_rr = o_i // BLOCK_R, o_i % BLOCK_R                  # [ROWS] chunk in tile, phase in block
+    o_k = tl.arange(0, BLOCK_K)
+    o_rb = tl.arange(0, S_PAD // BLOCK_R)                      # phase blocks per chunk (padded)
+    o_c = tl.arange(0, C_PAD)
+    n_tiles = tl.cdiv(NQ, BLOCK_K)
+    NR = tl.cdiv(S, BLOCK_R)                                   # steps per tile
+    n_steps = tl.cdiv(tl.maximum(n_tiles - i_p, 0), P) * NR
+    p_dy = dy + i_b.to(tl.int64) * sdb + i_h.to(tl.int64) * sdh
+    p_x = x + i_b.to(tl.int64) * sxb + i_h.to(tl.int64) * sxh
+    p_dx = dx + i_b.to(tl.int64) * sgb + i_h.to(tl.int64) * sgh
+    b_pw = tl.zeros([C_PAD, S_PAD // BLOCK_R, BLOCK_R], dtype=tl.float32)   # [c, phase block, phase in block]
+    for i_d in range(0, tl.cdiv(D, BLOCK_D)):
+        o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        b_cs = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        for it in tl.range(0, n_steps, num_stages=STAGES):
+            i_t = i_p + (it // NR) * P
+            i_r = it % NR
+            t_base, bos, eos, q, n_win, win_base, m_q = chunk_rows(i_t * BLOCK_K + i_k, cu, ccu, cq, N, N_STEPS, T,
+                                                                   W, NQ, S, PRE, IS_VARLEN)   # [ROWS]
+            o_r = i_r * BLOCK_R + i_rr                                                # [ROWS] phase
+            t = t_base + o_r
+            m_t = (o_r < S) & m_q & (t >= bos) & (t < eos)
+            b_x = tl.zeros([BLOCK_K * BLOCK_R, BLOCK_D], dtype=x.dtype.element_ty)
+            if NEED_DW:   # in x's dtype, widened where used
+                b_x = tl.load(p_x + t[:, None] * sxt + o_d[None, :].to(tl.int64) * sxd,
+                              mask=m_t[:, None] & m_d[None, :], other=0.)              # [ROWS, BLOCK_D]
+            b_dx = tl.zeros([BLOCK_K * BLOCK_R, BLOCK_D], dtype=tl.float32)
+            if C_PAD <= 8:
+                for c in tl.static_range(C_PAD):
+                    b_dx, b_pw = _pool_bwd_window(c, b_dx, b_pw, b_x, p_dy, wt, q, o_r, n_win, win_base, m_q, o_d,
+                                                  m_d, o_c, o_rb, i_r, i_g, sdw, sdd, swg, swl, S, L, C,
+                                                  UNIT, NEED_DX, NEED_DW, BLOCK_K, BLOCK_R)
+            else:
+                for c in range(0, C):
+                    b_dx, b_pw = _pool_bwd_window(c, b_dx, b_pw, b_x, p_dy, wt, q, o_r, n_win, win_base, m_q, o_d,
+                                                  m_d, o_c, o_rb, i_r, i_g, sdw, sdd, swg, swl, S, L, C,
+                                                  UNIT, NEED_DX, NEED_DW, BLOCK_K, BLOCK_R)
+            if NEED_DX:
+                if UNIT:
+                    b_dx = b_dx / L
+                tl.store(p_dx + t[:, None] * sgt + o_d[None, :].to(tl.int64) * sgd,
+                         b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+            if NEED_CS:   # each window is chunk row q (c = 0) of exactly one tile: its rows, at the first step
+                q0 = i_t * BLOCK_K + o_k
+                _, _, _, q0, n_win0, win_base0, m_q0 = chunk_rows(q0, cu, ccu, cq, N, N_STEPS, T, W, NQ, S, PRE,
+                                                                  IS_VARLEN)
+                m_w0 = m_q0 & (q0 < n_win0) & ((q0 * 0 + i_r) == 0)
+                b_cs += tl.load(p_dy + (win_base0 + q0)[:, None] * sdw + o_d[None, :].to(tl.int64) * sdd,
+                                mask=m_w0[:, None] & m_d[None, :], other=0.).to(tl.float32)   # [BLOCK_K, BLOCK_D]
+        if NEED_CS:
+            tl.store(pcs + (i_bh.to(tl.int64) * P + i_p) * D + o_d, tl.sum(b_cs, axis=0), mask=m_d)
+    if NEED_DW:
+        o_r3 = o_rb[None, :, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, None, :]   # [1, S_PAD // BLOCK_R, BLOCK_R]
+        o_j3 = o_c[:, None, None] * S + o_r3                                          # [C_PAD, ., BLOCK_R]
+        tl.store(pw + (i_bh.to(tl.int64) * P + i_p) * L + o_j3, b_pw,
+                 mask=(o_c[:, None, None] < C) & (o_r3 < S) & (o_j3 < L))
+
+
+@triton.jit
+def pool_bwd_kernel_finalize(pw, pcs, wt, pe, dw, dpe, B, H, HG, L, D, P,
+                             swg, swl, sph, spj, spd,
+                             UNIT: tl.constexpr, NEED_W: tl.constexpr, NEED_PE: tl.constexpr, NEED_CS: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (G, position blocks): sums the per-program partials of
+    pool_bwd_kernel in a fixed order (deterministic) for the heads of group
+    g and positions j of the block:
+
+    colsum[h] = sum over (b, program) of pcs;
+    dpe[h, j] = a_j colsum[h] (NEED_PE);
+    dw[g, j] = sum over heads h of g, (b, program) of pw + colsum[h] . pe[h, j]
+    (NEED_W; the pe term when NEED_CS). dw, dpe in their dtype, contiguous.
+    """
+    i_g, i_j = tl.program_id(0), tl.program_id(1)
+    o_j = i_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    m_j = o_j < L
+    o_rr = tl.arange(0, BLOCK_R)
+    b_w = tl.zeros([BLOCK_J], dtype=tl.float32)
+    if UNIT:
+        b_a = tl.where(m_j, 1.0 / L, 0.)
+    else:
+        b_a = tl.load(wt + i_g.to(tl.int64) * swg + o_j * swl, mask=m_j, other=0.).to(tl.float32)   # [BLOCK_J]
+    for hh in range(0, HG):
+        i_h = i_g * HG + hh
+        if NEED_W:
+            for i_b in range(0, B):
+                p_row = pw + ((i_b * H + i_h).to(tl.int64) * P) * L
+                for r0 in range(0, P, BLOCK_R):
+                    o_r = r0 + o_rr
+                    b_w += tl.sum(tl.load(p_row + o_r[:, None] * L + o_j[None, :],
+                                          mask=(o_r < P)[:, None] & m_j[None, :], other=0.), axis=0)
+        if NEED_CS:
+            for d0 in range(0, D, BLOCK_D):
+                o_d = d0 + tl.arange(0, BLOCK_D)
+                m_d = o_d < D
+                b_cs = tl.zeros([BLOCK_D], dtype=tl.float32)
+                for i_b in range(0, B):
+                    p_row = pcs + ((i_b * H + i_h).to(tl.int64) * P) * D
+                    for r0 in range(0, P, BLOCK_R):
+                        o_r = r0 + o_rr
+                        b_cs += tl.sum(tl.load(p_row + o_r[:, None] * D + o_d[None, :],
+                                               mask=(o_r < P)[:, None] & m_d[None, :], other=0.), axis=0)
+                if NEED_PE:
+                    tl.store(dpe + (i_h.to(tl.int64) * L + o_j[:, None]) * D + o_d[None, :],
+                             (b_a[:, None] * b_cs[None, :]).to(dpe.dtype.element_ty),
+                             mask=m_j[:, None] & m_d[None, :])
+                if NEED_W:
+                    b_pe = tl.load(pe + i_h.to(tl.int64) * sph + o_j[:, None] * spj + o_d[None, :] * spd,
+                                   mask=m_j[:, None] & m_d[None, :], other=0.).to(tl.float32)   # [BLOCK_J, BLOCK_D]
+                    b_w += tl.sum(b_pe * b_cs[None, :], axis=1)
+    if NEED_W:
+        tl.store(dw + i_g.to(tl.int64) * L + o_j, b_w.to(dw.dtype.element_ty), mask=m_j)
+
+
+# (BLOCK_R, BLOCK_K, BLOCK_D, warps, stages); the pruning fits BLOCK_R to S and keeps the blocks in budget
+POOL_BWD_CONFIGS = [triton.Config({"BLOCK_R": br, "BLOCK_K": bk, "BLOCK_D": bd, "STAGES": st}, num_warps=nw)
+                    for br, bk, bd, nw, st in [(4, 4, 128, 4, 1), (4, 4, 128, 4, 3), (4, 8, 128, 4, 1),
+                                               (4, 8, 128, 4, 2), (4, 8, 64, 4, 1), (8, 8, 128, 8, 1),
+                                               (8, 8, 128, 8, 2), (8, 8, 128, 4, 1), (16, 8, 128, 8, 1),
+                                               (1, 64, 64, 4, 1), (2, 32, 64, 4, 1)]]
+POOL_BWD_KEY = ["D", "L", "S_PAD", "WORK", "UNIT", "NEED_DX", "NEED_DW", "NEED_CS", "IS_VARLEN"]
+
+
+def _pool_bwd_prune(configs, kw):
+    """BLOCK_R <= S_PAD (and >= 4 when S allows: fewer, longer row segments),
+    BLOCK_D <= next_pow2(D) (>= 16); a float32 block of BLOCK_K * BLOCK_R x
+    BLOCK_D elements of 16 to 32 per thread when x is loaded too (NEED_DW: x's,
+    dy's and dx's blocks are live together; 64 reaches 255 registers on
+    sm_90), else 32 to 64; half that for float32 input; duplicates dropped;
+    when none is left, one small tile (scripts/gpu_perf.py --compile-only
+    checks them all for spills)."""
+    S_PAD, D = kw["S_PAD"], kw["D"]
+    lo, hi = (16, 32) if kw["NEED_DW"] else (32, 64)
+    if kw["x"].element_size() == 4:     # float32 blocks take twice the registers
+        lo, hi = (8, 16) if kw["NEED_DW"] else (16, 16)
+    out, seen = [], set()
+    for c in configs:
+        br = min(c.kwargs["BLOCK_R"], S_PAD)
+        bk, bd = c.kwargs["BLOCK_K"], min(c.kwargs["BLOCK_D"], max(16, next_pow2(D)))
+        per_thread = br * bk * bd // (32 * c.num_warps)
+        if br < min(4, S_PAD) or not lo <= per_thread <= hi:
+            continue
+        key = (br, bk, bd, c.kwargs["STAGES"], c.num_warps)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config({"BLOCK_R": br, "BLOCK_K": bk, "BLOCK_D": bd, "STAGES": c.kwargs["STAGES"]},
+                                     num_warps=c.num_warps))
+    return out or [triton.Config({"BLOCK_R": min(4, S_PAD), "BLOCK_K": 4, "BLOCK_D": 32, "STAGES": 1}, num_warps=4)]
+
+
+def _pool_bwd_interpret_meta(kw):
+    small = _small()
+    return {"BLOCK_R": min(kw["S_PAD"], 2 if small else 16), "BLOCK_K": interpret_block(kw["NQ"], 8, small=2),
+            "BLOCK_D": interpret_block(kw["D"], 64), "STAGES": 1}
+
+
+def pool_bwd_launcher() -> Launcher:
+    """A Launcher of ``pool_bwd_kernel`` (one per kind)."""
+    return Launcher(pool_bwd_kernel, configs=POOL_BWD_CONFIGS, key=POOL_BWD_KEY,
+                    interpret_meta=_pool_bwd_interpret_meta, prune=_pool_bwd_prune)
+
+
+def bwd_programs(plan: SeqPlan, device: torch.device) -> int:
+    """P, programs per (b, h) row of pool_bwd_kernel: about two per SM over
+    all rows, at most one per two chunk rows. Independent of the tile, so
+    the partial buffers' layout is known before autotuning picks one."""
+    return max(1, min(cdiv(plan.NQ, 2), cdiv(2 * num_sms(device), max(plan.B * plan.H, 1))))
+
+
+def pool_backward_v2(launcher: Launcher, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                     pe: torch.Tensor | None, plan: SeqPlan, need_x: bool, need_w: bool, need_pe: bool):
+    """Gradients (dx, dweight, dpe) of a pooling kind in at most two launches;
+    an empty (0,) tensor for each one not needed (custom op outputs may not
+    alias). weight None: mean_pool."""
+    B, H, T, D = x.shape
+    L = plan.L
+    G = 1 if weight is None else weight.shape[0]
+    HG = H // G
+    need_w = need_w and weight is not None
+    need_pe = need_pe and pe is not None
+    need_cs = pe is not None and (need_pe or need_w)
+    dx = empty_like(x) if need_x else x.new_empty(0)
+    dw = empty((G, L), dtype=x.dtype, device=x.device) if need_w else x.new_empty(0)
+    dpe = empty((H, L, D), dtype=x.dtype, device=x.device) if need_pe else x.new_empty(0)
+    if B * H * T * D == 0:     # no token: every gradient is zero (dx, if any, has no element)
+        dw.zero_()
+        dpe.zero_()
+        return dx, dw, dpe
+    P = bwd_programs(plan, x.device)
+    pw = empty((B * H * P * L,), dtype=torch.float32, device=x.device) if need_w else x
+    pcs = empty((B * H * P * D,), dtype=torch.float32, device=x.device) if need_cs else x
+    if need_x or need_w or need_cs:
+        launcher(lambda meta: (P, B * H), dy, x, weight if weight is not None else x, dx if need_x else x, pw, pcs,
+                 *plan.seq_args(), *dy.stride(), *x.stride(), *(dx.stride() if need_x else x.stride()),
+                 *(weight.stride() if weight is not None else (0, 0)), H, HG, D, plan.C, P, _bucket(B * H * plan.NQ),
+                 UNIT=weight is None, NEED_DX=need_x, NEED_DW=need_w, NEED_CS=need_cs, IS_VARLEN=plan.varlen,
+                 S_PAD=next_pow2(plan.S), C_PAD=plan.C_PAD)
+    if need_w or need_pe:
+        BJ = min(next_pow2(L), 64)
+        BD = min(max(16, next_pow2(D)), 128 if not INTERPRET else 64)
+        pool_bwd_kernel_finalize[(G, cdiv(L, BJ))](
+            pw, pcs, weight if weight is not None else x, pe if pe is not None else x, dw if need_w else x,
+            dpe if need_pe else x, B, H, HG, L, D, P, *(weight.stride() if weight is not None else (0, 0)),
+            *(pe.stride() if pe is not None else (0, 0, 0)),
+            UNIT=weight is None, NEED_W=need_w, NEED_PE=need_pe, NEED_CS=need_cs,
+            BLOCK_R=16 if INTERPRET else 32, BLOCK_J=BJ, BLOCK_D=BD)
+    return dx, dw, dpe

@@ -1,0 +1,700 @@
+#!/usr/bin/env python
+"""Performance of the Triton kernels of mean_pool, weighted_pool and linear
+on a GPU, kernel version against kernel version (docs/triton-perf.md).
+
+Run from the repository root on a CUDA machine (needs only torch, triton,
+numpy):
+
+    python scripts/gpu_perf.py --variants v1,v2 --out perf.json   # both versions, each in its own process
+    python scripts/gpu_perf.py --variants v1,v2 --kinds linear --out perf_linear.json   # one kind (~3-4 min)
+    python scripts/gpu_perf.py --kinds linear --layouts bthd       # a subset, the version of the environment
+    python scripts/gpu_perf.py --compile-only                      # no GPU: compile every v2 config for sm_90
+    python scripts/gpu_perf.py --dry-run-cpu --variants v1,v2      # no GPU: every step on CPU, interpreter, tiny
+
+The version is KVCOMPRESS_TRITON_VARIANT (v1 or v2, read once at import);
+``--variants`` runs one subprocess per version with it set, then prints the
+comparison. Case: the issue's NSA size, bfloat16, B=1, H=4, D=128, L=32,
+S=16, T=131072, left padding, pe on (linear also with bias), weights per
+head (G = H); layouts bhtd (contiguous) and bthd (a (B, T, H, D) tensor seen
+through transpose(1, 2)). Per kind, layout and version:
+
+(a) profile: torch.profiler with CUDA activity over ``--profile-iters``
+    calls of the forward and of forward + backward: every kernel launched
+    (and memset/memcpy), launches per call, mean duration, share of the
+    GPU time, and the GPU busy time per call;
+(b) graph: forward, and forward + backward (``y = f(...); y.backward(g)``,
+    grads set to None before capture so that each replay writes them
+    afresh), captured in a CUDA graph after a warm-up on a side stream (as
+    PyTorch's CUDA-graph docs require); median over ``--graph-reps``
+    replays, each between its own events: the kernels' time without host
+    overhead;
+(c) eager: triton.testing.do_bench median (L2 flushed between calls), as
+    scripts/gpu_check.py measures;
+(d) host: the CPU time to issue one call (forward; forward + backward) at
+    the NSA size without waiting for the GPU, through the backend's callable
+    and through kvcompress.functional (argument validation included), and
+    the wall time per call on tiny inputs, where the host is the bottleneck;
+(e) rates against the targets (H100: linear forward <= 0.10 ms and forward
+    + backward <= 0.30 ms; pools >= 2.3 TB/s forward, >= 2.0 TB/s forward +
+    backward, bytes counted as scripts/gpu_check.py does: forward x + y;
+    backward dy + dx, plus x again for weighted_pool and linear), for the
+    graph time and the eager time, with the copy and matmul ceilings
+    measured in the same process;
+(f) correctness first: scripts/gpu_check.py's check of the NSA case
+    (forward and every gradient against the torch backend, derived bound),
+    so a fast wrong kernel cannot win.
+
+The summary table is printed last; ``--out`` writes everything as JSON
+(each worker's JSON is also kept next to it, ``<out>.<variant>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+KINDS = ("mean_pool", "weighted_pool", "linear")
+LAYOUTS = ("bhtd", "bthd")
+VARIANTS = ("v1", "v2")
+TARGETS = {"linear": {"fwd_ms": 0.10, "fwdbwd_ms": 0.30},
+           "mean_pool": {"fwd_tbs": 2.3, "fwdbwd_tbs": 2.0},
+           "weighted_pool": {"fwd_tbs": 2.3, "fwdbwd_tbs": 2.0}}
+DEVICE = "cuda"        # "cpu" with --dry-run-cpu
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def sync():
+    import torch
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- the case
+
+
+def nsa_size(dry: bool, T: int) -> dict:
+    if dry:   # the interpreter costs ~0.1 s per kernel call: tiny, same structure
+        return dict(B=1, H=2, T=48, D=16, L=8, S=4)
+    return dict(B=1, H=4, T=T, D=128, L=32, S=16)
+
+
+def make(kind, *, B, H, T, D, L, S, dtype, layout, pe, bias, grad, seed=0):
+    """x (B, H, T, D) in the layout, the kind's parameters (G = H), pe or None;
+    leaves requiring grad when ``grad``."""
+    import torch
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        t = (torch.randn(*shape, device=DEVICE, generator=g) * scale).to(dtype)
+        return t.requires_grad_(grad)
+
+    x = rnd(B, T, H, D).detach().transpose(1, 2).requires_grad_(grad) if layout == "bthd" else rnd(B, H, T, D)
+    params = {"mean_pool": [], "weighted_pool": [rnd(H, L, scale=1 / L)],
+              "linear": [rnd(H, L, D, D, scale=(L * D) ** -0.5), rnd(H, D) if bias else None]}[kind]
+    return x, params, (rnd(H, L, D) if pe else None)
+
+
+def callable_of(kind, api, *, L, S, padding):
+    """f(x, *params, pe) through the backend's registered callable ("backend",
+    as scripts/gpu_check.py times it) or kvcompress.functional ("functional",
+    with argument validation)."""
+    if api == "backend":
+        from kvcompress import backends as kb
+        fn = kb.get(kind, "triton").fn
+        return lambda x, params, pe: fn(x, *params, block_size=L, stride=S, padding=padding, pe=pe)
+    import kvcompress.functional as kf
+    fn = getattr(kf, kind)
+    return lambda x, params, pe: fn(x, *params, block_size=L, stride=S, padding=padding, pe=pe, backend="triton")
+
+
+def traffic(kind, *, B, H, T, D, L, S, padding):
+    """(forward bytes, forward + backward bytes, forward FLOP) as scripts/gpu_check.py counts them."""
+    W = T // S if padding == "left" else (T - L) // S + 1
+    x_bytes, y_bytes = B * H * T * D * 2, B * H * W * D * 2
+    fwd = x_bytes + y_bytes
+    bwd = y_bytes + x_bytes + (x_bytes if kind != "mean_pool" else 0)
+    return fwd, fwd + bwd, 2 * B * H * W * L * D * D
+
+
+# --------------------------------------------------------------------------- (a) profile
+
+
+def profile(step, iters):
+    """Run ``step`` ``iters`` times under torch.profiler: per kernel name,
+    launches per call, mean microseconds, share of GPU time; GPU busy time
+    per call. In the CPU dry run the top-level CPU ops stand in for kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    step()
+    sync()
+    acts = [ProfilerActivity.CUDA] if DEVICE == "cuda" else [ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(iters):
+            step()
+        sync()
+    agg = {}
+    for e in prof.events():
+        if DEVICE == "cuda":
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+        elif e.cpu_parent is not None:
+            continue
+        us = e.time_range.end - e.time_range.start
+        n, tot = agg.get(e.name, (0, 0.0))
+        agg[e.name] = (n + 1, tot + us)
+    total = sum(t for _, t in agg.values()) or 1.0
+    rows = [{"name": name, "per_call": n / iters, "mean_us": t / n, "us_per_call": t / iters, "share": t / total}
+            for name, (n, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])]
+    return {"kernels": rows, "gpu_us_per_call": total / iters if agg else 0.0,
+            "launches_per_call": sum(r["per_call"] for r in rows)}
+
+
+# --------------------------------------------------------------------------- (b) CUDA graph
+
+
+def graph_time(body, reset, reps):
+    """Median milliseconds of one replay of ``body`` captured in a CUDA graph
+    (``reset()`` runs before each warm-up call and before the capture: it
+    sets grads to None, so the captured backward writes fresh grad buffers
+    that each replay overwrites). The CPU dry run times ``body`` itself."""
+    import torch
+    if DEVICE != "cuda":
+        times = []
+        for _ in range(max(reps, 1)):
+            reset()
+            t0 = time.perf_counter()
+            body()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    reset()
+    body()                                       # autotuning and compilation, outside any capture
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):                   # warm-up on a side stream before capture (PyTorch's docs)
+        for _ in range(3):
+            reset()
+            body()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    graph.replay()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for a, b in zip(starts, ends):
+        a.record()
+        graph.replay()
+        b.record()
+    torch.cuda.synchronize()
+    ms = statistics.median(a.elapsed_time(b) for a, b in zip(starts, ends))
+    del graph
+    return ms
+
+
+# --------------------------------------------------------------------------- (c) eager
+
+
+def eager_time(fn, grad_to_none=None, quick=False):
+    """Median milliseconds by triton.testing.do_bench (L2 flushed between
+    calls); a plain timer in the CPU dry run."""
+    import triton
+    if DEVICE != "cuda":
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
+                                   grad_to_none=grad_to_none, return_mode="median")
+
+
+# --------------------------------------------------------------------------- (d) host
+
+
+def issue_time(step, n):
+    """Microseconds of CPU time to issue one ``step`` (no waiting: n calls back
+    to back, well below the launch queue's depth), and the wall time per call
+    once the GPU has finished them."""
+    step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    issue = (time.perf_counter() - t0) / n
+    sync()
+    wall = (time.perf_counter() - t0) / n
+    return issue * 1e6, wall * 1e6
+
+
+def host_overhead(kind, n):
+    """Wall microseconds per call on tiny inputs (the host is the bottleneck),
+    forward and forward + backward, through the backend and kvcompress.functional."""
+    import torch
+    out = {}
+    for api in ("backend", "functional"):
+        f = callable_of(kind, api, L=4, S=2, padding="left")
+        x, params, pe = make(kind, B=1, H=1, T=64, D=16, L=4, S=2, dtype=torch.bfloat16, layout="bhtd", pe=True,
+                             bias=True, grad=False)
+        xs, ps, pes = make(kind, B=1, H=1, T=64, D=16, L=4, S=2, dtype=torch.bfloat16, layout="bhtd", pe=True,
+                           bias=True, grad=True)
+        g = torch.ones_like(f(x, params, pe))
+
+        def fb(f=f, xs=xs, ps=ps, pes=pes, g=g):
+            f(xs, ps, pes).backward(g)
+        def fwd(f=f, x=x, params=params, pe=pe):
+            return f(x, params, pe)
+        for name, step in (("fwd", fwd), ("fwdbwd", fb)):
+            _, wall = issue_time(step, n)
+            out[f"tiny_{name}_{api}_us"] = wall
+    return out
+
+
+# --------------------------------------------------------------------------- one kind, one layout
+
+
+def measure(kind, layout, a, size):
+    import torch
+    L, S, padding = size["L"], size["S"], "left"
+    quick = a.quick or DEVICE != "cuda"
+    res = {"kind": kind, "layout": layout, **size, "padding": padding, "pe": not a.no_pe,
+           "bias": kind == "linear" and not a.no_bias}
+    f = callable_of(kind, "backend", L=L, S=S, padding=padding)
+    ff = callable_of(kind, "functional", L=L, S=S, padding=padding)
+    x, params, pe = make(kind, **size, dtype=torch.bfloat16, layout=layout, pe=not a.no_pe,
+                         bias=not a.no_bias, grad=False)
+    xg, pg, peg = make(kind, **size, dtype=torch.bfloat16, layout=layout, pe=not a.no_pe,
+                       bias=not a.no_bias, grad=True)
+    leaves = [t for t in [xg, *pg, peg] if t is not None]
+    dy = torch.randn_like(f(x, params, pe))
+    sync()
+
+    def fwd():
+        return f(x, params, pe)
+
+    def fwdbwd():
+        f(xg, pg, peg).backward(dy)
+
+    def reset():
+        for t in leaves:
+            t.grad = None
+
+    def fwdbwd_fresh():       # grads set to None first: every call allocates them, as a training step does
+        reset()
+        fwdbwd()
+    t0 = time.perf_counter()
+    fwd()
+    fwdbwd_fresh()
+    sync()
+    res["first_call_s"] = round(time.perf_counter() - t0, 2)          # autotuning and compilation
+    iters = 2 if DEVICE != "cuda" else a.profile_iters
+    res["profile_fwd"] = profile(fwd, iters)
+    res["profile_fwdbwd"] = profile(fwdbwd_fresh, iters)
+    reps = 2 if DEVICE != "cuda" else a.graph_reps
+    res["graph_fwd_ms"] = graph_time(fwd, lambda: None, reps)
+    res["graph_fwdbwd_ms"] = graph_time(fwdbwd, reset, reps)
+    res["eager_fwd_ms"] = eager_time(fwd, quick=quick)
+    res["eager_fwdbwd_ms"] = eager_time(fwdbwd, grad_to_none=leaves, quick=quick)
+    n = 3 if DEVICE != "cuda" else 20
+    res["issue_fwd_us"], res["wall_fwd_us"] = issue_time(fwd, n)
+    res["issue_fwdbwd_us"], res["wall_fwdbwd_us"] = issue_time(fwdbwd_fresh, n)
+    res["issue_fwd_functional_us"], _ = issue_time(lambda: ff(x, params, pe), n)
+    res["issue_fwdbwd_functional_us"], _ = issue_time(lambda: (reset(), ff(xg, pg, peg).backward(dy)), n)
+    fb, fbb, flop = traffic(kind, **size, padding=padding)
+    for how in ("graph", "eager"):
+        t_f, t_fb = res[f"{how}_fwd_ms"], res[f"{how}_fwdbwd_ms"]
+        res[f"{how}_fwd_tbs"] = fb / (t_f * 1e-3) / 1e12
+        res[f"{how}_fwdbwd_tbs"] = fbb / (t_fb * 1e-3) / 1e12
+        if kind == "linear":
+            res[f"{how}_fwd_tflops"] = flop / (t_f * 1e-3) / 1e12
+            res[f"{how}_fwdbwd_tflops"] = 3 * flop / (t_fb * 1e-3) / 1e12
+        if DEVICE == "cuda" and not a.quick:
+            tg = TARGETS[kind]
+            vals = {"fwd_ms": t_f, "fwdbwd_ms": t_fb, "fwd_tbs": res[f"{how}_fwd_tbs"],
+                    "fwdbwd_tbs": res[f"{how}_fwdbwd_tbs"]}
+            res[f"{how}_meets_targets"] = all(vals[k] <= v if k.endswith("_ms") else vals[k] >= v
+                                              for k, v in tg.items())
+    return res
+
+
+def ceilings(quick):
+    """Copy (TB/s, read + write bytes) and bf16 matmul (TFLOP/s), measured here."""
+    import torch
+    n = 1 << 20 if DEVICE != "cuda" else (1 << 28) if quick else (1 << 30)
+    a = torch.empty(n // 2, dtype=torch.bfloat16, device=DEVICE).normal_()
+    b = torch.empty_like(a)
+    copy = 2 * n / (eager_time(lambda: b.copy_(a), quick=quick) * 1e-3) / 1e12
+    del a, b
+    m = 128 if DEVICE != "cuda" else 4096 if quick else 8192
+    a = torch.randn(m, m, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=DEVICE, dtype=torch.bfloat16)
+    mm = 2 * m ** 3 / (eager_time(lambda: a @ b, quick=quick) * 1e-3) / 1e12
+    return {"copy_tbs": copy, "matmul_bf16_tflops": mm}
+
+
+def correctness(kind):
+    """scripts/gpu_check.py's check of its NSA case (tiny in the dry run):
+    forward and every gradient against the torch backend within its derived
+    bound. {"ok": bool, "ratios": {...}} or {"error": ...} if the check
+    cannot be imported or run."""
+    try:
+        import gpu_check
+        gpu_check.DEVICE = DEVICE
+        case = gpu_check.correctness_cases("dry" if DEVICE != "cuda" else "full")["nsa"]
+        r = gpu_check.check(kind, case)
+        return {"ok": bool(r["ok"]), "ratios": r["ratios"]}
+    except Exception as e:     # report, do not hide the timings
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+
+
+def autotuned():
+    """The configuration every autotuned Launcher of the three kinds picked, per key."""
+    from kvcompress.ops import _triton_common as tc
+    from kvcompress.ops.linear import triton_impl as li
+    from kvcompress.ops.mean_pool import triton_impl as mp
+    from kvcompress.ops.weighted_pool import triton_impl as wp
+    out = {}
+    for mod in (mp, wp, li):
+        for name, obj in vars(mod).items():
+            if isinstance(obj, tc.Launcher) and obj.tuned is not None and obj.tuned.cache:
+                out[f"{mod.__name__.split('.')[-2]}.{name}"] = {str(k): str(v) for k, v in obj.tuned.cache.items()}
+    return out
+
+
+def worker(a):
+    """Measure the version of this process's environment; write JSON to a.out."""
+    import torch
+    import triton
+
+    from kvcompress.ops import _triton_pool
+    variant = _triton_pool.VARIANT
+    res = {"variant": variant, "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
+           "torch": torch.__version__, "triton": triton.__version__, "rows": [], "correctness": {}, "host": {}}
+    log(f"[{variant}] {res['device']}, torch {res['torch']}, triton {res['triton']}")
+    t_start = time.perf_counter()
+    res["ceilings"] = ceilings(a.quick)
+    log(f"[{variant}] ceilings: copy {res['ceilings']['copy_tbs']:.2f} TB/s, "
+        f"bf16 matmul {res['ceilings']['matmul_bf16_tflops']:.0f} TFLOP/s")
+    size = nsa_size(DEVICE != "cuda", a.T if not a.quick else 16384)
+
+    def save():
+        if a.out:
+            with open(a.out, "w") as fh:
+                json.dump(res, fh, indent=1, default=str)
+    for kind in a.kinds:
+        if not a.skip_check:
+            t0 = time.perf_counter()
+            res["correctness"][kind] = c = correctness(kind)
+            log(f"[{variant}] correctness {kind}: {'PASS' if c.get('ok') else 'FAIL'} "
+                f"{c.get('ratios', c.get('error'))} ({time.perf_counter() - t0:.1f} s)")
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+        for layout in a.layouts:
+            try:
+                r = measure(kind, layout, a, size)
+            except Exception as e:     # one failure must not hide the other rows
+                import traceback
+                traceback.print_exc()
+                r = {"kind": kind, "layout": layout, "error": f"{type(e).__name__}: {e}"}
+            res["rows"].append(r)
+            if DEVICE == "cuda":      # the case's tensors are gone with measure(): give their memory back
+                torch.cuda.empty_cache()
+            if "error" not in r:
+                log(f"[{variant}] {kind:13s} {layout}: graph fwd {r['graph_fwd_ms']:.4f} ms, fwd+bwd "
+                    f"{r['graph_fwdbwd_ms']:.4f} ms; eager fwd {r['eager_fwd_ms']:.4f} ms, fwd+bwd "
+                    f"{r['eager_fwdbwd_ms']:.4f} ms; issue {r['issue_fwd_us']:.0f} / {r['issue_fwdbwd_us']:.0f} us")
+                for mode in ("fwd", "fwdbwd"):
+                    p = r[f"profile_{mode}"]
+                    log(f"    {mode}: {p['launches_per_call']:.0f} launches, GPU {p['gpu_us_per_call']:.1f} us/call")
+                    for k in p["kernels"]:
+                        log(f"      {k['per_call']:4.1f} x {k['mean_us']:9.2f} us  {100 * k['share']:5.1f}%  "
+                            f"{k['name'][:90]}")
+            save()
+        res["host"][kind] = host_overhead(kind, 5 if DEVICE != "cuda" else 500)
+        save()
+    res["autotuned"] = autotuned()
+    res["seconds"] = round(time.perf_counter() - t_start, 1)
+    save()
+    return res
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summary(results, kinds, layouts):
+    """The comparison table: one line per kind, layout and version; ratios to
+    the first version; targets met or missed."""
+    log("\n" + "=" * 118)
+    log("SUMMARY (bf16, NSA size; graph = CUDA-graph replay (kernels only), eager = do_bench median; "
+        "pools TB/s, linear TFLOP/s)")
+    log("targets: linear fwd <= 0.10 ms, fwd+bwd <= 0.30 ms; pools fwd >= 2.3 TB/s, fwd+bwd >= 2.0 TB/s")
+    for res in results:
+        c = res.get("ceilings", {})
+        ok = {k: v.get("ok") for k, v in res.get("correctness", {}).items()}
+        log(f"[{res['variant']}] {res.get('device')}: copy {c.get('copy_tbs', 0):.2f} TB/s, matmul "
+            f"{c.get('matmul_bf16_tflops', 0):.0f} TFLOP/s; correctness "
+            + (", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in ok.items()) or "not run"))
+    log(f"{'kind':14s}{'layout':7s}{'ver':4s}| {'fwd graph':>10s} {'eager':>8s} {'rate':>7s} {'launch':>6s} "
+        f"{'issue':>6s} | {'f+b graph':>10s} {'eager':>8s} {'rate':>7s} {'launch':>6s} {'issue':>6s} | target")
+    by = {(r["kind"], r["layout"], res["variant"]): r for res in results for r in res.get("rows", [])}
+    variants = [res["variant"] for res in results]
+    for kind in kinds:
+        for layout in layouts:
+            base = None
+            for v in variants:
+                r = by.get((kind, layout, v))
+                if r is None:
+                    continue
+                if "error" in r:
+                    log(f"{kind:14s}{layout:7s}{v:4s}| ERROR {r['error'][:90]}")
+                    continue
+                unit = "tflops" if kind == "linear" else "tbs"
+                tgt = {True: "MET", False: "missed"}
+                line = (f"{kind:14s}{layout:7s}{v:4s}| {r['graph_fwd_ms']:8.4f}ms {r['eager_fwd_ms']:8.4f} "
+                        f"{r[f'graph_fwd_{unit}']:7.2f} {r['profile_fwd']['launches_per_call']:6.0f} "
+                        f"{r['issue_fwd_us']:6.0f} | {r['graph_fwdbwd_ms']:8.4f}ms {r['eager_fwdbwd_ms']:8.4f} "
+                        f"{r[f'graph_fwdbwd_{unit}']:7.2f} {r['profile_fwdbwd']['launches_per_call']:6.0f} "
+                        f"{r['issue_fwdbwd_us']:6.0f} | graph {tgt.get(r.get('graph_meets_targets'), '-')}, "
+                        f"eager {tgt.get(r.get('eager_meets_targets'), '-')}")
+                log(line)
+                if base is None:
+                    base = r
+                else:
+                    log(f"{'':25s}| {base['graph_fwd_ms'] / r['graph_fwd_ms']:8.2f}x  "
+                        f"{base['eager_fwd_ms'] / r['eager_fwd_ms']:7.2f}x {'':22s}| "
+                        f"{base['graph_fwdbwd_ms'] / r['graph_fwdbwd_ms']:8.2f}x  "
+                        f"{base['eager_fwdbwd_ms'] / r['eager_fwdbwd_ms']:7.2f}x   (speed-up of {v} over "
+                        f"{variants[0]})")
+    for res in results:
+        for kind, h in res.get("host", {}).items():
+            log(f"[{res['variant']}] host, tiny inputs, wall us per call {kind:13s}: fwd {h['tiny_fwd_backend_us']:.0f}"
+                f" (functional {h['tiny_fwd_functional_us']:.0f}), fwd+bwd {h['tiny_fwdbwd_backend_us']:.0f} "
+                f"(functional {h['tiny_fwdbwd_functional_us']:.0f})")
+    log("columns: rate = graph-time TB/s (pools) or TFLOP/s (linear); launch = kernels per call (profiler); "
+        "issue = CPU us to issue one call at this size")
+    log("=" * 118)
+
+
+# --------------------------------------------------------------------------- compile only
+
+
+def compile_only(dtypes):
+    """Compile every version-2 kernel configuration the autotuner may try at
+    the NSA size (fixed and packed, each dtype) for sm_90, without a GPU, with
+    the JIT's specialisations (ints equal to 1 are constants, multiples of 16
+    are marked divisible); report shared memory, registers and spills
+    (cuobjdump). Returns the rows; failing = error, spill or > 227 KB shared."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kvcompress.ops import _triton_pool as tp
+    from kvcompress.ops.linear import triton_impl as li
+    target = GPUTarget("cuda", 90, 32)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    B, H, T, D, L, S = 1, 4, 131072, 128, 32, 16
+    W, NQ, P = T // S, (L - S + T) // S + 1, 66
+    nslot = -(-NQ // li.SLOT_ROWS)
+    ints = dict(N=1, N_STEPS=0, T=T, W=W, NQ=NQ, L=L, S=S, PRE=L - S, BH=B * H, H=H, HG=1, D=D, DO=D, C=2, P=P,
+                B=B, WORK=15, NSLOT=nslot, ROWS_PER_SPLIT=W,
+                sxb=T * H * D, sxh=D, sxt=H * D, sxd=1, syb=H * W * D, syh=W * D, syw=D, syd=1,
+                sdb=H * W * D, sdh=W * D, sdw=D, sdd=1, sdn=1, sgb=T * H * D, sgh=D, sgt=H * D, sgd=1,
+                swg=L * D * D, swl=D * D, swd=D, swn=1, sph=L * D, spj=D, spd=1, sbg=D, sbn=1,
+                sos=H * L * D * D, sog=L * D * D, soj=D * D, sod=D, son=1)
+    pool_w = dict(swg=L, swl=1)
+    rows = []
+
+    def one(name, fn, cfg, ptrs, const, extra=None):
+        vals = {**ints, **(extra or {})}
+        sig, attrs, consts = {}, {}, dict(const, **cfg.kwargs)
+        for i, arg in enumerate(fn.arg_names):
+            if arg in consts:
+                sig[arg] = "constexpr"
+            elif arg in ptrs:
+                sig[arg], attrs[(i,)] = "*" + ptrs[arg], [["tt.divisibility", 16]]
+            elif vals.get(arg, 3) == 1:
+                sig[arg], consts[arg] = "constexpr", 1
+            else:
+                sig[arg] = "i32"
+                if vals.get(arg, 3) % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        t0 = time.perf_counter()
+        r = {"kernel": name, "config": dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)}
+        try:
+            k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
+                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+                fh.write(k.asm["cubin"])
+                fh.flush()
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", fh.name], capture_output=True,
+                                       text=True).stdout
+            reg, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+            r.update(shared=k.metadata.shared, regs=int(reg.group(1)) if reg else -1,
+                     stack=int(stack.group(1)) if stack else -1, seconds=round(time.perf_counter() - t0, 2))
+        except Exception as e:
+            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(r)
+        log(f"{name:40s} {str(r['config']):80s} " + (f"smem {r['shared']:6d} regs {r['regs']:3d} stack "
+                                                      f"{r['stack']:5d}" if "error" not in r else r["error"]))
+
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for dt in dtypes:
+        probe = torch.empty(0, dtype=tdt[dt])
+        for varlen in (False, True):
+            tag = f"[{dt}{' varlen' if varlen else ''}]"
+            seq = {"cu": "i64", "ccu": "i64", "cq": "i64"}
+            for unit in (True, False):
+                kname = "mean_pool" if unit else "weighted_pool"
+                for cfg in tp._pool_fwd_prune(tp.POOL_FWD_CONFIGS, {"x": probe, "L": L, "D": D}):
+                    one(f"pool_fwd_kernel {kname} {tag}", tp.pool_fwd_kernel, cfg,
+                        {"x": dt, "wt": dt, "pe": dt, "y": dt, **seq},
+                        dict(UNIT=unit, HAS_PE=True, IS_VARLEN=varlen), pool_w)
+                for cfg in tp._pool_bwd_prune(tp.POOL_BWD_CONFIGS, {"x": probe, "S_PAD": S, "D": D,
+                                                                    "NEED_DW": not unit}):
+                    one(f"pool_bwd_kernel {kname} {tag}", tp.pool_bwd_kernel, cfg,
+                        {"dy": dt, "x": dt, "wt": dt, "dx": dt, "pw": "fp32", "pcs": "fp32", **seq},
+                        dict(UNIT=unit, NEED_DX=True, NEED_DW=not unit, NEED_CS=True, IS_VARLEN=varlen, S_PAD=S,
+                             C_PAD=2), pool_w)
+            lin = dict(IS_VARLEN=varlen, DOT_F32=False)
+            for cfg in li._fits(li._FWD2.tuned.configs, {"D": D, "DO": D, "x": probe}, "BLOCK_W"):
+                one(f"linear_fwd_kernel_v2 {tag}", li.linear_fwd_kernel_v2, cfg,
+                    {"x": dt, "w": dt, "pep": "fp32", "bias": dt, "y": dt, **seq},
+                    dict(lin, HAS_PE=True, HAS_BIAS=True, BLOCK_L=32))
+            if dt != "fp32":      # float32 runs v1's x-gradient kernel (linear/triton_impl.py, DX2_MAX_K)
+                for cfg in li._dx2_fits(li._DX2.tuned.configs, {"C_PAD": 2, "DO_PAD": D, "D": D, "dy": probe}):
+                    one(f"linear_bwd_kernel_dx_v2 {tag}", li.linear_bwd_kernel_dx_v2, cfg,
+                        {"dy": dt, "w": dt, "dx": dt, "pcs": "fp32", **seq},
+                        dict(lin, C_PAD=2, DO_PAD=D, SLOT_ROWS=li.SLOT_ROWS, HAS_CS=True))
+            for cfg in li._fits(li._DW2.tuned.configs, {"D": D, "DO": D, "x": probe}, "BLOCK_W"):
+                one(f"linear_bwd_kernel_dw (v2 configs) {tag}", li.linear_bwd_kernel_dw, cfg,
+                    {"x": dt, "dy": dt, "pe": dt, "cs": "fp32", "dw": dt, **seq}, dict(lin, HAS_PE=True))
+        # the small kernels: one configuration each, as the host launches them
+        one1 = triton.Config({}, num_warps=4)
+        one(f"pool_bwd_kernel_finalize [{dt}]", tp.pool_bwd_kernel_finalize, one1,
+            {"pw": "fp32", "pcs": "fp32", "wt": dt, "pe": dt, "dw": dt, "dpe": dt},
+            dict(UNIT=False, NEED_W=True, NEED_PE=True, NEED_CS=True, BLOCK_R=32, BLOCK_J=32, BLOCK_D=128), pool_w)
+        one(f"linear_pe_kernel [{dt}]", li.linear_pe_kernel, one1, {"pe": dt, "w": dt, "out": "fp32"},
+            dict(BLOCK_D=64, BLOCK_N=128))
+        one(f"linear_bwd_kernel_finalize [{dt}]", li.linear_bwd_kernel_finalize, one1,
+            {"pcs": "fp32", "w": dt, "cs": "fp32", "db": dt, "dpe": dt},
+            dict(NEED_CS=True, NEED_B=True, NEED_PE=True, DO_PAD=D, BLOCK_R=32, BLOCK_D=64))
+    bad = [r for r in rows if "error" in r or r["stack"] > 0 or r["shared"] > 232448]
+    log(f"\ncompile-only: {len(rows)} version-2 kernel configurations for sm_90, {len(bad)} failing, spilling or "
+        f"over 227 KB of shared memory")
+    for r in bad:
+        what = r["error"] if "error" in r else f"stack {r['stack']}, shared {r['shared']}"
+        log(f"  {r['kernel']} {r['config']}: {what}")
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma list of " + ", ".join(KINDS))
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of " + ", ".join(LAYOUTS))
+    ap.add_argument("--variants", default=None,
+                    help="comma list of v1, v2: each in a subprocess with KVCOMPRESS_TRITON_VARIANT set; "
+                         "default: this process's version only")
+    ap.add_argument("--T", type=int, default=131072, help="tokens (default 131072, the NSA case)")
+    ap.add_argument("--no-pe", action="store_true", help="without pe (the targets are stated with pe)")
+    ap.add_argument("--no-bias", action="store_true", help="linear without bias")
+    ap.add_argument("--profile-iters", type=int, default=20)
+    ap.add_argument("--graph-reps", type=int, default=200)
+    ap.add_argument("--skip-check", action="store_true", help="skip the correctness check (f)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: T=16384, fewer repetitions")
+    ap.add_argument("--compile-only", action="store_true", help="no GPU: compile every v2 config for sm_90")
+    ap.add_argument("--dtypes", default="bf16,fp16,fp32", help="with --compile-only: bf16, fp16, fp32")
+    ap.add_argument("--dry-run-cpu", action="store_true",
+                    help="no GPU: every step on CPU in Triton's interpreter at tiny sizes (checks the script)")
+    ap.add_argument("--timeout", type=int, default=570,
+                    help="seconds for all variant subprocesses together (default 570, inside a 10-minute lease "
+                         "command); a variant cut short keeps the rows it had written")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    a.kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
+    a.layouts = [k.strip() for k in a.layouts.split(",") if k.strip()]
+    for name, got, allowed in (("--kinds", a.kinds, KINDS), ("--layouts", a.layouts, LAYOUTS)):
+        if not got or any(g not in allowed for g in got):
+            ap.error(f"{name}: expected a comma list of {allowed}, got {got}")
+    if a.compile_only:
+        rows = compile_only([d.strip() for d in a.dtypes.split(",") if d.strip()])
+        if a.out:
+            with open(a.out, "w") as fh:
+                json.dump({"compile": rows}, fh, indent=1)
+        return 0 if all("error" not in r and r["stack"] == 0 and r["shared"] <= 232448 for r in rows) else 1
+    global DEVICE
+    if a.dry_run_cpu:
+        DEVICE = "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"   # before kvcompress's Triton modules read it
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    if a.variants and not a.worker:
+        variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+        if not variants or any(v not in VARIANTS for v in variants):
+            ap.error(f"--variants: expected a comma list of {VARIANTS}, got {a.variants!r}")
+        results = []
+        deadline = time.perf_counter() + a.timeout
+        for i, v in enumerate(variants):
+            out = (a.out + f".{v}.json") if a.out else os.path.join(tempfile.mkdtemp(), f"{v}.json")
+            args = [sys.executable, os.path.abspath(__file__), "--worker", "--out", out,
+                    "--kinds", ",".join(a.kinds), "--layouts", ",".join(a.layouts), "--T", str(a.T),
+                    "--profile-iters", str(a.profile_iters), "--graph-reps", str(a.graph_reps)]
+            args += [f for f, on in (("--no-pe", a.no_pe), ("--no-bias", a.no_bias), ("--skip-check", a.skip_check),
+                                     ("--quick", a.quick), ("--dry-run-cpu", a.dry_run_cpu)) if on]
+            log(f"=== variant {v}: {' '.join(args[1:])}")
+            t0 = time.perf_counter()
+            # the time left, shared fairly with the variants still to run
+            budget = max(1.0, (deadline - t0) / (len(variants) - i))
+            try:
+                proc = subprocess.run(args, env={**os.environ, "KVCOMPRESS_TRITON_VARIANT": v}, cwd=ROOT,
+                                      timeout=budget)
+                rc = proc.returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            log(f"=== variant {v}: exit {rc} after {time.perf_counter() - t0:.0f} s")
+            if os.path.exists(out):
+                with open(out) as fh:
+                    results.append(json.load(fh))
+                results[-1]["exit"] = rc
+            else:
+                results.append({"variant": v, "exit": rc, "rows": []})
+        if a.out:
+            with open(a.out, "w") as fh:
+                json.dump({"argv": sys.argv[1:], "variants": results}, fh, indent=1, default=str)
+        summary(results, a.kinds, a.layouts)
+        return 0 if all(r.get("exit") == 0 for r in results) else 1
+    import torch
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device: run with --compile-only or --dry-run-cpu, or on a GPU machine")
+    res = worker(a)
+    if not a.worker:
+        summary([res], a.kinds, a.layouts)
+    ok = all(c.get("ok") for c in res["correctness"].values()) and all("error" not in r for r in res["rows"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

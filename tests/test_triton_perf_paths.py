@@ -1,0 +1,330 @@
+"""The code paths added for speed in the Triton backend of mean_pool,
+weighted_pool and linear (docs/triton-perf.md), under the interpreter like
+tests/test_triton.py. The property suite and tests/test_triton.py already
+run every kind through the default version (v2); here:
+
+- KVCOMPRESS_TRITON_VARIANT: validated, and v1 (in a subprocess, since it is
+  read once at import) launches the first version's kernels and agrees with
+  v2 within the bound of two float32 implementations;
+- eager calls take the autograd.Function, tracing takes the custom op, and
+  the two give the same bits (same kernels);
+- linear's x-gradient falls back to v1's kernel beyond DX2_MAX_K, and the
+  column sums of dy come from torch when no x-gradient kernel runs: both
+  still match the torch backend;
+- the backward of every kind is deterministic (fixed-order partial sums);
+- scripts/gpu_perf.py runs every step on CPU (--dry-run-cpu), both versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kvcompress.functional as kf  # noqa: E402
+from kvcompress import backends as kb  # noqa: E402
+from kvcompress.ops import _triton_common as tc  # noqa: E402
+from kvcompress.ops import _triton_pool as tp  # noqa: E402
+from kvcompress.ops.linear import triton_impl as linear_triton  # noqa: E402
+from tests.harness.cases import Case, make_inputs  # noqa: E402
+from tests.harness.convert import to_numpy  # noqa: E402
+from tests.harness.records import RECORDS  # noqa: E402
+from tests.harness.tolerance import compare  # noqa: E402
+from tests.test_triton import _n_terms, pair_bound  # noqa: E402  (the project's bound between two backends)
+
+KINDS = ("mean_pool", "weighted_pool", "linear")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+if not tc.triton_available():
+    pytest.skip("Triton can run neither on a GPU nor in its interpreter here", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every Triton output starts as NaN, so an element never written fails."""
+    monkeypatch.setenv("KVCOMPRESS_POISON", "1")
+
+
+def _spy_launches(monkeypatch) -> list[str]:
+    """Names of the kernels run through a Launcher from now on."""
+    names = []
+    real = tc.Launcher.__call__
+
+    def spy(self, grid, *args, **kwargs):
+        names.append(self.kernel.__name__)
+        return real(self, grid, *args, **kwargs)
+    monkeypatch.setattr(tc.Launcher, "__call__", spy)
+    return names
+
+
+def _leaves(case, inputs, *, x_grad=True):
+    rec = RECORDS[case.kind]
+    src = {"x": inputs.x, **{p.name: inputs.params[p.name] for p in rec.params}, "pe": inputs.pe}
+    out = {k: v.detach().requires_grad_(k != "x" or x_grad) for k, v in src.items() if v is not None}
+    return out
+
+
+def _run(case, inputs, leaves, backend, dy):
+    rec = RECORDS[case.kind]
+    y = getattr(kf, case.kind)(leaves["x"], *[leaves.get(p.name) for p in rec.params], **case.window_kwargs(),
+                               pe=leaves.get("pe"), cu_seqlens=inputs.cu_seqlens, backend=backend)
+    y.backward(dy)
+    return y.detach(), {k: v.grad for k, v in leaves.items() if v.requires_grad}
+
+
+def _magnitudes(case, inputs, dy, *, x_grad=True):
+    """The gradients of the torch backend in float64 on |inputs| and |dy|: the
+    magnitude M of tests/test_triton.py's bound."""
+    src = {"x": inputs.x64, **inputs.params64, "pe": inputs.pe64}
+    leaves = {k: torch.from_numpy(np.abs(v)).to(DEVICE).requires_grad_(k != "x" or x_grad)
+              for k, v in src.items() if v is not None}
+    y, g = _run(case, inputs, leaves, "torch", dy.abs().double())
+    return to_numpy(y), {k: to_numpy(v) for k, v in g.items()}
+
+
+# --------------------------------------------------------------------------- the version switch
+
+
+def test_variant_defaults_to_v2_and_rejects_others(monkeypatch):
+    monkeypatch.delenv("KVCOMPRESS_TRITON_VARIANT", raising=False)
+    assert tp.triton_variant() == "v2"
+    monkeypatch.setenv("KVCOMPRESS_TRITON_VARIANT", "v1")
+    assert tp.triton_variant() == "v1"
+    monkeypatch.setenv("KVCOMPRESS_TRITON_VARIANT", "V2")
+    with pytest.raises(ValueError, match="KVCOMPRESS_TRITON_VARIANT must be one of"):
+        tp.triton_variant()
+
+
+_V1_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import kvcompress.functional as kf
+from kvcompress.ops import _triton_common as tc, _triton_pool as tp
+names = []
+real = tc.Launcher.__call__
+def spy(self, grid, *a, **k):
+    names.append(self.kernel.__name__)
+    return real(self, grid, *a, **k)
+tc.Launcher.__call__ = spy
+inputs = torch.load(sys.argv[2])
+out = {"variant": tp.VARIANT}
+for kind, (x, params, pe) in inputs.items():
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in [x, *params, pe]]
+    y = getattr(kf, kind)(leaves[0], *leaves[1:-1], block_size=6, stride=3, padding="left", pe=leaves[-1],
+                          backend="triton")
+    y.backward(torch.ones_like(y))
+    out[kind] = [y.detach()] + [t.grad for t in leaves if t is not None]
+out["names"] = names
+torch.save(out, sys.argv[3])
+"""
+
+
+def test_v1_runs_its_own_kernels_and_agrees_with_v2(tmp_path, monkeypatch):
+    """KVCOMPRESS_TRITON_VARIANT=v1 (a fresh process: the variable is read at
+    import) launches the first version's kernels; its outputs and gradients
+    equal v2's within pair_bound (both sum the same float32 products in
+    another order and round once or twice to float32)."""
+    torch.manual_seed(0)
+    inputs = {}
+    for kind in KINDS:
+        x = torch.randn(1, 33, 2, 5).transpose(1, 2)                        # (B, H, T, D), strided
+        params = {"mean_pool": [], "weighted_pool": [torch.randn(2, 6)],
+                  "linear": [torch.randn(2, 6, 5, 4), torch.randn(2, 4)]}[kind]
+        inputs[kind] = (x, params, torch.randn(2, 6, 5))
+    torch.save(inputs, tmp_path / "in.pt")
+    env = {**os.environ, "KVCOMPRESS_TRITON_VARIANT": "v1", "TRITON_INTERPRET": "1"} if DEVICE == "cpu" else \
+        {**os.environ, "KVCOMPRESS_TRITON_VARIANT": "v1"}
+    proc = subprocess.run([sys.executable, "-c", _V1_SCRIPT, ROOT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    v1 = torch.load(tmp_path / "out.pt")
+    assert v1["variant"] == "v1"
+    assert {"mean_pool_fwd_kernel", "mean_pool_bwd_kernel", "weighted_pool_fwd_kernel", "weighted_pool_bwd_kernel",
+            "linear_fwd_kernel", "linear_bwd_kernel_dx", "linear_bwd_kernel_dw"} <= set(v1["names"])
+    names = _spy_launches(monkeypatch)
+    assert tp.VARIANT == "v2"
+    for kind, (x, params, pe) in inputs.items():
+        leaves = [t.detach().requires_grad_(True) for t in [x, *params, pe]]
+        y = getattr(kf, kind)(leaves[0], *leaves[1:-1], block_size=6, stride=3, padding="left", pe=leaves[-1],
+                              backend="triton")
+        y.backward(torch.ones_like(y))
+        # magnitudes: the same computation on |inputs| in float64 (torch backend)
+        mags = [t.detach().abs().double().requires_grad_(True) for t in [x, *params, pe]]
+        m_y = getattr(kf, kind)(mags[0], *mags[1:-1], block_size=6, stride=3, padding="left", pe=mags[-1],
+                                backend="torch")
+        m_y.backward(torch.ones_like(m_y))
+        case = Case(kind=kind, B=1, H=2, G=2, T=33, D=5, block_size=6, stride=3, padding="left", D_out=4,
+                    use_pe=True, bias=True)
+        n_y = (6 * 5 if kind == "linear" else 6) + 3          # tests/test_triton.py's forward count
+        got = [y.detach()] + [t.grad for t in leaves]
+        mag = [m_y.detach()] + [t.grad for t in mags]
+        for name, a, b, m in zip(["y", "x", *[p.name for p in RECORDS[kind].params], "pe"], got, v1[kind], mag):
+            n = n_y if name == "y" else _n_terms(case, name)
+            ok, ratio, idx, err = compare(to_numpy(a), to_numpy(b), pair_bound("float32", n, to_numpy(m)))
+            assert ok, f"{kind} {name}: v1 and v2 differ by {err:.3g} at {idx}, {ratio:.3g} x the bound"
+    assert {"pool_fwd_kernel", "pool_bwd_kernel", "linear_fwd_kernel_v2", "linear_bwd_kernel_dw"} <= set(names)
+
+
+# --------------------------------------------------------------------------- eager and traced paths
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eager_function_and_custom_op_give_the_same_bits(kind):
+    """An eager call runs the autograd.Function (no dispatch of the custom
+    op), the op itself runs the same kernels: outputs and every gradient are
+    bitwise equal."""
+    case = Case(kind=kind, dtype="float16", B=2, H=2, G=1, T=37, D=6, block_size=5, stride=2, padding="left",
+                D_out=3, use_pe=True, bias=True, layout="bthd", seed=4)
+    inputs = make_inputs(case, RECORDS[kind], DEVICE)
+    assert tp.eager_call(inputs.x)
+    dy = torch.randn(case.B, case.H, case.W, RECORDS[kind].d_out(case)).to(inputs.x.dtype)
+    eager = _leaves(case, inputs)
+    y_e, g_e = _run(case, inputs, eager, "triton", dy)
+    names = {"mean_pool": "_MeanPoolFn", "weighted_pool": "_WeightedPoolFn", "linear": "_LinearFn"}
+    probe = _leaves(case, inputs)
+    rec = RECORDS[kind]
+    y_probe = getattr(kf, kind)(probe["x"], *[probe.get(p.name) for p in rec.params], **case.window_kwargs(),
+                                pe=probe.get("pe"), backend="triton")
+    assert type(y_probe.grad_fn).__name__.startswith(names[kind])
+    op = _leaves(case, inputs)
+    params = [op.get(p.name) for p in rec.params]
+    y_o = getattr(torch.ops.kvcompress, f"{kind}_triton")(op["x"], *params, op["pe"], None, case.block_size,
+                                                         case.stride, case.padding, -1)
+    assert not type(y_o.grad_fn).__name__.startswith(names[kind])
+    y_o.backward(dy)
+    assert torch.equal(y_e, y_o.detach())
+    for name, g in g_e.items():
+        assert torch.equal(g, op[name].grad), f"d{name} differs between the eager Function and the op"
+
+
+def test_tracing_goes_through_the_custom_op():
+    """Fake tensors and make_fx see the op (one node), not the Function."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    with FakeTensorMode():
+        fake = torch.empty(1, 2, 16, 4)
+        assert not tp.eager_call(fake)
+    seen = []
+
+    def f(x):
+        seen.append(tp.eager_call(x))
+        return kb.get("mean_pool", "triton").fn(x, block_size=4, stride=2)
+    gm = make_fx(f)(torch.randn(1, 2, 16, 4))
+    assert seen == [False]
+    assert "kvcompress.mean_pool_triton" in gm.code
+
+
+# --------------------------------------------------------------------------- linear's fallbacks
+
+
+def test_linear_dx_beyond_dx2_max_k_runs_the_v1_kernel(monkeypatch):
+    """float16 with C_PAD * DO_PAD > DX2_MAX_K (S = 1: C = L windows hold a
+    token) takes v1's x-gradient kernel, its column sums from torch; every
+    gradient within tests/test_triton.py's bound of the torch backend."""
+    case = Case(kind="linear", dtype="float16", B=1, H=2, G=2, T=24, D=4, block_size=12, stride=1, padding="left",
+                D_out=40, use_pe=True, bias=True, seed=2)
+    c_pad, do_pad = tc.next_pow2(-(-case.block_size // case.stride)), max(16, tc.next_pow2(case.D_out))
+    assert c_pad * do_pad > linear_triton.DX2_MAX_K
+    names = _spy_launches(monkeypatch)
+    _check_against_torch(case)
+    assert "linear_bwd_kernel_dx" in names and "linear_bwd_kernel_dx_v2" not in names
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_linear_param_gradients_without_x_gradient(dtype, monkeypatch):
+    """x not requiring grad: no x-gradient kernel runs, the column sums of dy
+    (for bias, pe, and pe's term of the weight gradient) come from torch and
+    the finalize kernel; the gradients match the torch backend."""
+    case = Case(kind="linear", dtype=dtype, B=2, H=4, G=2, T=29, D=6, block_size=4, stride=2, padding="left",
+                D_out=5, use_pe=True, bias=True, seed=6)
+    names = _spy_launches(monkeypatch)
+    _check_against_torch(case, x_grad=False)
+    assert not any(n.startswith("linear_bwd_kernel_dx") for n in names)
+
+
+@pytest.mark.parametrize("small", [False, True], ids=["large_tiles", "small_tiles"])
+def test_linear_column_sum_slots(small):
+    """float16, several chunk-row tiles (small tiles: BLOCK_K = SLOT_ROWS, one
+    slot per tile; large: two slots per tile, the second zeroed) and packed
+    sequences: dbias and dpe, which come from the slots, match torch."""
+    case = Case(kind="linear", dtype="float16", B=1, H=2, G=1, T=0, D=5, block_size=4, stride=1, padding="valid",
+                seqlens=(40, 0, 3, 37), D_out=6, use_pe=True, bias=True, seed=9)
+    case = case.replace(T=sum(case.seqlens))
+    with tc.small_tiles() if small else contextlib.nullcontext():
+        _check_against_torch(case)
+
+
+def _check_against_torch(case, *, x_grad=True):
+    """Forward and every gradient asked for: triton against the torch
+    backend within tests/test_triton.py's pair_bound (forward: n = L*D + 3
+    terms; gradients: its _n_terms), magnitudes from float64 on |inputs|."""
+    rec = RECORDS[case.kind]
+    inputs = make_inputs(case, rec, DEVICE)
+    rng = np.random.default_rng(case.seed + 7)
+    dy = torch.from_numpy(rng.standard_normal((case.B, case.H, case.W, rec.d_out(case)))).to(inputs.x.dtype)
+    m_y, mags = _magnitudes(case, inputs, dy, x_grad=x_grad)
+    y_t, g_t = _run(case, inputs, _leaves(case, inputs, x_grad=x_grad), "torch", dy)
+    y, g = _run(case, inputs, _leaves(case, inputs, x_grad=x_grad), "triton", dy)
+    n_y = (case.L * case.D if case.kind == "linear" else case.L) + 3
+    ok, ratio, idx, err = compare(to_numpy(y), to_numpy(y_t), pair_bound(case.dtype, n_y, m_y))
+    assert ok, f"forward: {err:.3g} at {idx} is {ratio:.3g} x the bound\n  {case!r}"
+    assert set(g) == set(g_t) == set(mags)
+    for name in g:
+        ok, ratio, idx, err = compare(to_numpy(g[name]), to_numpy(g_t[name]),
+                                      pair_bound(case.dtype, _n_terms(case, name), mags[name]))
+        assert ok, f"d{name}: {err:.3g} at {idx} is {ratio:.3g} x the bound\n  {case!r}"
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_is_deterministic(kind):
+    """Partial sums (pool programs, linear column-sum slots) are reduced in a
+    fixed order: two runs give the same bits."""
+    case = Case(kind=kind, dtype="float16", B=1, H=2, G=1, T=45, D=9, block_size=6, stride=2, padding="left",
+                D_out=7, use_pe=True, bias=True, seed=3)
+    inputs = make_inputs(case, RECORDS[kind], DEVICE)
+    dy = torch.randn(case.B, case.H, case.W, RECORDS[kind].d_out(case)).to(inputs.x.dtype)
+    runs = [_run(case, inputs, _leaves(case, inputs), "triton", dy)[1] for _ in range(2)]
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), f"d{name} differs between two runs"
+
+
+# --------------------------------------------------------------------------- scripts/gpu_perf.py
+
+
+def test_gpu_perf_script_dry_run(tmp_path):
+    """scripts/gpu_perf.py runs every step (correctness, profile, graph and
+    eager timing, host overhead, rates, summary with the v2/v1 ratios, JSON)
+    on CPU in the interpreter for both versions, each in its subprocess, so
+    the lead's GPU run cannot fail on a bug of the script itself."""
+    out = tmp_path / "perf.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_perf.py"), "--dry-run-cpu",
+                           "--variants", "v1,v2", "--kinds", "weighted_pool,linear", "--layouts", "bthd",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [v["variant"] for v in res["variants"]] == ["v1", "v2"]
+    for v in res["variants"]:
+        assert v["exit"] == 0 and set(v["correctness"]) == {"weighted_pool", "linear"}
+        assert all(c["ok"] for c in v["correctness"].values())
+        rows = {(r["kind"], r["layout"]): r for r in v["rows"]}
+        assert set(rows) == {("weighted_pool", "bthd"), ("linear", "bthd")}
+        for r in rows.values():
+            assert "error" not in r
+            for key in ("graph_fwd_ms", "graph_fwdbwd_ms", "eager_fwd_ms", "eager_fwdbwd_ms", "issue_fwd_us",
+                        "issue_fwdbwd_us", "graph_fwd_tbs", "eager_fwdbwd_tbs"):
+                assert r[key] > 0, key
+            assert r["profile_fwd"]["kernels"] and r["profile_fwdbwd"]["kernels"]
+        assert set(v["host"]) == {"weighted_pool", "linear"}
+    assert "SUMMARY" in proc.stdout and "speed-up of v2 over v1" in proc.stdout
