@@ -87,7 +87,7 @@ class _Collector:
             return
         params = getattr(getattr(item, "callspec", None), "params", {})
         impl = params.get("impl")
-        if impl is None:
+        if not hasattr(impl, "id"):   # not an impl test, or pytest's NOTSET for an empty impl parameter set
             return
         if getattr(impl, "emulated", False):
             self.emulated.add(impl.id)
