@@ -497,8 +497,9 @@ def seed_fn(kind, L, S, H, D):
         return None
     split = seed_split(L, S, H, D)
     if kind == "linear":
-        def fn(x, w):
-            return einsum(split(x), w, "b h w n d, h n d o -> b h w o")
+        def fn(x, w, b=None):   # make() gives linear (weight, bias or None)
+            y = einsum(split(x), w, "b h w n d, h n d o -> b h w o")
+            return y if b is None else y + b[:, None, :]
     elif kind == "mlp":
         module = cn.GroupedMLP(D, L, H).to(DEVICE)
 
@@ -686,7 +687,7 @@ def autotuned():
 # --------------------------------------------------------------------------- compile only
 
 
-def compile_only(dtypes, kinds=KINDS):
+def compile_only(dtypes, kinds=KINDS, D=128):
     """Compile every configuration of every kernel for sm_90 (no GPU needed),
     with the JIT's specialisations of an NSA-sized call (ints equal to 1 are
     constants, multiples of 16 are marked divisible); report shared memory,
@@ -702,7 +703,7 @@ def compile_only(dtypes, kinds=KINDS):
     from kvcompress.ops.weighted_pool import triton_impl as wp
     target = GPUTarget("cuda", 90, 32)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    T, H, D, L, S = 131072, 4, 128, 32, 16
+    T, H, L, S = 131072, 4, 32, 16
     W = (T - L) // S + 1
     ints = dict(N=1, N_STEPS=0, T=T, W=W, NQ=T // S, L=L, S=S, PRE=0, sxb=T * H * D, sxh=D, sxt=H * D, sxd=1,
                 syb=H * W * D, syh=W * D, syw=D, syd=1, H=H, HG=1, D=D, C=2, DO=D, HG_C=1, scg=D, scn=1,
@@ -937,6 +938,8 @@ def main(argv=None):
                     help="no GPU: run every step of this script on CPU in Triton's interpreter at tiny sizes "
                          "(checks the script, measures nothing)")
     ap.add_argument("--dtypes", default="bf16,fp32", help="with --compile-only: bf16, fp16, fp32")
+    ap.add_argument("--head-dims", default="128,192",
+                    help="with --compile-only: head dims D (NSA: 128 values, 192 keys)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
@@ -945,7 +948,10 @@ def main(argv=None):
         ap.error(f"--kinds: unknown {bad}; choose from {KINDS}")
     res = {"argv": sys.argv[1:]}
     if a.compile_only:
-        res["compile"] = compile_only([d.strip() for d in a.dtypes.split(",")], kinds)
+        res["compile"] = []
+        for D in [int(d) for d in a.head_dims.split(",") if d.strip()]:
+            log(f"--- D = {D}")
+            res["compile"] += compile_only([d.strip() for d in a.dtypes.split(",")], kinds, D)
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=1)

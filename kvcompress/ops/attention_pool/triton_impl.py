@@ -157,7 +157,9 @@ def attention_pool_bwd_kernel(x, w, cpe, pe, dy, y, lse, dx, pw, pp, cu, ccu, cq
     """Gradients gathered per token. Grid (programs, feature blocks, B*H); a
     program runs the chunk-row tiles i_p, i_p + P, ... of its (b, h) row and
     the NCB feature blocks of BLOCK_C from i_c * NCB (NCB > 1: float32's dx
-    pass, whose IEEE dots hold their operands in registers).
+    pass, whose IEEE dots hold their operands in registers, and any dtype's
+    when D > 128, whose [BLOCK_D, BLOCK_D] W and its transpose would not fit
+    shared memory).
 
     Token t = chunk q, phase r is position j = c*S + r of window q - c. For
     each such window: P = exp(z - lse[q - c]), pg = P dy, dz = pg (v - y).
@@ -216,6 +218,8 @@ def attention_pool_bwd_kernel(x, w, cpe, pe, dy, y, lse, dx, pw, pp, cu, ccu, cq
                 else:
                     b_w = tl.load(p_w + o_d[:, None] * swd + o_c[None, :] * swc, mask=m_d[:, None] & m_c[None, :],
                                   other=0.)
+                    if DOT_F32:
+                        b_w = b_w.to(tl.float32)
                 b_z = tl.dot(b_x, b_w, input_precision="ieee")             # [BLOCK_K, BLOCK_C] logits
                 b_v = tl.load(p_x + t[:, None] * sxt + o_c[None, :] * sxd, mask=m_t[:, None] & m_c[None, :],
                               other=0.).to(tl.float32)                     # [BLOCK_K, BLOCK_C] values
@@ -259,12 +263,30 @@ def attention_pool_bwd_kernel(x, w, cpe, pe, dy, y, lse, dx, pw, pp, cu, ccu, cq
                             b_dx = tl.dot(b_dzr, b_wt1, b_pgs, input_precision="tf32")   # [BLOCK_K, BLOCK_D]
                         else:
                             b_dx = tl.dot(b_dzr, b_wt1, b_pgs, input_precision="ieee")
-                    else:          # float32 only: the block's direct term enters through an exact 0/1 dot
+                    else:          # the block's direct term enters through an exact 0/1 dot
                         b_wt = tl.load(p_w + o_c[:, None] * swc + o_d[None, :] * swd,
                                        mask=m_c[:, None] & m_d[None, :], other=0.)     # [BLOCK_C, BLOCK_D]
-                        b_dx = tl.dot(b_dzr, b_wt, b_dx, input_precision="ieee")
+                        if HID_TF32 or DOT_F32:
+                            b_wt = b_wt.to(tl.float32)
+                        if HID_TF32:
+                            b_dx = tl.dot(b_dzr, b_wt, b_dx, input_precision="tf32")
+                        else:
+                            b_dx = tl.dot(b_dzr, b_wt, b_dx, input_precision="ieee")
                         b_eye = tl.where(o_c[:, None] == o_d[None, :], 1.0, 0.0)
-                        b_dx = tl.dot(b_pgs, b_eye, b_dx, input_precision="ieee")
+                        if DOT_F32 or _INTERPRETED or x.dtype.element_ty == tl.float32:
+                            b_dx = tl.dot(b_pgs, b_eye, b_dx, input_precision="ieee")
+                        else:
+                            # half input: pgs as three bfloat16 parts (8 + 8 + 8 significant bits hold
+                            # float32's 24) through tensor-core dots with the 0/1 matrix, products exact;
+                            # a float32 IEEE dot of [BLOCK_K, 128] x [128, BLOCK_D] spills at D = 192
+                            b_eye = b_eye.to(tl.bfloat16)
+                            b_hi = b_pgs.to(tl.bfloat16)
+                            b_r = b_pgs - b_hi.to(tl.float32)
+                            b_mid = b_r.to(tl.bfloat16)
+                            b_lo = (b_r - b_mid.to(tl.float32)).to(tl.bfloat16)
+                            b_dx = tl.dot(b_hi, b_eye, b_dx)
+                            b_dx = tl.dot(b_mid, b_eye, b_dx)
+                            b_dx = tl.dot(b_lo, b_eye, b_dx)
                 if NEED_DW:
                     if HID_TF32:
                         b_dw = tl.dot(tl.trans(b_x.to(tl.float32)), b_dzr, b_dw, input_precision="tf32")
@@ -358,6 +380,11 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# the interpreter's bfloat16 tl.dot is wrong (test_interpreter_bf16_dot_defect): the blocked dx
+# pass adds its direct term through a float32 dot there, whatever the input dtype
+_INTERPRETED = tl.constexpr(INTERPRET)
+# the half-precision dx pass covers at most this many features per block (NCB blocks beyond)
+DX_MAX_C = 128
 # the backward computes dx and dW in one pass up to this D (its dW accumulator [D, D] and the
 # [BLOCK_K, D] tiles then fit the register file); beyond, one pass for dx and one for dW
 FUSED_MAX_D = 64
@@ -368,8 +395,10 @@ class BwdBlocks:
     """Feature blocking of the backward for one call. BD = next_pow2(D) >= 16
     covers every feature (the logits x @ W and dx need all of them).
     fused: one pass (dx, dW, pe sums) with BLOCK_C = BD. Else a dx pass with
-    NCB blocks of dx_c (NCB > 1 only for float32, whose IEEE dots keep their
-    operands in registers) and a dW / pe-sums pass over feature blocks of dw_c.
+    NCB blocks of dx_c (NCB > 1 for float32, whose IEEE dots keep their
+    operands in registers, and for D > DX_MAX_C, where W's [BD, BD] block and
+    its transpose would need over 227 KB of shared memory: 270 KB at D = 192
+    in bfloat16, GPU run 3) and a dW / pe-sums pass over feature blocks of dw_c.
     """
 
     BD: int
@@ -389,8 +418,9 @@ def bwd_blocks(D: int, dtype: torch.dtype) -> BwdBlocks:
     if INTERPRET:
         if not _small():
             return BwdBlocks(BD, True, BD, 1, BD)
-        return BwdBlocks(BD, False, 8 if f32 else BD, BD // 8 if f32 else 1, 8)
-    dx_c = min(BD, 32) if f32 else BD
+        dx_c = 8 if f32 else BD // 2     # both dtypes reach the blocked dx pass (NCB > 1)
+        return BwdBlocks(BD, False, dx_c, BD // dx_c, 8)
+    dx_c = min(BD, 32) if f32 else min(BD, DX_MAX_C)
     dw_c = min(BD, (8192 if f32 else 16384) // BD, 32 if f32 else BD)
     return BwdBlocks(BD, BD <= FUSED_MAX_D, dx_c, BD // dx_c, dw_c)
 
