@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # One lease of the lent GPU (see docs/triton.md "GPU runs"): install the
 # test-only wheels carried in .whl/, then run the named phases, each under a
-# time limit, logging to $OUT. Usage: bash scripts/gpu_session.sh PHASE...
+# time limit, logging to $OUT. Usage: bash scripts/gpu_session.sh PHASE[:SECONDS]...
+# (SECONDS overrides the phase's time limit)
 #   info      nvidia-smi, versions
 #   check     scripts/gpu_check.py (correctness + timing of the Triton kernels)
+#   checkap   scripts/gpu_check.py correctness of attention_pool only (D = 192, 64, packed)
+#   timing    scripts/gpu_check.py timing only, every kind
+#   suitetriton  the property suite (ci profile) for the Triton backend on CUDA, untuned launches
+#             (KVCOMPRESS_TRITON_AUTOTUNE=0: autotuning every drawn shape cost ~35 s a property, run 4)
+#   checkv1   scripts/gpu_check.py timing only, linear and the pools, kernel version v1 (to compare with check)
 #   quick     scripts/gpu_check.py --quick
 #   gputests  pytest -m gpu tests/test_triton.py
 #   suite     the property suite on CUDA (every backend, ci profile)
@@ -19,28 +25,40 @@ if [ -d .whl ]; then
         && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 run() {  # name, limit seconds, command...
-    local name=$1 limit=$2; shift 2
+    local name=$1 limit=${LIMIT:-$2}; shift 2
     echo "=== $name ($(date +%T))"
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    # SIGINT first: pytest then stops cleanly and still prints its summary of what ran
+    timeout -s INT -k 15 "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "=== $name exit $? ($(date +%T))"
     tail -n 40 "$OUT/$name.log"
 }
-for phase in "$@"; do
+for arg in "$@"; do
+    phase=${arg%%:*} LIMIT=
+    [ "$phase" != "$arg" ] && LIMIT=${arg#*:}
     case $phase in
         info) run info 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"' ;;
         quick) run quick 300 python3 scripts/gpu_check.py --quick --out "$OUT/quick.json" ;;
         check) run check 420 python3 scripts/gpu_check.py --out "$OUT/gpu_check.json" ;;
+        checkap) run checkap 120 python3 scripts/gpu_check.py --kinds attention_pool --skip-timing \
+                   --cases b4d192,d64,packed --out "$OUT/gpu_check_ap.json" ;;
+        timing) run timing 300 python3 scripts/gpu_check.py --skip-correctness --out "$OUT/gpu_timing.json" ;;
+        suitetriton) KVCOMPRESS_TRITON_AUTOTUNE=0 run suitetriton 300 python3 -m pytest tests/test_conformance.py tests/test_invariants.py \
+                   tests/test_gradients.py tests/test_streaming.py -q -p no:cacheprovider -k triton \
+                   --hypothesis-show-statistics ;;
+        checkv1) KVCOMPRESS_TRITON_VARIANT=v1 run checkv1 200 python3 scripts/gpu_check.py --skip-correctness \
+                   --kinds linear,mean_pool,weighted_pool --out "$OUT/gpu_check_v1.json" ;;
         gputests) run gputests 300 python3 -m pytest -m gpu tests/test_triton.py -q -p no:cacheprovider -x ;;
-        suite) run suite 420 python3 -m pytest tests/test_conformance.py tests/test_invariants.py tests/test_gradients.py \
+        suite) KVCOMPRESS_TRITON_AUTOTUNE=0 run suite 420 python3 -m pytest tests/test_conformance.py tests/test_invariants.py tests/test_gradients.py \
                    tests/test_properties_extra.py tests/test_streaming.py tests/test_triton.py -q -p no:cacheprovider \
                    --hypothesis-show-statistics ;;
-        thorough) run thorough 300 python3 -m pytest tests/test_conformance.py tests/test_gradients.py -q \
+        thorough) KVCOMPRESS_TRITON_AUTOTUNE=0 run thorough 300 python3 -m pytest tests/test_conformance.py tests/test_gradients.py -q \
                    -p no:cacheprovider -k triton --hypothesis-profile thorough --hypothesis-show-statistics ;;
         perflinear) run perflinear 590 python3 scripts/gpu_perf.py --variants v1,v2 --kinds linear \
                    --out "$OUT/perf_linear.json" ;;
         perfpool) run perfpool 590 python3 scripts/gpu_perf.py --variants v1,v2 --kinds mean_pool,weighted_pool \
                    --out "$OUT/perf_pool.json" ;;
         bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench" ;;
+        benchquick) run bench 200 python3 -m kvcompress.bench --quick --deadline 150 --compile-budget 60 --out "$OUT/bench" ;;
         *) echo "unknown phase $phase" ;;
     esac
 done

@@ -673,6 +673,27 @@ def test_interpreter_bf16_dot_defect():
     torch.testing.assert_close(c, a.float() @ b.float(), rtol=1e-5, atol=1e-5)
 
 
+def test_untuned_launch_takes_the_first_kept_config(monkeypatch):
+    """KVCOMPRESS_TRITON_AUTOTUNE=0 (GPU correctness runs): the configurations
+    tried in order are those the prune keeps, or the first of all when it
+    keeps none (the autotuner's rule); a bad value of the variable is an
+    error naming it."""
+    import triton
+    configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (128, 64, 32)]
+
+    def prune(cs, named):
+        return [c for c in cs if c.kwargs["BLOCK"] <= named["N"]]
+    assert [c.kwargs["BLOCK"] for c in tc.first_config(configs, prune, {"N": 64})] == [64, 32]
+    assert [c.kwargs["BLOCK"] for c in tc.first_config(configs, prune, {"N": 8})] == [128]
+    assert [c.kwargs["BLOCK"] for c in tc.first_config(configs, None, {"N": 8})] == [128, 64, 32]
+    for value, expected in (("0", False), ("off", False), ("1", True), ("TRUE", True)):
+        monkeypatch.setenv("KVCOMPRESS_TRITON_AUTOTUNE", value)
+        assert tc._autotune_setting() is expected
+    monkeypatch.setenv("KVCOMPRESS_TRITON_AUTOTUNE", "fast")
+    with pytest.raises(ValueError, match="KVCOMPRESS_TRITON_AUTOTUNE"):
+        tc._autotune_setting()
+
+
 def test_bf16_dots_are_upcast_only_in_the_interpreter():
     assert tc.dot_f32(torch.bfloat16) == tc.INTERPRET
     assert not tc.dot_f32(torch.float16) and not tc.dot_f32(torch.float32)

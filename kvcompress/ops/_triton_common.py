@@ -295,9 +295,32 @@ def interpret_block(n: int, cap: int, small: int = 8) -> int:
     return small if _SMALL_TILES else min(cap, max(small, next_pow2(n)))
 
 
+def _autotune_setting() -> bool:
+    value = os.environ.get("KVCOMPRESS_TRITON_AUTOTUNE", "1").lower()
+    if value not in ("0", "1", "false", "true", "off", "on"):
+        raise ValueError(f"KVCOMPRESS_TRITON_AUTOTUNE must be 0 or 1, got {value!r}")
+    return value in ("1", "true", "on")
+
+
+# KVCOMPRESS_TRITON_AUTOTUNE=0 (read once at import): on a GPU, every launch takes the first
+# configuration its prune keeps that launches, instead of benchmarking them all for each new
+# autotuning key. For correctness runs (the property suite on a GPU draws a new key almost every
+# example, and autotuning then costs ~35 s per property: GPU run 4, docs/gpu-runs.md); never for timing.
+AUTOTUNE = _autotune_setting()
+
+
+def first_config(configs, prune, named):
+    """The configurations to try in order without autotuning: those ``prune``
+    keeps (all when it keeps none, as the autotuner does), first first."""
+    kept = prune(configs, named) if prune is not None else list(configs)
+    return list(kept) or list(configs[:1])
+
+
 class Launcher:
     """One kernel, autotuned over ``configs`` on a GPU; in the interpreter it
     runs once with ``interpret_meta(named_args) -> dict`` of block sizes.
+    With KVCOMPRESS_TRITON_AUTOTUNE=0 a GPU launch takes the first kept
+    configuration that fits the device (``first_config``), untimed.
 
     Call as ``launcher(grid, *args, **kwargs)`` with ``grid(meta) -> tuple``.
     ``prune(configs, named_args) -> configs`` drops configurations that do
@@ -307,6 +330,7 @@ class Launcher:
     def __init__(self, kernel, *, configs, key, interpret_meta, prune=None):
         self.kernel = kernel
         self.interpret_meta = interpret_meta
+        self.configs, self.prune = list(configs), prune
         self.tuned = None
         if not INTERPRET:
             early = None
@@ -323,8 +347,19 @@ class Launcher:
             named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
             meta = self.interpret_meta(named)
             self.kernel[grid({**named, **meta})](*args, **kwargs, **meta)
-        else:
+        elif AUTOTUNE:
             self.tuned[grid](*args, **kwargs)
+        else:
+            named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+            tried = first_config(self.configs, self.prune, named)
+            for i, cfg in enumerate(tried):
+                try:
+                    self.kernel[grid({**named, **cfg.kwargs})](*args, **kwargs, **cfg.kwargs,
+                                                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    return
+                except triton.runtime.errors.OutOfResources:   # as the autotuner skips it: the next one
+                    if i == len(tried) - 1:
+                        raise
 
 
 # --------------------------------------------------------------------------- device helpers
