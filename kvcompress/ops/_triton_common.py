@@ -57,7 +57,7 @@ __all__ = [
     "DEVICES", "DTYPES", "INTERPRET", "POOL_BWD_CONFIGS", "POOL_FWD_CONFIGS", "Launcher", "SeqPlan", "cdiv",
     "chunk_rows", "dot_f32", "eager_call", "empty", "empty_like", "head_gemv", "interpret_block", "next_pow2",
     "pool_backward", "pool_bwd", "pool_forward", "pool_fwd", "round_tf32", "search_sorted", "seq_plan", "small_tiles",
-    "supports_call", "tf32_intermediate", "total_windows_arg", "triton_available", "window_rows",
+    "supports_call", "tf32_intermediate", "total_windows_arg", "triton_available", "window_gemm", "window_rows",
     "windows_or_dynamic",
 ]
 
@@ -400,6 +400,38 @@ def window_rows(o_w, cu, ccu, N, N_STEPS, W, S, PRE, IS_VARLEN: tl.constexpr):
         bos = tl.zeros_like(o_w).to(tl.int64)
         t0 = o_w.to(tl.int64) * S - PRE
     return t0, bos, m
+
+
+@triton.jit
+def window_gemm(acc, p_rows, t0, bos, m_w, sxt, sxd, p_cols, swj, swd, m_cols, L, D,
+                BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+    """The implicit GEMM of a tile of windows: acc + sum over window
+    positions j < L and D blocks of X_j [BLOCK_W, BLOCK_D] @ B_j [BLOCK_D,
+    BLOCK_N], in float32 (linear's forward; mlp's first layer).
+
+    X_j's rows are the tokens t0 + j (``window_rows``) at ``p_rows`` (a
+    scalar or [BLOCK_W, 1] pointer: one (b, h) row or one per window), left
+    pad tokens (t < bos) and missing windows (~m_w) masked to 0. B_j's
+    element (d, n) is at p_cols + j * swj + d * swd, ``p_cols`` a [1,
+    BLOCK_N] pointer holding the column offsets, columns ~m_cols masked.
+    Positions j and j + S read the same rows shifted by one window, so x
+    comes from device memory about once, the re-read from L2."""
+    o_d = tl.arange(0, BLOCK_D)
+    ND = tl.cdiv(D, BLOCK_D)
+    for it in range(0, L * ND):
+        j = it // ND
+        o_dd = (it - j * ND) * BLOCK_D + o_d                                              # [BLOCK_D]
+        m_dd = o_dd < D
+        t = t0 + j
+        m_t = m_w & (t >= bos)
+        b_x = tl.load(p_rows + t[:, None] * sxt + o_dd[None, :] * sxd, mask=m_t[:, None] & m_dd[None, :],
+                      other=0.)                                                           # [BLOCK_W, BLOCK_D]
+        b_b = tl.load(p_cols + j * swj + o_dd[:, None] * swd, mask=m_dd[:, None] & m_cols[None, :],
+                      other=0.)                                                           # [BLOCK_D, BLOCK_N]
+        if DOT_F32:
+            b_x, b_b = b_x.to(tl.float32), b_b.to(tl.float32)
+        acc = tl.dot(b_x, b_b, acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit

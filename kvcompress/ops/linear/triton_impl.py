@@ -43,6 +43,7 @@ from .._triton_common import (
     supports_call,
     total_windows_arg,
     triton_available,
+    window_gemm,
     window_rows,
     windows_or_dynamic,
 )
@@ -72,24 +73,10 @@ def linear_fwd_kernel(x, w, cst, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE
     t0, bos, m_w = window_rows(o_w, cu, ccu, N, N_STEPS, W, S, PRE, IS_VARLEN)      # [BLOCK_W]
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < DO
-    o_d = tl.arange(0, BLOCK_D)
     p_x = x + i_b.to(tl.int64) * sxb + i_h.to(tl.int64) * sxh
     p_w = w + i_g.to(tl.int64) * swg + o_n[None, :] * swn                               # [1, BLOCK_N]
-    ND = tl.cdiv(D, BLOCK_D)
-    b_acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-    for it in range(0, L * ND):
-        j = it // ND
-        o_dd = (it - j * ND) * BLOCK_D + o_d                                              # [BLOCK_D]
-        m_dd = o_dd < D
-        t = t0 + j
-        m_t = m_w & (t >= bos)
-        b_x = tl.load(p_x + t[:, None] * sxt + o_dd[None, :] * sxd, mask=m_t[:, None] & m_dd[None, :],
-                      other=0.)                                                           # [BLOCK_W, BLOCK_D]
-        b_wt = tl.load(p_w + j * swl + o_dd[:, None] * swd, mask=m_dd[:, None] & m_n[None, :],
-                       other=0.)                                                          # [BLOCK_D, BLOCK_N]
-        if DOT_F32:
-            b_x, b_wt = b_x.to(tl.float32), b_wt.to(tl.float32)
-        b_acc = tl.dot(b_x, b_wt, b_acc, input_precision="ieee")
+    b_acc = window_gemm(tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32), p_x, t0, bos, m_w, sxt, sxd, p_w, swl,
+                        swd, m_n, L, D, BLOCK_D, DOT_F32)
     if HAS_CONST:
         b_acc += tl.load(cst + (i_h // HG_C).to(tl.int64) * scg + o_n * scn, mask=m_n, other=0.).to(tl.float32)[None, :]
     p_y = y + i_b.to(tl.int64) * syb + i_h.to(tl.int64) * syh + o_w[:, None].to(tl.int64) * syw + o_n[None, :] * syd
@@ -241,24 +228,10 @@ def linear_fwd_kernel_v2(x, w, pep, bias, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, 
     t0, bos, m_w = window_rows(o_w, cu, ccu, N, N_STEPS, W, S, PRE, IS_VARLEN)      # [BLOCK_W]
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < DO
-    o_d = tl.arange(0, BLOCK_D)
     p_x = x + i_b.to(tl.int64) * sxb + i_h.to(tl.int64) * sxh
     p_w = w + i_g.to(tl.int64) * swg + o_n[None, :] * swn                               # [1, BLOCK_N]
-    ND = tl.cdiv(D, BLOCK_D)
-    b_acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-    for it in range(0, L * ND):
-        j = it // ND
-        o_dd = (it - j * ND) * BLOCK_D + o_d                                              # [BLOCK_D]
-        m_dd = o_dd < D
-        t = t0 + j
-        m_t = m_w & (t >= bos)
-        b_x = tl.load(p_x + t[:, None] * sxt + o_dd[None, :] * sxd, mask=m_t[:, None] & m_dd[None, :],
-                      other=0.)                                                           # [BLOCK_W, BLOCK_D]
-        b_wt = tl.load(p_w + j * swl + o_dd[:, None] * swd, mask=m_dd[:, None] & m_n[None, :],
-                       other=0.)                                                          # [BLOCK_D, BLOCK_N]
-        if DOT_F32:
-            b_x, b_wt = b_x.to(tl.float32), b_wt.to(tl.float32)
-        b_acc = tl.dot(b_x, b_wt, b_acc, input_precision="ieee")
+    b_acc = window_gemm(tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32), p_x, t0, bos, m_w, sxt, sxd, p_w, swl,
+                        swd, m_n, L, D, BLOCK_D, DOT_F32)
     if HAS_PE:
         b_c = tl.zeros([BLOCK_N], dtype=tl.float32)
         o_l = tl.arange(0, BLOCK_L)

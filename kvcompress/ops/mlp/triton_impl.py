@@ -49,6 +49,7 @@ from .._triton_common import (
     tf32_intermediate,
     total_windows_arg,
     triton_available,
+    window_gemm,
     window_rows,
     windows_or_dynamic,
 )
@@ -116,30 +117,17 @@ def mlp_fwd_kernel(x, w1, cst, w2, b2, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, 
     t0, bos, m_w = window_rows(o_w, cu, ccu, N, N_STEPS, W, S, PRE, IS_VARLEN)      # [BLOCK_W]
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < DO
-    o_d = tl.arange(0, BLOCK_D)
     o_f = tl.arange(0, BLOCK_F)
     p_x = x + i_b.to(tl.int64) * sxb + i_h.to(tl.int64) * sxh
     p_w1 = w1 + i_g.to(tl.int64) * s1g
     p_w2 = w2 + i_g.to(tl.int64) * s2g + o_n[None, :] * s2n                             # [1, BLOCK_N]
-    ND = tl.cdiv(D, BLOCK_D)
     b_y = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
     for f0 in range(0, F, BLOCK_F):
         o_ff = f0 + o_f                                                                  # [BLOCK_F]
         m_ff = o_ff < F
-        b_p = tl.zeros([BLOCK_W, BLOCK_F], dtype=tl.float32)
-        for it in range(0, L * ND):
-            j = it // ND
-            o_dd = (it - j * ND) * BLOCK_D + o_d                                         # [BLOCK_D]
-            m_dd = o_dd < D
-            t = t0 + j
-            m_t = m_w & (t >= bos)
-            b_x = tl.load(p_x + t[:, None] * sxt + o_dd[None, :] * sxd, mask=m_t[:, None] & m_dd[None, :],
-                          other=0.)                                                      # [BLOCK_W, BLOCK_D]
-            b_w1 = tl.load(p_w1 + (j * D + o_dd)[:, None] * s1k + o_ff[None, :] * s1f,
-                           mask=m_dd[:, None] & m_ff[None, :], other=0.)                 # [BLOCK_D, BLOCK_F]
-            if DOT_F32:
-                b_x, b_w1 = b_x.to(tl.float32), b_w1.to(tl.float32)
-            b_p = tl.dot(b_x, b_w1, b_p, input_precision="ieee")
+        # the pre-activation: w1[g] seen as (L, D, F), row j*D + d
+        b_p = window_gemm(tl.zeros([BLOCK_W, BLOCK_F], dtype=tl.float32), p_x, t0, bos, m_w, sxt, sxd,
+                          p_w1 + o_ff[None, :] * s1f, D * s1k, s1k, m_ff, L, D, BLOCK_D, DOT_F32)
         if HAS_CONST:
             b_p += tl.load(cst + (i_h // HG_C).to(tl.int64) * scg + o_ff * scf, mask=m_ff,
                            other=0.).to(tl.float32)[None, :]
@@ -185,9 +173,7 @@ def mlp_bwd_kernel_dp(x, w1, cst, w2, dy, dp, pw2, cu, ccu, cq, N, N_STEPS, T, W
     m_f = o_f < F
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < DO
-    o_d = tl.arange(0, BLOCK_D)
     o_nb = tl.arange(0, BLOCK_N)
-    ND = tl.cdiv(D, BLOCK_D)
     R = B * HG * W                                                                       # rows (b, hh, w) of group g
     r_lo = i_s * ROWS_PER_SPLIT
     r_hi = tl.minimum(r_lo + ROWS_PER_SPLIT, R)
@@ -204,19 +190,8 @@ def mlp_bwd_kernel_dp(x, w1, cst, w2, dy, dp, pw2, cu, ccu, cq, N, N_STEPS, T, W
         t0, bos, m_w = window_rows(o_w, cu, ccu, N, N_STEPS, W, S, PRE, IS_VARLEN)
         m_w = m_w & m_r
         p_xr = x + i_b * sxb + i_h * sxh                                                 # [BLOCK_W]
-        b_p = tl.zeros([BLOCK_W, BLOCK_F], dtype=tl.float32)
-        for it in range(0, L * ND):
-            j = it // ND
-            o_dd = (it - j * ND) * BLOCK_D + o_d
-            m_dd = o_dd < D
-            t = t0 + j
-            m_t = m_w & (t >= bos)
-            b_x = tl.load(p_xr[:, None] + t[:, None] * sxt + o_dd[None, :] * sxd, mask=m_t[:, None] & m_dd[None, :],
-                          other=0.)                                                      # [BLOCK_W, BLOCK_D]
-            b_w1 = tl.load(p_w1 + (j * D + o_dd)[:, None] * s1k, mask=m_dd[:, None] & m_f[None, :], other=0.)
-            if DOT_F32:
-                b_x, b_w1 = b_x.to(tl.float32), b_w1.to(tl.float32)
-            b_p = tl.dot(b_x, b_w1, b_p, input_precision="ieee")                         # [BLOCK_W, BLOCK_F]
+        b_p = window_gemm(tl.zeros([BLOCK_W, BLOCK_F], dtype=tl.float32), p_xr[:, None], t0, bos, m_w, sxt, sxd,
+                          p_w1, D * s1k, s1k, m_f, L, D, BLOCK_D, DOT_F32)                # [BLOCK_W, BLOCK_F]
         if HAS_CONST:
             b_p += tl.load(cst + (i_h // HG_C)[:, None] * scg + o_f[None, :] * scf, mask=m_w[:, None] & m_f[None, :],
                            other=0.).to(tl.float32)
