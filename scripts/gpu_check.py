@@ -687,6 +687,47 @@ def autotuned():
 # --------------------------------------------------------------------------- compile only
 
 
+def compile_sm90(name, fn, cfg, ptrs, const, vals):
+    """Compile one kernel configuration for sm_90 without a GPU, with the JIT's
+    specialisations of a call whose integer arguments are ``vals`` (ints equal
+    to 1 become constants, multiples of 16 are marked divisible); ``ptrs``
+    names the pointer arguments and their element types, ``const`` the
+    constexprs besides the config's. -> {kernel, config, shared, regs, stack,
+    seconds} or {kernel, config, error}. Also used by scripts/gpu_perf.py."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    sig, attrs, consts = {}, {}, dict(const, **cfg.kwargs)
+    for i, a in enumerate(fn.arg_names):
+        if a in consts:
+            sig[a] = "constexpr"
+        elif a in ptrs:
+            sig[a], attrs[(i,)] = "*" + ptrs[a], [["tt.divisibility", 16]]
+        elif vals.get(a, 3) == 1:
+            sig[a], consts[a] = "constexpr", 1
+        else:
+            sig[a] = "i32"
+            if vals.get(a, 3) % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    t0 = time.perf_counter()
+    r = {"kernel": name, "config": dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)}
+    try:
+        k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True).stdout
+        reg, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+        r.update(shared=k.metadata.shared, regs=int(reg.group(1)) if reg else -1,
+                 stack=int(stack.group(1)) if stack else -1, seconds=round(time.perf_counter() - t0, 2))
+    except Exception as e:
+        r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return r
+
+
 def compile_only(dtypes, kinds=KINDS, D=128):
     """Compile every configuration of every kernel for sm_90 (no GPU needed),
     with the JIT's specialisations of an NSA-sized call (ints equal to 1 are
@@ -694,15 +735,11 @@ def compile_only(dtypes, kinds=KINDS, D=128):
     registers and spill stack per config (cuobjdump)."""
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from kvcompress.ops import _triton_common as tc
     from kvcompress.ops.linear import triton_impl as li
     from kvcompress.ops.mean_pool import triton_impl as mp
     from kvcompress.ops.weighted_pool import triton_impl as wp
-    target = GPUTarget("cuda", 90, 32)
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     T, H, L, S = 131072, 4, 32, 16
     W = (T - L) // S + 1
     ints = dict(N=1, N_STEPS=0, T=T, W=W, NQ=T // S, L=L, S=S, PRE=0, sxb=T * H * D, sxh=D, sxt=H * D, sxd=1,
@@ -715,34 +752,7 @@ def compile_only(dtypes, kinds=KINDS, D=128):
     rows = []
 
     def one(name, fn, cfg, ptrs, const, extra):
-        vals = {**ints, **extra}
-        sig, attrs, consts = {}, {}, dict(const, **cfg.kwargs)
-        for i, a in enumerate(fn.arg_names):
-            if a in consts:
-                sig[a] = "constexpr"
-            elif a in ptrs:
-                sig[a], attrs[(i,)] = "*" + ptrs[a], [["tt.divisibility", 16]]
-            elif vals.get(a, 3) == 1:
-                sig[a], consts[a] = "constexpr", 1
-            else:
-                sig[a] = "i32"
-                if vals.get(a, 3) % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        t0 = time.perf_counter()
-        r = {"kernel": name, "config": dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)}
-        try:
-            k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
-                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(k.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                                       text=True).stdout
-            reg, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
-            r.update(shared=k.metadata.shared, regs=int(reg.group(1)) if reg else -1,
-                     stack=int(stack.group(1)) if stack else -1, seconds=round(time.perf_counter() - t0, 2))
-        except Exception as e:
-            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        r = compile_sm90(name, fn, cfg, ptrs, const, {**ints, **extra})
         rows.append(r)
         log(f"{name:34s} {str(r['config']):86s} " + (f"smem {r['shared']:6d} regs {r['regs']:3d} stack "
                                                       f"{r['stack']:5d}" if "error" not in r else r["error"]))

@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -505,13 +504,9 @@ def compile_only(dtypes):
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from kvcompress.ops import _triton_pool as tp
     from kvcompress.ops.linear import triton_impl as li
-    target = GPUTarget("cuda", 90, 32)
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     B, H, T, D, L, S = 1, 4, 131072, 128, 32, 16
     W, NQ, P = T // S, (L - S + T) // S + 1, 66
     nslot = -(-NQ // li.SLOT_ROWS)
@@ -524,35 +519,10 @@ def compile_only(dtypes):
     pool_w = dict(swg=L, swl=1)
     rows = []
 
+    import gpu_check  # scripts/ is on sys.path
+
     def one(name, fn, cfg, ptrs, const, extra=None):
-        vals = {**ints, **(extra or {})}
-        sig, attrs, consts = {}, {}, dict(const, **cfg.kwargs)
-        for i, arg in enumerate(fn.arg_names):
-            if arg in consts:
-                sig[arg] = "constexpr"
-            elif arg in ptrs:
-                sig[arg], attrs[(i,)] = "*" + ptrs[arg], [["tt.divisibility", 16]]
-            elif vals.get(arg, 3) == 1:
-                sig[arg], consts[arg] = "constexpr", 1
-            else:
-                sig[arg] = "i32"
-                if vals.get(arg, 3) % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        t0 = time.perf_counter()
-        r = {"kernel": name, "config": dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)}
-        try:
-            k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
-                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-                fh.write(k.asm["cubin"])
-                fh.flush()
-                usage = subprocess.run([cuobjdump, "--dump-resource-usage", fh.name], capture_output=True,
-                                       text=True).stdout
-            reg, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
-            r.update(shared=k.metadata.shared, regs=int(reg.group(1)) if reg else -1,
-                     stack=int(stack.group(1)) if stack else -1, seconds=round(time.perf_counter() - t0, 2))
-        except Exception as e:
-            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        r = gpu_check.compile_sm90(name, fn, cfg, ptrs, const, {**ints, **(extra or {})})
         rows.append(r)
         log(f"{name:40s} {str(r['config']):80s} " + (f"smem {r['shared']:6d} regs {r['regs']:3d} stack "
                                                       f"{r['stack']:5d}" if "error" not in r else r["error"]))
