@@ -56,6 +56,7 @@ from .._windows import compressed_cu_seqlens, num_windows
 __all__ = [
     "DEVICES", "DTYPES", "INTERPRET", "POOL_BWD_CONFIGS", "POOL_FWD_CONFIGS", "Launcher", "SeqPlan", "cdiv",
     "chunk_rows", "dot_f32", "eager_call", "empty", "empty_like", "head_gemv", "interpret_block", "next_pow2",
+    "num_sms",
     "pool_backward", "pool_bwd", "pool_forward", "pool_fwd", "round_tf32", "search_sorted", "seq_plan", "small_tiles",
     "supports_call", "tf32_intermediate", "total_windows_arg", "triton_available", "window_gemm", "window_rows",
     "windows_or_dynamic",
@@ -100,6 +101,21 @@ def dot_f32(dtype: torch.dtype) -> bool:
     same value the GPU's native bfloat16 dot (float32 accumulation) does.
     """
     return INTERPRET and dtype == torch.bfloat16
+
+
+_SMS: dict = {}
+
+
+def num_sms(device: torch.device, cpu: int = 4) -> int:
+    """Streaming multiprocessors of a CUDA ``device``, cached per device (the
+    property query costs host time on every call); ``cpu`` on the CPU (the
+    interpreter), where it only shapes how tests split work."""
+    if device.type != "cuda":
+        return cpu
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

@@ -43,7 +43,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._triton_common import (
     INTERPRET,
@@ -51,11 +50,13 @@ from ._triton_common import (
     SeqPlan,
     cdiv,
     chunk_rows,
+    eager_call,
     empty,
     empty_like,
     interpret_block,
     next_pow2,
 )
+from ._triton_common import num_sms as _num_sms
 
 __all__ = [
     "POOL_BWD_CONFIGS", "POOL_FWD_CONFIGS", "VARIANT", "VARIANTS", "bwd_programs", "eager_call", "num_sms",
@@ -80,32 +81,10 @@ def triton_variant() -> str:
 
 VARIANT = triton_variant()   # read once: the impl modules choose their kernels and host path at import
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def eager_call(x: torch.Tensor) -> bool:
-    """Whether a call may skip the ``torch.library`` custom op and run its
-    ``autograd.Function`` directly: x is a plain tensor, nothing traces
-    (torch.compile, torch.export, make_fx, fake tensors: all go through the
-    op, which they see as one node). The op's dispatch costs tens of
-    microseconds of host time per call, more than a small kernel runs.
-    ``torch.compiler.is_compiling()`` comes first: dynamo folds it to True and
-    never traces the rest."""
-    return not torch.compiler.is_compiling() and type(x) in _PLAIN and _get_current_dispatch_mode() is None
-
-
-_SMS: dict = {}
-
-
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (cached); 2 on the CPU (the
     interpreter), so that tests run programs that loop over several tiles."""
-    if device.type != "cuda":
-        return 2
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SMS:
-        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SMS[i]
+    return _num_sms(device, cpu=2)
 
 
 def _bucket(n: int) -> int:

@@ -48,6 +48,7 @@ from .._triton_common import (
     head_gemv,
     interpret_block,
     next_pow2,
+    num_sms,
     round_tf32,
     seq_plan,
     supports_call,
@@ -374,12 +375,6 @@ def _small() -> bool:
     return _triton_common._SMALL_TILES
 
 
-def _num_sms(device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # the interpreter's bfloat16 tl.dot is wrong (test_interpreter_bf16_dot_defect): the blocked dx
 # pass adds its direct term through a float32 dot there, whatever the input dtype
 _INTERPRETED = tl.constexpr(INTERPRET)
@@ -477,7 +472,7 @@ def _backward(dy, y, lse, x, weight, pe, plan, need_x, need_w, need_pe):
     if INTERPRET:
         n_prog = 2 if _small() else 1
     else:
-        n_prog = max(1, min(cdiv(plan.NQ, 16), cdiv(2 * _num_sms(dev), B * H)))
+        n_prog = max(1, min(cdiv(plan.NQ, 16), cdiv(2 * num_sms(dev), B * H)))
     run = B * H * plan.NQ * D > 0
     pw = empty((B * H, n_prog, D, D), dtype=torch.float32, device=dev) if need_w and run else x
     pp = empty((B * H, n_prog, 2, L, D), dtype=torch.float32, device=dev) if need_pe_sums and run else x

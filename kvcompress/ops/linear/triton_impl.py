@@ -47,6 +47,7 @@ from .._triton_common import (
     window_rows,
     windows_or_dynamic,
 )
+from .._triton_common import num_sms as _num_sms  # v1's count: 4 on the CPU
 from .._triton_pool import VARIANT, eager_call, num_sms
 
 
@@ -464,12 +465,6 @@ _DW2 = Launcher(
     interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["B"] * kw["W"], 32),
                                "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_N": interpret_block(kw["DO"], 32)},
     prune=lambda cs, kw: _fits(cs, kw, "BLOCK_W"))
-
-
-def _num_sms(device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _splits(rows: int, programs: int, device) -> int:

@@ -43,6 +43,7 @@ from .._triton_common import (
     head_gemv,
     interpret_block,
     next_pow2,
+    num_sms,
     round_tf32,
     seq_plan,
     supports_call,
@@ -341,16 +342,10 @@ _DW1 = Launcher(
     prune=lambda cs, kw: _linear_prune(cs, kw, "BLOCK_W"))
 
 
-def _num_sms(device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _splits(rows: int, programs: int, device, min_rows: int = 512) -> int:
     """Window splits of a weight-gradient kernel: enough programs to fill the
     GPU twice, each split still summing >= min_rows windows, at most 16."""
-    want = max(1, (2 * _num_sms(device)) // max(programs, 1))
+    want = max(1, (2 * num_sms(device)) // max(programs, 1))
     return max(1, min(want, rows // min_rows, 16))
 
 
