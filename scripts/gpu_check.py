@@ -532,12 +532,20 @@ def peak_extra(step):
     return peak
 
 
-def timing(kind, quick, ceil):
+# timing shapes (--timing-shapes): the NSA case and the other sizes it asks to report
+TIMING_SHAPES = {"nsa": dict(B=1, T=131072, D=128), "t8192": dict(B=1, T=8192, D=128),
+                 "t65536": dict(B=1, T=65536, D=128), "b4": dict(B=4, T=131072, D=128),
+                 "d192": dict(B=1, T=131072, D=192)}
+
+
+def timing(kind, quick, ceil, shape="nsa"):
     import torch
-    B, H, D, L, S = 1, 4, 128, 32, 16
-    T = 16384 if quick else 131072
+    H, L, S = 4, 32, 16
+    B, T, D = TIMING_SHAPES[shape]["B"], TIMING_SHAPES[shape]["T"], TIMING_SHAPES[shape]["D"]
+    if quick:
+        T = min(T, 16384)
     if DEVICE != "cuda":
-        H, D, L, S, T = 2, 16, 8, 4, 128
+        B, H, D, L, S, T = 1, 2, 16, 8, 4, 128
     padding = "valid" if kind in ("mean_pool", "weighted_pool", "linear") else "left"   # the seed pads left
     rows = []
     for layout in ("bhtd", "bthd"):
@@ -589,7 +597,8 @@ def timing(kind, quick, ceil):
                 log(f"  {kind} {name} {layout}: {type(e).__name__}: {e}")
                 rows.append({"kind": kind, "impl": name, "layout": layout, "error": repr(e)})
                 continue
-            r = {"kind": kind, "impl": name, "layout": layout, "T": T, "fwd_ms": f_ms, "fwdbwd_ms": fb_ms,
+            r = {"kind": kind, "impl": name, "layout": layout, "shape": shape, "B": B, "T": T, "D": D,
+                 "fwd_ms": f_ms, "fwdbwd_ms": fb_ms,
                  "fwd_mem_mib": None if mem_f is None else mem_f / 2 ** 20,
                  "fwdbwd_mem_mib": None if mem_fb is None else mem_fb / 2 ** 20}
             if flops is not None:     # linear, mlp: model flops (forward + backward = 3 forwards)
@@ -628,7 +637,7 @@ def timing(kind, quick, ceil):
                 # lower is better for these two: the target is a ceiling
                 r["fwd_mem_vs_compile"] = r["fwd_mem_mib"] / ref["fwd_mem_mib"]
                 r["fwdbwd_mem_vs_compile"] = r["fwdbwd_mem_mib"] / ref["fwdbwd_mem_mib"]
-        if not quick and DEVICE == "cuda" and kind in TARGETS:
+        if not quick and DEVICE == "cuda" and kind in TARGETS and shape == "nsa":   # the targets are for NSA
             t = TARGETS[kind]
             lower = ("_ms", "_over_floor", "_mem_vs_compile")
             r["targets"] = {k: (None if r.get(k) is None else (r[k] <= v if k.endswith(lower) else r[k] >= v))
@@ -910,7 +919,8 @@ def summary(res):
         if "error" in r:
             log(f"timing   {r['kind']:14s} {r['impl']:14s} {r['layout']}: ERROR {r['error'][:60]}")
             continue
-        line = f"timing   {r['kind']:14s} {r['impl']:14s} {r['layout']}  fwd {r['fwd_ms']:.4f} ms "
+        line = (f"timing   {r['kind']:14s} {r['impl']:14s} {r['layout']} {r.get('shape', 'nsa'):6s} "
+                f"fwd {r['fwd_ms']:.4f} ms ")
         if "fwd_tflops" in r:
             line += (f"({r['fwd_tflops']:.0f} TFLOP/s, {100 * r['fwd_frac']:.0f}%)  fwd+bwd {r['fwdbwd_ms']:.4f} ms "
                      f"({r['fwdbwd_tflops']:.0f} TFLOP/s, {100 * r['fwdbwd_frac']:.0f}%)")
@@ -941,6 +951,9 @@ def main(argv=None):
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma list of " + ", ".join(KINDS))
     ap.add_argument("--cases", default="nsa,b4d192,d64,packed", help="correctness cases: nsa, b4d192, d64, packed")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, few repetitions")
+    ap.add_argument("--timing-shapes", default="nsa",
+                    help="comma list of timed shapes: nsa (B=1, T=131072, D=128), t8192, t65536, b4 (B=4), "
+                         "d192 (D=192); H=4, L=32, S=16 throughout")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--compile-only", action="store_true", help="no GPU: compile every kernel config for sm_90")
@@ -956,6 +969,10 @@ def main(argv=None):
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         ap.error(f"--kinds: unknown {bad}; choose from {KINDS}")
+    shapes = [t.strip() for t in a.timing_shapes.split(",") if t.strip()]
+    bad = [t for t in shapes if t not in TIMING_SHAPES]
+    if bad or not shapes:
+        ap.error(f"--timing-shapes: unknown {bad or shapes}; choose from {list(TIMING_SHAPES)}")
     res = {"argv": sys.argv[1:]}
     if a.compile_only:
         res["compile"] = []
@@ -1002,7 +1019,8 @@ def main(argv=None):
     if not a.skip_timing:
         res["timing"] = []
         for kind in kinds:
-            res["timing"] += timing(kind, a.quick, res["ceilings"])
+            for shape in shapes:
+                res["timing"] += timing(kind, a.quick, res["ceilings"], shape)
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
         res["overhead"] = [overhead(kind, a.quick) for kind in kinds]

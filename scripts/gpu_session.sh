@@ -6,7 +6,8 @@
 #   info      nvidia-smi, versions
 #   check     scripts/gpu_check.py (correctness + timing of the Triton kernels)
 #   checkap   scripts/gpu_check.py correctness of attention_pool only (D = 192, 64, packed)
-#   timing    scripts/gpu_check.py timing only, every kind
+#   timing    scripts/gpu_check.py timing only, every kind, the NSA shape
+#   timingsizes  the same at T = 8192 and 65536, B = 4, and D = 192
 #   suitetriton  the property suite (ci profile) for the Triton backend on CUDA, untuned launches
 #             (KVCOMPRESS_TRITON_AUTOTUNE=0: autotuning every drawn shape cost ~35 s a property, run 4)
 #   checkv1   scripts/gpu_check.py timing only, linear and the pools, kernel version v1 (to compare with check)
@@ -45,6 +46,8 @@ for arg in "$@"; do
         suitetriton) KVCOMPRESS_TRITON_AUTOTUNE=0 run suitetriton 300 python3 -m pytest tests/test_conformance.py tests/test_invariants.py \
                    tests/test_gradients.py tests/test_streaming.py -q -p no:cacheprovider -k triton \
                    --hypothesis-show-statistics ;;
+        timingsizes) run timingsizes 560 python3 scripts/gpu_check.py --skip-correctness \
+                   --timing-shapes t8192,t65536,b4,d192 --out "$OUT/gpu_timing_sizes.json" ;;
         checkv1) KVCOMPRESS_TRITON_VARIANT=v1 run checkv1 200 python3 scripts/gpu_check.py --skip-correctness \
                    --kinds linear,mean_pool,weighted_pool --out "$OUT/gpu_check_v1.json" ;;
         gputests) run gputests 300 python3 -m pytest -m gpu tests/test_triton.py -q -p no:cacheprovider -x ;;
