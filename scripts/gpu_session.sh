@@ -16,6 +16,7 @@
 #   suite     the property suite on CUDA (every backend, ci profile)
 #   thorough  the property suite on the Triton backend, thorough profile (time-boxed)
 #   bench     kvcompress-bench (tables and roofline plot)
+#   streambench  decode-step latency (benchmarks/test_bench_streaming.py), bfloat16 on the GPU
 #   perflinear, perfpool  scripts/gpu_perf.py: kernel versions v1 and v2 side by side (docs/triton-perf.md)
 set -u
 OUT=${OUT:-/tmp/out}
@@ -61,6 +62,8 @@ for arg in "$@"; do
         perfpool) run perfpool 590 python3 scripts/gpu_perf.py --variants v1,v2 --kinds mean_pool,weighted_pool \
                    --out "$OUT/perf_pool.json" ;;
         bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench" ;;
+        streambench) run streambench 300 python3 -m pytest benchmarks/test_bench_streaming.py --benchmark-only -q \
+                   -p no:cacheprovider --benchmark-columns=min,median,max,rounds ;;
         benchquick) run bench 200 python3 -m kvcompress.bench --quick --deadline 150 --compile-budget 60 --out "$OUT/bench" ;;
         *) echo "unknown phase $phase" ;;
     esac
