@@ -72,10 +72,15 @@ class StreamLayout:
         L, S = block_size, stride
         self.B, self.H, self.G, self.Hg, self.T, self.D, self.L, self.S = B, H, G, H // G, T, D, L, S
         pre = L - S if padding == "left" else 0
-        if cu_seqlens is None:
-            cu = torch.tensor([0, T], dtype=torch.int64, device=device)
-        else:
-            cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        if cu_seqlens is None:   # one sequence per row: the offsets below in host integers, two aranges
+            self.W = num_windows(T, L, S, padding)
+            self.dest = torch.arange(pre, pre + T, device=device)          # [T]
+            self.windows = torch.arange(self.W, device=device)             # [W]
+            self.Tp = -(-(pre + T) // S) * S
+            self.Np = self.Tp // S
+            self.R = self.Hg * B * self.Np
+            return
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
         lengths = cu[1:] - cu[:-1]                                     # [N]
         extent = torch.div(pre + lengths + S - 1, S, rounding_mode="floor") * S  # [N] stream tokens per sequence
         offset = torch.cumsum(extent, 0) - extent                      # [N] stream start of each sequence
