@@ -41,3 +41,23 @@ def test_no_unfolded_copy_is_kept_for_backward(kind, padding):
     # the stream copy of x, the hidden layer of the mlp ((B, H, W, F) = x's
     # size here), index tensors and parameters: a few times x, never 16
     assert saved <= 4 * x_bytes, f"{kind}: {saved} bytes saved for backward, input is {x_bytes}"
+
+
+@pytest.mark.parametrize("padding", ["valid", "left"])
+def test_unpacked_layout_equals_one_packed_sequence(padding):
+    """StreamLayout derives an unpacked input's offsets from host integers;
+    they must equal the tensor derivation for cu_seqlens = [0, T] (one
+    sequence), the path every packed batch takes, for every small T, L, S
+    (T < L and T = 0 included)."""
+    from kvcompress._windows import StreamLayout
+    cpu = torch.device("cpu")
+    for T in range(0, 23):
+        for L in range(1, 6):
+            for S in range(1, L + 1):
+                a = StreamLayout(2, 2, 1, T, 3, block_size=L, stride=S, padding=padding, cu_seqlens=None, device=cpu)
+                b = StreamLayout(2, 2, 1, T, 3, block_size=L, stride=S, padding=padding,
+                                 cu_seqlens=torch.tensor([0, T]), device=cpu)
+                where = f"T={T} L={L} S={S} padding={padding!r}"
+                assert (a.W, a.Tp, a.Np, a.R) == (b.W, b.Tp, b.Np, b.R), where
+                assert torch.equal(a.dest, b.dest) and a.dest.dtype == b.dest.dtype, where
+                assert torch.equal(a.windows, b.windows) and a.windows.dtype == b.windows.dtype, where
