@@ -58,7 +58,8 @@ __all__ = [
     "chunk_rows", "dot_f32", "eager_call", "empty", "empty_like", "head_gemv", "interpret_block", "next_pow2",
     "num_sms",
     "pool_backward", "pool_bwd", "pool_forward", "pool_fwd", "round_tf32", "search_sorted", "seq_plan", "small_tiles",
-    "supports_call", "tf32_intermediate", "total_windows_arg", "triton_available", "window_gemm", "window_rows",
+    "supports_call", "tf32_intermediate", "tile_configs", "total_windows_arg", "triton_available", "window_gemm",
+    "window_rows",
     "windows_or_dynamic",
 ]
 
@@ -309,6 +310,12 @@ def interpret_block(n: int, cap: int, small: int = 8) -> int:
     """An interpreter tile size for a dimension of n: ``small`` inside
     ``small_tiles()``, else next_pow2(n) clamped to [small, cap]."""
     return small if _SMALL_TILES else min(cap, max(small, next_pow2(n)))
+
+
+def tile_configs(names, rows):
+    """Autotuning configurations from rows (tile_1, tile_2, tile_3, warps,
+    stages), the tiles named by ``names``."""
+    return [triton.Config(dict(zip(names, r[:3])), num_warps=r[3], num_stages=r[4]) for r in rows]
 
 
 def _autotune_setting() -> bool:

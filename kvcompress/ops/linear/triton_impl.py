@@ -41,6 +41,7 @@ from .._triton_common import (
     next_pow2,
     seq_plan,
     supports_call,
+    tile_configs,
     total_windows_arg,
     triton_available,
     window_gemm,
@@ -380,14 +381,34 @@ def _fits(configs, kw, rows_name):
             and (not f32 or c.kwargs[rows_name] * max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]) <= 4096)]
 
 
-def _cfg(names, rows):
-    return [triton.Config(dict(zip(names, r[:3])), num_warps=r[3], num_stages=r[4]) for r in rows]
+def dx_launcher(rows, prune) -> Launcher:
+    """linear_bwd_kernel_dx over the (BLOCK_K, BLOCK_D, BLOCK_N, warps,
+    stages) ``rows``; mlp launches it too, with F as D_out."""
+    return Launcher(
+        linear_bwd_kernel_dx,
+        configs=tile_configs(("BLOCK_K", "BLOCK_D", "BLOCK_N"), rows),
+        key=["D", "DO", "L", "S", "WORK", "IS_VARLEN", "DOT_F32"],
+        interpret_meta=lambda kw: {"BLOCK_K": interpret_block(kw["NQ"], 32),
+                                   "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_N": interpret_block(kw["DO"], 32)},
+        prune=prune)
+
+
+def dw_launcher(rows, prune) -> Launcher:
+    """linear_bwd_kernel_dw over the (BLOCK_W, BLOCK_D, BLOCK_N, warps,
+    stages) ``rows``; mlp launches it too, with F as D_out."""
+    return Launcher(
+        linear_bwd_kernel_dw,
+        configs=tile_configs(("BLOCK_W", "BLOCK_D", "BLOCK_N"), rows),
+        key=["D", "DO", "L", "WORK", "IS_VARLEN", "HAS_PE", "DOT_F32"],
+        interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["B"] * kw["W"], 32),
+                                   "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_N": interpret_block(kw["DO"], 32)},
+        prune=prune)
 
 
 # (block rows, BLOCK_D, BLOCK_N, warps, stages); sized for D = D_out = 128 (NSA) and smaller dims
 _FWD = Launcher(
     linear_fwd_kernel,
-    configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
+    configs=tile_configs(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
                  [(128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4), (128, 128, 128, 8, 3),
                   (256, 64, 128, 8, 3), (64, 32, 64, 4, 3), (32, 32, 128, 4, 3), (32, 16, 32, 4, 2),
                   (16, 16, 16, 2, 2)]),
@@ -395,31 +416,19 @@ _FWD = Launcher(
     interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["W"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
                                "BLOCK_N": interpret_block(kw["DO"], 32)},
     prune=lambda cs, kw: _fits(cs, kw, "BLOCK_W"))
-_DX = Launcher(
-    linear_bwd_kernel_dx,
-    configs=_cfg(("BLOCK_K", "BLOCK_D", "BLOCK_N"),
-                 [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3), (128, 64, 128, 8, 3),
-                  (64, 128, 128, 8, 2), (32, 64, 64, 4, 2), (32, 128, 32, 4, 3), (16, 16, 16, 2, 2)]),
-    key=["D", "DO", "L", "S", "WORK", "IS_VARLEN", "DOT_F32"],
-    interpret_meta=lambda kw: {"BLOCK_K": interpret_block(kw["NQ"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
-                               "BLOCK_N": interpret_block(kw["DO"], 32)},
-    prune=lambda cs, kw: _fits(cs, kw, "BLOCK_K"))
-_DW = Launcher(
-    linear_bwd_kernel_dw,
-    configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
-                 [(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (128, 64, 128, 8, 3), (128, 128, 128, 8, 3),
-                  (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)]),
-    key=["D", "DO", "L", "WORK", "IS_VARLEN", "HAS_PE", "DOT_F32"],
-    interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["B"] * kw["W"], 32),
-                               "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_N": interpret_block(kw["DO"], 32)},
-    prune=lambda cs, kw: _fits(cs, kw, "BLOCK_W"))
+_DX = dx_launcher([(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3), (128, 64, 128, 8, 3),
+                   (64, 128, 128, 8, 2), (32, 64, 64, 4, 2), (32, 128, 32, 4, 3), (16, 16, 16, 2, 2)],
+                  lambda cs, kw: _fits(cs, kw, "BLOCK_K"))
+_DW = dw_launcher([(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (128, 64, 128, 8, 3), (128, 128, 128, 8, 3),
+                   (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)],
+                  lambda cs, kw: _fits(cs, kw, "BLOCK_W"))
 
 
 # version 2: the forward gains larger window tiles and deeper pipelines to choose from (sized for D = D_out =
 # 128: the weight tile is re-read from L2 by every window tile, so 256-window tiles halve that traffic)
 _FWD2 = Launcher(
     linear_fwd_kernel_v2,
-    configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
+    configs=tile_configs(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
                  [(128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (128, 128, 128, 8, 3), (256, 64, 128, 8, 3),
                   (256, 32, 128, 8, 4), (128, 32, 128, 4, 5), (64, 64, 128, 4, 4), (64, 32, 64, 4, 3),
                   (32, 32, 128, 4, 3), (32, 16, 32, 4, 2), (16, 16, 16, 2, 2)]),
@@ -455,16 +464,10 @@ _DX2 = Launcher(
     interpret_meta=lambda kw: {"BLOCK_K": interpret_block(kw["NQ"], 32, small=SLOT_ROWS),
                                "BLOCK_D": interpret_block(kw["D"], 32), "STAGES": 1},
     prune=_dx2_fits)
-_DW2 = Launcher(
-    linear_bwd_kernel_dw,
-    configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
-                 [(64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 8, 4), (64, 64, 128, 4, 3),
-                  (128, 64, 128, 8, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2),
-                  (16, 16, 16, 2, 2)]),
-    key=["D", "DO", "L", "WORK", "IS_VARLEN", "HAS_PE", "DOT_F32"],
-    interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["B"] * kw["W"], 32),
-                               "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_N": interpret_block(kw["DO"], 32)},
-    prune=lambda cs, kw: _fits(cs, kw, "BLOCK_W"))
+_DW2 = dw_launcher([(64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 8, 4), (64, 64, 128, 4, 3),
+                    (128, 64, 128, 8, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2),
+                    (16, 16, 16, 2, 2)],
+                   lambda cs, kw: _fits(cs, kw, "BLOCK_W"))
 
 
 def _splits(rows: int, programs: int, device) -> int:

@@ -48,13 +48,14 @@ from .._triton_common import (
     seq_plan,
     supports_call,
     tf32_intermediate,
+    tile_configs,
     total_windows_arg,
     triton_available,
     window_gemm,
     window_rows,
     windows_or_dynamic,
 )
-from ..linear.triton_impl import linear_bwd_kernel_dw, linear_bwd_kernel_dx
+from ..linear.triton_impl import dw_launcher, dx_launcher
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 # dp, the first layer's incoming gradient, is stored for this many bytes of
@@ -293,15 +294,11 @@ def _linear_prune(configs, kw, rows):
             and (not f32 or c.kwargs[rows] * max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]) <= 16 * 32 * c.num_warps)]
 
 
-def _cfg(names, rows):
-    return [triton.Config(dict(zip(names, r[:3])), num_warps=r[3], num_stages=r[4]) for r in rows]
-
-
 # (BLOCK_W, BLOCK_D, BLOCK_F, warps, stages): sized for D = D_out = 128, F = 4096 (NSA, the seed's
 # GroupedMLP with expand 1) and smaller dims; the dp kernel's F tile is 64 (it also holds the dw2 partial)
 _FWD = Launcher(
     mlp_fwd_kernel,
-    configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_F"),
+    configs=tile_configs(("BLOCK_W", "BLOCK_D", "BLOCK_F"),
                  [(128, 64, 128, 8, 3), (128, 64, 128, 8, 4), (128, 64, 64, 8, 3), (128, 64, 64, 8, 4),
                   (64, 64, 128, 8, 3), (64, 64, 64, 4, 3), (64, 32, 64, 8, 3), (32, 32, 64, 4, 3),
                   (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)]),
@@ -312,7 +309,7 @@ _FWD = Launcher(
     prune=lambda cs, kw: _fused_prune(cs, kw, "fwd"))
 _DP = Launcher(
     mlp_bwd_kernel_dp,
-    configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_F"),
+    configs=tile_configs(("BLOCK_W", "BLOCK_D", "BLOCK_F"),
                  [(64, 64, 64, 8, 3), (64, 64, 64, 8, 4), (64, 128, 64, 8, 2), (64, 32, 64, 8, 4),
                   (64, 64, 32, 8, 3), (64, 32, 32, 8, 3), (32, 32, 64, 8, 3), (32, 32, 32, 4, 2),
                   (16, 16, 16, 2, 2)]),
@@ -322,24 +319,12 @@ _DP = Launcher(
                                "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_F": interpret_block(kw["F"], 32)},
     prune=lambda cs, kw: _fused_prune(cs, kw, "dp"))
 # linear's x-gradient with dy := dp (K = C * F) and weight gradient with dy := dp (N = F)
-_DX = Launcher(
-    linear_bwd_kernel_dx,
-    configs=_cfg(("BLOCK_K", "BLOCK_D", "BLOCK_N"),
-                 [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 128, 8, 3),
-                  (64, 128, 128, 8, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 2), (16, 16, 16, 2, 2)]),
-    key=["D", "DO", "L", "S", "WORK", "IS_VARLEN", "DOT_F32"],
-    interpret_meta=lambda kw: {"BLOCK_K": interpret_block(kw["NQ"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
-                               "BLOCK_N": interpret_block(kw["DO"], 32)},
-    prune=lambda cs, kw: _linear_prune(cs, kw, "BLOCK_K"))
-_DW1 = Launcher(
-    linear_bwd_kernel_dw,
-    configs=_cfg(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
-                 [(64, 128, 128, 8, 3), (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (64, 128, 256, 8, 3),
-                  (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)]),
-    key=["D", "DO", "L", "WORK", "IS_VARLEN", "HAS_PE", "DOT_F32"],
-    interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["B"] * kw["W"], 32),
-                               "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_N": interpret_block(kw["DO"], 32)},
-    prune=lambda cs, kw: _linear_prune(cs, kw, "BLOCK_W"))
+_DX = dx_launcher([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 128, 8, 3),
+                   (64, 128, 128, 8, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 2), (16, 16, 16, 2, 2)],
+                  lambda cs, kw: _linear_prune(cs, kw, "BLOCK_K"))
+_DW1 = dw_launcher([(64, 128, 128, 8, 3), (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (64, 128, 256, 8, 3),
+                    (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)],
+                   lambda cs, kw: _linear_prune(cs, kw, "BLOCK_W"))
 
 
 def _splits(rows: int, programs: int, device, min_rows: int = 512) -> int:
