@@ -682,10 +682,8 @@ def autotuned():
     out = {}
     for name, launcher in [("mean_pool_fwd", mp._FWD), ("mean_pool_bwd", mp._BWD), ("weighted_pool_fwd", wp._FWD),
                            ("weighted_pool_bwd", wp._BWD), ("linear_fwd", li._FWD), ("linear_dx", li._DX),
-                           ("linear_dw", li._DW), ("mean_pool_fwd_v2", mp._FWD2), ("mean_pool_bwd_v2", mp._BWD2),
-                           ("weighted_pool_fwd_v2", wp._FWD2), ("weighted_pool_bwd_v2", wp._BWD2),
-                           ("linear_fwd_v2", li._FWD2), ("linear_dx_v2", li._DX2), ("linear_dw_v2", li._DW2),
-                           ("mlp_fwd", ml._FWD), ("mlp_dp", ml._DP), ("mlp_dx", ml._DX),
+                           ("linear_dx_rows", li._DXR), ("linear_dw", li._DW), ("mlp_fwd", ml._FWD), ("mlp_dp", ml._DP),
+                           ("mlp_dx", ml._DX),
                            ("mlp_dw1", ml._DW1), ("attention_pool_fwd", ap._FWD), ("attention_pool_bwd", ap._BWD)]:
         tuned = launcher.tuned
         if tuned is not None:
@@ -745,14 +743,13 @@ def compile_only(dtypes, kinds=KINDS, D=128):
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
 
-    from kvcompress.ops import _triton_common as tc
+    from kvcompress.ops import _triton_pool as tp
     from kvcompress.ops.linear import triton_impl as li
-    from kvcompress.ops.mean_pool import triton_impl as mp
-    from kvcompress.ops.weighted_pool import triton_impl as wp
     T, H, L, S = 131072, 4, 32, 16
     W = (T - L) // S + 1
     ints = dict(N=1, N_STEPS=0, T=T, W=W, NQ=T // S, L=L, S=S, PRE=0, sxb=T * H * D, sxh=D, sxt=H * D, sxd=1,
-                syb=H * W * D, syh=W * D, syw=D, syd=1, H=H, HG=1, D=D, C=2, DO=D, HG_C=1, scg=D, scn=1,
+                syb=H * W * D, syh=W * D, syw=D, syd=1, H=H, HG=1, D=D, C=2, DO=D, HG_C=1, scg=D, scn=1, sbg=D, sbn=1,
+                P=66, NSLOT=-(-(T // S) // li.SLOT_ROWS),
                 sdb=H * W * D, sdh=W * D, sdw=D, sdd=1, sdn=1, sgb=T * H * D, sgh=D, sgt=H * D, sgd=1, WORK=15, B=1,
                 sph=L * D, spj=D, spd=1, sos=H * L * D * D, sog=L * D * D, soj=D * D, sod=D, son=1,
                 ROWS_PER_SPLIT=W)
@@ -771,36 +768,55 @@ def compile_only(dtypes, kinds=KINDS, D=128):
         tdt = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dt])
         for varlen in (False, True):
             tag = f"[{dt}{' varlen' if varlen else ''}]"
-            if "mean_pool" in kinds or "weighted_pool" in kinds:
-                p = {"x": dt, "wt": dt, "cst": "fp32", "y": dt, "cu": "i64", "ccu": "i64", "cq": "i64"}
-                for fn in (mp.mean_pool_fwd_kernel, wp.weighted_pool_fwd_kernel):
-                    for cfg in tc._pool_fwd_prune(tc.POOL_FWD_CONFIGS, {"C_PAD": 2, "D": D}):
-                        one(f"{fn.__name__} {tag}", fn, cfg, p, dict(C_PAD=2, IS_VARLEN=varlen, HAS_CONST=True),
-                            pool_w)
-                pb = {"dy": dt, "x": dt, "wt": dt, "dx": dt, "pw": "fp32", "cu": "i64", "ccu": "i64", "cq": "i64"}
-                for fn, dw in ((mp.mean_pool_bwd_kernel, False), (wp.weighted_pool_bwd_kernel, True)):
-                    for cfg in tc.POOL_BWD_CONFIGS:
-                        cfg = triton.Config({"BLOCK_K": 64, "BLOCK_D": 64 if dt == "fp32" else 128, **cfg.kwargs},
-                                            num_warps=cfg.num_warps)
-                        one(f"{fn.__name__} {tag}", fn, cfg, pb, dict(IS_VARLEN=varlen, NEED_DX=True, NEED_DW=dw),
-                            pool_w)
+            seq = {"cu": "i64", "ccu": "i64", "cq": "i64"}
+            probe = torch.empty(0, dtype=tdt)
+            for unit, kname in ((True, "mean_pool"), (False, "weighted_pool")):
+                if kname not in kinds:
+                    continue
+                for cfg in tp._pool_fwd_prune(tp.POOL_FWD_CONFIGS, {"x": probe, "C_PAD": 2, "D": D}):
+                    one(f"pool_fwd_kernel {kname} {tag}", tp.pool_fwd_kernel, cfg,
+                        {"x": dt, "wt": dt, "pe": dt, "y": dt, **seq},
+                        dict(UNIT=unit, HAS_PE=True, IS_VARLEN=varlen, C_PAD=2, PE_J=16), pool_w)
+                for cfg in tp._pool_bwd_prune(tp.POOL_BWD_CONFIGS, {"x": probe, "S_PAD": S, "D": D,
+                                                                    "NEED_DW": not unit}):
+                    one(f"pool_bwd_kernel {kname} {tag}", tp.pool_bwd_kernel, cfg,
+                        {"dy": dt, "x": dt, "wt": dt, "dx": dt, "pw": "fp32", "pcs": "fp32", **seq},
+                        dict(UNIT=unit, NEED_DX=True, NEED_DW=not unit, NEED_CS=True, IS_VARLEN=varlen, S_PAD=S,
+                             C_PAD=2), pool_w)
             if "linear" in kinds:
-                probe = {"D": D, "DO": D, "x": torch.empty(0, dtype=tdt), "cst": torch.empty(0)}
-                for name, launcher, ptrs, const, rows_name in [
-                    ("linear_fwd_kernel", li._FWD, {"x": dt, "w": dt, "cst": "fp32", "y": dt, "cu": "i64",
-                                                    "ccu": "i64", "cq": "i64"},
-                     dict(IS_VARLEN=varlen, HAS_CONST=True, DOT_F32=False), "BLOCK_W"),
-                    ("linear_bwd_kernel_dx", li._DX, {"dy": dt, "w": dt, "dx": dt, "cu": "i64", "ccu": "i64",
-                                                      "cq": "i64"}, dict(IS_VARLEN=varlen, DOT_F32=False), "BLOCK_K"),
-                    ("linear_bwd_kernel_dw", li._DW, {"x": dt, "dy": dt, "pe": dt, "cs": "fp32", "dw": "fp32",
-                                                      "cu": "i64", "ccu": "i64", "cq": "i64"},
-                     dict(IS_VARLEN=varlen, HAS_PE=True, DOT_F32=False), "BLOCK_W")]:
-                    for cfg in li._fits(launcher.tuned.configs, probe, rows_name):
-                        one(f"{name} {tag}", launcher.kernel, cfg, ptrs, const, lin_w)
+                lin = dict(IS_VARLEN=varlen, DOT_F32=False)
+                fits = {"D": D, "DO": D, "x": probe}
+                for cfg in li._fits(li._FWD.tuned.configs, fits, "BLOCK_W"):
+                    one(f"linear_fwd_kernel {tag}", li.linear_fwd_kernel, cfg,
+                        {"x": dt, "w": dt, "pep": "fp32", "bias": dt, "y": dt, **seq},
+                        dict(lin, HAS_PE=True, HAS_BIAS=True, BLOCK_L=32), lin_w)
+                if dt != "fp32":      # float32 runs linear_bwd_kernel_dx (linear/triton_impl.py, DXR_MAX_K)
+                    for cfg in li._dxr_fits(li._DXR.tuned.configs, {"C_PAD": 2, "DO_PAD": D, "D": D, "dy": probe}):
+                        one(f"linear_bwd_kernel_dx_rows {tag}", li.linear_bwd_kernel_dx_rows, cfg,
+                            {"dy": dt, "w": dt, "dx": dt, "pcs": "fp32", **seq},
+                            dict(lin, C_PAD=2, DO_PAD=D, SLOT_ROWS=li.SLOT_ROWS, HAS_CS=True), lin_w)
+                for cfg in li._fits(li._DX.tuned.configs, fits, "BLOCK_K"):
+                    one(f"linear_bwd_kernel_dx {tag}", li.linear_bwd_kernel_dx, cfg,
+                        {"dy": dt, "w": dt, "dx": dt, **seq}, lin, lin_w)
+                for cfg in li._fits(li._DW.tuned.configs, fits, "BLOCK_W"):
+                    one(f"linear_bwd_kernel_dw {tag}", li.linear_bwd_kernel_dw, cfg,
+                        {"x": dt, "dy": dt, "pe": dt, "cs": "fp32", "dw": dt, **seq}, dict(lin, HAS_PE=True), lin_w)
             if "mlp" in kinds:
                 compile_mlp(one, dt, tdt, tag, varlen, T=T, H=H, D=D, L=L, S=S, W=W)
             if "attention_pool" in kinds:
                 compile_attention_pool(one, dt, tdt, tag, varlen, T=T, H=H, D=D, L=L, S=S, W=W)
+        one1 = triton.Config({}, num_warps=4)
+        if "weighted_pool" in kinds:
+            one(f"pool_bwd_kernel_finalize [{dt}]", tp.pool_bwd_kernel_finalize, one1,
+                {"pw": "fp32", "pcs": "fp32", "wt": dt, "pe": dt, "dw": dt, "dpe": dt},
+                dict(UNIT=False, NEED_W=True, NEED_PE=True, NEED_CS=True, BLOCK_R=32, BLOCK_J=32, BLOCK_D=128),
+                pool_w)
+        if "linear" in kinds:
+            one(f"linear_pe_kernel [{dt}]", li.linear_pe_kernel, one1, {"pe": dt, "w": dt, "out": "fp32"},
+                dict(BLOCK_D=64, BLOCK_N=128), lin_w)
+            one(f"linear_bwd_kernel_finalize [{dt}]", li.linear_bwd_kernel_finalize, one1,
+                {"pcs": "fp32", "w": dt, "cs": "fp32", "db": dt, "dpe": dt},
+                dict(NEED_CS=True, NEED_B=True, NEED_PE=True, DO_PAD=D, BLOCK_R=32, BLOCK_D=64), lin_w)
     bad = [r for r in rows if "error" in r or r["stack"] > 0 or r["shared"] > 232448]
     log(f"\ncompile-only: {len(rows)} kernel configurations for sm_90, {len(bad)} failing, spilling or over "
         f"227 KB of shared memory")

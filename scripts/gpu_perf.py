@@ -1,19 +1,20 @@
 #!/usr/bin/env python
 """Performance of the Triton kernels of mean_pool, weighted_pool and linear
-on a GPU, kernel version against kernel version (docs/triton-perf.md).
+on a GPU: CUDA-graph and eager times, per-kernel profile, host overhead
+(docs/triton-perf.md); runs saved as JSON compare side by side.
 
 Run from the repository root on a CUDA machine (needs only torch, triton,
 numpy):
 
-    python scripts/gpu_perf.py --variants v1,v2 --out perf.json   # both versions, each in its own process
-    python scripts/gpu_perf.py --variants v1,v2 --kinds linear --out perf_linear.json   # one kind (~3-4 min)
-    python scripts/gpu_perf.py --kinds linear --layouts bthd       # a subset, the version of the environment
-    python scripts/gpu_perf.py --compile-only                      # no GPU: compile every v2 config for sm_90
-    python scripts/gpu_perf.py --dry-run-cpu --variants v1,v2      # no GPU: every step on CPU, interpreter, tiny
+    python scripts/gpu_perf.py --out perf.json                     # every kind (~2-3 min)
+    python scripts/gpu_perf.py --kinds linear --layouts bthd       # a subset
+    python scripts/gpu_perf.py --label new --out new.json          # label a run (e.g. a kernel change) ...
+    python scripts/gpu_perf.py --compare old.json,new.json         # ... and compare saved runs (no GPU)
+    python scripts/gpu_perf.py --compile-only                      # no GPU: compile every config for sm_90
+    python scripts/gpu_perf.py --dry-run-cpu                       # no GPU: every step on CPU, interpreter, tiny
 
-The version is KVCOMPRESS_TRITON_VARIANT (v1 or v2, read once at import);
-``--variants`` runs one subprocess per version with it set, then prints the
-comparison. Case: the issue's NSA size, bfloat16, B=1, H=4, D=128, L=32,
+Kernel versions v1 and v2 were compared this way in GPU run 5
+(docs/gpu-runs.md); the losing kernels were then deleted. Case: the issue's NSA size, bfloat16, B=1, H=4, D=128, L=32,
 S=16, T=131072, left padding, pe on (linear also with bias), weights per
 head (G = H); layouts bhtd (contiguous) and bthd (a (B, T, H, D) tensor seen
 through transpose(1, 2)). Per kind, layout and version:
@@ -44,8 +45,9 @@ through transpose(1, 2)). Per kind, layout and version:
     (forward and every gradient against the torch backend, derived bound),
     so a fast wrong kernel cannot win.
 
-The summary table is printed last; ``--out`` writes everything as JSON
-(each worker's JSON is also kept next to it, ``<out>.<variant>.json``).
+The summary table is printed last (with ``--compare``, one line per saved
+run and the speed-up of each over the first); ``--out`` writes everything
+as JSON.
 """
 
 from __future__ import annotations
@@ -54,9 +56,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +65,6 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 KINDS = ("mean_pool", "weighted_pool", "linear")
 LAYOUTS = ("bhtd", "bthd")
-VARIANTS = ("v1", "v2")
 TARGETS = {"linear": {"fwd_ms": 0.10, "fwdbwd_ms": 0.30},
            "mean_pool": {"fwd_tbs": 2.3, "fwdbwd_tbs": 2.0},
            "weighted_pool": {"fwd_tbs": 2.3, "fwdbwd_tbs": 2.0}}
@@ -379,18 +378,17 @@ def autotuned():
 
 
 def worker(a):
-    """Measure the version of this process's environment; write JSON to a.out."""
+    """Measure this tree's kernels; write JSON to a.out (rewritten after each row)."""
     import torch
     import triton
 
-    from kvcompress.ops import _triton_pool
-    variant = _triton_pool.VARIANT
-    res = {"variant": variant, "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
+    label = a.label
+    res = {"label": label, "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
            "torch": torch.__version__, "triton": triton.__version__, "rows": [], "correctness": {}, "host": {}}
-    log(f"[{variant}] {res['device']}, torch {res['torch']}, triton {res['triton']}")
+    log(f"[{label}] {res['device']}, torch {res['torch']}, triton {res['triton']}")
     t_start = time.perf_counter()
     res["ceilings"] = ceilings(a.quick)
-    log(f"[{variant}] ceilings: copy {res['ceilings']['copy_tbs']:.2f} TB/s, "
+    log(f"[{label}] ceilings: copy {res['ceilings']['copy_tbs']:.2f} TB/s, "
         f"bf16 matmul {res['ceilings']['matmul_bf16_tflops']:.0f} TFLOP/s")
     size = nsa_size(DEVICE != "cuda", a.T if not a.quick else 16384)
 
@@ -402,7 +400,7 @@ def worker(a):
         if not a.skip_check:
             t0 = time.perf_counter()
             res["correctness"][kind] = c = correctness(kind)
-            log(f"[{variant}] correctness {kind}: {'PASS' if c.get('ok') else 'FAIL'} "
+            log(f"[{label}] correctness {kind}: {'PASS' if c.get('ok') else 'FAIL'} "
                 f"{c.get('ratios', c.get('error'))} ({time.perf_counter() - t0:.1f} s)")
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
@@ -417,7 +415,7 @@ def worker(a):
             if DEVICE == "cuda":      # the case's tensors are gone with measure(): give their memory back
                 torch.cuda.empty_cache()
             if "error" not in r:
-                log(f"[{variant}] {kind:13s} {layout}: graph fwd {r['graph_fwd_ms']:.4f} ms, fwd+bwd "
+                log(f"[{label}] {kind:13s} {layout}: graph fwd {r['graph_fwd_ms']:.4f} ms, fwd+bwd "
                     f"{r['graph_fwdbwd_ms']:.4f} ms; eager fwd {r['eager_fwd_ms']:.4f} ms, fwd+bwd "
                     f"{r['eager_fwdbwd_ms']:.4f} ms; issue {r['issue_fwd_us']:.0f} / {r['issue_fwdbwd_us']:.0f} us")
                 for mode in ("fwd", "fwdbwd"):
@@ -445,16 +443,18 @@ def summary(results, kinds, layouts):
     log("SUMMARY (bf16, NSA size; graph = CUDA-graph replay (kernels only), eager = do_bench median; "
         "pools TB/s, linear TFLOP/s)")
     log("targets: linear fwd <= 0.10 ms, fwd+bwd <= 0.30 ms; pools fwd >= 2.3 TB/s, fwd+bwd >= 2.0 TB/s")
+    for res in results:     # JSON of GPU run 5 and before names the run "variant"
+        res.setdefault("label", res.get("variant", "?"))
     for res in results:
         c = res.get("ceilings", {})
         ok = {k: v.get("ok") for k, v in res.get("correctness", {}).items()}
-        log(f"[{res['variant']}] {res.get('device')}: copy {c.get('copy_tbs', 0):.2f} TB/s, matmul "
+        log(f"[{res['label']}] {res.get('device')}: copy {c.get('copy_tbs', 0):.2f} TB/s, matmul "
             f"{c.get('matmul_bf16_tflops', 0):.0f} TFLOP/s; correctness "
             + (", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in ok.items()) or "not run"))
-    log(f"{'kind':14s}{'layout':7s}{'ver':4s}| {'fwd graph':>10s} {'eager':>8s} {'rate':>7s} {'launch':>6s} "
+    log(f"{'kind':14s}{'layout':7s}{'run':4s}| {'fwd graph':>10s} {'eager':>8s} {'rate':>7s} {'launch':>6s} "
         f"{'issue':>6s} | {'f+b graph':>10s} {'eager':>8s} {'rate':>7s} {'launch':>6s} {'issue':>6s} | target")
-    by = {(r["kind"], r["layout"], res["variant"]): r for res in results for r in res.get("rows", [])}
-    variants = [res["variant"] for res in results]
+    by = {(r["kind"], r["layout"], res["label"]): r for res in results for r in res.get("rows", [])}
+    variants = [res["label"] for res in results]
     for kind in kinds:
         for layout in layouts:
             base = None
@@ -484,7 +484,7 @@ def summary(results, kinds, layouts):
                         f"{variants[0]})")
     for res in results:
         for kind, h in res.get("host", {}).items():
-            log(f"[{res['variant']}] host, tiny inputs, wall us per call {kind:13s}: fwd {h['tiny_fwd_backend_us']:.0f}"
+            log(f"[{res['label']}] host, tiny inputs, wall us per call {kind:13s}: fwd {h['tiny_fwd_backend_us']:.0f}"
                 f" (functional {h['tiny_fwd_functional_us']:.0f}), fwd+bwd {h['tiny_fwdbwd_backend_us']:.0f} "
                 f"(functional {h['tiny_fwdbwd_functional_us']:.0f})")
     log("columns: rate = graph-time TB/s (pools) or TFLOP/s (linear); launch = kernels per call (profiler); "
@@ -496,85 +496,11 @@ def summary(results, kinds, layouts):
 
 
 def compile_only(dtypes):
-    """Compile every version-2 kernel configuration the autotuner may try at
-    the NSA size (fixed and packed, each dtype) for sm_90, without a GPU, with
-    the JIT's specialisations (ints equal to 1 are constants, multiples of 16
-    are marked divisible); report shared memory, registers and spills
-    (cuobjdump). Returns the rows; failing = error, spill or > 227 KB shared."""
-    os.environ.pop("TRITON_INTERPRET", None)
-    import torch
-    import triton
-
-    from kvcompress.ops import _triton_pool as tp
-    from kvcompress.ops.linear import triton_impl as li
-    B, H, T, D, L, S = 1, 4, 131072, 128, 32, 16
-    W, NQ, P = T // S, (L - S + T) // S + 1, 66
-    nslot = -(-NQ // li.SLOT_ROWS)
-    ints = dict(N=1, N_STEPS=0, T=T, W=W, NQ=NQ, L=L, S=S, PRE=L - S, BH=B * H, H=H, HG=1, D=D, DO=D, C=2, P=P,
-                B=B, WORK=15, NSLOT=nslot, ROWS_PER_SPLIT=W,
-                sxb=T * H * D, sxh=D, sxt=H * D, sxd=1, syb=H * W * D, syh=W * D, syw=D, syd=1,
-                sdb=H * W * D, sdh=W * D, sdw=D, sdd=1, sdn=1, sgb=T * H * D, sgh=D, sgt=H * D, sgd=1,
-                swg=L * D * D, swl=D * D, swd=D, swn=1, sph=L * D, spj=D, spd=1, sbg=D, sbn=1,
-                sos=H * L * D * D, sog=L * D * D, soj=D * D, sod=D, son=1)
-    pool_w = dict(swg=L, swl=1)
-    rows = []
-
+    """Compile every configuration the autotuner may try for this script's
+    kinds at the NSA size for sm_90 (scripts/gpu_check.py --compile-only,
+    restricted to mean_pool, weighted_pool and linear). Returns the rows."""
     import gpu_check  # scripts/ is on sys.path
-
-    def one(name, fn, cfg, ptrs, const, extra=None):
-        r = gpu_check.compile_sm90(name, fn, cfg, ptrs, const, {**ints, **(extra or {})})
-        rows.append(r)
-        log(f"{name:40s} {str(r['config']):80s} " + (f"smem {r['shared']:6d} regs {r['regs']:3d} stack "
-                                                      f"{r['stack']:5d}" if "error" not in r else r["error"]))
-
-    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    for dt in dtypes:
-        probe = torch.empty(0, dtype=tdt[dt])
-        for varlen in (False, True):
-            tag = f"[{dt}{' varlen' if varlen else ''}]"
-            seq = {"cu": "i64", "ccu": "i64", "cq": "i64"}
-            for unit in (True, False):
-                kname = "mean_pool" if unit else "weighted_pool"
-                for cfg in tp._pool_fwd_prune(tp.POOL_FWD_CONFIGS, {"x": probe, "L": L, "D": D}):
-                    one(f"pool_fwd_kernel {kname} {tag}", tp.pool_fwd_kernel, cfg,
-                        {"x": dt, "wt": dt, "pe": dt, "y": dt, **seq},
-                        dict(UNIT=unit, HAS_PE=True, IS_VARLEN=varlen), pool_w)
-                for cfg in tp._pool_bwd_prune(tp.POOL_BWD_CONFIGS, {"x": probe, "S_PAD": S, "D": D,
-                                                                    "NEED_DW": not unit}):
-                    one(f"pool_bwd_kernel {kname} {tag}", tp.pool_bwd_kernel, cfg,
-                        {"dy": dt, "x": dt, "wt": dt, "dx": dt, "pw": "fp32", "pcs": "fp32", **seq},
-                        dict(UNIT=unit, NEED_DX=True, NEED_DW=not unit, NEED_CS=True, IS_VARLEN=varlen, S_PAD=S,
-                             C_PAD=2), pool_w)
-            lin = dict(IS_VARLEN=varlen, DOT_F32=False)
-            for cfg in li._fits(li._FWD2.tuned.configs, {"D": D, "DO": D, "x": probe}, "BLOCK_W"):
-                one(f"linear_fwd_kernel_v2 {tag}", li.linear_fwd_kernel_v2, cfg,
-                    {"x": dt, "w": dt, "pep": "fp32", "bias": dt, "y": dt, **seq},
-                    dict(lin, HAS_PE=True, HAS_BIAS=True, BLOCK_L=32))
-            if dt != "fp32":      # float32 runs v1's x-gradient kernel (linear/triton_impl.py, DX2_MAX_K)
-                for cfg in li._dx2_fits(li._DX2.tuned.configs, {"C_PAD": 2, "DO_PAD": D, "D": D, "dy": probe}):
-                    one(f"linear_bwd_kernel_dx_v2 {tag}", li.linear_bwd_kernel_dx_v2, cfg,
-                        {"dy": dt, "w": dt, "dx": dt, "pcs": "fp32", **seq},
-                        dict(lin, C_PAD=2, DO_PAD=D, SLOT_ROWS=li.SLOT_ROWS, HAS_CS=True))
-            for cfg in li._fits(li._DW2.tuned.configs, {"D": D, "DO": D, "x": probe}, "BLOCK_W"):
-                one(f"linear_bwd_kernel_dw (v2 configs) {tag}", li.linear_bwd_kernel_dw, cfg,
-                    {"x": dt, "dy": dt, "pe": dt, "cs": "fp32", "dw": dt, **seq}, dict(lin, HAS_PE=True))
-        # the small kernels: one configuration each, as the host launches them
-        one1 = triton.Config({}, num_warps=4)
-        one(f"pool_bwd_kernel_finalize [{dt}]", tp.pool_bwd_kernel_finalize, one1,
-            {"pw": "fp32", "pcs": "fp32", "wt": dt, "pe": dt, "dw": dt, "dpe": dt},
-            dict(UNIT=False, NEED_W=True, NEED_PE=True, NEED_CS=True, BLOCK_R=32, BLOCK_J=32, BLOCK_D=128), pool_w)
-        one(f"linear_pe_kernel [{dt}]", li.linear_pe_kernel, one1, {"pe": dt, "w": dt, "out": "fp32"},
-            dict(BLOCK_D=64, BLOCK_N=128))
-        one(f"linear_bwd_kernel_finalize [{dt}]", li.linear_bwd_kernel_finalize, one1,
-            {"pcs": "fp32", "w": dt, "cs": "fp32", "db": dt, "dpe": dt},
-            dict(NEED_CS=True, NEED_B=True, NEED_PE=True, DO_PAD=D, BLOCK_R=32, BLOCK_D=64))
-    bad = [r for r in rows if "error" in r or r["stack"] > 0 or r["shared"] > 232448]
-    log(f"\ncompile-only: {len(rows)} version-2 kernel configurations for sm_90, {len(bad)} failing, spilling or "
-        f"over 227 KB of shared memory")
-    for r in bad:
-        what = r["error"] if "error" in r else f"stack {r['stack']}, shared {r['shared']}"
-        log(f"  {r['kernel']} {r['config']}: {what}")
-    return rows
+    return gpu_check.compile_only(dtypes, kinds=KINDS)
 
 
 # --------------------------------------------------------------------------- main
@@ -584,9 +510,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma list of " + ", ".join(KINDS))
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of " + ", ".join(LAYOUTS))
-    ap.add_argument("--variants", default=None,
-                    help="comma list of v1, v2: each in a subprocess with KVCOMPRESS_TRITON_VARIANT set; "
-                         "default: this process's version only")
+    ap.add_argument("--label", default="this", help="this run's name in the summary and JSON (default 'this')")
+    ap.add_argument("--compare", default=None,
+                    help="comma list of JSON files of earlier runs (--out): print their summary side by side, "
+                         "no GPU needed")
     ap.add_argument("--T", type=int, default=131072, help="tokens (default 131072, the NSA case)")
     ap.add_argument("--no-pe", action="store_true", help="without pe (the targets are stated with pe)")
     ap.add_argument("--no-bias", action="store_true", help="linear without bias")
@@ -594,21 +521,24 @@ def main(argv=None):
     ap.add_argument("--graph-reps", type=int, default=200)
     ap.add_argument("--skip-check", action="store_true", help="skip the correctness check (f)")
     ap.add_argument("--quick", action="store_true", help="smoke run: T=16384, fewer repetitions")
-    ap.add_argument("--compile-only", action="store_true", help="no GPU: compile every v2 config for sm_90")
+    ap.add_argument("--compile-only", action="store_true", help="no GPU: compile every config for sm_90")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32", help="with --compile-only: bf16, fp16, fp32")
     ap.add_argument("--dry-run-cpu", action="store_true",
                     help="no GPU: every step on CPU in Triton's interpreter at tiny sizes (checks the script)")
-    ap.add_argument("--timeout", type=int, default=570,
-                    help="seconds for all variant subprocesses together (default 570, inside a 10-minute lease "
-                         "command); a variant cut short keeps the rows it had written")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
     a.layouts = [k.strip() for k in a.layouts.split(",") if k.strip()]
     for name, got, allowed in (("--kinds", a.kinds, KINDS), ("--layouts", a.layouts, LAYOUTS)):
         if not got or any(g not in allowed for g in got):
             ap.error(f"{name}: expected a comma list of {allowed}, got {got}")
+    if a.compare:
+        results = []
+        for path in (p.strip() for p in a.compare.split(",") if p.strip()):
+            with open(path) as fh:
+                results.append(json.load(fh))
+        summary(results, a.kinds, a.layouts)
+        return 0
     if a.compile_only:
         rows = compile_only([d.strip() for d in a.dtypes.split(",") if d.strip()])
         if a.out:
@@ -621,47 +551,11 @@ def main(argv=None):
         os.environ["TRITON_INTERPRET"] = "1"   # before kvcompress's Triton modules read it
     else:
         os.environ.pop("TRITON_INTERPRET", None)
-    if a.variants and not a.worker:
-        variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-        if not variants or any(v not in VARIANTS for v in variants):
-            ap.error(f"--variants: expected a comma list of {VARIANTS}, got {a.variants!r}")
-        results = []
-        deadline = time.perf_counter() + a.timeout
-        for i, v in enumerate(variants):
-            out = (a.out + f".{v}.json") if a.out else os.path.join(tempfile.mkdtemp(), f"{v}.json")
-            args = [sys.executable, os.path.abspath(__file__), "--worker", "--out", out,
-                    "--kinds", ",".join(a.kinds), "--layouts", ",".join(a.layouts), "--T", str(a.T),
-                    "--profile-iters", str(a.profile_iters), "--graph-reps", str(a.graph_reps)]
-            args += [f for f, on in (("--no-pe", a.no_pe), ("--no-bias", a.no_bias), ("--skip-check", a.skip_check),
-                                     ("--quick", a.quick), ("--dry-run-cpu", a.dry_run_cpu)) if on]
-            log(f"=== variant {v}: {' '.join(args[1:])}")
-            t0 = time.perf_counter()
-            # the time left, shared fairly with the variants still to run
-            budget = max(1.0, (deadline - t0) / (len(variants) - i))
-            try:
-                proc = subprocess.run(args, env={**os.environ, "KVCOMPRESS_TRITON_VARIANT": v}, cwd=ROOT,
-                                      timeout=budget)
-                rc = proc.returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            log(f"=== variant {v}: exit {rc} after {time.perf_counter() - t0:.0f} s")
-            if os.path.exists(out):
-                with open(out) as fh:
-                    results.append(json.load(fh))
-                results[-1]["exit"] = rc
-            else:
-                results.append({"variant": v, "exit": rc, "rows": []})
-        if a.out:
-            with open(a.out, "w") as fh:
-                json.dump({"argv": sys.argv[1:], "variants": results}, fh, indent=1, default=str)
-        summary(results, a.kinds, a.layouts)
-        return 0 if all(r.get("exit") == 0 for r in results) else 1
     import torch
     if DEVICE == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device: run with --compile-only or --dry-run-cpu, or on a GPU machine")
     res = worker(a)
-    if not a.worker:
-        summary([res], a.kinds, a.layouts)
+    summary([res], a.kinds, a.layouts)
     ok = all(c.get("ok") for c in res["correctness"].values()) and all("error" not in r for r in res["rows"])
     return 0 if ok else 1
 

@@ -10,14 +10,16 @@
 #   timingsizes  the same at T = 8192 and 65536, B = 4, and D = 192
 #   suitetriton  the property suite (ci profile) for the Triton backend on CUDA, untuned launches
 #             (KVCOMPRESS_TRITON_AUTOTUNE=0: autotuning every drawn shape cost ~35 s a property, run 4)
-#   checkv1   scripts/gpu_check.py timing only, linear and the pools, kernel version v1 (to compare with check)
 #   quick     scripts/gpu_check.py --quick
 #   gputests  pytest -m gpu tests/test_triton.py
 #   suite     the property suite on CUDA (every backend, ci profile)
 #   thorough  the property suite on the Triton backend, thorough profile (time-boxed)
 #   bench     kvcompress-bench (tables and roofline plot)
 #   streambench  decode-step latency (benchmarks/test_bench_streaming.py), bfloat16 on the GPU
-#   perflinear, perfpool  scripts/gpu_perf.py: kernel versions v1 and v2 side by side (docs/triton-perf.md)
+#   perf      scripts/gpu_perf.py: linear and the pools, CUDA-graph and eager times, per-kernel profile, host time
+#             (docs/triton-perf.md); LABEL=name names the run (compare saved runs with gpu_perf.py --compare)
+# The property-suite phases run pytest-xdist with XDIST workers (default 8) when it is importable: on a GPU
+# the suite is bound by Triton's compilation of each drawn shape (CPU work), ~7 s a property in one process.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -26,6 +28,8 @@ if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+XD=()
+python3 -c "import xdist" 2>/dev/null && XD=(-n "${XDIST:-8}")
 run() {  # name, limit seconds, command...
     local name=$1 limit=${LIMIT:-$2}; shift 2
     echo "=== $name ($(date +%T))"
@@ -46,21 +50,16 @@ for arg in "$@"; do
         timing) run timing 300 python3 scripts/gpu_check.py --skip-correctness --out "$OUT/gpu_timing.json" ;;
         suitetriton) KVCOMPRESS_TRITON_AUTOTUNE=0 run suitetriton 300 python3 -m pytest tests/test_conformance.py tests/test_invariants.py \
                    tests/test_gradients.py tests/test_streaming.py -q -p no:cacheprovider -k triton \
-                   --hypothesis-show-statistics ;;
+                   --hypothesis-show-statistics "${XD[@]}" ;;
         timingsizes) run timingsizes 560 python3 scripts/gpu_check.py --skip-correctness \
                    --timing-shapes t8192,t65536,b4,d192 --out "$OUT/gpu_timing_sizes.json" ;;
-        checkv1) KVCOMPRESS_TRITON_VARIANT=v1 run checkv1 200 python3 scripts/gpu_check.py --skip-correctness \
-                   --kinds linear,mean_pool,weighted_pool --out "$OUT/gpu_check_v1.json" ;;
         gputests) run gputests 300 python3 -m pytest -m gpu tests/test_triton.py -q -p no:cacheprovider -x ;;
         suite) KVCOMPRESS_TRITON_AUTOTUNE=0 run suite 420 python3 -m pytest tests/test_conformance.py tests/test_invariants.py tests/test_gradients.py \
                    tests/test_properties_extra.py tests/test_streaming.py tests/test_triton.py -q -p no:cacheprovider \
-                   --hypothesis-show-statistics ;;
+                   --hypothesis-show-statistics "${XD[@]}" ;;
         thorough) KVCOMPRESS_TRITON_AUTOTUNE=0 run thorough 300 python3 -m pytest tests/test_conformance.py tests/test_gradients.py -q \
-                   -p no:cacheprovider -k triton --hypothesis-profile thorough --hypothesis-show-statistics ;;
-        perflinear) run perflinear 590 python3 scripts/gpu_perf.py --variants v1,v2 --kinds linear \
-                   --out "$OUT/perf_linear.json" ;;
-        perfpool) run perfpool 590 python3 scripts/gpu_perf.py --variants v1,v2 --kinds mean_pool,weighted_pool \
-                   --out "$OUT/perf_pool.json" ;;
+                   -p no:cacheprovider -k triton --hypothesis-profile thorough --hypothesis-show-statistics "${XD[@]}" ;;
+        perf) run perf 400 python3 scripts/gpu_perf.py --label "${LABEL:-this}" --out "$OUT/perf.json" ;;
         bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench" ;;
         streambench) run streambench 300 python3 -m pytest benchmarks/test_bench_streaming.py --benchmark-only -q \
                    -p no:cacheprovider --benchmark-columns=min,median,max,rounds ;;

@@ -101,6 +101,21 @@ def test_registered_for_cuda_and_never_auto_on_cpu():
         assert not b.accepts_auto(x), f"{kind}: backend='auto' must never pick the interpreter on CPU"
 
 
+def test_gpu_program_counts_of_empty_batches():
+    """The GPU-only host arithmetic that sizes the backward grids (program
+    counts per (b, h) row) stays >= 1 for an empty batch (B*H = 0) instead
+    of dividing by zero (attention_pool's did; found by the property suite on
+    the GPU, run 5), and never exceeds the rows' work."""
+    from kvcompress.ops import _triton_pool as tp
+    for nq, rows, sms in [(264, 0, 132), (0, 0, 132), (1, 4, 132), (8192, 4, 132), (8192, 1 << 16, 132)]:
+        p_ap = ap_triton.bwd_programs(nq, rows, sms)
+        assert 1 <= p_ap <= max(1, -(-nq // 16))
+        plan = tc.SeqPlan(B=0 if rows == 0 else 1, H=rows, T=0, D=1, L=1, S=1, PRE=0, C=1, C_PAD=1, varlen=False,
+                          N=1, W=0, NQ=nq, N_STEPS=0, cu=None, ccu=None, cq=None)
+        p_pool = tp.bwd_programs(plan, torch.device("cpu"))
+        assert 1 <= p_pool <= max(1, -(-nq // 2))
+
+
 def test_heads_times_batch_beyond_a_grid_axis_is_declined():
     """B*H goes on a CUDA grid axis (at most 65535): the backend declines a
     bigger call through the registry's supports predicate, before any launch."""
@@ -931,7 +946,7 @@ def test_past_2_31_elements(kind):
     y_tail.backward(torch.ones_like(y_tail))
     # magnitudes: the same computations in float64 on absolute values (see pair_bound)
     x_abs = x_tail.detach().abs().double().requires_grad_(True)
-    m_y = fn(x_abs, *[p.abs().double() for p in params], block_size=L, stride=S, backend="torch")
+    m_y = fn(x_abs, *[None if p is None else p.abs().double() for p in params], block_size=L, stride=S, backend="torch")
     m_y.backward(torch.ones_like(m_y))
     C = L // S
     n_y, n_dx = (L * D + 3, C * D + 2) if kind == "linear" else (L + 3, C + 2)

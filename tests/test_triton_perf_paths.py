@@ -1,18 +1,17 @@
 """The code paths added for speed in the Triton backend of mean_pool,
 weighted_pool and linear (docs/triton-perf.md), under the interpreter like
 tests/test_triton.py. The property suite and tests/test_triton.py already
-run every kind through the default version (v2); here:
+run every kind through them; here:
 
-- KVCOMPRESS_TRITON_VARIANT: validated, and v1 (in a subprocess, since it is
-  read once at import) launches the first version's kernels and agrees with
-  v2 within the bound of two float32 implementations;
+- the pooling forward is one launch, pe's share included (computed by every
+  program from pe, summed over more than one block of positions when L > 16);
 - eager calls take the autograd.Function, tracing takes the custom op, and
   the two give the same bits (same kernels);
-- linear's x-gradient falls back to v1's kernel beyond DX2_MAX_K, and the
+- linear's x-gradient falls back to the gathering kernel beyond DXR_MAX_K, and the
   column sums of dy come from torch when no x-gradient kernel runs: both
   still match the torch backend;
 - the backward of every kind is deterministic (fixed-order partial sums);
-- scripts/gpu_perf.py runs every step on CPU (--dry-run-cpu), both versions.
+- scripts/gpu_perf.py runs every step on CPU (--dry-run-cpu), and compares saved runs.
 """
 
 from __future__ import annotations
@@ -91,87 +90,27 @@ def _magnitudes(case, inputs, dy, *, x_grad=True):
     return to_numpy(y), {k: to_numpy(v) for k, v in g.items()}
 
 
-# --------------------------------------------------------------------------- the version switch
+# --------------------------------------------------------------------------- the pooling forward
 
 
-def test_variant_defaults_to_v2_and_rejects_others(monkeypatch):
-    monkeypatch.delenv("KVCOMPRESS_TRITON_VARIANT", raising=False)
-    assert tp.triton_variant() == "v2"
-    monkeypatch.setenv("KVCOMPRESS_TRITON_VARIANT", "v1")
-    assert tp.triton_variant() == "v1"
-    monkeypatch.setenv("KVCOMPRESS_TRITON_VARIANT", "V2")
-    with pytest.raises(ValueError, match="KVCOMPRESS_TRITON_VARIANT must be one of"):
-        tp.triton_variant()
-
-
-_V1_SCRIPT = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-import kvcompress.functional as kf
-from kvcompress.ops import _triton_common as tc, _triton_pool as tp
-names = []
-real = tc.Launcher.__call__
-def spy(self, grid, *a, **k):
-    names.append(self.kernel.__name__)
-    return real(self, grid, *a, **k)
-tc.Launcher.__call__ = spy
-inputs = torch.load(sys.argv[2])
-out = {"variant": tp.VARIANT}
-for kind, (x, params, pe) in inputs.items():
-    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in [x, *params, pe]]
-    y = getattr(kf, kind)(leaves[0], *leaves[1:-1], block_size=6, stride=3, padding="left", pe=leaves[-1],
-                          backend="triton")
-    y.backward(torch.ones_like(y))
-    out[kind] = [y.detach()] + [t.grad for t in leaves if t is not None]
-out["names"] = names
-torch.save(out, sys.argv[3])
-"""
-
-
-def test_v1_runs_its_own_kernels_and_agrees_with_v2(tmp_path, monkeypatch):
-    """KVCOMPRESS_TRITON_VARIANT=v1 (a fresh process: the variable is read at
-    import) launches the first version's kernels; its outputs and gradients
-    equal v2's within pair_bound (both sum the same float32 products in
-    another order and round once or twice to float32)."""
-    torch.manual_seed(0)
-    inputs = {}
-    for kind in KINDS:
-        x = torch.randn(1, 33, 2, 5).transpose(1, 2)                        # (B, H, T, D), strided
-        params = {"mean_pool": [], "weighted_pool": [torch.randn(2, 6)],
-                  "linear": [torch.randn(2, 6, 5, 4), torch.randn(2, 4)]}[kind]
-        inputs[kind] = (x, params, torch.randn(2, 6, 5))
-    torch.save(inputs, tmp_path / "in.pt")
-    env = {**os.environ, "KVCOMPRESS_TRITON_VARIANT": "v1", "TRITON_INTERPRET": "1"} if DEVICE == "cpu" else \
-        {**os.environ, "KVCOMPRESS_TRITON_VARIANT": "v1"}
-    proc = subprocess.run([sys.executable, "-c", _V1_SCRIPT, ROOT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    v1 = torch.load(tmp_path / "out.pt")
-    assert v1["variant"] == "v1"
-    assert {"mean_pool_fwd_kernel", "mean_pool_bwd_kernel", "weighted_pool_fwd_kernel", "weighted_pool_bwd_kernel",
-            "linear_fwd_kernel", "linear_bwd_kernel_dx", "linear_bwd_kernel_dw"} <= set(v1["names"])
+@pytest.mark.parametrize("small", [False, True], ids=["large_tiles", "small_tiles"])
+@pytest.mark.parametrize("kind", ["mean_pool", "weighted_pool"])
+def test_pool_forward_is_one_launch_with_pe(kind, small, monkeypatch):
+    """With pe, packed sequences and L = 20 > PE_J = 16 (pe's share summed over
+    two blocks of positions), C = 3 (C_PAD = 4 partial sums, one padded): the
+    forward launches pool_fwd_kernel alone, and the forward and every
+    gradient match the torch backend."""
+    case = Case(kind=kind, dtype="float32", B=1, H=2, G=1, T=0, D=5, block_size=20, stride=7, padding="left",
+                seqlens=(45, 0, 6, 31), use_pe=True, seed=11)
+    case = case.replace(T=sum(case.seqlens))
+    inputs = make_inputs(case, RECORDS[kind], DEVICE)
     names = _spy_launches(monkeypatch)
-    assert tp.VARIANT == "v2"
-    for kind, (x, params, pe) in inputs.items():
-        leaves = [t.detach().requires_grad_(True) for t in [x, *params, pe]]
-        y = getattr(kf, kind)(leaves[0], *leaves[1:-1], block_size=6, stride=3, padding="left", pe=leaves[-1],
-                              backend="triton")
-        y.backward(torch.ones_like(y))
-        # magnitudes: the same computation on |inputs| in float64 (torch backend)
-        mags = [t.detach().abs().double().requires_grad_(True) for t in [x, *params, pe]]
-        m_y = getattr(kf, kind)(mags[0], *mags[1:-1], block_size=6, stride=3, padding="left", pe=mags[-1],
-                                backend="torch")
-        m_y.backward(torch.ones_like(m_y))
-        case = Case(kind=kind, B=1, H=2, G=2, T=33, D=5, block_size=6, stride=3, padding="left", D_out=4,
-                    use_pe=True, bias=True)
-        n_y = (6 * 5 if kind == "linear" else 6) + 3          # tests/test_triton.py's forward count
-        got = [y.detach()] + [t.grad for t in leaves]
-        mag = [m_y.detach()] + [t.grad for t in mags]
-        for name, a, b, m in zip(["y", "x", *[p.name for p in RECORDS[kind].params], "pe"], got, v1[kind], mag):
-            n = n_y if name == "y" else _n_terms(case, name)
-            ok, ratio, idx, err = compare(to_numpy(a), to_numpy(b), pair_bound("float32", n, to_numpy(m)))
-            assert ok, f"{kind} {name}: v1 and v2 differ by {err:.3g} at {idx}, {ratio:.3g} x the bound"
-    assert {"pool_fwd_kernel", "pool_bwd_kernel", "linear_fwd_kernel_v2", "linear_bwd_kernel_dw"} <= set(names)
+    with tc.small_tiles() if small else contextlib.nullcontext():
+        leaves = _leaves(case, inputs)
+        getattr(kf, kind)(leaves["x"], *[leaves.get(p.name) for p in RECORDS[kind].params], **case.window_kwargs(),
+                          pe=leaves["pe"], cu_seqlens=inputs.cu_seqlens, backend="triton")
+        assert names == ["pool_fwd_kernel"]
+        _check_against_torch(case)
 
 
 # --------------------------------------------------------------------------- eager and traced paths
@@ -226,17 +165,17 @@ def test_tracing_goes_through_the_custom_op():
 # --------------------------------------------------------------------------- linear's fallbacks
 
 
-def test_linear_dx_beyond_dx2_max_k_runs_the_v1_kernel(monkeypatch):
-    """float16 with C_PAD * DO_PAD > DX2_MAX_K (S = 1: C = L windows hold a
-    token) takes v1's x-gradient kernel, its column sums from torch; every
+def test_linear_dx_beyond_dxr_max_k_runs_the_gathering_kernel(monkeypatch):
+    """float16 with C_PAD * DO_PAD > DXR_MAX_K (S = 1: C = L windows hold a
+    token) takes the gathering x-gradient kernel, its column sums from torch; every
     gradient within tests/test_triton.py's bound of the torch backend."""
     case = Case(kind="linear", dtype="float16", B=1, H=2, G=2, T=24, D=4, block_size=12, stride=1, padding="left",
                 D_out=40, use_pe=True, bias=True, seed=2)
     c_pad, do_pad = tc.next_pow2(-(-case.block_size // case.stride)), max(16, tc.next_pow2(case.D_out))
-    assert c_pad * do_pad > linear_triton.DX2_MAX_K
+    assert c_pad * do_pad > linear_triton.DXR_MAX_K
     names = _spy_launches(monkeypatch)
     _check_against_torch(case)
-    assert "linear_bwd_kernel_dx" in names and "linear_bwd_kernel_dx_v2" not in names
+    assert "linear_bwd_kernel_dx" in names and "linear_bwd_kernel_dx_rows" not in names
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -305,26 +244,35 @@ def test_backward_is_deterministic(kind):
 
 def test_gpu_perf_script_dry_run(tmp_path):
     """scripts/gpu_perf.py runs every step (correctness, profile, graph and
-    eager timing, host overhead, rates, summary with the v2/v1 ratios, JSON)
-    on CPU in the interpreter for both versions, each in its subprocess, so
-    the lead's GPU run cannot fail on a bug of the script itself."""
+    eager timing, host overhead, rates, summary, JSON) on CPU in the
+    interpreter, and --compare prints two saved runs side by side with the
+    speed-up of the second, so the lead's GPU run cannot fail on a bug of the
+    script itself."""
     out = tmp_path / "perf.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_perf.py"), "--dry-run-cpu",
-                           "--variants", "v1,v2", "--kinds", "weighted_pool,linear", "--layouts", "bthd",
-                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    script = os.path.join(ROOT, "scripts", "gpu_perf.py")
+    proc = subprocess.run([sys.executable, script, "--dry-run-cpu", "--label", "new", "--kinds",
+                           "weighted_pool,linear", "--layouts", "bthd", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert [v["variant"] for v in res["variants"]] == ["v1", "v2"]
-    for v in res["variants"]:
-        assert v["exit"] == 0 and set(v["correctness"]) == {"weighted_pool", "linear"}
-        assert all(c["ok"] for c in v["correctness"].values())
-        rows = {(r["kind"], r["layout"]): r for r in v["rows"]}
-        assert set(rows) == {("weighted_pool", "bthd"), ("linear", "bthd")}
-        for r in rows.values():
-            assert "error" not in r
-            for key in ("graph_fwd_ms", "graph_fwdbwd_ms", "eager_fwd_ms", "eager_fwdbwd_ms", "issue_fwd_us",
-                        "issue_fwdbwd_us", "graph_fwd_tbs", "eager_fwdbwd_tbs"):
-                assert r[key] > 0, key
-            assert r["profile_fwd"]["kernels"] and r["profile_fwdbwd"]["kernels"]
-        assert set(v["host"]) == {"weighted_pool", "linear"}
-    assert "SUMMARY" in proc.stdout and "speed-up of v2 over v1" in proc.stdout
+    assert res["label"] == "new" and set(res["correctness"]) == {"weighted_pool", "linear"}
+    assert all(c["ok"] for c in res["correctness"].values())
+    rows = {(r["kind"], r["layout"]): r for r in res["rows"]}
+    assert set(rows) == {("weighted_pool", "bthd"), ("linear", "bthd")}
+    for r in rows.values():
+        assert "error" not in r
+        for key in ("graph_fwd_ms", "graph_fwdbwd_ms", "eager_fwd_ms", "eager_fwdbwd_ms", "issue_fwd_us",
+                    "issue_fwdbwd_us", "graph_fwd_tbs", "eager_fwdbwd_tbs"):
+            assert r[key] > 0, key
+        assert r["profile_fwd"]["kernels"] and r["profile_fwdbwd"]["kernels"]
+    assert set(res["host"]) == {"weighted_pool", "linear"}
+    assert "SUMMARY" in proc.stdout
+    old = dict(res, label="old")
+    old.pop("label")
+    old["variant"] = "old"                       # the key of runs saved before the label existed
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    cmp = subprocess.run([sys.executable, script, "--compare", f"{tmp_path / 'old.json'},{out}", "--kinds",
+                          "weighted_pool,linear", "--layouts", "bthd"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert cmp.returncode == 0, cmp.stdout[-3000:] + cmp.stderr[-3000:]
+    assert "speed-up of new over old" in cmp.stdout and "1.00x" in cmp.stdout

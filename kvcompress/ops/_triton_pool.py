@@ -1,26 +1,19 @@
-"""The pooling kernels of mean_pool and weighted_pool, version 2, and what
-selects a version (docs/triton-perf.md gives the why and the predictions).
+"""The pooling kernels of mean_pool and weighted_pool (they differ only in
+their weights: a_j = 1/L or weight[g, j]); docs/triton-perf.md gives the
+measurements that chose them.
 
-``KVCOMPRESS_TRITON_VARIANT`` (``v1`` or ``v2``, default ``v2``) is read once,
-at import: ``v1`` runs the kernels and host path committed first (the bodies
-``pool_fwd``/``pool_bwd`` of ``_triton_common``, every call through the
-``torch.library`` custom op); ``v2`` runs the kernels below, and in eager mode
-calls the ``autograd.Function`` directly (the custom op stays for
-``torch.compile`` and ``torch.export``). ``scripts/gpu_perf.py --variants
-v1,v2`` times both side by side; the loser is then deleted.
+Per call (fixed length; packed batches the same with chunk rows):
 
-Version 2, per call (fixed length; packed batches the same with chunk rows):
-
-- forward, one launch (``pool_fwd_kernel``): a program owns BLOCK_K windows x
-  BLOCK_D features and loads its windows as [BLOCK_J, BLOCK_K, BLOCK_D]
-  blocks (BLOCK_J window positions at once, 16-byte vectors along D), so
-  every load has many bytes in flight and needs no shift between windows
-  (a token shared by two windows is read twice, the second time from L1/L2);
-  pe's share sum_j a_j pe[h, j] is computed by each program from pe itself
-  (L x BLOCK_D values), not by a separate kernel. The grid is 1-D with the
-  (batch, head) row fastest, so the programs running together read the same
-  token span of every head (one DRAM page of a (B, T, H, D) tensor holds
-  them all).
+- forward, one launch (``pool_fwd_kernel``): a program owns BLOCK_K chunk
+  rows x BLOCK_D features and loads each of its tokens once, phase by phase
+  (chunk q, phase r is position c*S + r of window q - c), adding
+  a_{c*S+r} x[t] into C_PAD per-offset partial sums; a shift by c rows
+  (``tl.gather``) then sums them into windows. A tile of BLOCK_K rows
+  completes BLOCK_K - C + 1 windows (neighbouring tiles overlap by C - 1
+  chunks, about 1 + C / BLOCK_K reads per token in all). pe's share
+  sum_j a_j pe[h, j] is the same for every window of head h: each program
+  computes it from pe (L x BLOCK_D values, L2 hits), so no x + pe is formed
+  and no second kernel runs.
 - backward, two launches: ``pool_bwd_kernel`` runs P programs per (b, h)
   row, each looping over the chunk-row tiles i_p, i_p + P, ... (P fills the
   GPU about twice, independent of the tile, so the autotuner may pick any
@@ -34,11 +27,12 @@ Version 2, per call (fixed length; packed batches the same with chunk rows):
   program per group and block of positions) sums the partials in a fixed
   order (deterministic, no atomics) and writes dweight and dpe in x's
   dtype, pe's shares included.
+
+Eager calls run each kind's ``autograd.Function`` directly (``eager_call``);
+the ``torch.library`` op is what ``torch.compile`` and ``torch.export`` see.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -59,27 +53,11 @@ from ._triton_common import (
 from ._triton_common import num_sms as _num_sms
 
 __all__ = [
-    "POOL_BWD_CONFIGS", "POOL_FWD_CONFIGS", "VARIANT", "VARIANTS", "bwd_programs", "eager_call", "num_sms",
-    "pool_backward_v2", "pool_bwd_kernel", "pool_bwd_kernel_finalize", "pool_bwd_launcher", "pool_forward_v2",
-    "pool_fwd_kernel", "pool_fwd_launcher", "triton_variant",
+    "POOL_BWD_CONFIGS", "POOL_FWD_CONFIGS", "bwd_programs", "eager_call", "num_sms", "pool_backward",
+    "pool_bwd_kernel", "pool_bwd_kernel_finalize", "pool_bwd_launcher", "pool_forward", "pool_fwd_kernel",
+    "pool_fwd_launcher",
 ]
 
-VARIANTS = ("v1", "v2")
-
-
-def triton_variant() -> str:
-    """The kernel version chosen by the environment variable
-    KVCOMPRESS_TRITON_VARIANT: "v1" or "v2" (default "v2").
-
-    Raises ValueError for any other value.
-    """
-    v = os.environ.get("KVCOMPRESS_TRITON_VARIANT", "v2")
-    if v not in VARIANTS:
-        raise ValueError(f"KVCOMPRESS_TRITON_VARIANT must be one of {VARIANTS}, got {v!r}")
-    return v
-
-
-VARIANT = triton_variant()   # read once: the impl modules choose their kernels and host path at import
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (cached); 2 on the CPU (the
@@ -93,109 +71,107 @@ def _bucket(n: int) -> int:
     return max(int(n), 1).bit_length()
 
 
+def _small() -> bool:
+    from . import _triton_common as tc  # read at call time: small_tiles() flips it
+    return tc._SMALL_TILES
+
+
 # --------------------------------------------------------------------------- forward
 
 
 @triton.jit
 def pool_fwd_kernel(x, wt, pe, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
-                    sxb, sxh, sxt, sxd, syb, syh, syw, syd, swg, swl, sph, spj, spd,
-                    BH, H, HG, D, WORK,
-                    UNIT: tl.constexpr, HAS_PE: tl.constexpr, IS_VARLEN: tl.constexpr,
-                    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
-    """y[w] = sum_j a_j (X_w[j] + pe[h, j]) for BLOCK_K windows (chunk rows) x
-    BLOCK_D features; a_j = 1/L (UNIT, mean_pool) or wt[g, j].
+                    sxb, sxh, sxt, sxd, syb, syh, syw, syd, swg, swl, sph, spj, spd, H, HG, D, C, WORK,
+                    UNIT: tl.constexpr, HAS_PE: tl.constexpr, IS_VARLEN: tl.constexpr, C_PAD: tl.constexpr,
+                    PE_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+    """y[w] = sum_j a_j (X_w[j] + pe[h, j]) for a tile of windows; a_j = 1/L
+    (UNIT, mean_pool) or wt[g, j]. Grid (tiles, D blocks, B*H).
 
-    1-D grid, (b, h) row fastest, then D block, then tile. Each step of the
-    loop loads window positions j0 .. j0 + BLOCK_J - 1 of every window of the
-    tile as one [BLOCK_J, BLOCK_K, BLOCK_D] block (pad positions and
-    positions >= L masked to 0, so no product ever involves a token outside
-    its window: a NaN reaches only the windows that hold it) and reduces it
-    over positions. pe's share is the same for every window of head h and is
-    computed here from pe (no x + pe is formed). WORK is only an autotuning
-    key.
+    The tile's chunk rows are loaded once, phase by phase: chunk q, phase r
+    (token t_base + r) is position c*S + r of window q - c, so
+    acc[c, q] += a_{c*S+r} * x[t] for c < C; then y[q] = sum_c acc[c, q + c]
+    (a shift by c rows: tl.gather). A tile of BLOCK_K rows completes its
+    first BLOCK_K - C + 1 windows. A pad token contributes 0 (masked, never a
+    zero weight times the token: 0 * NaN would leak a NaN into a window that
+    lacks the token). pe's share, the same for every window of the head, is
+    summed from pe PE_J positions at a time. WORK is only an autotuning key.
     """
-    pid = tl.program_id(0)
-    i_bh = pid % BH
-    i_d = (pid // BH) % tl.cdiv(D, BLOCK_D)
-    i_t = pid // (BH * tl.cdiv(D, BLOCK_D))
+    i_t, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_g = i_h // HG
-    o_k = i_t * BLOCK_K + tl.arange(0, BLOCK_K)
-    t_base, bos, eos, q, n_win, win_base, m_q = chunk_rows(o_k, cu, ccu, cq, N, N_STEPS, T, W, NQ, S, PRE,
-                                                           IS_VARLEN)
-    m_w = m_q & (q < n_win)                                                           # [BLOCK_K] windows
+    BW = BLOCK_K - C + 1                                   # windows completed per tile
+    o_k = tl.arange(0, BLOCK_K)
+    o_c = tl.arange(0, C_PAD)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    p_x = x + i_b.to(tl.int64) * sxb + i_h.to(tl.int64) * sxh + o_d[None, None, :].to(tl.int64) * sxd
-    b_y = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    b_c = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j0 in tl.range(0, L, BLOCK_J, num_stages=STAGES):
-        o_j = j0 + tl.arange(0, BLOCK_J)                                              # [BLOCK_J]
-        m_j = o_j < L
-        t = t_base[None, :] + o_j[:, None]                                            # [BLOCK_J, BLOCK_K]
-        m_t = m_j[:, None] & m_w[None, :] & (t >= bos[None, :])
-        # kept in x's dtype, widened where used: half the registers of a float32 copy for 16-bit input
-        b_x = tl.load(p_x + t[:, :, None] * sxt, mask=m_t[:, :, None] & m_d[None, None, :],
-                      other=0.)                                                       # [BLOCK_J, BLOCK_K, BLOCK_D]
-        if HAS_PE:
-            b_pe = tl.load(pe + i_h.to(tl.int64) * sph + o_j[:, None] * spj + o_d[None, :] * spd,
-                           mask=m_j[:, None] & m_d[None, :], other=0.).to(tl.float32)  # [BLOCK_J, BLOCK_D]
+    t_base, bos, eos, q, n_win, win_base, m_q = chunk_rows(i_t * BW + o_k, cu, ccu, cq, N, N_STEPS, T, W, NQ,
+                                                           S, PRE, IS_VARLEN)
+    p_x = x + i_b.to(tl.int64) * sxb + i_h.to(tl.int64) * sxh + o_d[None, :].to(tl.int64) * sxd   # [1, BLOCK_D]
+    b_acc = tl.zeros([C_PAD, BLOCK_K, BLOCK_D], dtype=tl.float32)
+    # STAGES > 1 software-pipelines the phase loads (more bytes in flight; an autotuning choice)
+    for r in tl.range(0, S, num_stages=STAGES):
+        t = t_base + r                                                                # [BLOCK_K]
+        m_t = m_q & (t >= bos) & (t < eos)
+        b_x = tl.load(p_x + t[:, None] * sxt, mask=m_t[:, None] & m_d[None, :], other=0.).to(tl.float32)
+        o_j = o_c * S + r                                                             # [C_PAD] window position
+        m_j = (o_c < C) & (o_j < L)
         if UNIT:
-            b_y += tl.sum(b_x.to(tl.float32), axis=0)
-            if HAS_PE:
-                b_c += tl.sum(b_pe, axis=0)
+            b_a = tl.where(m_j, 1.0, 0.0)
         else:
-            b_a = tl.load(wt + i_g.to(tl.int64) * swg + o_j * swl, mask=m_j, other=0.).to(tl.float32)  # [BLOCK_J]
-            b_y += tl.sum(b_a[:, None, None] * b_x.to(tl.float32), axis=0)
-            if HAS_PE:
-                b_c += tl.sum(b_a[:, None] * b_pe, axis=0)
+            b_a = tl.load(wt + i_g.to(tl.int64) * swg + o_j * swl, mask=m_j, other=0.).to(tl.float32)
+        b_acc += tl.where(m_j[:, None, None], b_a[:, None, None] * b_x[None, :, :], 0.)  # [C_PAD, BLOCK_K, BLOCK_D]
+    o_src = o_c[:, None, None] * BLOCK_K + tl.minimum(o_k[None, :, None] + o_c[:, None, None], BLOCK_K - 1) \
+        + 0 * o_d[None, None, :]                                                      # [C_PAD, BLOCK_K, BLOCK_D]
+    b_sh = tl.gather(tl.reshape(b_acc, (C_PAD * BLOCK_K, BLOCK_D)), tl.reshape(o_src, (C_PAD * BLOCK_K, BLOCK_D)), 0)
+    b_y = tl.sum(tl.reshape(b_sh, (C_PAD, BLOCK_K, BLOCK_D)), axis=0)                 # [BLOCK_K, BLOCK_D]
     if HAS_PE:
+        b_c = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j0 in range(0, L, PE_J):
+            o_pj = j0 + tl.arange(0, PE_J)
+            m_pj = o_pj < L
+            b_pe = tl.load(pe + i_h.to(tl.int64) * sph + o_pj[:, None] * spj + o_d[None, :] * spd,
+                           mask=m_pj[:, None] & m_d[None, :], other=0.).to(tl.float32)  # [PE_J, BLOCK_D]
+            if UNIT:
+                b_c += tl.sum(b_pe, axis=0)
+            else:
+                b_pa = tl.load(wt + i_g.to(tl.int64) * swg + o_pj * swl, mask=m_pj, other=0.).to(tl.float32)
+                b_c += tl.sum(b_pa[:, None] * b_pe, axis=0)
         b_y += b_c[None, :]
     if UNIT:
         b_y = b_y / L
+    m_y = m_q & (o_k < BW) & (q < n_win)
     p_y = y + i_b.to(tl.int64) * syb + i_h.to(tl.int64) * syh + (win_base + q)[:, None] * syw \
         + o_d[None, :].to(tl.int64) * syd
-    tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_w[:, None] & m_d[None, :])
+    tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_y[:, None] & m_d[None, :])
 
 
-# (BLOCK_J, BLOCK_K, BLOCK_D, warps, stages): sized for D = 128, L = 32; the pruning fits them to the call
-POOL_FWD_CONFIGS = [triton.Config({"BLOCK_J": bj, "BLOCK_K": bk, "BLOCK_D": bd, "STAGES": st}, num_warps=nw)
-                    for bj, bk, bd, nw, st in [(16, 8, 128, 4, 1), (8, 16, 128, 4, 1), (32, 8, 128, 8, 1),
-                                               (16, 16, 64, 4, 1), (8, 32, 64, 4, 1), (8, 8, 128, 4, 2),
-                                               (16, 8, 64, 4, 2), (32, 4, 128, 4, 1), (16, 8, 128, 8, 1)]]
-POOL_FWD_KEY = ["D", "L", "WORK", "UNIT", "HAS_PE", "IS_VARLEN"]
+# (BLOCK_K, BLOCK_D, warps, stages): sized for D = 128, C = 2 (L = 32, S = 16) and smaller
+POOL_FWD_CONFIGS = [triton.Config({"BLOCK_K": bk, "BLOCK_D": bd, "STAGES": st}, num_warps=nw)
+                    for bk, bd, nw, st in [(64, 64, 4, 1), (64, 64, 4, 3), (64, 128, 8, 1), (32, 128, 4, 3),
+                                           (128, 64, 8, 1), (32, 64, 4, 1), (16, 64, 4, 1), (16, 32, 4, 1)]]
+POOL_FWD_KEY = ["D", "C_PAD", "WORK", "UNIT", "HAS_PE", "IS_VARLEN"]
+
+
 def _pool_fwd_prune(configs, kw):
-    """Fit the tiles to the call: BLOCK_J <= next_pow2(L), BLOCK_D <=
-    next_pow2(D) (>= 16); a [BLOCK_J, BLOCK_K, BLOCK_D] block of at most 128
-    elements per thread, and for float32 input (twice the bytes) at most 64
-    and no software pipelining: beyond, sm_90 spills registers
-    (scripts/gpu_perf.py --compile-only). Duplicates dropped."""
-    f32 = kw["x"].element_size() == 4
-    cap = 64 if f32 else 128
-    out, seen = [], set()
-    for c in configs:
-        bj = min(c.kwargs["BLOCK_J"], next_pow2(kw["L"]))
-        bd = min(c.kwargs["BLOCK_D"], max(16, next_pow2(kw["D"])))
-        bk = c.kwargs["BLOCK_K"]
-        if bj * bk * bd > cap * 32 * c.num_warps or (f32 and c.kwargs["STAGES"] > 1):
-            continue
-        key = (bj, bk, bd, c.kwargs["STAGES"], c.num_warps)
-        if key not in seen:
-            seen.add(key)
-            out.append(triton.Config({"BLOCK_J": bj, "BLOCK_K": bk, "BLOCK_D": bd, "STAGES": c.kwargs["STAGES"]},
-                                     num_warps=c.num_warps))
-    return out or [triton.Config({"BLOCK_J": min(8, next_pow2(kw["L"])), "BLOCK_K": 8, "BLOCK_D": 32, "STAGES": 1},
-                                 num_warps=4)]
+    """Tiles whose C_PAD partial sums fit 16384 float32 registers per program
+    and complete at least half their rows (BLOCK_K >= 2 C_PAD), BLOCK_D <=
+    max(32, next_pow2(D)); when C is so large (S << L) that none does, one
+    tile built to fit."""
+    C_PAD, D = kw["C_PAD"], kw["D"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_K"] >= 2 * C_PAD
+            and C_PAD * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_D"] <= 16384
+            and c.kwargs["BLOCK_D"] <= max(32, next_pow2(D))]
+    if not kept:
+        rows = 2 * C_PAD
+        kept = [triton.Config({"BLOCK_K": rows, "BLOCK_D": max(8, next_pow2(16384 // (C_PAD * rows) + 1) // 2),
+                               "STAGES": 1}, num_warps=4)]
+    return kept
 
 
 def _pool_fwd_interpret_meta(kw):
-    return {"BLOCK_J": min(next_pow2(kw["L"]), 4 if _small() else 32), "BLOCK_K": interpret_block(kw["W"], 32),
-            "BLOCK_D": interpret_block(kw["D"], 64), "STAGES": 1}
-
-
-def _small() -> bool:
-    from . import _triton_common as tc  # read at call time: small_tiles() flips it
-    return tc._SMALL_TILES
+    rows = max(8, 2 * kw["C_PAD"])
+    return {"BLOCK_K": rows if _small() else max(rows, 32), "BLOCK_D": interpret_block(kw["D"], 64), "STAGES": 1}
 
 
 def pool_fwd_launcher() -> Launcher:
@@ -204,8 +180,8 @@ def pool_fwd_launcher() -> Launcher:
                     interpret_meta=_pool_fwd_interpret_meta, prune=_pool_fwd_prune)
 
 
-def pool_forward_v2(launcher: Launcher, x: torch.Tensor, weight: torch.Tensor | None, pe: torch.Tensor | None,
-                    plan: SeqPlan) -> torch.Tensor:
+def pool_forward(launcher: Launcher, x: torch.Tensor, weight: torch.Tensor | None, pe: torch.Tensor | None,
+                 plan: SeqPlan) -> torch.Tensor:
     """One launch: y (B, H, W, D) in x's dtype, contiguous. weight (G, L) or
     None (mean_pool); pe (H, L, D) or None."""
     B, H, T, D = x.shape
@@ -214,14 +190,14 @@ def pool_forward_v2(launcher: Launcher, x: torch.Tensor, weight: torch.Tensor | 
         return y
     G = 1 if weight is None else weight.shape[0]
     rows = plan.NQ if plan.varlen else plan.W    # packed: every chunk row may start a window
-    BH = B * H
 
     def grid(meta):
-        return (cdiv(rows, meta["BLOCK_K"]) * cdiv(D, meta["BLOCK_D"]) * BH,)
+        return (cdiv(rows, meta["BLOCK_K"] - plan.C + 1), cdiv(D, meta["BLOCK_D"]), B * H)
     launcher(grid, x, weight if weight is not None else x, pe if pe is not None else x, y, *plan.seq_args(),
              *x.stride(), *y.stride(), *(weight.stride() if weight is not None else (0, 0)),
-             *(pe.stride() if pe is not None else (0, 0, 0)), BH, H, H // G, D, _bucket(BH * rows),
-             UNIT=weight is None, HAS_PE=pe is not None, IS_VARLEN=plan.varlen)
+             *(pe.stride() if pe is not None else (0, 0, 0)), H, H // G, D, plan.C, _bucket(B * H * rows),
+             UNIT=weight is None, HAS_PE=pe is not None, IS_VARLEN=plan.varlen, C_PAD=plan.C_PAD,
+             PE_J=min(16, next_pow2(plan.L)))
     return y
 
 
@@ -457,7 +433,7 @@ def bwd_programs(plan: SeqPlan, device: torch.device) -> int:
     return max(1, min(cdiv(plan.NQ, 2), cdiv(2 * num_sms(device), max(plan.B * plan.H, 1))))
 
 
-def pool_backward_v2(launcher: Launcher, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+def pool_backward(launcher: Launcher, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                      pe: torch.Tensor | None, plan: SeqPlan, need_x: bool, need_w: bool, need_pe: bool):
     """Gradients (dx, dweight, dpe) of a pooling kind in at most two launches;
     an empty (0,) tensor for each one not needed (custom op outputs may not

@@ -453,6 +453,14 @@ def _forward(x, weight, pe, plan, need_lse):
     return y, lse
 
 
+def bwd_programs(nq: int, rows: int, sms: int) -> int:
+    """Programs per (b, h) row of the backward on a GPU with ``sms``
+    multiprocessors: about two per SM over all ``rows`` = B*H rows, at most
+    one per 16 of the ``nq`` chunk rows, at least one (also for an empty
+    batch, rows = 0: GPU run 5 found the division by zero)."""
+    return max(1, min(cdiv(nq, 16), cdiv(2 * sms, max(rows, 1))))
+
+
 def _backward(dy, y, lse, x, weight, pe, plan, need_x, need_w, need_pe):
     B, H, T, D = x.shape
     G = weight.shape[0]
@@ -472,7 +480,7 @@ def _backward(dy, y, lse, x, weight, pe, plan, need_x, need_w, need_pe):
     if INTERPRET:
         n_prog = 2 if _small() else 1
     else:
-        n_prog = max(1, min(cdiv(plan.NQ, 16), cdiv(2 * num_sms(dev), B * H)))
+        n_prog = bwd_programs(plan.NQ, B * H, num_sms(dev))
     run = B * H * plan.NQ * D > 0
     pw = empty((B * H, n_prog, D, D), dtype=torch.float32, device=dev) if need_w and run else x
     pp = empty((B * H, n_prog, 2, L, D), dtype=torch.float32, device=dev) if need_pe_sums and run else x

@@ -4,14 +4,14 @@ gradient as a split-K GEMM with per-split partials (docs/triton.md).
 Registered as backend "triton" (CUDA; CPU tensors too under
 TRITON_INTERPRET=1, never picked by "auto" there).
 
-Two versions, chosen once at import by KVCOMPRESS_TRITON_VARIANT (see
-``_triton_pool``): ``v1`` as first committed; ``v2`` (default) folds pe in L x H
-small programs whose partials the forward's epilogue sums, computes the
-x-gradient with the window rows of dy loaded once per tile for all S phases
-(K = C * D_out) and the column sums of dy on the way, so that one small
-``finalize`` kernel gives bias, pe and the weight gradient's pe term; and, in
-eager mode, calls the autograd.Function without the custom op's dispatch
-(docs/triton-perf.md).
+pe is folded in L x H small programs whose partials the forward's epilogue
+sums; the x-gradient loads the window rows of dy once per tile for all S
+phases (K = C * D_out) and takes the column sums of dy on the way, so that
+one small ``finalize`` kernel gives bias, pe and the weight gradient's pe
+term (float32 input, and C * D_out > 512, take the gathering x-gradient
+kernel and torch's column sums instead); eager calls run the
+autograd.Function without the custom op's dispatch (docs/triton-perf.md
+has the measurements that chose this design over the first one).
 
 The op is ``torch.ops.kvcompress.linear_triton`` (fake implementation and
 autograd registered), so ``torch.compile(fullgraph=True)`` and
@@ -36,7 +36,6 @@ from .._triton_common import (
     dot_f32,
     empty,
     empty_like,
-    head_gemv,
     interpret_block,
     next_pow2,
     seq_plan,
@@ -48,41 +47,7 @@ from .._triton_common import (
     window_rows,
     windows_or_dynamic,
 )
-from .._triton_common import num_sms as _num_sms  # v1's count: 4 on the CPU
-from .._triton_pool import VARIANT, eager_call, num_sms
-
-
-@triton.jit
-def linear_fwd_kernel(x, w, cst, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
-                      sxb, sxh, sxt, sxd, swg, swl, swd, swn, syb, syh, syw, syd, scg, scn,
-                      H, HG, HG_C, D, DO, WORK,
-                      BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                      IS_VARLEN: tl.constexpr, HAS_CONST: tl.constexpr, DOT_F32: tl.constexpr):
-    """y[w] = sum_j x[t0(w) + j] @ w[g, j] + cst[h // HG_C] for a tile of
-    BLOCK_W windows and BLOCK_N outputs. Grid (window tiles, D_out blocks, B*H).
-
-    K loop over (j, D block): the A tile is BLOCK_W token rows S apart (the
-    strided rows of x at window position j, left-pad rows masked to 0), the
-    B tile w[g, j, D block, N block]. Positions j and j + S read the same rows
-    shifted by one window, so x comes from device memory about once, the
-    re-read from L2. cst: bias and pe's per-head share (pe folded). WORK is
-    only an autotuning key.
-    """
-    i_w, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_g = i_h // HG
-    o_w = i_w * BLOCK_W + tl.arange(0, BLOCK_W)
-    t0, bos, m_w = window_rows(o_w, cu, ccu, N, N_STEPS, W, S, PRE, IS_VARLEN)      # [BLOCK_W]
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < DO
-    p_x = x + i_b.to(tl.int64) * sxb + i_h.to(tl.int64) * sxh
-    p_w = w + i_g.to(tl.int64) * swg + o_n[None, :] * swn                               # [1, BLOCK_N]
-    b_acc = window_gemm(tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32), p_x, t0, bos, m_w, sxt, sxd, p_w, swl,
-                        swd, m_n, L, D, BLOCK_D, DOT_F32)
-    if HAS_CONST:
-        b_acc += tl.load(cst + (i_h // HG_C).to(tl.int64) * scg + o_n * scn, mask=m_n, other=0.).to(tl.float32)[None, :]
-    p_y = y + i_b.to(tl.int64) * syb + i_h.to(tl.int64) * syh + o_w[:, None].to(tl.int64) * syw + o_n[None, :] * syd
-    tl.store(p_y, b_acc.to(y.dtype.element_ty), mask=m_w[:, None] & m_n[None, :])
+from .._triton_pool import eager_call, num_sms
 
 
 @triton.jit
@@ -186,7 +151,6 @@ def linear_bwd_kernel_dw(x, dy, pe, cs, dw, cu, ccu, cq, N, N_STEPS, T, W, NQ, L
     tl.store(p_o, b_acc.to(dw.dtype.element_ty), mask=m_d[:, None] & m_n[None, :])
 
 
-# --------------------------------------------------------------------------- version 2 kernels
 
 
 @triton.jit
@@ -194,7 +158,7 @@ def linear_pe_kernel(pe, w, out, H, HG, L, D, DO, sph, spj, spd, swg, swl, swd, 
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[j, h, n] = sum_d pe[h, j, d] w[g, j, d, n] in float32 (plain
     multiply-adds, no tf32): pe's share of the output, one partial per window
-    position, summed by linear_fwd_kernel_v2's epilogue (deterministic).
+    position, summed by linear_fwd_kernel's epilogue (deterministic).
     Grid (L, H, D_out blocks): L * H programs of D x BLOCK_N each, where one
     program per head would loop over all L * D rows of the weight."""
     i_j, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -213,15 +177,15 @@ def linear_pe_kernel(pe, w, out, H, HG, L, D, DO, sph, spj, spd, swg, swl, swd, 
 
 
 @triton.jit
-def linear_fwd_kernel_v2(x, w, pep, bias, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+def linear_fwd_kernel(x, w, pep, bias, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                          sxb, sxh, sxt, sxd, swg, swl, swd, swn, syb, syh, syw, syd, sbg, sbn,
                          H, HG, D, DO, WORK,
                          BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_L: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_PE: tl.constexpr,
                          HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
-    """linear_fwd_kernel (v1), but pe's share arrives as L partials per head
-    (linear_pe_kernel), summed here BLOCK_L rows per load, and the bias is
-    added here: y[w] = sum_j x[t0(w) + j] @ w[g, j] + sum_j pep[j, h] + bias[g].
+    """The implicit GEMM over windows (``window_gemm``); pe's share arrives
+    as L partials per head (linear_pe_kernel), summed here BLOCK_L rows per
+    load, and the bias is added here: y[w] = sum_j x[t0(w) + j] @ w[g, j] + sum_j pep[j, h] + bias[g].
     Grid (window tiles, D_out blocks, B*H)."""
     i_w, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -249,7 +213,7 @@ def linear_fwd_kernel_v2(x, w, pep, bias, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, 
 
 
 @triton.jit
-def linear_bwd_kernel_dx_v2(dy, w, dx, pcs, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+def linear_bwd_kernel_dx_rows(dy, w, dx, pcs, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                             sdb, sdh, sdw, sdn, swg, swl, swd, swn, sgb, sgh, sgt, sgd,
                             H, HG, D, DO, C, NSLOT, WORK,
                             C_PAD: tl.constexpr, DO_PAD: tl.constexpr, SLOT_ROWS: tl.constexpr,
@@ -262,7 +226,8 @@ def linear_bwd_kernel_dx_v2(dy, w, dx, pcs, cu, ccu, cq, N, N_STEPS, T, W, NQ, L
     rows of the tile for phase r are A @ B_r with A[k, (c, n)] = dy[q_k - c, n]
     (the C windows holding chunk q; 0 where q - c is not a window of q's
     sequence) and B_r[(c, n), d] = w[g, c*S + r, d, n]: A, [BLOCK_K, C_PAD *
-    DO_PAD], is loaded once for all S phases (v1 reloads it per phase), and
+    DO_PAD], is loaded once for all S phases (linear_bwd_kernel_dx reloads it
+    per phase), and
     the loop over phases streams B_r. Every token is written once (zero when
     no window holds it); no atomics.
 
@@ -334,7 +299,7 @@ def linear_bwd_kernel_finalize(pcs, w, cs, db, dpe, B, H, HG, L, D, DO, NSLOT, s
     weight gradient's pe term; NEED_CS); program (g*HG, 0) stores
     db[g] = sum over the heads of group g of colsum (NEED_B); program (h, j)
     stores dpe[h, j, d] = sum_n w[g, j, d, n] colsum[h, n] (NEED_PE).
-    Replaces v1's torch reductions, head_gemv and casts (five launches)."""
+    One launch for what took five (torch reductions, a gemv, casts)."""
     i_h, i_j = tl.program_id(0), tl.program_id(1)
     i_g = i_h // HG
     o_n = tl.arange(0, DO_PAD)
@@ -405,29 +370,15 @@ def dw_launcher(rows, prune) -> Launcher:
         prune=prune)
 
 
-# (block rows, BLOCK_D, BLOCK_N, warps, stages); sized for D = D_out = 128 (NSA) and smaller dims
-_FWD = Launcher(
-    linear_fwd_kernel,
-    configs=tile_configs(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
-                 [(128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4), (128, 128, 128, 8, 3),
-                  (256, 64, 128, 8, 3), (64, 32, 64, 4, 3), (32, 32, 128, 4, 3), (32, 16, 32, 4, 2),
-                  (16, 16, 16, 2, 2)]),
-    key=["D", "DO", "L", "S", "WORK", "IS_VARLEN", "HAS_CONST", "DOT_F32"],
-    interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["W"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
-                               "BLOCK_N": interpret_block(kw["DO"], 32)},
-    prune=lambda cs, kw: _fits(cs, kw, "BLOCK_W"))
 _DX = dx_launcher([(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3), (128, 64, 128, 8, 3),
                    (64, 128, 128, 8, 2), (32, 64, 64, 4, 2), (32, 128, 32, 4, 3), (16, 16, 16, 2, 2)],
                   lambda cs, kw: _fits(cs, kw, "BLOCK_K"))
-_DW = dw_launcher([(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (128, 64, 128, 8, 3), (128, 128, 128, 8, 3),
-                   (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)],
-                  lambda cs, kw: _fits(cs, kw, "BLOCK_W"))
 
 
-# version 2: the forward gains larger window tiles and deeper pipelines to choose from (sized for D = D_out =
-# 128: the weight tile is re-read from L2 by every window tile, so 256-window tiles halve that traffic)
-_FWD2 = Launcher(
-    linear_fwd_kernel_v2,
+# (BLOCK_W, BLOCK_D, BLOCK_N, warps, stages), sized for D = D_out = 128 (the weight tile is re-read from L2 by
+# every window tile, so 256-window tiles halve that traffic) and smaller dims
+_FWD = Launcher(
+    linear_fwd_kernel,
     configs=tile_configs(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
                  [(128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (128, 128, 128, 8, 3), (256, 64, 128, 8, 3),
                   (256, 32, 128, 8, 4), (128, 32, 128, 4, 5), (64, 64, 128, 4, 4), (64, 32, 64, 4, 3),
@@ -437,14 +388,14 @@ _FWD2 = Launcher(
                                "BLOCK_N": interpret_block(kw["DO"], 32)},
     prune=lambda cs, kw: _fits(cs, kw, "BLOCK_W"))
 
-# rows of dy per column-sum slot of linear_bwd_kernel_dx_v2: every BLOCK_K is a multiple
+# rows of dy per column-sum slot of linear_bwd_kernel_dx_rows: every BLOCK_K is a multiple
 SLOT_ROWS = 16 if INTERPRET else 64
-# the x-gradient of version 2 holds dy's rows for all C windows, C_PAD * DO_PAD wide: beyond this, and for
-# float32 (IEEE dots on FMA units, operands in registers), v1's kernel runs
-DX2_MAX_K = 512
+# linear_bwd_kernel_dx_rows holds dy's rows for all C windows, C_PAD * DO_PAD wide: beyond this, and for
+# float32 (IEEE dots on FMA units, operands in registers), linear_bwd_kernel_dx runs
+DXR_MAX_K = 512
 
 
-def _dx2_fits(configs, kw):
+def _dxr_fits(configs, kw):
     """(BLOCK_K, BLOCK_D, stages) whose shared memory (the A tile once, B
     tiles per stage) stays under 200 KB of sm_90's 227 KB, BLOCK_D <=
     next_pow2(D) (>= 16)."""
@@ -455,98 +406,26 @@ def _dx2_fits(configs, kw):
     return out or [triton.Config({"BLOCK_K": 64, "BLOCK_D": 32, "STAGES": 2}, num_warps=4)]
 
 
-_DX2 = Launcher(
-    linear_bwd_kernel_dx_v2,
+_DXR = Launcher(
+    linear_bwd_kernel_dx_rows,
     configs=[triton.Config({"BLOCK_K": bk, "BLOCK_D": bd, "STAGES": st}, num_warps=nw)
              for bk, bd, nw, st in [(128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3),
                                     (256, 64, 8, 2), (128, 64, 4, 3), (64, 128, 8, 2)]],
     key=["D", "DO", "L", "S", "C_PAD", "DO_PAD", "WORK", "IS_VARLEN", "HAS_CS", "DOT_F32"],
     interpret_meta=lambda kw: {"BLOCK_K": interpret_block(kw["NQ"], 32, small=SLOT_ROWS),
                                "BLOCK_D": interpret_block(kw["D"], 32), "STAGES": 1},
-    prune=_dx2_fits)
-_DW2 = dw_launcher([(64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 8, 4), (64, 64, 128, 4, 3),
+    prune=_dxr_fits)
+_DW = dw_launcher([(64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 8, 4), (64, 64, 128, 4, 3),
                     (128, 64, 128, 8, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2),
                     (16, 16, 16, 2, 2)],
                    lambda cs, kw: _fits(cs, kw, "BLOCK_W"))
-
-
-def _splits(rows: int, programs: int, device) -> int:
-    """Window splits of the weight gradient: enough programs to fill the GPU
-    (assuming 64 x 128 tiles), each still summing >= 512 windows."""
-    want = max(1, (2 * _num_sms(device)) // max(programs, 1))
-    return max(1, min(want, rows // 512, 16))
 
 
 # --------------------------------------------------------------------------- host side
 
 
 def _forward(x, weight, bias, pe, plan):
-    B, H, T, D = x.shape
-    G, L, _, DO = weight.shape
-    HG = H // G
-    y = empty((B, H, plan.W, DO), dtype=x.dtype, device=x.device)
-    if y.numel() == 0:
-        return y
-    if pe is not None:   # sum_j pe[h, j] @ w[g, j] (+ bias[g]): one constant per head
-        cst = head_gemv(H, pe, pe.stride(), 1, weight,
-                        (weight.stride(0), weight.stride(1), weight.stride(2), 0, weight.stride(3)), HG,
-                        L * D, D, DO, DO, bias=bias, bias_strides=bias.stride() if bias is not None else (0, 0),
-                        hg_b=HG)
-        hg_c, c_strides = 1, cst.stride()
-    elif bias is not None:
-        cst, hg_c, c_strides = bias, HG, bias.stride()
-    else:
-        cst, hg_c, c_strides = None, 1, (0, 0)
-    _FWD(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), cdiv(DO, meta["BLOCK_N"]), B * H),
-         x, weight, cst if cst is not None else x, y, *plan.seq_args(),
-         *x.stride(), *weight.stride(), *y.stride(), *c_strides, H, HG, hg_c, D, DO, _bucket(B * H * plan.W),
-         IS_VARLEN=plan.varlen, HAS_CONST=cst is not None, DOT_F32=dot_f32(x.dtype))
-    return y
-
-
-def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
-    B, H, T, D = x.shape
-    G, L, _, DO = weight.shape
-    HG = H // G
-    # a gradient not asked for is a fresh empty tensor (custom op outputs may not alias)
-    dx, dw, db, dpe = (x.new_empty(0) for _ in range(4))
-    cs = None
-    if need_b or need_pe or (need_w and pe is not None):
-        cs = dy.sum(dim=(0, 2), dtype=torch.float32)                                      # [H, D_out]
-    if need_x:
-        dx = empty_like(x)
-        if dx.numel() > 0:
-            _DX(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), B * H),
-                dy, weight, dx, *plan.seq_args(), *dy.stride(), *weight.stride(), *dx.stride(),
-                H, HG, D, DO, plan.C, _bucket(B * H * plan.NQ), IS_VARLEN=plan.varlen, DOT_F32=dot_f32(x.dtype))
-    if need_w:
-        rows = B * HG * plan.W
-        splits = _splits(rows, G * L * cdiv(D, 64) * cdiv(DO, 128), x.device)
-        if splits == 1:
-            dw = empty(weight.shape, dtype=x.dtype, device=x.device)
-            out, o_strides = dw, (0, *dw.stride())
-        else:
-            out = empty((splits, G, L, D, DO), dtype=torch.float32, device=x.device)
-            o_strides = out.stride()
-        if weight.numel() > 0:
-            _DW(lambda meta: (L * cdiv(D, meta["BLOCK_D"]), cdiv(DO, meta["BLOCK_N"]), G * splits),
-                x, dy, pe if pe is not None else x, cs if cs is not None else x, out, *plan.seq_args(),
-                *x.stride(), *dy.stride(), *(pe.stride() if pe is not None else (0, 0, 0)), *o_strides,
-                B, H, HG, D, DO, cdiv(rows, splits), _bucket(rows),
-                IS_VARLEN=plan.varlen, HAS_PE=pe is not None, DOT_F32=dot_f32(x.dtype))
-        if splits > 1:
-            dw = out.sum(0).to(x.dtype)
-    if need_b:
-        db = cs.view(G, HG, DO).sum(1).to(x.dtype)
-    if need_pe:   # dpe[h, j, d] = sum_n w[g, j, d, n] colsum[h, n]
-        dpe = head_gemv(H, cs, (cs.stride(0), 0, cs.stride(1)), 1, weight,
-                        (weight.stride(0), 0, weight.stride(3), weight.stride(1), weight.stride(2)), HG,
-                        DO, DO, L * D, D).view(H, L, D).to(x.dtype)
-    return dx, dw, db, dpe
-
-
-def _forward_v2(x, weight, bias, pe, plan):
-    """Version 2 forward: pe's share by linear_pe_kernel (L * H programs), then
+    """Forward: pe's share by linear_pe_kernel (L * H programs), then
     the GEMM with bias and the pe partials in its epilogue. Two launches with
     pe, one without."""
     B, H, T, D = x.shape
@@ -561,7 +440,7 @@ def _forward_v2(x, weight, bias, pe, plan):
         BN = min(128, max(16, next_pow2(DO)))
         linear_pe_kernel[(L, H, cdiv(DO, BN))](pe, weight, pep, H, HG, L, D, DO, *pe.stride(), *weight.stride(),
                                                BLOCK_D=min(64, max(16, next_pow2(D))), BLOCK_N=BN)
-    _FWD2(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), cdiv(DO, meta["BLOCK_N"]), B * H),
+    _FWD(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), cdiv(DO, meta["BLOCK_N"]), B * H),
           x, weight, pep if pep is not None else x, bias if bias is not None else x, y, *plan.seq_args(),
           *x.stride(), *weight.stride(), *y.stride(), *(bias.stride() if bias is not None else (0, 0)),
           H, HG, D, DO, _bucket(B * H * plan.W), BLOCK_L=min(32, next_pow2(L)), IS_VARLEN=plan.varlen,
@@ -569,8 +448,8 @@ def _forward_v2(x, weight, bias, pe, plan):
     return y
 
 
-def _backward_v2(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
-    """Version 2 backward: dx (with the column sums of dy on the way), one
+def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
+    """Backward: dx (with the column sums of dy on the way), one
     finalize kernel (column sums, dbias, dpe), the weight gradient. Three
     launches at most when the split-K of the weight gradient is not needed
     (it is not at NSA sizes)."""
@@ -585,12 +464,12 @@ def _backward_v2(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
     if need_x:
         dx = empty_like(x)
         C_PAD, DO_PAD = plan.C_PAD, max(16, next_pow2(DO))
-        dx2 = x.dtype != torch.float32 and C_PAD * DO_PAD <= DX2_MAX_K
-        if dx.numel() > 0 and dx2:
+        rows_kernel = x.dtype != torch.float32 and C_PAD * DO_PAD <= DXR_MAX_K
+        if dx.numel() > 0 and rows_kernel:
             nslot = cdiv(plan.NQ, SLOT_ROWS)
             if need_cs:
                 pcs = empty((B * H * nslot * DO,), dtype=torch.float32, device=x.device)
-            _DX2(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), B * H),
+            _DXR(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), B * H),
                  dy, weight, dx, pcs if pcs is not None else x, *plan.seq_args(), *dy.stride(), *weight.stride(),
                  *dx.stride(), H, HG, D, DO, plan.C, nslot, _bucket(B * H * plan.NQ), C_PAD=C_PAD, DO_PAD=DO_PAD,
                  SLOT_ROWS=SLOT_ROWS, HAS_CS=need_cs, IS_VARLEN=plan.varlen, DOT_F32=dot_f32(x.dtype))
@@ -598,7 +477,7 @@ def _backward_v2(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
             _DX(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), B * H),
                 dy, weight, dx, *plan.seq_args(), *dy.stride(), *weight.stride(), *dx.stride(),
                 H, HG, D, DO, plan.C, _bucket(B * H * plan.NQ), IS_VARLEN=plan.varlen, DOT_F32=dot_f32(x.dtype))
-    if need_cs and pcs is None:    # no x-gradient kernel ran (or v1's did): the column sums from torch
+    if need_cs and pcs is None:    # no x-gradient kernel ran (or linear_bwd_kernel_dx did): the column sums from torch
         pcs, nslot = dy.sum(dim=2, dtype=torch.float32), 1                                # [B, H, D_out]
     cs = None
     if need_cs:
@@ -617,7 +496,7 @@ def _backward_v2(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
             dpe.zero_()
     if need_w:
         rows = B * HG * plan.W
-        splits = _splits_v2(rows, G * L * cdiv(D, 64) * cdiv(DO, 128), x.device)
+        splits = _splits(rows, G * L * cdiv(D, 64) * cdiv(DO, 128), x.device)
         if splits == 1:
             dw = empty(weight.shape, dtype=x.dtype, device=x.device)
             out, o_strides = dw, (0, *dw.stride())
@@ -625,7 +504,7 @@ def _backward_v2(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
             out = empty((splits, G, L, D, DO), dtype=torch.float32, device=x.device)
             o_strides = out.stride()
         if weight.numel() > 0:
-            _DW2(lambda meta: (L * cdiv(D, meta["BLOCK_D"]), cdiv(DO, meta["BLOCK_N"]), G * splits),
+            _DW(lambda meta: (L * cdiv(D, meta["BLOCK_D"]), cdiv(DO, meta["BLOCK_N"]), G * splits),
                  x, dy, pe if pe is not None else x, cs if cs is not None else x, out, *plan.seq_args(),
                  *x.stride(), *dy.stride(), *(pe.stride() if pe is not None else (0, 0, 0)), *o_strides,
                  B, H, HG, D, DO, cdiv(rows, splits), _bucket(rows),
@@ -635,19 +514,11 @@ def _backward_v2(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
     return dx, dw, db, dpe
 
 
-def _splits_v2(rows: int, programs: int, device) -> int:
-    """_splits with the SM count cached (v1 asks the driver on every call)."""
+def _splits(rows: int, programs: int, device) -> int:
+    """Window splits of the weight gradient: enough programs to fill the GPU
+    (assuming 64 x 128 tiles), each still summing >= 512 windows."""
     want = max(1, (2 * num_sms(device)) // max(programs, 1))
     return max(1, min(want, rows // 512, 16))
-
-
-def _forward_any(x, weight, bias, pe, plan):
-    return _forward(x, weight, bias, pe, plan) if VARIANT == "v1" else _forward_v2(x, weight, bias, pe, plan)
-
-
-def _backward_any(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
-    fn = _backward if VARIANT == "v1" else _backward_v2
-    return fn(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe)
 
 
 @torch.library.custom_op("kvcompress::linear_triton", mutates_args=())
@@ -658,7 +529,7 @@ def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     None, pe (H, L, D) or None -> (B, H, W, D_out), contiguous."""
     plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                     total_windows=total_windows)
-    return _forward_any(x, weight, bias, pe, plan)
+    return _forward(x, weight, bias, pe, plan)
 
 
 @linear_op.register_fake
@@ -677,7 +548,7 @@ def linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pe: t
     an empty (0,) tensor."""
     plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                     total_windows=dy.shape[2] if cu_seqlens is not None else -1)
-    return _backward_any(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe)
+    return _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe)
 
 
 @linear_bwd_op.register_fake
@@ -709,7 +580,7 @@ torch.library.register_autograd("kvcompress::linear_triton", _backward_rule, set
 
 class _LinearFn(torch.autograd.Function):
     """The op's forward and backward without its dispatch, for eager calls
-    (version 2; see ``_triton_pool.eager_call``). Same kernels, same results."""
+    (see ``_triton_common.eager_call``). Same kernels, same results."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total_windows):
@@ -717,7 +588,7 @@ class _LinearFn(torch.autograd.Function):
         ctx.window_args = (block_size, stride, padding)
         plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                         total_windows=total_windows)
-        return _forward_any(x, weight, bias, pe, plan)
+        return _forward(x, weight, bias, pe, plan)
 
     @staticmethod
     @once_differentiable
@@ -727,7 +598,7 @@ class _LinearFn(torch.autograd.Function):
         block_size, stride, padding = ctx.window_args
         plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                         total_windows=dy.shape[2] if cu_seqlens is not None else -1)
-        dx, dw, db, dpe = _backward_any(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe)
+        dx, dw, db, dpe = _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe)
         return (dx if need_x else None, dw if need_w else None, db if need_b else None, dpe if need_pe else None,
                 None, None, None, None, None)
 
@@ -750,10 +621,10 @@ def linear(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None
     Raises TypeError/ValueError for a malformed total_windows.
     """
     total = total_windows_arg("linear", total_windows, cu_seqlens)
-    if VARIANT == "v2" and eager_call(x):
+    if eager_call(x):
         return _LinearFn.apply(x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total)
     return torch.ops.kvcompress.linear_triton(x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total)
 
 
-__all__ = ["INTERPRET", "linear", "linear_bwd_kernel_dw", "linear_bwd_kernel_dx", "linear_bwd_kernel_dx_v2",
-           "linear_bwd_kernel_finalize", "linear_fwd_kernel", "linear_fwd_kernel_v2", "linear_pe_kernel"]
+__all__ = ["INTERPRET", "linear", "linear_bwd_kernel_dw", "linear_bwd_kernel_dx", "linear_bwd_kernel_dx_rows",
+           "linear_bwd_kernel_finalize", "linear_fwd_kernel", "linear_fwd_kernel", "linear_pe_kernel"]

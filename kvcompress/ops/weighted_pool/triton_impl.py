@@ -6,89 +6,41 @@ partials are shifted into windows (docs/triton.md). Registered as backend
 The op is ``torch.ops.kvcompress.weighted_pool_triton`` (fake implementation
 and autograd registered).
 
-KVCOMPRESS_TRITON_VARIANT (read once at import, ``_triton_pool``) picks the
-kernels: ``v1``, the wrappers below of ``_triton_common.pool_fwd``/``pool_bwd``;
-``v2`` (default), the kernels of ``_triton_pool`` (one launch forward, two
-backward), whose eager calls skip the op's dispatch (docs/triton-perf.md).
+Kernels and host path: ``_triton_pool`` (one launch forward, two
+backward); eager calls skip the op's dispatch (docs/triton-perf.md).
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ...backends import register
 from .._triton_common import (
     DEVICES,
     DTYPES,
-    POOL_BWD_CONFIGS,
-    POOL_BWD_KEY,
-    POOL_FWD_CONFIGS,
-    POOL_FWD_KEY,
-    Launcher,
-    _pool_fwd_prune,
     empty_like,
-    pool_backward,
-    pool_bwd,
-    pool_bwd_interpret_meta,
-    pool_forward,
-    pool_fwd,
-    pool_fwd_interpret_meta,
     seq_plan,
     supports_call,
     total_windows_arg,
     triton_available,
     windows_or_dynamic,
 )
-from .._triton_pool import VARIANT, eager_call, pool_backward_v2, pool_bwd_launcher, pool_forward_v2, pool_fwd_launcher
+from .._triton_pool import eager_call, pool_backward, pool_bwd_launcher, pool_forward, pool_fwd_launcher
 
-
-@triton.jit
-def weighted_pool_fwd_kernel(x, wt, cst, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
-                             sxb, sxh, sxt, sxd, syb, syh, syw, syd, swg, swl, H, HG, D, C,
-                             C_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                             IS_VARLEN: tl.constexpr, HAS_CONST: tl.constexpr, STAGES: tl.constexpr):
-    """y[b, h, w] = sum_j wt[g, j] x[b, h, t0(w) + j] (+ cst[h] = sum_j wt[g, j] pe[h, j])."""
-    pool_fwd(x, wt, cst, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
-             sxb, sxh, sxt, sxd, syb, syh, syw, syd, swg, swl, H, HG, D, C,
-             C_PAD, BLOCK_K, BLOCK_D, IS_VARLEN, False, HAS_CONST, STAGES)
-
-
-@triton.jit
-def weighted_pool_bwd_kernel(dy, x, wt, dx, pw, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
-                             sdb, sdh, sdw, sdd, sxb, sxh, sxt, sxd, sgb, sgh, sgt, sgd, swg, swl, H, HG, D, C,
-                             BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
-                             NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, STAGES: tl.constexpr):
-    """dx[t] = sum over windows w holding t at position j of wt[g, j] dy[w];
-    pw[program, j] = that program's share of sum_w dy[w] . x[t0(w) + j]."""
-    pool_bwd(dy, x, wt, dx, pw, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
-             sdb, sdh, sdw, sdd, sxb, sxh, sxt, sxd, sgb, sgh, sgt, sgd, swg, swl, H, HG, D, C,
-             BLOCK_K, BLOCK_D, IS_VARLEN, False, NEED_DX, NEED_DW, STAGES)
-
-
-_FWD = Launcher(weighted_pool_fwd_kernel, configs=POOL_FWD_CONFIGS, key=POOL_FWD_KEY,
-                interpret_meta=pool_fwd_interpret_meta, prune=_pool_fwd_prune)
-_BWD = Launcher(weighted_pool_bwd_kernel, configs=POOL_BWD_CONFIGS, key=POOL_BWD_KEY,
-                interpret_meta=pool_bwd_interpret_meta)
-_FWD2, _BWD2 = pool_fwd_launcher(), pool_bwd_launcher()     # version 2 (_triton_pool)
+_FWD, _BWD = pool_fwd_launcher(), pool_bwd_launcher()     # one each per kind: separate autotuning caches
 
 
 def _forward(x, weight, pe, cu_seqlens, block_size, stride, padding, total_windows):
     plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                     total_windows=total_windows)
-    if VARIANT == "v1":
-        return pool_forward(_FWD, x, weight, pe, plan)
-    return pool_forward_v2(_FWD2, x, weight, pe, plan)
+    return pool_forward(_FWD, x, weight, pe, plan)
 
 
 def _backward_impl(dy, x, weight, pe, cu_seqlens, block_size, stride, padding, need_x, need_w, need_pe):
     plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                     total_windows=dy.shape[2] if cu_seqlens is not None else -1)
-    if VARIANT == "v1":
-        return pool_backward(_BWD, dy, x, weight, pe, plan, need_x, need_w, need_pe)
-    return pool_backward_v2(_BWD2, dy, x, weight, pe, plan, need_x, need_w, need_pe)
+    return pool_backward(_BWD, dy, x, weight, pe, plan, need_x, need_w, need_pe)
 
 
 @torch.library.custom_op("kvcompress::weighted_pool_triton", mutates_args=())
@@ -140,7 +92,7 @@ torch.library.register_autograd("kvcompress::weighted_pool_triton", _backward, s
 
 class _WeightedPoolFn(torch.autograd.Function):
     """The op's forward and backward without its dispatch, for eager calls
-    (version 2; see ``_triton_pool.eager_call``). Same kernels, same results."""
+    (see ``_triton_common.eager_call``). Same kernels, same results."""
 
     @staticmethod
     def forward(ctx, x, weight, pe, cu_seqlens, block_size, stride, padding, total_windows):
@@ -174,6 +126,6 @@ def weighted_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu
     Raises TypeError/ValueError for a malformed total_windows.
     """
     total = total_windows_arg("weighted_pool", total_windows, cu_seqlens)
-    if VARIANT == "v2" and eager_call(x):
+    if eager_call(x):
         return _WeightedPoolFn.apply(x, weight, pe, cu_seqlens, block_size, stride, padding, total)
     return torch.ops.kvcompress.weighted_pool_triton(x, weight, pe, cu_seqlens, block_size, stride, padding, total)
