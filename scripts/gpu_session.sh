@@ -14,7 +14,8 @@
 #   gputests  pytest -m gpu tests/test_triton.py
 #   suite     the property suite on CUDA (every backend, ci profile)
 #   thorough  the property suite on the Triton backend, thorough profile (time-boxed)
-#   bench     kvcompress-bench (tables and roofline plot)
+#   bench     kvcompress-bench (tables and roofline plot); BENCH_ARGS adds options (e.g. "--kinds mlp
+#             --deadline 450"), BENCH_TAG suffixes the output folder
 #   streambench  decode-step latency (benchmarks/test_bench_streaming.py), bfloat16 on the GPU
 #   perf      scripts/gpu_perf.py: linear and the pools, CUDA-graph and eager times, per-kernel profile, host time
 #             (docs/triton-perf.md); LABEL=name names the run (compare saved runs with gpu_perf.py --compare)
@@ -60,7 +61,7 @@ for arg in "$@"; do
         thorough) KVCOMPRESS_TRITON_AUTOTUNE=0 run thorough 300 python3 -m pytest tests/test_conformance.py tests/test_gradients.py -q \
                    -p no:cacheprovider -k triton --hypothesis-profile thorough --hypothesis-show-statistics "${XD[@]}" ;;
         perf) run perf 400 python3 scripts/gpu_perf.py --label "${LABEL:-this}" --out "$OUT/perf.json" ;;
-        bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench" ;;
+        bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench${BENCH_TAG:-}" ${BENCH_ARGS:-} ;;
         streambench) run streambench 300 python3 -m pytest benchmarks/test_bench_streaming.py --benchmark-only -q \
                    -p no:cacheprovider --benchmark-columns=min,median,max,rounds ;;
         benchquick) run bench 200 python3 -m kvcompress.bench --quick --deadline 150 --compile-budget 60 --out "$OUT/bench" ;;
