@@ -55,7 +55,7 @@ __all__ = [
     "DEVICES", "DTYPES", "INTERPRET", "Launcher", "SeqPlan", "cdiv",
     "chunk_rows", "dot_f32", "eager_call", "empty", "empty_like", "head_gemv", "interpret_block", "next_pow2",
     "num_sms",
-    "round_tf32", "search_sorted", "seq_plan", "small_tiles",
+    "round_tf32", "search_sorted", "seq_plan", "size_class", "small_tiles",
     "supports_call", "tf32_intermediate", "tile_configs", "total_windows_arg", "triton_available", "window_gemm",
     "window_rows",
     "windows_or_dynamic",
@@ -85,6 +85,12 @@ def supports_call(x: torch.Tensor, *args, **kwargs) -> bool:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= max(n, 1)."""
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def size_class(n: int) -> int:
+    """log2 size class of a problem (bit length of n, >= 1): an autotuning key,
+    so that a tiny problem does not choose the tiles of a large one."""
+    return max(int(n), 1).bit_length()
 
 
 def cdiv(a: int, b: int) -> int:

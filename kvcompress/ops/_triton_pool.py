@@ -49,6 +49,7 @@ from ._triton_common import (
     empty_like,
     interpret_block,
     next_pow2,
+    size_class,
 )
 from ._triton_common import num_sms as _num_sms
 
@@ -64,11 +65,6 @@ def num_sms(device: torch.device) -> int:
     interpreter), so that tests run programs that loop over several tiles."""
     return _num_sms(device, cpu=2)
 
-
-def _bucket(n: int) -> int:
-    """log2 size class: an autotuning key, so a tiny problem does not choose
-    the tiles of a large one."""
-    return max(int(n), 1).bit_length()
 
 
 def _small() -> bool:
@@ -195,7 +191,7 @@ def pool_forward(launcher: Launcher, x: torch.Tensor, weight: torch.Tensor | Non
         return (cdiv(rows, meta["BLOCK_K"] - plan.C + 1), cdiv(D, meta["BLOCK_D"]), B * H)
     launcher(grid, x, weight if weight is not None else x, pe if pe is not None else x, y, *plan.seq_args(),
              *x.stride(), *y.stride(), *(weight.stride() if weight is not None else (0, 0)),
-             *(pe.stride() if pe is not None else (0, 0, 0)), H, H // G, D, plan.C, _bucket(B * H * rows),
+             *(pe.stride() if pe is not None else (0, 0, 0)), H, H // G, D, plan.C, size_class(B * H * rows),
              UNIT=weight is None, HAS_PE=pe is not None, IS_VARLEN=plan.varlen, C_PAD=plan.C_PAD,
              PE_J=min(16, next_pow2(plan.L)))
     return y
@@ -458,7 +454,7 @@ def pool_backward(launcher: Launcher, dy: torch.Tensor, x: torch.Tensor, weight:
     if need_x or need_w or need_cs:
         launcher(lambda meta: (P, B * H), dy, x, weight if weight is not None else x, dx if need_x else x, pw, pcs,
                  *plan.seq_args(), *dy.stride(), *x.stride(), *(dx.stride() if need_x else x.stride()),
-                 *(weight.stride() if weight is not None else (0, 0)), H, HG, D, plan.C, P, _bucket(B * H * plan.NQ),
+                 *(weight.stride() if weight is not None else (0, 0)), H, HG, D, plan.C, P, size_class(B * H * plan.NQ),
                  UNIT=weight is None, NEED_DX=need_x, NEED_DW=need_w, NEED_CS=need_cs, IS_VARLEN=plan.varlen,
                  S_PAD=next_pow2(plan.S), C_PAD=plan.C_PAD)
     if need_w or need_pe:

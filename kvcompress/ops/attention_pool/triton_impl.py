@@ -51,6 +51,7 @@ from .._triton_common import (
     num_sms,
     round_tf32,
     seq_plan,
+    size_class,
     supports_call,
     tf32_intermediate,
     total_windows_arg,
@@ -311,11 +312,6 @@ def attention_pool_bwd_kernel(x, w, cpe, pe, dy, y, lse, dx, pw, pp, cu, ccu, cq
 # --------------------------------------------------------------------------- launch configurations
 
 
-def _bucket(n: int) -> int:
-    """log2 size class: an autotuning key that keeps tiny test problems from
-    choosing the configuration of large ones."""
-    return max(int(n), 1).bit_length()
-
 
 def _fwd_prune(configs, kw):
     """Tiles completing at least half their rows (BLOCK_K >= 2 C_PAD), not wider
@@ -448,7 +444,7 @@ def _forward(x, weight, pe, plan, need_lse):
          x, weight, cpe if cpe is not None else x, pe if pe is not None else x, y, lse if need_lse else y,
          *plan.seq_args(), *x.stride(), *weight.stride(), *(pe.stride() if pe is not None else (0, 0, 0)),
          *y.stride(), *(lse.stride() if need_lse else (0, 0, 0, 0)), H, H // G, D, plan.C,
-         _bucket(B * H * plan.NQ), C_PAD=plan.C_PAD, BLOCK_D=BD, IS_VARLEN=plan.varlen, HAS_PE=pe is not None,
+         size_class(B * H * plan.NQ), C_PAD=plan.C_PAD, BLOCK_D=BD, IS_VARLEN=plan.varlen, HAS_PE=pe is not None,
          HAS_LSE=need_lse, DOT_F32=dot_f32(x.dtype))
     return y, lse
 
@@ -490,7 +486,7 @@ def _backward(dy, y, lse, x, weight, pe, plan, need_x, need_w, need_pe):
         _BWD(lambda meta: (n_prog, grid_c, B * H), *common, dx if need_dx else x, pw, pp, *plan.seq_args(),
              *x.stride(), *weight.stride(), *(pe.stride() if pe is not None else (0, 0, 0)), *dy.stride(),
              *y.stride(), *lse.stride(), *(dx.stride() if need_dx else x.stride()), H, HG, D,
-             _bucket(B * H * plan.NQ), BLOCK_C=block_c, BLOCK_D=bb.BD, NCB=ncb, L_PAD=next_pow2(L),
+             size_class(B * H * plan.NQ), BLOCK_C=block_c, BLOCK_D=bb.BD, NCB=ncb, L_PAD=next_pow2(L),
              IS_VARLEN=plan.varlen, HAS_PE=pe is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_PE=need_p,
              HID_TF32=tf32_intermediate(x.dtype), DOT_F32=dot_f32(x.dtype))
 

@@ -39,6 +39,7 @@ from .._triton_common import (
     interpret_block,
     next_pow2,
     seq_plan,
+    size_class,
     supports_call,
     tile_configs,
     total_windows_arg,
@@ -326,11 +327,6 @@ def linear_bwd_kernel_finalize(pcs, w, cs, db, dpe, B, H, HG, L, D, DO, NSLOT, s
 
 # --------------------------------------------------------------------------- launch configurations
 
-def _bucket(n: int) -> int:
-    """log2 size class of a problem: an autotuning key that keeps tiny test
-    problems from choosing the configuration of large ones."""
-    return max(int(n), 1).bit_length()
-
 
 def _fits(configs, kw, rows_name):
     """Configurations whose blocks do not overshoot D and D_out; for float32
@@ -443,7 +439,7 @@ def _forward(x, weight, bias, pe, plan):
     _FWD(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), cdiv(DO, meta["BLOCK_N"]), B * H),
           x, weight, pep if pep is not None else x, bias if bias is not None else x, y, *plan.seq_args(),
           *x.stride(), *weight.stride(), *y.stride(), *(bias.stride() if bias is not None else (0, 0)),
-          H, HG, D, DO, _bucket(B * H * plan.W), BLOCK_L=min(32, next_pow2(L)), IS_VARLEN=plan.varlen,
+          H, HG, D, DO, size_class(B * H * plan.W), BLOCK_L=min(32, next_pow2(L)), IS_VARLEN=plan.varlen,
           HAS_PE=pep is not None, HAS_BIAS=bias is not None, DOT_F32=dot_f32(x.dtype))
     return y
 
@@ -471,12 +467,12 @@ def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
                 pcs = empty((B * H * nslot * DO,), dtype=torch.float32, device=x.device)
             _DXR(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), B * H),
                  dy, weight, dx, pcs if pcs is not None else x, *plan.seq_args(), *dy.stride(), *weight.stride(),
-                 *dx.stride(), H, HG, D, DO, plan.C, nslot, _bucket(B * H * plan.NQ), C_PAD=C_PAD, DO_PAD=DO_PAD,
+                 *dx.stride(), H, HG, D, DO, plan.C, nslot, size_class(B * H * plan.NQ), C_PAD=C_PAD, DO_PAD=DO_PAD,
                  SLOT_ROWS=SLOT_ROWS, HAS_CS=need_cs, IS_VARLEN=plan.varlen, DOT_F32=dot_f32(x.dtype))
         elif dx.numel() > 0:
             _DX(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), B * H),
                 dy, weight, dx, *plan.seq_args(), *dy.stride(), *weight.stride(), *dx.stride(),
-                H, HG, D, DO, plan.C, _bucket(B * H * plan.NQ), IS_VARLEN=plan.varlen, DOT_F32=dot_f32(x.dtype))
+                H, HG, D, DO, plan.C, size_class(B * H * plan.NQ), IS_VARLEN=plan.varlen, DOT_F32=dot_f32(x.dtype))
     if need_cs and pcs is None:    # no x-gradient kernel ran (or linear_bwd_kernel_dx did): the column sums from torch
         pcs, nslot = dy.sum(dim=2, dtype=torch.float32), 1                                # [B, H, D_out]
     cs = None
@@ -507,7 +503,7 @@ def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
             _DW(lambda meta: (L * cdiv(D, meta["BLOCK_D"]), cdiv(DO, meta["BLOCK_N"]), G * splits),
                  x, dy, pe if pe is not None else x, cs if cs is not None else x, out, *plan.seq_args(),
                  *x.stride(), *dy.stride(), *(pe.stride() if pe is not None else (0, 0, 0)), *o_strides,
-                 B, H, HG, D, DO, cdiv(rows, splits), _bucket(rows),
+                 B, H, HG, D, DO, cdiv(rows, splits), size_class(rows),
                  IS_VARLEN=plan.varlen, HAS_PE=pe is not None, DOT_F32=dot_f32(x.dtype))
         if splits > 1:
             dw = out.sum(0).to(x.dtype)

@@ -46,6 +46,7 @@ from .._triton_common import (
     num_sms,
     round_tf32,
     seq_plan,
+    size_class,
     supports_call,
     tf32_intermediate,
     tile_configs,
@@ -235,11 +236,6 @@ def mlp_bwd_kernel_dp(x, w1, cst, w2, dy, dp, pw2, cu, ccu, cq, N, N_STEPS, T, W
 # --------------------------------------------------------------------------- launch configurations
 
 
-def _bucket(n: int) -> int:
-    """log2 size class: an autotuning key that keeps tiny test problems from
-    choosing the configuration of large ones."""
-    return max(int(n), 1).bit_length()
-
 
 def block_n(DO: int) -> int:
     """The D_out block of the fused kernels (fixed on the host: the second
@@ -368,7 +364,7 @@ def _forward(x, w1, b1, w2, b2, pe, plan, act):
     _FWD(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), cdiv(DO, BN), B * H),
          x, w1, cst if cst is not None else x, w2, b2 if b2 is not None else x, y, *plan.seq_args(),
          *x.stride(), *w1.stride(), *c_strides, *w2.stride(), *(b2.stride() if b2 is not None else (0, 0)),
-         *y.stride(), H, HG, hg_c, D, F, DO, _bucket(B * H * plan.W),
+         *y.stride(), H, HG, hg_c, D, F, DO, size_class(B * H * plan.W),
          BLOCK_N=BN, ACT=ACTIVATIONS.index(act), IS_VARLEN=plan.varlen, HAS_CONST=cst is not None,
          HAS_B2=b2 is not None, HID_TF32=tf32_intermediate(x.dtype), DOT_F32=dot_f32(x.dtype))
     return y
@@ -420,7 +416,7 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
                 *xc.stride(), *w1c.stride(), *(cc.stride() if cc is not None else (0, 0)), *w2c.stride(),
                 *dyc.stride(), *(dp.stride() if need_dp else (0, 0, 0, 0)),
                 *(pw2.stride() if need_w2 else (0, 0, 0, 0)), B, h1 - h0, HG, hg_c, D, F, DO,
-                cdiv(rows, splits), _bucket(rows),
+                cdiv(rows, splits), size_class(rows),
                 BLOCK_N=BN, ACT=ACT, IS_VARLEN=plan.varlen, HAS_CONST=cc is not None, NEED_DP=need_dp,
                 NEED_W2=need_w2, HID_TF32=tf32_intermediate(dt), DOT_F32=dot_f32(dt))
         if need_w2:
@@ -434,7 +430,7 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
             dxc = dx[:, h0:h1]
             _DX(lambda meta, nq=pc.NQ, n=B * (h1 - h0): (cdiv(nq, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), n),
                 dp, w1v[g0:g1], dxc, *pc.seq_args(), *dp.stride(), *w1v.stride(), *dxc.stride(),
-                h1 - h0, HG, D, F, plan.C, _bucket(B * (h1 - h0) * pc.NQ), IS_VARLEN=plan.varlen,
+                h1 - h0, HG, D, F, plan.C, size_class(B * (h1 - h0) * pc.NQ), IS_VARLEN=plan.varlen,
                 DOT_F32=dot_f32(dt))
         if need_w1 and w1c.numel() > 0:
             wsplits = _splits(rows, Gc * L * cdiv(D, 64) * cdiv(F, 128), dev)
@@ -447,7 +443,7 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
             _DW1(lambda meta, n=Gc * wsplits: (L * cdiv(D, meta["BLOCK_D"]), cdiv(F, meta["BLOCK_N"]), n),
                  xc, dp, pec if pec is not None else x, cs if cs is not None else x, out, *pc.seq_args(),
                  *xc.stride(), *dp.stride(), *(pec.stride() if pec is not None else (0, 0, 0)), *o_strides,
-                 B, h1 - h0, HG, D, F, cdiv(rows, wsplits), _bucket(rows),
+                 B, h1 - h0, HG, D, F, cdiv(rows, wsplits), size_class(rows),
                  IS_VARLEN=plan.varlen, HAS_PE=pec is not None, DOT_F32=dot_f32(dt))
             if wsplits > 1:
                 dw1[g0:g1] = out.sum(0).flatten(1, 2).to(dt)
