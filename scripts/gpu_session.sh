@@ -13,10 +13,14 @@
 #   quick     scripts/gpu_check.py --quick
 #   gputests  pytest -m gpu tests/test_triton.py
 #   suite     the property suite on CUDA (every backend, ci profile)
-#   thorough  the property suite on the Triton backend, thorough profile (time-boxed)
+#   thorough  the property suite on the Triton backend, thorough profile: scripts/run_properties.py, one
+#             pytest process a test, JOBS (16) at a time, each cut 40 s before the phase's limit;
+#             THOROUGH_FILES (conformance, gradients) and THOROUGH_K (-k, default triton) select;
+#             writes $OUT/thorough/summary.md and tests.log
 #   bench     kvcompress-bench (tables and roofline plot); BENCH_ARGS adds options (e.g. "--kinds mlp
 #             --deadline 450"), BENCH_TAG suffixes the output folder
 #   streambench  decode-step latency (benchmarks/test_bench_streaming.py), bfloat16 on the GPU
+#   hostprof  scripts/host_profile.py: where the host time of a call goes (cProfile, tiny inputs)
 #   perf      scripts/gpu_perf.py: linear and the pools, CUDA-graph and eager times, per-kernel profile, host time
 #             (docs/triton-perf.md); LABEL=name names the run (compare saved runs with gpu_perf.py --compare)
 # The property-suite phases run pytest-xdist with XDIST workers (default 8) when it is importable: on a GPU
@@ -58,8 +62,12 @@ for arg in "$@"; do
         suite) KVCOMPRESS_TRITON_AUTOTUNE=0 run suite 420 python3 -m pytest tests/test_conformance.py tests/test_invariants.py tests/test_gradients.py \
                    tests/test_properties_extra.py tests/test_streaming.py tests/test_triton.py -q -p no:cacheprovider \
                    --hypothesis-show-statistics "${XD[@]}" ;;
-        thorough) KVCOMPRESS_TRITON_AUTOTUNE=0 run thorough 300 python3 -m pytest tests/test_conformance.py tests/test_gradients.py -q \
-                   -p no:cacheprovider -k triton --hypothesis-profile thorough --hypothesis-show-statistics "${XD[@]}" ;;
+        thorough) lim=${LIMIT:-560}
+                  KVCOMPRESS_TRITON_AUTOTUNE=0 run thorough "$lim" python3 scripts/run_properties.py \
+                   --deadline $((lim - 40)) --jobs "${JOBS:-16}" --out "$OUT/thorough" -- \
+                   ${THOROUGH_FILES:-tests/test_conformance.py tests/test_gradients.py} -k "${THOROUGH_K:-triton}" \
+                   --hypothesis-profile thorough ;;
+        hostprof) run hostprof 240 python3 scripts/host_profile.py --calls 1000 --out "$OUT" ;;
         perf) run perf 400 python3 scripts/gpu_perf.py --label "${LABEL:-this}" --out "$OUT/perf.json" ;;
         bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench${BENCH_TAG:-}" ${BENCH_ARGS:-} ;;
         streambench) run streambench 300 python3 -m pytest benchmarks/test_bench_streaming.py --benchmark-only -q \

@@ -101,6 +101,30 @@ def test_registered_for_cuda_and_never_auto_on_cpu():
         assert not b.accepts_auto(x), f"{kind}: backend='auto' must never pick the interpreter on CPU"
 
 
+def _launched_kernels():
+    """Every kernel kvcompress launches: (name, kernel object)."""
+    from kvcompress.ops import _triton_pool as tp
+    mods = (tc, tp, ap_triton, linear_triton, mlp_triton)
+    return [(n, k) for m in mods for n, k in vars(m).items()
+            if n.endswith("_kernel") or "_kernel_" in n if hasattr(k, "arg_names")]
+
+
+def test_problem_sizes_are_left_unspecialised():
+    """Each launched kernel passes its problem sizes (``SIZE_ARGS``: lengths,
+    counts, window sizes) to Triton as runtime values, so a new sequence
+    length reuses the compiled kernel (test_new_lengths_reuse_compiled_kernels
+    counts compilations on a GPU), while strides and the feature sizes keep
+    Triton's specialisation (vectorised access along the contiguous axis)."""
+    kernels = _launched_kernels()
+    assert len(kernels) >= 14, [n for n, _ in kernels]
+    for name, k in kernels:
+        sizes = [a for a in k.arg_names if a in tc.SIZE_ARGS]
+        assert sizes, name
+        assert k.unspecialized == tuple(sizes), name
+        assert not {"D", "DO", "F"} & set(k.unspecialized), name
+        assert not [a for a in k.unspecialized if a.startswith("s")], name
+
+
 def test_gpu_program_counts_of_empty_batches():
     """The GPU-only host arithmetic that sizes the backward grids (program
     counts per (b, h) row) stays >= 1 for an empty batch (B*H = 0) instead
@@ -973,3 +997,32 @@ def test_no_copy_of_x_on_gpu(kind):
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < x.numel() * x.element_size(), f"{extra} bytes allocated for x of {x.numel() * 2} bytes"
     assert y.shape[2] == (65536 - 32) // 16 + 1
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("kind", KINDS)
+def test_new_lengths_reuse_compiled_kernels(kind):
+    """Forward and backward at T = 4200, then 4256 (a multiple of 16) and
+    4301 (odd) in the same autotuning size class: once the first length has
+    compiled (and autotuned) its kernels, the others compile nothing."""
+    kernels = [k for _, k in _launched_kernels()]
+    if not all(hasattr(k, "device_caches") for k in kernels):
+        pytest.skip("this Triton keeps no per-device kernel cache to count")
+
+    def compiled():
+        return sum(len(c[0]) for k in kernels for c in k.device_caches.values())
+
+    def step(T):
+        x, params, pe = _nsa_inputs(kind, T=T, H=2)
+        leaves = [t.requires_grad_(True) for t in [x, pe, *params] if t is not None]
+        y = kb.get(kind, "triton").fn(x, *params, block_size=32, stride=16, pe=pe)
+        y.backward(torch.ones_like(y))
+        torch.cuda.synchronize()
+        return leaves
+
+    step(4200)
+    first = compiled()
+    for T in (4256, 4301):
+        step(T)
+        assert compiled() == first, f"T={T} compiled {compiled() - first} new kernel variant(s)"

@@ -41,6 +41,7 @@ tensors past 2**31 elements are addressed correctly.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -53,7 +54,8 @@ from .._windows import compressed_cu_seqlens, num_windows
 
 __all__ = [
     "DEVICES", "DTYPES", "INTERPRET", "Launcher", "SeqPlan", "cdiv",
-    "chunk_rows", "dot_f32", "eager_call", "empty", "empty_like", "head_gemv", "interpret_block", "next_pow2",
+    "SIZE_ARGS", "chunk_rows", "dot_f32", "eager_call", "empty", "empty_like", "head_gemv", "interpret_block",
+    "jit_kernel", "next_pow2",
     "num_sms",
     "round_tf32", "search_sorted", "seq_plan", "size_class", "small_tiles",
     "supports_call", "tf32_intermediate", "tile_configs", "total_windows_arg", "triton_available", "window_gemm",
@@ -66,6 +68,28 @@ DEVICES = ("cpu", "cuda") if INTERPRET else ("cuda",)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # computed once: dynamo traces a function returning a constant without a graph break
 _AVAILABLE = INTERPRET or torch.cuda.is_available()
+
+# Problem sizes and counts among the kernels' arguments. Triton specialises an
+# int argument on == 1 and on divisibility by 16 unless told not to, so every
+# combination of those properties that the calls bring compiles a kernel
+# variant of its own: a new sequence length or head count could mean a new
+# compilation (the property suite on the GPU drew hundreds). The kernels use
+# these only in masks, loop bounds and index arithmetic, so they stay runtime
+# values. Strides and the feature sizes (D, DO, F) keep their specialisation:
+# it is what lets the compiler vectorise along the contiguous axis.
+SIZE_ARGS = frozenset({"B", "H", "HG", "HG_C", "HG_V", "HG_M", "HG_B", "N", "N_STEPS", "T", "W", "NQ", "L", "S",
+                       "PRE", "C", "P", "K", "M", "NSLOT", "ROWS_PER_SPLIT", "WORK"})
+
+
+def jit_kernel(fn):
+    """``triton.jit`` for a launched kernel, with the ``SIZE_ARGS`` among its
+    (non-constexpr) parameters left unspecialised; the kernel's
+    ``unspecialized`` attribute names them."""
+    names = tuple(n for n, p in inspect.signature(fn).parameters.items()
+                  if n in SIZE_ARGS and "constexpr" not in str(p.annotation))
+    kernel = triton.jit(fn, do_not_specialize=names)
+    kernel.unspecialized = names
+    return kernel
 
 
 def triton_available() -> bool:
@@ -507,7 +531,7 @@ def round_tf32(v):
 # --------------------------------------------------------------------------- pe folding
 
 
-@triton.jit
+@jit_kernel
 def head_gemv_kernel(vec, mat, bias, out, K, K2, M, M2, HG_V, HG_M, HG_B, DIV,
                      s_vh, s_vk1, s_vk2, s_mg, s_mk1, s_mk2, s_mm1, s_mm2, s_bg, s_bm,
                      HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):

@@ -48,6 +48,7 @@ from ._triton_common import (
     empty,
     empty_like,
     interpret_block,
+    jit_kernel,
     next_pow2,
     size_class,
 )
@@ -75,7 +76,7 @@ def _small() -> bool:
 # --------------------------------------------------------------------------- forward
 
 
-@triton.jit
+@jit_kernel
 def pool_fwd_kernel(x, wt, pe, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                     sxb, sxh, sxt, sxd, syb, syh, syw, syd, swg, swl, sph, spj, spd, H, HG, D, C, WORK,
                     UNIT: tl.constexpr, HAS_PE: tl.constexpr, IS_VARLEN: tl.constexpr, C_PAD: tl.constexpr,
@@ -225,7 +226,7 @@ def _pool_bwd_window(c, b_dx, b_pw, b_x, p_dy, wt, q, o_r, n_win, win_base, m_q,
     return b_dx, b_pw
 
 
-@triton.jit
+@jit_kernel
 def pool_bwd_kernel(dy, x, wt, dx, pw, pcs, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                     sdb, sdh, sdw, sdd, sxb, sxh, sxt, sxd, sgb, sgh, sgt, sgd, swg, swl,
                     H, HG, D, C, P, WORK,
@@ -319,7 +320,7 @@ def pool_bwd_kernel(dy, x, wt, dx, pw, pcs, cu, ccu, cq, N, N_STEPS, T, W, NQ, L
                  mask=(o_c[:, None, None] < C) & (o_r3 < S) & (o_j3 < L))
 
 
-@triton.jit
+@jit_kernel
 def pool_bwd_kernel_finalize(pw, pcs, wt, pe, dw, dpe, B, H, HG, L, D, P,
                              swg, swl, sph, spj, spd,
                              UNIT: tl.constexpr, NEED_W: tl.constexpr, NEED_PE: tl.constexpr, NEED_CS: tl.constexpr,

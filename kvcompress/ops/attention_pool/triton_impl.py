@@ -47,6 +47,7 @@ from .._triton_common import (
     empty_like,
     head_gemv,
     interpret_block,
+    jit_kernel,
     next_pow2,
     num_sms,
     round_tf32,
@@ -62,7 +63,7 @@ from .._triton_common import (
 # --------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@jit_kernel
 def attention_pool_fwd_kernel(x, w, cpe, pe, y, lse, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                               sxb, sxh, sxt, sxd, swg, swd, swc, sph, spj, spd, syb, syh, syw, syd,
                               slb, slh, slw, sld, H, HG, D, C, WORK,
@@ -148,7 +149,7 @@ def attention_pool_fwd_kernel(x, w, cpe, pe, y, lse, cu, ccu, cq, N, N_STEPS, T,
         tl.store(p_l, b_mx + tl.log(b_lt), mask=m_y[:, None] & m_c[None, :])
 
 
-@triton.jit
+@jit_kernel
 def attention_pool_bwd_kernel(x, w, cpe, pe, dy, y, lse, dx, pw, pp, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S,
                               PRE, sxb, sxh, sxt, sxd, swg, swd, swc, sph, spj, spd, sdb, sdh, sdw, sdd,
                               syb, syh, syw, syd, slb, slh, slw, sld, sgb, sgh, sgt, sgd, H, HG, D, WORK,

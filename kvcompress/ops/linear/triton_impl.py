@@ -37,6 +37,7 @@ from .._triton_common import (
     empty,
     empty_like,
     interpret_block,
+    jit_kernel,
     next_pow2,
     seq_plan,
     size_class,
@@ -51,7 +52,7 @@ from .._triton_common import (
 from .._triton_pool import eager_call, num_sms
 
 
-@triton.jit
+@jit_kernel
 def linear_bwd_kernel_dx(dy, w, dx, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                          sdb, sdh, sdw, sdn, swg, swl, swd, swn, sgb, sgh, sgt, sgd,
                          H, HG, D, DO, C, WORK,
@@ -98,7 +99,7 @@ def linear_bwd_kernel_dx(dy, w, dx, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE
         tl.store(p_dx + t[:, None] * sgt, b_acc.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
 
-@triton.jit
+@jit_kernel
 def linear_bwd_kernel_dw(x, dy, pe, cs, dw, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                          sxb, sxh, sxt, sxd, sdb, sdh, sdw, sdn, sph, spj, spd,
                          sos, sog, soj, sod, son, B, H, HG, D, DO, ROWS_PER_SPLIT, WORK,
@@ -154,7 +155,7 @@ def linear_bwd_kernel_dw(x, dy, pe, cs, dw, cu, ccu, cq, N, N_STEPS, T, W, NQ, L
 
 
 
-@triton.jit
+@jit_kernel
 def linear_pe_kernel(pe, w, out, H, HG, L, D, DO, sph, spj, spd, swg, swl, swd, swn,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[j, h, n] = sum_d pe[h, j, d] w[g, j, d, n] in float32 (plain
@@ -177,7 +178,7 @@ def linear_pe_kernel(pe, w, out, H, HG, L, D, DO, sph, spj, spd, swg, swl, swd, 
     tl.store(out + (i_j * H + i_h).to(tl.int64) * DO + o_n, b_acc, mask=m_n)
 
 
-@triton.jit
+@jit_kernel
 def linear_fwd_kernel(x, w, pep, bias, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                          sxb, sxh, sxt, sxd, swg, swl, swd, swn, syb, syh, syw, syd, sbg, sbn,
                          H, HG, D, DO, WORK,
@@ -213,7 +214,7 @@ def linear_fwd_kernel(x, w, pep, bias, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, 
     tl.store(p_y, b_acc.to(y.dtype.element_ty), mask=m_w[:, None] & m_n[None, :])
 
 
-@triton.jit
+@jit_kernel
 def linear_bwd_kernel_dx_rows(dy, w, dx, pcs, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                             sdb, sdh, sdw, sdn, swg, swl, swd, swn, sgb, sgh, sgt, sgd,
                             H, HG, D, DO, C, NSLOT, WORK,
@@ -291,7 +292,7 @@ def _head_colsum(pcs, i_h, B, H, NSLOT, DO, o_n, m_n, BLOCK_R: tl.constexpr):
     return b_cs
 
 
-@triton.jit
+@jit_kernel
 def linear_bwd_kernel_finalize(pcs, w, cs, db, dpe, B, H, HG, L, D, DO, NSLOT, swg, swl, swd, swn,
                                NEED_CS: tl.constexpr, NEED_B: tl.constexpr, NEED_PE: tl.constexpr,
                                DO_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):

@@ -42,6 +42,7 @@ from .._triton_common import (
     empty_like,
     head_gemv,
     interpret_block,
+    jit_kernel,
     next_pow2,
     num_sms,
     round_tf32,
@@ -95,7 +96,7 @@ def _act_grad(z, ACT: tl.constexpr):
 # --------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@jit_kernel
 def mlp_fwd_kernel(x, w1, cst, w2, b2, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                    sxb, sxh, sxt, sxd, s1g, s1k, s1f, scg, scf, s2g, s2f, s2n, sbg, sbn, syb, syh, syw, syd,
                    H, HG, HG_C, D, F, DO, WORK,
@@ -148,7 +149,7 @@ def mlp_fwd_kernel(x, w1, cst, w2, b2, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, 
     tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_w[:, None] & m_n[None, :])
 
 
-@triton.jit
+@jit_kernel
 def mlp_bwd_kernel_dp(x, w1, cst, w2, dy, dp, pw2, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                       sxb, sxh, sxt, sxd, s1g, s1k, s1f, scg, scf, s2g, s2f, s2n, sdb, sdh, sdw, sdn,
                       spb, sph, spw, spf, sos, sog, sof, son,

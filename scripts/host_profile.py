@@ -1,0 +1,105 @@
+"""Where the host time of one call goes: cProfile over many calls on tiny
+inputs (the GPU finishes each kernel long before the CPU issues the next, so
+the wall time is host time), forward and forward + backward, through
+``kvcompress.functional`` with backend="triton".
+
+    python3 scripts/host_profile.py [--kinds mean_pool,linear] [--calls 2000] [--out DIR]
+
+Prints per kind the wall microseconds per call without the profiler, then
+the profile's top functions by own time (tottime) and by cumulative time.
+On a machine without CUDA it runs the interpreter on the CPU, which only
+checks that the script works (the interpreter's own time dominates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+KINDS = ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool")
+
+
+def inputs(kind, device, dtype, grad):
+    import torch
+    B, H, T, D, L = 1, 1, 64, 16, 4
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    x = rnd(B, H, T, D)
+    params = {"mean_pool": lambda: [], "weighted_pool": lambda: [rnd(1, L)],
+              "linear": lambda: [rnd(1, L, D, D), rnd(1, D)],
+              "mlp": lambda: [rnd(1, L * D, 32), rnd(1, 32), rnd(1, 32, D), rnd(1, D)],
+              "attention_pool": lambda: [rnd(1, D, D)]}[kind]()
+    return x, params, rnd(H, L, D)
+
+
+def main(argv=None) -> int:
+    import torch
+
+    import kvcompress.functional as kf
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    calls = a.calls if device == "cuda" else 3
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    report = io.StringIO()
+
+    def say(s=""):
+        print(s, flush=True)
+        report.write(s + "\n")
+
+    say(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'interpreter'}), torch "
+        f"{torch.__version__}, {calls} calls a measurement")
+    for kind in a.kinds.split(","):
+        fn = getattr(kf, kind)
+        x, params, pe = inputs(kind, device, torch.bfloat16, grad=False)
+        xg, pg, peg = inputs(kind, device, torch.bfloat16, grad=True)
+        kw = dict(block_size=4, stride=2, padding="left", backend="triton")
+        dy = torch.ones_like(fn(x, *params, pe=pe, **kw))
+
+        def fwd(fn=fn, x=x, params=params, pe=pe, kw=kw):
+            fn(x, *params, pe=pe, **kw)
+
+        def fwdbwd(fn=fn, xg=xg, pg=pg, peg=peg, kw=kw, dy=dy):
+            fn(xg, *pg, pe=peg, **kw).backward(dy)
+        for name, step in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+            for _ in range(3):
+                step()                              # compile, autotune
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                step()
+            sync()
+            us = (time.perf_counter() - t0) / calls * 1e6
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls):
+                step()
+            sync()
+            prof.disable()
+            say(f"\n### {kind} {name}: {us:.1f} us a call (wall, no profiler)")
+            for order in ("tottime", "cumulative"):
+                s = io.StringIO()
+                pstats.Stats(prof, stream=s).strip_dirs().sort_stats(order).print_stats(a.top)
+                body = s.getvalue()
+                body = body[body.find("ncalls"):] if "ncalls" in body else body
+                say(f"-- by {order} (per {calls} calls)\n{body.rstrip()}")
+    if a.out is not None:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "host_profile.txt").write_text(report.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
