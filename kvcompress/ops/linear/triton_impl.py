@@ -379,7 +379,9 @@ _FWD = Launcher(
     configs=tile_configs(("BLOCK_W", "BLOCK_D", "BLOCK_N"),
                  [(128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (128, 128, 128, 8, 3), (256, 64, 128, 8, 3),
                   (256, 32, 128, 8, 4), (128, 32, 128, 4, 5), (64, 64, 128, 4, 4), (64, 32, 64, 4, 3),
-                  (32, 32, 128, 4, 3), (32, 16, 32, 4, 2), (16, 16, 16, 2, 2)]),
+                  (32, 32, 128, 4, 3), (32, 16, 32, 4, 2), (16, 16, 16, 2, 2),
+                  # run 10: deeper K tiles, 256-window tiles with fewer stages
+                  (256, 128, 128, 8, 2), (128, 128, 128, 8, 2), (128, 64, 128, 8, 4), (256, 64, 128, 8, 2)]),
     key=["D", "DO", "L", "S", "WORK", "IS_VARLEN", "HAS_PE", "HAS_BIAS", "DOT_F32"],
     interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["W"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
                                "BLOCK_N": interpret_block(kw["DO"], 32)},
