@@ -495,6 +495,45 @@ def test_mlp_backward_in_group_chunks(monkeypatch):
         assert len(launches) == case.G and all(s[1] == case.H // case.G for s in launches), launches
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mlp_forward_split_over_hidden_units(monkeypatch, dtype):
+    """Small problems split the forward over F (``fwd_splits``): each split
+    sums its F_SPLIT_ALIGN-aligned share of hidden units into a float32
+    partial, and the partials plus b2 make y. Forced to 3 splits with F =
+    300 (128 + 128 + 44 units: a short last split), packed and batched, y
+    stays within the reference's bound and every gradient within the exact
+    model; the kernel runs once with 3 F splits on its grid."""
+    monkeypatch.setattr(mlp_triton, "fwd_splits", lambda *a: 3)
+    grids = []
+    real = mlp_triton._FWD
+
+    def spy(grid, *args, **kwargs):
+        grids.append(grid({"BLOCK_W": 16})[1])
+        return real(grid, *args, **kwargs)
+
+    monkeypatch.setattr(mlp_triton, "_FWD", spy)
+    for f, seqlens in ((FIXED[0], None), (FIXED[1], [7, 0, 33])):
+        f = {**f, "F": 300, "bias2": True}
+        if seqlens:
+            f.update(seqlens=seqlens, T=sum(seqlens))
+        grids.clear()
+        check_gradients(Case(kind="mlp", dtype=dtype, seed=5, **f))
+        n_blocks = -(-f["D_out"] // mlp_triton.block_n(f["D_out"]))
+        assert grids and all(g == 3 * n_blocks for g in grids), grids
+
+
+def test_mlp_forward_splits_only_small_problems(monkeypatch):
+    """On 132 SMs (an H100) the NSA size (B*H*W = 4 * 8192) runs unsplit;
+    T = 8192 splits, each split keeping >= F_SPLIT_MIN hidden units; a
+    small F never splits; at most 16 splits."""
+    monkeypatch.setattr(mlp_triton, "num_sms", lambda device, **kw: 132)
+    dev = torch.device("cuda")
+    assert mlp_triton.fwd_splits(4 * 8192, 1, 4096, dev) == 1
+    assert 2 <= mlp_triton.fwd_splits(4 * 512, 1, 4096, dev) <= 4096 // mlp_triton.F_SPLIT_MIN
+    assert mlp_triton.fwd_splits(4 * 512, 1, 256, dev) == 1
+    assert mlp_triton.fwd_splits(1, 1, 1 << 20, dev) == 16
+
+
 def test_attention_pool_statistics_stored_or_recomputed():
     """The forward stores the per-window log-sum-exp only when autograd needs
     it, and y is the same bits either way; a backward given no statistics

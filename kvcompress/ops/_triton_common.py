@@ -78,7 +78,7 @@ _AVAILABLE = INTERPRET or torch.cuda.is_available()
 # values. Strides and the feature sizes (D, DO, F) keep their specialisation:
 # it is what lets the compiler vectorise along the contiguous axis.
 SIZE_ARGS = frozenset({"B", "H", "HG", "HG_C", "HG_V", "HG_M", "HG_B", "N", "N_STEPS", "T", "W", "NQ", "L", "S",
-                       "PRE", "C", "P", "K", "M", "NSLOT", "ROWS_PER_SPLIT", "WORK"})
+                       "PRE", "C", "P", "K", "M", "NSLOT", "ROWS_PER_SPLIT", "F_CHUNK", "WORK"})
 
 
 def jit_kernel(fn):

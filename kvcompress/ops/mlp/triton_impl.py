@@ -98,13 +98,19 @@ def _act_grad(z, ACT: tl.constexpr):
 
 @jit_kernel
 def mlp_fwd_kernel(x, w1, cst, w2, b2, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
-                   sxb, sxh, sxt, sxd, s1g, s1k, s1f, scg, scf, s2g, s2f, s2n, sbg, sbn, syb, syh, syw, syd,
-                   H, HG, HG_C, D, F, DO, WORK,
+                   sxb, sxh, sxt, sxd, s1g, s1k, s1f, scg, scf, s2g, s2f, s2n, sbg, sbn, sys, syb, syh, syw, syd,
+                   H, HG, HG_C, D, F, DO, F_CHUNK, WORK,
                    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr,
                    ACT: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_CONST: tl.constexpr, HAS_B2: tl.constexpr,
                    HID_TF32: tl.constexpr, DOT_F32: tl.constexpr):
     """y[w] = act(flat(X_w) @ w1[g] + cst[h // HG_C]) @ w2[g] + b2[g] for a tile
-    of BLOCK_W windows and BLOCK_N outputs. Grid (window tiles, D_out blocks, B*H).
+    of BLOCK_W windows and BLOCK_N outputs. Grid (window tiles, D_out blocks
+    x F splits, B*H).
+
+    Split F (small problems, ``fwd_splits``): program split i_s sums the
+    hidden units [i_s * F_CHUNK, (i_s + 1) * F_CHUNK) only and stores its
+    float32 partial at y + i_s * sys (the caller sums the splits in a fixed
+    order and adds b2); one split (F_CHUNK >= F, sys = 0) stores y itself.
 
     Per F tile: the pre-activation [BLOCK_W, BLOCK_F] accumulates over the
     K loop (j, D block) exactly as linear's forward (A tile: the token rows
@@ -114,7 +120,9 @@ def mlp_fwd_kernel(x, w1, cst, w2, b2, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, 
     cores take it so) and fed from registers into the second dot. cst: b1
     and pe's share flat(pe[h]) @ w1[g] (pe folded). WORK: autotuning key only.
     """
-    i_w, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_w, i_ns, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NB = tl.cdiv(DO, BLOCK_N)
+    i_n, i_s = i_ns % NB, i_ns // NB
     i_b, i_h = i_bh // H, i_bh % H
     i_g = i_h // HG
     o_w = i_w * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -126,9 +134,11 @@ def mlp_fwd_kernel(x, w1, cst, w2, b2, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, 
     p_w1 = w1 + i_g.to(tl.int64) * s1g
     p_w2 = w2 + i_g.to(tl.int64) * s2g + o_n[None, :] * s2n                             # [1, BLOCK_N]
     b_y = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-    for f0 in range(0, F, BLOCK_F):
+    f_lo = i_s * F_CHUNK
+    f_hi = tl.minimum(F, f_lo + F_CHUNK)
+    for f0 in range(f_lo, f_hi, BLOCK_F):
         o_ff = f0 + o_f                                                                  # [BLOCK_F]
-        m_ff = o_ff < F
+        m_ff = o_ff < f_hi
         # the pre-activation: w1[g] seen as (L, D, F), row j*D + d
         b_p = window_gemm(tl.zeros([BLOCK_W, BLOCK_F], dtype=tl.float32), p_x, t0, bos, m_w, sxt, sxd,
                           p_w1 + o_ff[None, :] * s1f, D * s1k, s1k, m_ff, L, D, BLOCK_D, DOT_F32)
@@ -139,13 +149,14 @@ def mlp_fwd_kernel(x, w1, cst, w2, b2, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, 
         if HID_TF32:   # float16: the hidden rounded to tf32, not into float16's subnormals (tf32_intermediate)
             b_y = tl.dot(round_tf32(_act(b_p, ACT)), b_w2.to(tl.float32), b_y, input_precision="tf32")
         else:
-            b_h = _act(b_p, ACT).to(y.dtype.element_ty)                                  # [BLOCK_W, BLOCK_F]
+            b_h = _act(b_p, ACT).to(x.dtype.element_ty)                                  # [BLOCK_W, BLOCK_F]
             if DOT_F32:
                 b_h, b_w2 = b_h.to(tl.float32), b_w2.to(tl.float32)
             b_y = tl.dot(b_h, b_w2, b_y, input_precision="ieee")                         # [BLOCK_W, BLOCK_N]
     if HAS_B2:
         b_y += tl.load(b2 + i_g.to(tl.int64) * sbg + o_n * sbn, mask=m_n, other=0.).to(tl.float32)[None, :]
-    p_y = y + i_b.to(tl.int64) * syb + i_h.to(tl.int64) * syh + o_w[:, None].to(tl.int64) * syw + o_n[None, :] * syd
+    p_y = y + i_s.to(tl.int64) * sys + i_b.to(tl.int64) * syb + i_h.to(tl.int64) * syh \
+        + o_w[:, None].to(tl.int64) * syw + o_n[None, :] * syd
     tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_w[:, None] & m_n[None, :])
 
 
@@ -299,8 +310,8 @@ _FWD = Launcher(
                  [(128, 64, 128, 8, 3), (128, 64, 128, 8, 4), (128, 64, 64, 8, 3), (128, 64, 64, 8, 4),
                   (64, 64, 128, 8, 3), (64, 64, 64, 4, 3), (64, 32, 64, 8, 3), (32, 32, 64, 4, 3),
                   (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)]),
-    key=["D", "F", "DO", "L", "S", "WORK", "BLOCK_N", "ACT", "IS_VARLEN", "HAS_CONST", "HAS_B2", "HID_TF32",
-         "DOT_F32"],
+    key=["D", "F", "DO", "L", "S", "F_CHUNK", "WORK", "BLOCK_N", "ACT", "IS_VARLEN", "HAS_CONST", "HAS_B2",
+         "HID_TF32", "DOT_F32"],
     interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["W"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
                                "BLOCK_F": interpret_block(kw["F"], 32)},
     prune=lambda cs, kw: _fused_prune(cs, kw, "fwd"))
@@ -322,6 +333,23 @@ _DX = dx_launcher([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 
 _DW1 = dw_launcher([(64, 128, 128, 8, 3), (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (64, 128, 256, 8, 3),
                     (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)],
                    lambda cs, kw: _linear_prune(cs, kw, "BLOCK_W"))
+
+
+# the forward's F splits are multiples of this (every BLOCK_F divides it)
+F_SPLIT_ALIGN = 128
+# hidden units per split at least (fewer: the float32 partials' traffic outweighs the gain)
+F_SPLIT_MIN = 512
+
+
+def fwd_splits(rows: int, n_blocks: int, F: int, device) -> int:
+    """F splits of the forward: 1 when its (window tile, D_out block, b*h)
+    programs, counted at 128-window tiles, fill the GPU twice; else enough
+    to, each split summing >= F_SPLIT_MIN hidden units, at most 16. At
+    T = 8192 (B = 1, H = 4) 16 programs would leave most SMs idle (GPU
+    run 8: 1.09 ms against 0.134 for torch.compile of the seed)."""
+    programs = cdiv(rows, 128) * n_blocks
+    want = (2 * num_sms(device)) // max(programs, 1)
+    return max(1, min(want, F // F_SPLIT_MIN, 16))
 
 
 def _splits(rows: int, programs: int, device, min_rows: int = 512) -> int:
@@ -362,12 +390,24 @@ def _forward(x, w1, b1, w2, b2, pe, plan, act):
         return y
     cst, hg_c, c_strides = _first_layer_constant(x, w1, b1, pe, plan.L)
     BN = block_n(DO)
-    _FWD(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), cdiv(DO, BN), B * H),
-         x, w1, cst if cst is not None else x, w2, b2 if b2 is not None else x, y, *plan.seq_args(),
+    NB = cdiv(DO, BN)
+    splits = fwd_splits(B * H * plan.W, NB, F, x.device)
+    chunk = cdiv(cdiv(F, splits), F_SPLIT_ALIGN) * F_SPLIT_ALIGN if splits > 1 else F
+    splits = cdiv(F, chunk)
+    # one split writes y; several write float32 partials (S, B, H, W, D_out), summed below in a fixed order
+    out = y if splits == 1 else empty((splits, B, H, plan.W, DO), dtype=torch.float32, device=x.device)
+    o_strides = (0, *y.stride()) if splits == 1 else out.stride()
+    _FWD(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), NB * splits, B * H),
+         x, w1, cst if cst is not None else x, w2, b2 if b2 is not None else x, out, *plan.seq_args(),
          *x.stride(), *w1.stride(), *c_strides, *w2.stride(), *(b2.stride() if b2 is not None else (0, 0)),
-         *y.stride(), H, HG, hg_c, D, F, DO, size_class(B * H * plan.W),
+         *o_strides, H, HG, hg_c, D, F, DO, chunk, size_class(B * H * plan.W),
          BLOCK_N=BN, ACT=ACTIVATIONS.index(act), IS_VARLEN=plan.varlen, HAS_CONST=cst is not None,
-         HAS_B2=b2 is not None, HID_TF32=tf32_intermediate(x.dtype), DOT_F32=dot_f32(x.dtype))
+         HAS_B2=b2 is not None and splits == 1, HID_TF32=tf32_intermediate(x.dtype), DOT_F32=dot_f32(x.dtype))
+    if splits > 1:
+        acc = out.sum(0)                                                       # (B, H, W, D_out) float32
+        if b2 is not None:
+            acc += b2.to(torch.float32).repeat_interleave(HG, 0)[None, :, None, :]
+        y.copy_(acc)
     return y
 
 
