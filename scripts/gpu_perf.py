@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Performance of the Triton kernels of mean_pool, weighted_pool and linear
-on a GPU: CUDA-graph and eager times, per-kernel profile, host overhead
+"""Performance of the Triton kernels (by default mean_pool, weighted_pool
+and linear, which have targets; ``--kinds`` adds mlp and attention_pool) on
+a GPU: CUDA-graph and eager times, per-kernel profile, host overhead
 (docs/triton-perf.md); runs saved as JSON compare side by side.
 
 Run from the repository root on a CUDA machine (needs only torch, triton,
@@ -8,6 +9,7 @@ numpy):
 
     python scripts/gpu_perf.py --out perf.json                     # every kind (~2-3 min)
     python scripts/gpu_perf.py --kinds linear --layouts bthd       # a subset
+    python scripts/gpu_perf.py --kinds mlp --T 8192 --layouts bhtd # mlp at a small size (F = L*D)
     python scripts/gpu_perf.py --label new --out new.json          # label a run (e.g. a kernel change) ...
     python scripts/gpu_perf.py --compare old.json,new.json         # ... and compare saved runs (no GPU)
     python scripts/gpu_perf.py --compile-only                      # no GPU: compile every config for sm_90
@@ -15,8 +17,8 @@ numpy):
 
 Kernel versions v1 and v2 were compared this way in GPU run 5
 (docs/gpu-runs.md); the losing kernels were then deleted. Case: the issue's NSA size, bfloat16, B=1, H=4, D=128, L=32,
-S=16, T=131072, left padding, pe on (linear also with bias), weights per
-head (G = H); layouts bhtd (contiguous) and bthd (a (B, T, H, D) tensor seen
+S=16, T=131072, left padding, pe on (linear and mlp also with biases; mlp
+F = L*D), weights per head (G = H); layouts bhtd (contiguous) and bthd (a (B, T, H, D) tensor seen
 through transpose(1, 2)). Per kind, layout and version:
 
 (a) profile: torch.profiler with CUDA activity over ``--profile-iters``
@@ -35,12 +37,14 @@ through transpose(1, 2)). Per kind, layout and version:
     the NSA size without waiting for the GPU, through the backend's callable
     and through kvcompress.functional (argument validation included), and
     the wall time per call on tiny inputs, where the host is the bottleneck;
-(e) rates against the targets (H100: linear forward <= 0.10 ms and forward
-    + backward <= 0.30 ms; pools >= 2.3 TB/s forward, >= 2.0 TB/s forward +
-    backward, bytes counted as scripts/gpu_check.py does: forward x + y;
-    backward dy + dx, plus x again for weighted_pool and linear), for the
-    graph time and the eager time, with the copy and matmul ceilings
-    measured in the same process;
+(e) rates against the targets at T = 131072 (H100: linear forward <= 0.10
+    ms and forward + backward <= 0.30 ms; pools >= 2.3 TB/s forward, >= 2.0
+    TB/s forward + backward; mlp >= 630 / 520 TFLOP/s (forward + backward
+    counted as 3x the forward's FLOP); attention_pool has no rate target),
+    bytes counted as scripts/gpu_check.py does: forward x + y; backward dy +
+    dx, plus x again for weighted_pool and linear), for the graph time and
+    the eager time, with the copy and matmul ceilings measured in the same
+    process;
 (f) correctness first: scripts/gpu_check.py's check of the NSA case
     (forward and every gradient against the torch backend, derived bound),
     so a fast wrong kernel cannot win.
@@ -63,9 +67,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-KINDS = ("mean_pool", "weighted_pool", "linear")
+KINDS = ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool")
+DEFAULT_KINDS = ("mean_pool", "weighted_pool", "linear")     # the kinds with bandwidth / latency targets
+GEMM_KINDS = ("linear", "mlp")                                # rates in TFLOP/s, the others in TB/s
 LAYOUTS = ("bhtd", "bthd")
 TARGETS = {"linear": {"fwd_ms": 0.10, "fwdbwd_ms": 0.30},
+           "mlp": {"fwd_tflops": 630, "fwdbwd_tflops": 520},
            "mean_pool": {"fwd_tbs": 2.3, "fwdbwd_tbs": 2.0},
            "weighted_pool": {"fwd_tbs": 2.3, "fwdbwd_tbs": 2.0}}
 DEVICE = "cuda"        # "cpu" with --dry-run-cpu
@@ -101,8 +108,12 @@ def make(kind, *, B, H, T, D, L, S, dtype, layout, pe, bias, grad, seed=0):
         return t.requires_grad_(grad)
 
     x = rnd(B, T, H, D).detach().transpose(1, 2).requires_grad_(grad) if layout == "bthd" else rnd(B, H, T, D)
-    params = {"mean_pool": [], "weighted_pool": [rnd(H, L, scale=1 / L)],
-              "linear": [rnd(H, L, D, D, scale=(L * D) ** -0.5), rnd(H, D) if bias else None]}[kind]
+    F = L * D                                                  # mlp: the seed's GroupedMLP, expand 1
+    params = {"mean_pool": lambda: [], "weighted_pool": lambda: [rnd(H, L, scale=1 / L)],
+              "linear": lambda: [rnd(H, L, D, D, scale=(L * D) ** -0.5), rnd(H, D) if bias else None],
+              "mlp": lambda: [rnd(H, L * D, F, scale=(L * D) ** -0.5), rnd(H, F) if bias else None,
+                              rnd(H, F, D, scale=F ** -0.5), rnd(H, D) if bias else None],
+              "attention_pool": lambda: [rnd(H, D, D, scale=D ** -0.5)]}[kind]()
     return x, params, (rnd(H, L, D) if pe else None)
 
 
@@ -125,7 +136,8 @@ def traffic(kind, *, B, H, T, D, L, S, padding):
     x_bytes, y_bytes = B * H * T * D * 2, B * H * W * D * 2
     fwd = x_bytes + y_bytes
     bwd = y_bytes + x_bytes + (x_bytes if kind != "mean_pool" else 0)
-    return fwd, fwd + bwd, 2 * B * H * W * L * D * D
+    flop = 2 * B * H * W * L * D * D * (2 if kind == "mlp" else 1)   # mlp: L*D -> F = L*D -> D
+    return fwd, fwd + bwd, flop
 
 
 # --------------------------------------------------------------------------- (a) profile
@@ -321,13 +333,14 @@ def measure(kind, layout, a, size):
         t_f, t_fb = res[f"{how}_fwd_ms"], res[f"{how}_fwdbwd_ms"]
         res[f"{how}_fwd_tbs"] = fb / (t_f * 1e-3) / 1e12
         res[f"{how}_fwdbwd_tbs"] = fbb / (t_fb * 1e-3) / 1e12
-        if kind == "linear":
+        if kind in GEMM_KINDS:
             res[f"{how}_fwd_tflops"] = flop / (t_f * 1e-3) / 1e12
             res[f"{how}_fwdbwd_tflops"] = 3 * flop / (t_fb * 1e-3) / 1e12
-        if DEVICE == "cuda" and not a.quick:
+        if DEVICE == "cuda" and not a.quick and kind in TARGETS and a.T == 131072:   # the targets' size
             tg = TARGETS[kind]
             vals = {"fwd_ms": t_f, "fwdbwd_ms": t_fb, "fwd_tbs": res[f"{how}_fwd_tbs"],
-                    "fwdbwd_tbs": res[f"{how}_fwdbwd_tbs"]}
+                    "fwdbwd_tbs": res[f"{how}_fwdbwd_tbs"], "fwd_tflops": res.get(f"{how}_fwd_tflops"),
+                    "fwdbwd_tflops": res.get(f"{how}_fwdbwd_tflops")}
             res[f"{how}_meets_targets"] = all(vals[k] <= v if k.endswith("_ms") else vals[k] >= v
                                               for k, v in tg.items())
     return res
@@ -364,13 +377,15 @@ def correctness(kind):
 
 
 def autotuned():
-    """The configuration every autotuned Launcher of the three kinds picked, per key."""
+    """The configuration every autotuned Launcher picked, per key."""
     from kvcompress.ops import _triton_common as tc
+    from kvcompress.ops.attention_pool import triton_impl as ap
     from kvcompress.ops.linear import triton_impl as li
     from kvcompress.ops.mean_pool import triton_impl as mp
+    from kvcompress.ops.mlp import triton_impl as ml
     from kvcompress.ops.weighted_pool import triton_impl as wp
     out = {}
-    for mod in (mp, wp, li):
+    for mod in (mp, wp, li, ml, ap):
         for name, obj in vars(mod).items():
             if isinstance(obj, tc.Launcher) and obj.tuned is not None and obj.tuned.cache:
                 out[f"{mod.__name__.split('.')[-2]}.{name}"] = {str(k): str(v) for k, v in obj.tuned.cache.items()}
@@ -441,7 +456,7 @@ def summary(results, kinds, layouts):
     the first version; targets met or missed."""
     log("\n" + "=" * 118)
     log("SUMMARY (bf16, NSA size; graph = CUDA-graph replay (kernels only), eager = do_bench median; "
-        "pools TB/s, linear TFLOP/s)")
+        "linear and mlp TFLOP/s, the others TB/s)")
     log("targets: linear fwd <= 0.10 ms, fwd+bwd <= 0.30 ms; pools fwd >= 2.3 TB/s, fwd+bwd >= 2.0 TB/s")
     for res in results:     # JSON of GPU run 5 and before names the run "variant"
         res.setdefault("label", res.get("variant", "?"))
@@ -465,7 +480,7 @@ def summary(results, kinds, layouts):
                 if "error" in r:
                     log(f"{kind:14s}{layout:7s}{v:4s}| ERROR {r['error'][:90]}")
                     continue
-                unit = "tflops" if kind == "linear" else "tbs"
+                unit = "tflops" if kind in GEMM_KINDS else "tbs"
                 tgt = {True: "MET", False: "missed"}
                 line = (f"{kind:14s}{layout:7s}{v:4s}| {r['graph_fwd_ms']:8.4f}ms {r['eager_fwd_ms']:8.4f} "
                         f"{r[f'graph_fwd_{unit}']:7.2f} {r['profile_fwd']['launches_per_call']:6.0f} "
@@ -487,7 +502,7 @@ def summary(results, kinds, layouts):
             log(f"[{res['label']}] host, tiny inputs, wall us per call {kind:13s}: fwd {h['tiny_fwd_backend_us']:.0f}"
                 f" (functional {h['tiny_fwd_functional_us']:.0f}), fwd+bwd {h['tiny_fwdbwd_backend_us']:.0f} "
                 f"(functional {h['tiny_fwdbwd_functional_us']:.0f})")
-    log("columns: rate = graph-time TB/s (pools) or TFLOP/s (linear); launch = kernels per call (profiler); "
+    log("columns: rate = graph-time TFLOP/s (linear, mlp) or TB/s (the others); launch = kernels per call (profiler); "
         "issue = CPU us to issue one call at this size")
     log("=" * 118)
 
@@ -495,12 +510,12 @@ def summary(results, kinds, layouts):
 # --------------------------------------------------------------------------- compile only
 
 
-def compile_only(dtypes):
+def compile_only(dtypes, kinds=DEFAULT_KINDS):
     """Compile every configuration the autotuner may try for this script's
-    kinds at the NSA size for sm_90 (scripts/gpu_check.py --compile-only,
-    restricted to mean_pool, weighted_pool and linear). Returns the rows."""
+    kinds at the NSA size for sm_90 (scripts/gpu_check.py --compile-only
+    for ``kinds``). Returns the rows."""
     import gpu_check  # scripts/ is on sys.path
-    return gpu_check.compile_only(dtypes, kinds=KINDS)
+    return gpu_check.compile_only(dtypes, kinds=kinds)
 
 
 # --------------------------------------------------------------------------- main
@@ -508,7 +523,8 @@ def compile_only(dtypes):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kinds", default=",".join(KINDS), help="comma list of " + ", ".join(KINDS))
+    ap.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                    help="comma list of " + ", ".join(KINDS) + " (default: the first three, which have targets)")
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of " + ", ".join(LAYOUTS))
     ap.add_argument("--label", default="this", help="this run's name in the summary and JSON (default 'this')")
     ap.add_argument("--compare", default=None,
@@ -540,7 +556,7 @@ def main(argv=None):
         summary(results, a.kinds, a.layouts)
         return 0
     if a.compile_only:
-        rows = compile_only([d.strip() for d in a.dtypes.split(",") if d.strip()])
+        rows = compile_only([d.strip() for d in a.dtypes.split(",") if d.strip()], a.kinds)
         if a.out:
             with open(a.out, "w") as fh:
                 json.dump({"compile": rows}, fh, indent=1)
