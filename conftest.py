@@ -8,7 +8,8 @@ variable ``KVCOMPRESS_PROFILE``; default ``ci``):
 - ``ci``: deterministic (derandomized, no example database), bounded time,
   prints the ``@reproduce_failure`` blob of any failure; asserts that the
   promised features were all drawn.
-- ``thorough``: many random examples, for long runs and new kernels.
+- ``thorough``: many random examples, for long runs and new kernels;
+  ``thorough-part``: one of several processes sharing a thorough run.
 - ``ci-emulated``: like ci with 10 examples, for backends emulated on this
   device (Triton's interpreter on the CPU), which ``--emulated only``
   selects; they are left out of a plain run (``--emulated exclude``).
@@ -44,6 +45,10 @@ _common = dict(deadline=None, print_blob=True,
 settings.register_profile("dev", max_examples=8, **_common)
 settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_common)
 settings.register_profile("thorough", max_examples=1000, **_common)
+# one part of a thorough run split over processes (scripts/run_properties.py --split K): each part
+# draws KVCOMPRESS_PART_EXAMPLES examples from its own --hypothesis-seed
+settings.register_profile("thorough-part", max_examples=int(os.environ.get("KVCOMPRESS_PART_EXAMPLES", "250")),
+                          **_common)
 # emulated backends (Triton's interpreter on the CPU) cost ~100x per example:
 # deterministic like ci, with fewer examples (and smaller cases, Impl.limits)
 settings.register_profile("ci-emulated", max_examples=10, derandomize=True, database=None, **_common)

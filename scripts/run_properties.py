@@ -16,6 +16,12 @@ Usage (scripts/gpu_session.sh's ``thorough`` phase):
 Everything after ``--`` goes to pytest, first to collect the test ids, then
 to each test's run. Writes DIR/summary.md (a table) and DIR/tests.log (every
 test's output, one after another). Exit status 0 iff every test passed.
+
+``--split K --split-match TEXT`` runs each test whose id contains TEXT as K
+processes instead of one, part i with ``--hypothesis-seed i`` and the
+``thorough-part`` profile of ceil(``--examples`` / K) examples (conftest.py),
+so a property too slow for one process within the deadline still gets its
+``--examples`` random examples in all.
 """
 
 from __future__ import annotations
@@ -61,14 +67,20 @@ def examples(log: str) -> str:
     return "{} / {} / {}".format(*counts) if found else "-"
 
 
-def run_one(test_id: str, pytest_args: list[str], limit: float) -> tuple[str, float, str]:
-    """(outcome, seconds, log) of one test in its own process group, SIGINT at the limit."""
+def run_one(test_id: str, pytest_args: list[str], limit: float, part=None) -> tuple[str, float, str]:
+    """(outcome, seconds, log) of one test in its own process group, SIGINT at
+    the limit; ``part`` = (seed, examples) runs one part of a split test."""
     t0 = time.monotonic()
     args = [a for a in pytest_args if not (a.endswith(".py") or a.startswith("tests/"))]
     args = _strip_k(args)
+    env = dict(os.environ)
+    if part is not None:
+        args = _strip_profile(args) + ["--hypothesis-profile", "thorough-part", f"--hypothesis-seed={part[0]}"]
+        env["KVCOMPRESS_PART_EXAMPLES"] = str(part[1])
     proc = subprocess.Popen([sys.executable, "-m", "pytest", test_id, "-q", "-p", "no:cacheprovider",
                              "--hypothesis-show-statistics", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=env)
     try:
         log, _ = proc.communicate(timeout=max(limit, 1))
         cut = False
@@ -88,6 +100,18 @@ def run_one(test_id: str, pytest_args: list[str], limit: float) -> tuple[str, fl
     else:
         outcome = "FAILED"
     return outcome, seconds, log
+
+
+def _strip_profile(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--hypothesis-profile":
+            skip = True
+        elif not a.startswith("--hypothesis-profile="):
+            out.append(a)
+    return out
 
 
 def _strip_k(args: list[str]) -> list[str]:
@@ -111,35 +135,48 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=540, help="seconds from start; tests still running get SIGINT")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--split", type=int, default=1, help="processes per test matched by --split-match")
+    p.add_argument("--split-match", default="", help="split the tests whose id contains this (default: all)")
+    p.add_argument("--examples", type=int, default=1000, help="examples of a split test in all (thorough: 1000)")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: pytest paths and options")
     a = p.parse_args(argv)
     pytest_args = a.pytest_args[1:] if a.pytest_args[:1] == ["--"] else a.pytest_args
     start = time.monotonic()
-    ids = sorted(collect(pytest_args), key=priority)
+    tests = sorted(collect(pytest_args), key=priority)
+    # (row name, test id, part): a split test is several rows, one per seed
+    jobs = []
+    for t in tests:
+        if a.split > 1 and a.split_match in t:
+            per = -(-a.examples // a.split)
+            jobs += [(f"{t} [part {i + 1}/{a.split}, seed {i}]", t, (i, per)) for i in range(a.split)]
+        else:
+            jobs.append((t, t, None))
+    ids = [j[0] for j in jobs]
     a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, tuple[str, float, str]] = {}
     lock = threading.Lock()
 
-    def job(test_id):
+    def job(spec):
+        test_id, real_id, part = spec
         left = a.deadline - (time.monotonic() - start)
         if left < 5:
             res = ("not started (deadline)", 0.0, "")
         else:
-            res = run_one(test_id, pytest_args, left)
+            res = run_one(real_id, pytest_args, left, part)
         with lock:
             results[test_id] = res
             print(f"[{time.monotonic() - start:6.0f} s] {res[0]:22s} {res[1]:6.0f} s  {examples(res[2]):>18s}  "
                   f"{test_id}", flush=True)
 
     with ThreadPoolExecutor(a.jobs) as pool:
-        list(pool.map(job, ids))
+        list(pool.map(job, jobs))
     rows = ["| test | outcome | seconds | examples passing / failing / invalid |", "| --- | --- | --- | --- |"]
     rows += [f"| {t} | {results[t][0]} | {results[t][1]:.0f} | {examples(results[t][2])} |" for t in ids]
     counts: dict[str, int] = {}
     for o, _, _ in results.values():
         counts[o] = counts.get(o, 0) + 1
     total = time.monotonic() - start
-    head = (f"{len(ids)} tests, {a.jobs} at a time, {total:.0f} s: "
+    head = (f"{len(tests)} tests in {len(ids)} processes, {a.jobs} at a time, {total:.0f} s: "
             + ", ".join(f"{n} {o}" for o, n in sorted(counts.items())) + "\n\npytest " + " ".join(pytest_args))
     (a.out / "summary.md").write_text(head + "\n\n" + "\n".join(rows) + "\n")
     with open(a.out / "tests.log", "w") as f:
