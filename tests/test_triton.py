@@ -114,14 +114,15 @@ def test_problem_sizes_are_left_unspecialised():
     counts, window sizes) to Triton as runtime values, so a new sequence
     length reuses the compiled kernel (test_new_lengths_reuse_compiled_kernels
     counts compilations on a GPU), while strides and the feature sizes keep
-    Triton's specialisation (vectorised access along the contiguous axis)."""
+    Triton's specialisation (vectorised access along the contiguous axis), and
+    so do B and HG (the weight gradients divide row indices by them)."""
     kernels = _launched_kernels()
     assert len(kernels) >= 14, [n for n, _ in kernels]
     for name, k in kernels:
         sizes = [a for a in k.arg_names if a in tc.SIZE_ARGS]
         assert sizes, name
         assert k.unspecialized == tuple(sizes), name
-        assert not {"D", "DO", "F"} & set(k.unspecialized), name
+        assert not {"D", "DO", "F", "B", "HG"} & set(k.unspecialized), name
         assert not [a for a in k.unspecialized if a.startswith("s")], name
 
 
@@ -770,6 +771,48 @@ def test_untuned_launch_takes_the_first_kept_config(monkeypatch):
     monkeypatch.setenv("KVCOMPRESS_TRITON_AUTOTUNE", "fast")
     with pytest.raises(ValueError, match="KVCOMPRESS_TRITON_AUTOTUNE"):
         tc._autotune_setting()
+
+
+def test_tuned_launch_reuses_the_pick_of_its_key(monkeypatch):
+    """With autotuning on (a GPU), the first call of a tuning key goes
+    through triton's autotuner; later calls of the same key launch the
+    kernel directly with the configuration it picked (all its launch
+    options), skipping the autotuner's per-call work; a new key value or a
+    new dtype tunes again."""
+    import triton
+    monkeypatch.setattr(tc, "AUTOTUNE", True)
+    calls = []
+
+    class Kernel:
+        arg_names = ["x", "N", "D", "FLAG"]
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append(("direct", a[1], kw))
+
+    picks = {64: triton.Config({"BLOCK": 32}, num_warps=2, num_stages=4),
+             128: triton.Config({"BLOCK": 64}, num_warps=8, num_stages=2)}
+
+    class Tuned:
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                self.best_config = picks[a[2]]
+                calls.append(("tuned", a[1], kw))
+            return run
+
+    launcher = tc.Launcher(Kernel(), configs=list(picks.values()), key=["D", "FLAG"],
+                           interpret_meta=lambda kw: {})
+    launcher.tuned = Tuned()
+    x16, x32 = torch.zeros(1, dtype=torch.float16), torch.zeros(1)
+    for n, x, d in [(1, x16, 64), (2, x16, 64), (3, x16, 128), (4, x16, 128), (5, x32, 64), (6, x16, 64)]:
+        launcher(lambda meta: (1,), x, n, d, FLAG=True)
+    assert [(how, n) for how, n, _ in calls] == [("tuned", 1), ("direct", 2), ("tuned", 3), ("direct", 4),
+                                                 ("tuned", 5), ("direct", 6)]
+    assert calls[1][2] == {"FLAG": True, **picks[64].all_kwargs()}
+    assert calls[3][2]["BLOCK"] == 64 and calls[3][2]["num_warps"] == 8 and calls[3][2]["num_stages"] == 2
+    launcher(lambda meta: (1,), x16, 7, 64, FLAG=False)                  # a key value passed by keyword
+    assert calls[-1][0] == "tuned"
 
 
 def test_bf16_dots_are_upcast_only_in_the_interpreter():

@@ -76,9 +76,13 @@ _AVAILABLE = INTERPRET or torch.cuda.is_available()
 # compilation (the property suite on the GPU drew hundreds). The kernels use
 # these only in masks, loop bounds and index arithmetic, so they stay runtime
 # values. Strides and the feature sizes (D, DO, F) keep their specialisation:
-# it is what lets the compiler vectorise along the contiguous axis.
-SIZE_ARGS = frozenset({"B", "H", "HG", "HG_C", "HG_V", "HG_M", "HG_B", "N", "N_STEPS", "T", "W", "NQ", "L", "S",
-                       "PRE", "C", "P", "K", "M", "NSLOT", "ROWS_PER_SPLIT", "F_CHUNK", "WORK"})
+# it is what lets the compiler vectorise along the contiguous axis. So do B
+# and the heads per group (HG...): the weight-gradient kernels split each row
+# index into (b, head, window) by dividing by them, which a specialised 1
+# removes (unspecialised, linear's dW kernel took 149 instead of 110 us at the
+# NSA size on an H100, GPU run 10).
+SIZE_ARGS = frozenset({"H", "N", "N_STEPS", "T", "W", "NQ", "L", "S", "PRE", "C", "P", "K", "M", "NSLOT",
+                       "ROWS_PER_SPLIT", "F_CHUNK", "WORK"})
 
 
 def jit_kernel(fn):
@@ -383,6 +387,8 @@ class Launcher:
         self.interpret_meta = interpret_meta
         self.configs, self.prune = list(configs), prune
         self.tuned = None
+        self._key_pos = [(kernel.arg_names.index(k), k) for k in key]
+        self.best: dict[tuple, triton.Config] = {}   # tuning key -> the autotuner's pick
         if not INTERPRET:
             early = None
             if prune is not None:
@@ -399,7 +405,15 @@ class Launcher:
             meta = self.interpret_meta(named)
             self.kernel[grid({**named, **meta})](*args, **kwargs, **meta)
         elif AUTOTUNE:
-            self.tuned[grid](*args, **kwargs)
+            # Once a key is tuned, launch its pick directly: triton's Autotuner.run rebuilds its key
+            # from every argument on each call, ~15-25 us of host time per launch (GPU run 10, cProfile)
+            key = self.tuning_key(args, kwargs)
+            cfg = self.best.get(key)
+            if cfg is None:
+                self.tuned[grid](*args, **kwargs)          # tunes this key (once), then launches its pick
+                self.best[key] = self.tuned.best_config
+            else:
+                self.kernel[grid](*args, **kwargs, **cfg.all_kwargs())
         else:
             named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
             tried = first_config(self.configs, self.prune, named)
@@ -411,6 +425,14 @@ class Launcher:
                 except triton.runtime.errors.OutOfResources:   # as the autotuner skips it: the next one
                     if i == len(tried) - 1:
                         raise
+
+
+    def tuning_key(self, args, kwargs) -> tuple:
+        """The autotuner's key of a call: the values of the ``key`` arguments
+        and the dtypes of the tensor arguments (as triton's Autotuner keys)."""
+        vals = tuple(args[i] if i < len(args) else kwargs[name] for i, name in self._key_pos)
+        return vals + tuple(a.dtype for a in args if isinstance(a, torch.Tensor)) \
+            + tuple(v.dtype for v in kwargs.values() if isinstance(v, torch.Tensor))
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -571,8 +593,14 @@ def head_gemv(H: int, vec: torch.Tensor, vec_strides, hg_v: int, mat: torch.Tens
     out = empty((H, M), dtype=torch.float32, device=mat.device)
     if H == 0 or M == 0:
         return out
-    BLOCK_M = min(128, max(16, next_pow2(M)))
-    BLOCK_K = 16 if INTERPRET else 64
+    if INTERPRET:
+        BLOCK_M, BLOCK_K = min(128, max(16, next_pow2(M))), 16
+    else:
+        # mat is read once, so this is a copy of mat's bytes: about four programs per SM keep enough
+        # loads in flight (one program per SM, BLOCK_M = 128, read mlp's (4096, 4096) w1 at ~1 TB/s,
+        # 130 us, GPU run 10); a tile of at most 8192 elements
+        BLOCK_M = min(128, max(16, next_pow2(cdiv(H * M, 4 * num_sms(mat.device)))))
+        BLOCK_K = max(16, min(256, 8192 // BLOCK_M))
     head_gemv_kernel[(H, cdiv(M, BLOCK_M))](
         vec, mat, bias if bias is not None else mat, out, K, max(K2, 1), M, max(M2, 1), hg_v, hg_m, hg_b, div,
         *vec_strides, *mat_strides, *bias_strides, HAS_BIAS=bias is not None, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M)
