@@ -841,11 +841,12 @@ def compile_mlp(one, dt, tdt, tag, varlen, *, T, H, D, L, S, W):
     sizes = dict(H=H, HG=1, HG_C=1, D=D, F=F, DO=DO, B=1, WORK=15)
     probe = {"D": D, "F": F, "DO": F, "BLOCK_N": BN, "x": torch.empty(0, dtype=tdt), "dy": torch.empty(0, dtype=tdt)}
     flags = dict(IS_VARLEN=varlen, HID_TF32=dt == "fp16", DOT_F32=False)
-    for cfg in ml._fused_prune(ml._FWD.tuned.configs, probe, "fwd"):
-        one(f"mlp_fwd_kernel {tag}", ml.mlp_fwd_kernel, cfg,
-            {"x": dt, "w1": dt, "cst": "fp32", "w2": dt, "b2": dt, "y": dt, **seq},
-            dict(BLOCK_N=BN, ACT=0, HAS_CONST=True, HAS_B2=True, **flags),
-            dict(x_s, **w_s, **sizes, syb=H * W * DO, syh=W * DO, syw=DO, syd=1))
+    for split in (False, True):            # small problems split F (partials in float32, no b2)
+        for cfg in ml._fused_prune(ml._FWD.tuned.configs, probe, "fwd"):
+            one(f"mlp_fwd_kernel {tag}{' split F' if split else ''}", ml.mlp_fwd_kernel, cfg,
+                {"x": dt, "w1": dt, "cst": "fp32", "w2": dt, "b2": dt, "y": "fp32" if split else dt, **seq},
+                dict(BLOCK_N=BN, ACT=0, HAS_CONST=True, HAS_B2=not split, SPLIT_F=split, **flags),
+                dict(x_s, **w_s, **sizes, syb=H * W * DO, syh=W * DO, syw=DO, syd=1, sys=H * W * DO, F_CHUNK=512))
     for cfg in ml._fused_prune(ml._DP.tuned.configs, probe, "dp"):
         one(f"mlp_bwd_kernel_dp {tag}", ml.mlp_bwd_kernel_dp, cfg,
             {"x": dt, "w1": dt, "cst": "fp32", "w2": dt, "dy": dt, "dp": dt, "pw2": "fp32", **seq},

@@ -535,6 +535,46 @@ def test_mlp_forward_splits_only_small_problems(monkeypatch):
     assert mlp_triton.fwd_splits(1, 1, 1 << 20, dev) == 16
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_dx_phases_spread_over_programs(monkeypatch, kind):
+    """linear_bwd_kernel_dx (linear in float32, mlp always) gives each
+    program R_PER of the S phases when there are too few chunk-row tiles to
+    fill the GPU (``dx_phase_per``). Forced to 2 phases per program with
+    S = 3 (a short last group) and S = 4, packed and batched, every gradient
+    stays within its bound, and the grid has ceil(S / 2) phase groups."""
+    from kvcompress.ops.linear import triton_impl as lt
+    monkeypatch.setattr(lt, "dx_phase_per", lambda NQ, BH, S, device: 2)
+    monkeypatch.setattr(mlp_triton, "dx_phase_per", lambda NQ, BH, S, device: 2)
+    grids = []
+    real = lt._DX if kind == "linear" else mlp_triton._DX
+    mod = lt if kind == "linear" else mlp_triton
+
+    def spy(grid, *args, **kwargs):
+        grids.append((grid({"BLOCK_K": 16, "BLOCK_D": 1 << 20})[1], kwargs, args))
+        return real(grid, *args, **kwargs)
+
+    monkeypatch.setattr(mod, "_DX", spy)
+    for f, seqlens in ((FIXED[0], None), (FIXED[1], [7, 0, 33])):
+        f = dict(f)
+        if seqlens:
+            f.update(seqlens=seqlens, T=sum(seqlens))
+        grids.clear()
+        case = Case(kind=kind, dtype="float32", seed=6, **f)
+        check_gradients(case)
+        assert grids and all(g[0] == -(-case.S // 2) for g in grids), [g[0] for g in grids]
+
+
+def test_dx_phases_spread_only_for_small_problems(monkeypatch):
+    """On 132 SMs: the NSA size (NQ = 8192 chunk rows, B*H = 4) keeps all S =
+    16 phases in each program; T = 8192 (NQ = 512) gives each program one."""
+    from kvcompress.ops.linear import triton_impl as lt
+    monkeypatch.setattr(lt, "num_sms", lambda device, **kw: 132)
+    dev = torch.device("cuda")
+    assert lt.dx_phase_per(8192, 4, 16, dev) == 16
+    assert lt.dx_phase_per(512, 4, 16, dev) == 1
+    assert lt.dx_phase_per(2048, 4, 16, dev) == 4          # 64 tiles of 128 rows: 4 groups fill 264 programs
+
+
 def test_attention_pool_statistics_stored_or_recomputed():
     """The forward stores the per-window log-sum-exp only when autograd needs
     it, and y is the same bits either way; a backward given no statistics

@@ -55,16 +55,21 @@ from .._triton_pool import eager_call, num_sms
 @jit_kernel
 def linear_bwd_kernel_dx(dy, w, dx, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                          sdb, sdh, sdw, sdn, swg, swl, swd, swn, sgb, sgh, sgt, sgd,
-                         H, HG, D, DO, C, WORK,
+                         H, HG, D, DO, C, R_PER, WORK,
                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          IS_VARLEN: tl.constexpr, DOT_F32: tl.constexpr):
     """dx[t] = sum over windows q - c holding token t (chunk q, phase r) at
     position j = c*S + r of dy[q - c] @ w[g, j]^T: gathered, no atomics; every
     token row is written once (zero if no window holds it).
-    Grid (chunk-row tiles, D blocks, B*H); per phase r, a GEMM with
-    K = C * D_out over the tile's BLOCK_K chunk rows.
+    Grid (chunk-row tiles, D blocks x phase groups, B*H); per phase r, a GEMM
+    with K = C * D_out over the tile's BLOCK_K chunk rows. A program takes
+    the R_PER phases [i_r * R_PER, (i_r + 1) * R_PER) (``dx_phase_per``:
+    phases are independent rows, so small problems spread them over
+    programs).
     """
-    i_t, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_dr, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ND = tl.cdiv(D, BLOCK_D)
+    i_d, i_r = i_dr % ND, i_dr // ND
     i_b, i_h = i_bh // H, i_bh % H
     i_g = i_h // HG
     o_k = tl.arange(0, BLOCK_K)
@@ -77,7 +82,7 @@ def linear_bwd_kernel_dx(dy, w, dx, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE
     p_w = w + i_g.to(tl.int64) * swg + o_d[None, :] * swd                                 # [1, BLOCK_D]
     p_dx = dx + i_b.to(tl.int64) * sgb + i_h.to(tl.int64) * sgh + o_d[None, :].to(tl.int64) * sgd
     NN = tl.cdiv(DO, BLOCK_N)
-    for r in range(0, S):
+    for r in range(i_r * R_PER, tl.minimum(S, (i_r + 1) * R_PER)):
         b_acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
         # phase r is position c*S + r < L of the window c chunks back: cdiv(L - r, S) of them
         for it in range(0, tl.cdiv(L - r, S) * NN):
@@ -343,13 +348,23 @@ def _fits(configs, kw, rows_name):
             and (not f32 or c.kwargs[rows_name] * max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]) <= 4096)]
 
 
+def dx_phase_per(NQ: int, BH: int, S: int, device) -> int:
+    """Phases per program of linear_bwd_kernel_dx (R_PER): all S when its
+    chunk-row tiles (counted at 128 rows) fill the GPU twice, else fewer, so
+    that enough programs run. mlp at T = 8192 (B*H = 4) had 16 programs on
+    132 SMs, 736 us for what a full GPU does in about 140 (GPU run 10)."""
+    programs = cdiv(NQ, 128) * BH
+    groups = max(1, min(S, (2 * num_sms(device)) // max(programs, 1)))
+    return cdiv(S, groups)
+
+
 def dx_launcher(rows, prune) -> Launcher:
     """linear_bwd_kernel_dx over the (BLOCK_K, BLOCK_D, BLOCK_N, warps,
     stages) ``rows``; mlp launches it too, with F as D_out."""
     return Launcher(
         linear_bwd_kernel_dx,
         configs=tile_configs(("BLOCK_K", "BLOCK_D", "BLOCK_N"), rows),
-        key=["D", "DO", "L", "S", "WORK", "IS_VARLEN", "DOT_F32"],
+        key=["D", "DO", "L", "S", "R_PER", "WORK", "IS_VARLEN", "DOT_F32"],
         interpret_meta=lambda kw: {"BLOCK_K": interpret_block(kw["NQ"], 32),
                                    "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_N": interpret_block(kw["DO"], 32)},
         prune=prune)
@@ -473,9 +488,11 @@ def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
                  *dx.stride(), H, HG, D, DO, plan.C, nslot, size_class(B * H * plan.NQ), C_PAD=C_PAD, DO_PAD=DO_PAD,
                  SLOT_ROWS=SLOT_ROWS, HAS_CS=need_cs, IS_VARLEN=plan.varlen, DOT_F32=dot_f32(x.dtype))
         elif dx.numel() > 0:
-            _DX(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), B * H),
+            rper = dx_phase_per(plan.NQ, B * H, plan.S, x.device)
+            _DX(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]) * cdiv(plan.S, rper), B * H),
                 dy, weight, dx, *plan.seq_args(), *dy.stride(), *weight.stride(), *dx.stride(),
-                H, HG, D, DO, plan.C, size_class(B * H * plan.NQ), IS_VARLEN=plan.varlen, DOT_F32=dot_f32(x.dtype))
+                H, HG, D, DO, plan.C, rper, size_class(B * H * plan.NQ), IS_VARLEN=plan.varlen,
+                DOT_F32=dot_f32(x.dtype))
     if need_cs and pcs is None:    # no x-gradient kernel ran (or linear_bwd_kernel_dx did): the column sums from torch
         pcs, nslot = dy.sum(dim=2, dtype=torch.float32), 1                                # [B, H, D_out]
     cs = None

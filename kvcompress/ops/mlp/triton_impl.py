@@ -57,7 +57,7 @@ from .._triton_common import (
     window_rows,
     windows_or_dynamic,
 )
-from ..linear.triton_impl import dw_launcher, dx_launcher
+from ..linear.triton_impl import dw_launcher, dx_launcher, dx_phase_per
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 # dp, the first layer's incoming gradient, is stored for this many bytes of
@@ -102,7 +102,7 @@ def mlp_fwd_kernel(x, w1, cst, w2, b2, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, 
                    H, HG, HG_C, D, F, DO, F_CHUNK, WORK,
                    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr,
                    ACT: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_CONST: tl.constexpr, HAS_B2: tl.constexpr,
-                   HID_TF32: tl.constexpr, DOT_F32: tl.constexpr):
+                   HID_TF32: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_F: tl.constexpr):
     """y[w] = act(flat(X_w) @ w1[g] + cst[h // HG_C]) @ w2[g] + b2[g] for a tile
     of BLOCK_W windows and BLOCK_N outputs. Grid (window tiles, D_out blocks
     x F splits, B*H).
@@ -110,7 +110,9 @@ def mlp_fwd_kernel(x, w1, cst, w2, b2, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, 
     Split F (small problems, ``fwd_splits``): program split i_s sums the
     hidden units [i_s * F_CHUNK, (i_s + 1) * F_CHUNK) only and stores its
     float32 partial at y + i_s * sys (the caller sums the splits in a fixed
-    order and adds b2); one split (F_CHUNK >= F, sys = 0) stores y itself.
+    order and adds b2); one split (SPLIT_F false: F_CHUNK and sys unused)
+    stores y itself, compiled without the split's index arithmetic (which
+    costs the largest tile a register spill).
 
     Per F tile: the pre-activation [BLOCK_W, BLOCK_F] accumulates over the
     K loop (j, D block) exactly as linear's forward (A tile: the token rows
@@ -121,8 +123,14 @@ def mlp_fwd_kernel(x, w1, cst, w2, b2, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, 
     and pe's share flat(pe[h]) @ w1[g] (pe folded). WORK: autotuning key only.
     """
     i_w, i_ns, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NB = tl.cdiv(DO, BLOCK_N)
-    i_n, i_s = i_ns % NB, i_ns // NB
+    if SPLIT_F:
+        NB = tl.cdiv(DO, BLOCK_N)
+        i_n, i_s = i_ns % NB, i_ns // NB
+        f_lo = i_s * F_CHUNK
+        f_hi = tl.minimum(F, f_lo + F_CHUNK)
+    else:
+        i_n, i_s = i_ns, 0
+        f_lo, f_hi = 0, F
     i_b, i_h = i_bh // H, i_bh % H
     i_g = i_h // HG
     o_w = i_w * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -134,8 +142,6 @@ def mlp_fwd_kernel(x, w1, cst, w2, b2, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, 
     p_w1 = w1 + i_g.to(tl.int64) * s1g
     p_w2 = w2 + i_g.to(tl.int64) * s2g + o_n[None, :] * s2n                             # [1, BLOCK_N]
     b_y = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-    f_lo = i_s * F_CHUNK
-    f_hi = tl.minimum(F, f_lo + F_CHUNK)
     for f0 in range(f_lo, f_hi, BLOCK_F):
         o_ff = f0 + o_f                                                                  # [BLOCK_F]
         m_ff = o_ff < f_hi
@@ -155,8 +161,9 @@ def mlp_fwd_kernel(x, w1, cst, w2, b2, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, 
             b_y = tl.dot(b_h, b_w2, b_y, input_precision="ieee")                         # [BLOCK_W, BLOCK_N]
     if HAS_B2:
         b_y += tl.load(b2 + i_g.to(tl.int64) * sbg + o_n * sbn, mask=m_n, other=0.).to(tl.float32)[None, :]
-    p_y = y + i_s.to(tl.int64) * sys + i_b.to(tl.int64) * syb + i_h.to(tl.int64) * syh \
-        + o_w[:, None].to(tl.int64) * syw + o_n[None, :] * syd
+    p_y = y + i_b.to(tl.int64) * syb + i_h.to(tl.int64) * syh + o_w[:, None].to(tl.int64) * syw + o_n[None, :] * syd
+    if SPLIT_F:
+        p_y += i_s.to(tl.int64) * sys
     tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_w[:, None] & m_n[None, :])
 
 
@@ -311,7 +318,7 @@ _FWD = Launcher(
                   (64, 64, 128, 8, 3), (64, 64, 64, 4, 3), (64, 32, 64, 8, 3), (32, 32, 64, 4, 3),
                   (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)]),
     key=["D", "F", "DO", "L", "S", "F_CHUNK", "WORK", "BLOCK_N", "ACT", "IS_VARLEN", "HAS_CONST", "HAS_B2",
-         "HID_TF32", "DOT_F32"],
+         "HID_TF32", "DOT_F32", "SPLIT_F"],
     interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["W"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
                                "BLOCK_F": interpret_block(kw["F"], 32)},
     prune=lambda cs, kw: _fused_prune(cs, kw, "fwd"))
@@ -402,7 +409,8 @@ def _forward(x, w1, b1, w2, b2, pe, plan, act):
          *x.stride(), *w1.stride(), *c_strides, *w2.stride(), *(b2.stride() if b2 is not None else (0, 0)),
          *o_strides, H, HG, hg_c, D, F, DO, chunk, size_class(B * H * plan.W),
          BLOCK_N=BN, ACT=ACTIVATIONS.index(act), IS_VARLEN=plan.varlen, HAS_CONST=cst is not None,
-         HAS_B2=b2 is not None and splits == 1, HID_TF32=tf32_intermediate(x.dtype), DOT_F32=dot_f32(x.dtype))
+         HAS_B2=b2 is not None and splits == 1, HID_TF32=tf32_intermediate(x.dtype), DOT_F32=dot_f32(x.dtype),
+         SPLIT_F=splits > 1)
     if splits > 1:
         acc = out.sum(0)                                                       # (B, H, W, D_out) float32
         if b2 is not None:
@@ -469,9 +477,12 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
             cs = dp.sum(dim=(0, 2), dtype=torch.float32)                                   # [Hc, F]
         if need_x and xc.numel() > 0:
             dxc = dx[:, h0:h1]
-            _DX(lambda meta, nq=pc.NQ, n=B * (h1 - h0): (cdiv(nq, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), n),
+            rper = dx_phase_per(pc.NQ, B * (h1 - h0), plan.S, dev)
+            groups = cdiv(plan.S, rper)
+            _DX(lambda meta, nq=pc.NQ, n=B * (h1 - h0), groups=groups:
+                (cdiv(nq, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]) * groups, n),
                 dp, w1v[g0:g1], dxc, *pc.seq_args(), *dp.stride(), *w1v.stride(), *dxc.stride(),
-                h1 - h0, HG, D, F, plan.C, size_class(B * (h1 - h0) * pc.NQ), IS_VARLEN=plan.varlen,
+                h1 - h0, HG, D, F, plan.C, rper, size_class(B * (h1 - h0) * pc.NQ), IS_VARLEN=plan.varlen,
                 DOT_F32=dot_f32(dt))
         if need_w1 and w1c.numel() > 0:
             wsplits = _splits(rows, Gc * L * cdiv(D, 64) * cdiv(F, 128), dev)
