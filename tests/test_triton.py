@@ -25,7 +25,9 @@ every registered backend's forward against the reference. Here:
   rounding that float16 intermediates use;
 - on a GPU only (``-m gpu``; skipped without CUDA): CUDA-graph capture and
   replay, torch.compile with inductor, T = 131072 against the torch backend,
-  a tensor past 2**31 elements, and no copy of x measured by the allocator.
+  a tensor past 2**31 elements, no copy of x measured by the allocator,
+  mlp's small-problem splits at T = 8192, and no new compilation for a new
+  sequence length.
 
 Without a GPU the kernels run in Triton's interpreter (conftest.py sets
 TRITON_INTERPRET=1 before triton is imported).
@@ -1051,6 +1053,22 @@ def check_against_model(kind, x, params, pe, *, L, S, padding, dy=None, activati
             assert torch.isfinite(got).all() and (err <= bound).all(), \
                 f"{backend} {key}: worst error / bound {(err / bound).max().item():.3g}"
     return results.get("triton")
+
+
+@pytest.mark.gpu
+@GPU
+def test_mlp_small_problem_splits_on_gpu():
+    """T = 8192 (B = 1, H = 4, D = 128, L = 32, S = 16, F = L*D, bfloat16):
+    too few window tiles for the GPU, so the forward splits F and the
+    x-gradient spreads its phases over programs; forward and every gradient
+    stay within the tolerance model of the exact values, as the torch
+    backend's do."""
+    from kvcompress.ops.linear import triton_impl as lt
+    dev = torch.device("cuda")
+    W, NQ = 8192 // 16, 8192 // 16
+    assert mlp_triton.fwd_splits(4 * W, 1, 32 * 128, dev) > 1
+    assert lt.dx_phase_per(NQ, 4, 16, dev) < 16
+    check_against_model("mlp", *_nsa_inputs("mlp", T=8192, seed=5), L=32, S=16, padding="left")
 
 
 @pytest.mark.gpu
