@@ -842,7 +842,7 @@ def compile_mlp(one, dt, tdt, tag, varlen, *, T, H, D, L, S, W):
     probe = {"D": D, "F": F, "DO": F, "BLOCK_N": BN, "x": torch.empty(0, dtype=tdt), "dy": torch.empty(0, dtype=tdt)}
     flags = dict(IS_VARLEN=varlen, HID_TF32=dt == "fp16", DOT_F32=False)
     for split in (False, True):            # small problems split F (partials in float32, no b2)
-        for cfg in ml._fused_prune(ml._FWD.tuned.configs, probe, "fwd"):
+        for cfg in ml._fused_prune(ml._FWD.tuned.configs, {**probe, "SPLIT_F": split}, "fwd"):
             one(f"mlp_fwd_kernel {tag}{' split F' if split else ''}", ml.mlp_fwd_kernel, cfg,
                 {"x": dt, "w1": dt, "cst": "fp32", "w2": dt, "b2": dt, "y": "fp32" if split else dt, **seq},
                 dict(BLOCK_N=BN, ACT=0, HAS_CONST=True, HAS_B2=not split, SPLIT_F=split, **flags),

@@ -526,12 +526,13 @@ def test_mlp_forward_split_over_hidden_units(monkeypatch, dtype):
 
 
 def test_mlp_forward_splits_only_small_problems(monkeypatch):
-    """On 132 SMs (an H100) the NSA size (B*H*W = 4 * 8192) runs unsplit;
-    T = 8192 splits, each split keeping >= F_SPLIT_MIN hidden units; a
+    """On 132 SMs (an H100) the NSA size (B*H*W = 4 * 8192) and T = 65536 run
+    unsplit; T = 8192 splits, each split keeping >= F_SPLIT_MIN hidden units; a
     small F never splits; at most 16 splits."""
     monkeypatch.setattr(mlp_triton, "num_sms", lambda device, **kw: 132)
     dev = torch.device("cuda")
     assert mlp_triton.fwd_splits(4 * 8192, 1, 4096, dev) == 1
+    assert mlp_triton.fwd_splits(4 * 4096, 1, 4096, dev) == 1         # T = 65536: 128 programs fill it once
     assert 2 <= mlp_triton.fwd_splits(4 * 512, 1, 4096, dev) <= 4096 // mlp_triton.F_SPLIT_MIN
     assert mlp_triton.fwd_splits(4 * 512, 1, 256, dev) == 1
     assert mlp_triton.fwd_splits(1, 1, 1 << 20, dev) == 16

@@ -82,7 +82,7 @@ _AVAILABLE = INTERPRET or torch.cuda.is_available()
 # removes (unspecialised, linear's dW kernel took 149 instead of 110 us at the
 # NSA size on an H100, GPU run 10).
 SIZE_ARGS = frozenset({"H", "N", "N_STEPS", "T", "W", "NQ", "L", "S", "PRE", "C", "P", "K", "M", "NSLOT",
-                       "ROWS_PER_SPLIT", "F_CHUNK", "R_PER", "WORK"})
+                       "ROWS_PER_SPLIT", "R_PER", "WORK"})
 
 
 def jit_kernel(fn):
