@@ -59,7 +59,7 @@ for arg in "$@"; do
                    --hypothesis-show-statistics "${XD[@]}" ;;
         timingsizes) run timingsizes 560 python3 scripts/gpu_check.py --skip-correctness \
                    --timing-shapes t8192,t65536,b4,d192 --out "$OUT/gpu_timing_sizes.json" ;;
-        gputests) run gputests 300 python3 -m pytest -m gpu tests/test_triton.py -q -p no:cacheprovider -x ;;
+        gputests) run gputests 400 python3 -m pytest -m gpu tests/test_triton.py -q -p no:cacheprovider -x ;;
         suite) KVCOMPRESS_TRITON_AUTOTUNE=0 run suite 420 python3 -m pytest tests/test_conformance.py tests/test_invariants.py tests/test_gradients.py \
                    tests/test_properties_extra.py tests/test_streaming.py tests/test_triton.py -q -p no:cacheprovider \
                    --hypothesis-show-statistics "${XD[@]}" ;;
