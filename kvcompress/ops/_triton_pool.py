@@ -5,7 +5,8 @@ measurements that chose them.
 Per call (fixed length; packed batches the same with chunk rows):
 
 - forward, one launch (``pool_fwd_kernel``): a program owns BLOCK_K chunk
-  rows x BLOCK_D features and loads each of its tokens once, phase by phase
+  rows x BLOCK_D features (the D blocks of one tile launched side by side)
+  and loads each of its tokens once, phase by phase
   (chunk q, phase r is position c*S + r of window q - c), adding
   a_{c*S+r} x[t] into C_PAD per-offset partial sums; a shift by c rows
   (``tl.gather``) then sums them into windows. A tile of BLOCK_K rows
@@ -82,7 +83,7 @@ def pool_fwd_kernel(x, wt, pe, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                     UNIT: tl.constexpr, HAS_PE: tl.constexpr, IS_VARLEN: tl.constexpr, C_PAD: tl.constexpr,
                     PE_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
     """y[w] = sum_j a_j (X_w[j] + pe[h, j]) for a tile of windows; a_j = 1/L
-    (UNIT, mean_pool) or wt[g, j]. Grid (tiles, D blocks, B*H).
+    (UNIT, mean_pool) or wt[g, j]. Grid (tiles x D blocks, 1, B*H).
 
     The tile's chunk rows are loaded once, phase by phase: chunk q, phase r
     (token t_base + r) is position c*S + r of window q - c, so
@@ -92,8 +93,14 @@ def pool_fwd_kernel(x, wt, pe, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
     zero weight times the token: 0 * NaN would leak a NaN into a window that
     lacks the token). pe's share, the same for every window of the head, is
     summed from pe PE_J positions at a time. WORK is only an autotuning key.
+
+    Grid axis 0 is (tile, D block) with the D block fastest: the programs
+    that read the two halves of one token row (BLOCK_D = 64 of D = 128) run
+    side by side, so each DRAM page is opened once rather than once per half.
     """
-    i_t, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ND = tl.cdiv(D, BLOCK_D)
+    i_td, i_bh = tl.program_id(0), tl.program_id(2)
+    i_t, i_d = i_td // ND, i_td % ND
     i_b, i_h = i_bh // H, i_bh % H
     i_g = i_h // HG
     BW = BLOCK_K - C + 1                                   # windows completed per tile
@@ -191,8 +198,8 @@ def pool_forward(launcher: Launcher, x: torch.Tensor, weight: torch.Tensor | Non
     G = 1 if weight is None else weight.shape[0]
     rows = plan.NQ if plan.varlen else plan.W    # packed: every chunk row may start a window
 
-    def grid(meta):
-        return (cdiv(rows, meta["BLOCK_K"] - plan.C + 1), cdiv(D, meta["BLOCK_D"]), B * H)
+    def grid(meta):    # axis 0: (tile, D block), D block fastest (see pool_fwd_kernel)
+        return (cdiv(rows, meta["BLOCK_K"] - plan.C + 1) * cdiv(D, meta["BLOCK_D"]), 1, B * H)
     launcher(grid, x, weight if weight is not None else x, pe if pe is not None else x, y, *plan.seq_args(),
              *x.stride(), *y.stride(), *(weight.stride() if weight is not None else (0, 0)),
              *(pe.stride() if pe is not None else (0, 0, 0)), H, H // G, D, plan.C, size_class(B * H * rows),
