@@ -80,7 +80,7 @@ _AVAILABLE = INTERPRET or torch.cuda.is_available()
 # and the heads per group (HG...): the weight-gradient kernels split each row
 # index into (b, head, window) by dividing by them, which a specialised 1
 # removes (unspecialised, linear's dW kernel took 149 instead of 110 us at the
-# NSA size on an H100, GPU run 10).
+# NSA size on an H100, GPU run 11).
 SIZE_ARGS = frozenset({"H", "N", "N_STEPS", "T", "W", "NQ", "L", "S", "PRE", "C", "P", "K", "M", "NSLOT",
                        "ROWS_PER_SPLIT", "R_PER", "WORK"})
 
@@ -406,7 +406,7 @@ class Launcher:
             self.kernel[grid({**named, **meta})](*args, **kwargs, **meta)
         elif AUTOTUNE:
             # Once a key is tuned, launch its pick directly: triton's Autotuner.run rebuilds its key
-            # from every argument on each call, ~15-25 us of host time per launch (GPU run 10, cProfile)
+            # from every argument on each call, ~15-25 us of host time per launch (GPU run 11, cProfile)
             key = self.tuning_key(args, kwargs)
             cfg = self.best.get(key)
             if cfg is None:
@@ -598,7 +598,7 @@ def head_gemv(H: int, vec: torch.Tensor, vec_strides, hg_v: int, mat: torch.Tens
     else:
         # mat is read once, so this is a copy of mat's bytes: about four programs per SM keep enough
         # loads in flight (one program per SM, BLOCK_M = 128, read mlp's (4096, 4096) w1 at ~1 TB/s,
-        # 130 us, GPU run 10); a tile of at most 8192 elements
+        # 130 us, GPU run 11); a tile of at most 8192 elements
         BLOCK_M = min(128, max(16, next_pow2(cdiv(H * M, 4 * num_sms(mat.device)))))
         BLOCK_K = max(16, min(256, 8192 // BLOCK_M))
     head_gemv_kernel[(H, cdiv(M, BLOCK_M))](

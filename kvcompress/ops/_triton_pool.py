@@ -153,7 +153,7 @@ def pool_fwd_kernel(x, wt, pe, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
 POOL_FWD_CONFIGS = [triton.Config({"BLOCK_K": bk, "BLOCK_D": bd, "STAGES": st}, num_warps=nw)
                     for bk, bd, nw, st in [(64, 64, 4, 1), (64, 64, 4, 3), (64, 128, 8, 1), (32, 128, 4, 3),
                                            (128, 64, 8, 1), (32, 64, 4, 1), (16, 64, 4, 1), (16, 32, 4, 1),
-                                           # run 10: more bytes in flight per SM (stages, 8 warps)
+                                           # run 11: more bytes in flight per SM (stages, 8 warps)
                                            (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (32, 128, 4, 2),
                                            (64, 64, 8, 2), (128, 32, 4, 1)]]
 POOL_FWD_KEY = ["D", "C_PAD", "WORK", "UNIT", "HAS_PE", "IS_VARLEN"]
@@ -391,7 +391,7 @@ POOL_BWD_CONFIGS = [triton.Config({"BLOCK_R": br, "BLOCK_K": bk, "BLOCK_D": bd, 
                                                (4, 8, 128, 4, 2), (4, 8, 64, 4, 1), (8, 8, 128, 8, 1),
                                                (8, 8, 128, 8, 2), (8, 8, 128, 4, 1), (16, 8, 128, 8, 1),
                                                (1, 64, 64, 4, 1), (2, 32, 64, 4, 1),
-                                               # run 10: deeper pipelines (others tried spill, compile-only)
+                                               # run 11: deeper pipelines (others tried spill, compile-only)
                                                (4, 4, 128, 4, 2), (8, 8, 128, 4, 2)]]
 POOL_BWD_KEY = ["D", "L", "S_PAD", "WORK", "UNIT", "NEED_DX", "NEED_DW", "NEED_CS", "IS_VARLEN"]
 

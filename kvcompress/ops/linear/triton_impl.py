@@ -352,7 +352,7 @@ def dx_phase_per(NQ: int, BH: int, S: int, device) -> int:
     """Phases per program of linear_bwd_kernel_dx (R_PER): all S when its
     chunk-row tiles (counted at 128 rows) fill the GPU twice, else fewer, so
     that enough programs run. mlp at T = 8192 (B*H = 4) had 16 programs on
-    132 SMs, 736 us for what a full GPU does in about 140 (GPU run 10)."""
+    132 SMs, 736 us for what a full GPU does in about 140 (GPU run 11)."""
     programs = cdiv(NQ, 128) * BH
     groups = max(1, min(S, (2 * num_sms(device)) // max(programs, 1)))
     return cdiv(S, groups)
@@ -395,7 +395,7 @@ _FWD = Launcher(
                  [(128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (128, 128, 128, 8, 3), (256, 64, 128, 8, 3),
                   (256, 32, 128, 8, 4), (128, 32, 128, 4, 5), (64, 64, 128, 4, 4), (64, 32, 64, 4, 3),
                   (32, 32, 128, 4, 3), (32, 16, 32, 4, 2), (16, 16, 16, 2, 2),
-                  # run 10: deeper K tiles, 256-window tiles with fewer stages
+                  # run 11: deeper K tiles, 256-window tiles with fewer stages
                   (256, 128, 128, 8, 2), (128, 128, 128, 8, 2), (128, 64, 128, 8, 4), (256, 64, 128, 8, 2)]),
     key=["D", "DO", "L", "S", "WORK", "IS_VARLEN", "HAS_PE", "HAS_BIAS", "DOT_F32"],
     interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["W"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
