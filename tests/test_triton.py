@@ -525,6 +525,24 @@ def test_mlp_forward_split_over_hidden_units(monkeypatch, dtype):
         assert grids and all(g == 3 * n_blocks for g in grids), grids
 
 
+def test_mlp_without_hidden_units():
+    """F = 0 is a valid mlp (y = b2 in every window): the Triton backend
+    gives the torch backend's output and gradients (the forward's F-split
+    sizing once divided by F)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 12, 4, generator=g).to(DEVICE)
+    params = [torch.randn(2, 16, 0), torch.randn(2, 0), torch.randn(2, 0, 3), torch.randn(2, 3, generator=g)]
+    out = {}
+    for backend in ("triton", "torch"):
+        leaves = [t.to(DEVICE).requires_grad_(True) for t in [x, *params]]
+        y = kf.mlp(*leaves, block_size=4, stride=2, backend=backend)
+        y.backward(torch.ones_like(y))
+        out[backend] = (y.detach(), [t.grad for t in leaves])
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=0, atol=0)
+    for got, want in zip(out["triton"][1], out["torch"][1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_mlp_forward_splits_only_small_problems(monkeypatch):
     """On 132 SMs (an H100) the NSA size (B*H*W = 4 * 8192) and T = 65536 run
     unsplit; T = 8192 splits, each split keeping >= F_SPLIT_MIN hidden units; a

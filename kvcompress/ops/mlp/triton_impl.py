@@ -406,8 +406,11 @@ def _forward(x, w1, b1, w2, b2, pe, plan, act):
     BN = block_n(DO)
     NB = cdiv(DO, BN)
     splits = fwd_splits(B * H * plan.W, NB, F, x.device)
-    chunk = cdiv(cdiv(F, splits), F_SPLIT_ALIGN) * F_SPLIT_ALIGN if splits > 1 else F
-    splits = cdiv(F, chunk)
+    if splits > 1:       # chunks of whole F_SPLIT_ALIGN blocks; the last may be short, none empty
+        chunk = cdiv(cdiv(F, splits), F_SPLIT_ALIGN) * F_SPLIT_ALIGN
+        splits = cdiv(F, chunk)
+    else:
+        chunk = F
     # one split writes y; several write float32 partials (S, B, H, W, D_out), summed below in a fixed order
     out = y if splits == 1 else empty((splits, B, H, plan.W, DO), dtype=torch.float32, device=x.device)
     o_strides = (0, *y.stride()) if splits == 1 else out.stride()
