@@ -55,7 +55,7 @@ from .._windows import compressed_cu_seqlens, num_windows
 __all__ = [
     "DEVICES", "DTYPES", "INTERPRET", "Launcher", "SeqPlan", "cdiv",
     "SIZE_ARGS", "chunk_rows", "dot_f32", "eager_call", "empty", "empty_like", "head_gemv", "interpret_block",
-    "jit_kernel", "next_pow2",
+    "fill_factor", "jit_kernel", "next_pow2",
     "num_sms",
     "round_tf32", "search_sorted", "seq_plan", "size_class", "small_tiles",
     "supports_call", "tf32_intermediate", "tile_configs", "total_windows_arg", "triton_available", "window_gemm",
@@ -123,6 +123,13 @@ def size_class(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def fill_factor(programs: int, sms: int, waves: int = 1) -> int:
+    """How many times ``programs`` fit into ``waves`` waves of one program per
+    SM, at least 1: the factor by which a grid that would leave SMs idle can
+    be split (F splits, phase groups, window splits)."""
+    return max(1, (waves * sms) // max(programs, 1))
 
 
 def dot_f32(dtype: torch.dtype) -> bool:
@@ -425,7 +432,6 @@ class Launcher:
                 except triton.runtime.errors.OutOfResources:   # as the autotuner skips it: the next one
                     if i == len(tried) - 1:
                         raise
-
 
     def tuning_key(self, args, kwargs) -> tuple:
         """The autotuner's key of a call: the values of the ``key`` arguments

@@ -313,7 +313,6 @@ def attention_pool_bwd_kernel(x, w, cpe, pe, dy, y, lse, dx, pw, pp, cu, ccu, cq
 # --------------------------------------------------------------------------- launch configurations
 
 
-
 def _fwd_prune(configs, kw):
     """Tiles completing at least half their rows (BLOCK_K >= 2 C_PAD), not wider
     than D, whose three online-softmax states fit the register file without

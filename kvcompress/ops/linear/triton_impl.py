@@ -36,6 +36,7 @@ from .._triton_common import (
     dot_f32,
     empty,
     empty_like,
+    fill_factor,
     interpret_block,
     jit_kernel,
     next_pow2,
@@ -353,9 +354,7 @@ def dx_phase_per(NQ: int, BH: int, S: int, device) -> int:
     chunk-row tiles (counted at 128 rows) fill the GPU twice, else fewer, so
     that enough programs run. mlp at T = 8192 (B*H = 4) had 16 programs on
     132 SMs, 736 us for what a full GPU does in about 140 (GPU run 11)."""
-    programs = cdiv(NQ, 128) * BH
-    groups = max(1, min(S, (2 * num_sms(device)) // max(programs, 1)))
-    return cdiv(S, groups)
+    return cdiv(S, min(S, fill_factor(cdiv(NQ, 128) * BH, num_sms(device), 2)))
 
 
 def dx_launcher(rows, prune) -> Launcher:

@@ -40,6 +40,7 @@ from .._triton_common import (
     eager_call,
     empty,
     empty_like,
+    fill_factor,
     head_gemv,
     interpret_block,
     jit_kernel,
@@ -258,7 +259,6 @@ def mlp_bwd_kernel_dp(x, w1, cst, w2, dy, dp, pw2, cu, ccu, cq, N, N_STEPS, T, W
 # --------------------------------------------------------------------------- launch configurations
 
 
-
 def block_n(DO: int) -> int:
     """The D_out block of the fused kernels (fixed on the host: the second
     GEMM's accumulator [BLOCK_W, BLOCK_N] stays in registers across the whole
@@ -279,8 +279,9 @@ def _fused_prune(configs, kw, kernel):
     per thread, the forward holds [BLOCK_W, BLOCK_N] + [BLOCK_W, BLOCK_F]
     (at most 128 for bfloat16, 96 for float16 whose second dot takes
     float32 operands, 48 for float32 whose IEEE dots keep their operands in
-    registers; 16 less for the F-split variant, SPLIT_F); the dp kernel holds p and dy @ w2^T [BLOCK_W, BLOCK_F] and
-    the dw2 partial [BLOCK_F, BLOCK_N] (at most 64, 48 for float32)."""
+    registers; 16 less for the F-split variant, SPLIT_F); the dp kernel
+    holds p and dy @ w2^T [BLOCK_W, BLOCK_F] and the dw2 partial [BLOCK_F,
+    BLOCK_N] (at most 64, 48 for float32)."""
     D, F, BN = kw["D"], kw["F"], kw["BLOCK_N"]
     dt = kw["x"].dtype
     f32 = dt == torch.float32
@@ -361,16 +362,14 @@ def fwd_splits(rows: int, n_blocks: int, F: int, device) -> int:
     (B = 1, H = 4) 16 programs would leave most SMs idle (GPU run 8: 1.09 ms
     against 0.134 for torch.compile of the seed). Filling the GPU once
     suffices: a split adds float32 partials' traffic."""
-    programs = cdiv(rows, 128) * n_blocks
-    want = num_sms(device) // max(programs, 1)
+    want = fill_factor(cdiv(rows, 128) * n_blocks, num_sms(device))
     return max(1, min(want, F // F_SPLIT_MIN, 16))
 
 
 def _splits(rows: int, programs: int, device, min_rows: int = 512) -> int:
     """Window splits of a weight-gradient kernel: enough programs to fill the
     GPU twice, each split still summing >= min_rows windows, at most 16."""
-    want = max(1, (2 * num_sms(device)) // max(programs, 1))
-    return max(1, min(want, rows // min_rows, 16))
+    return max(1, min(fill_factor(programs, num_sms(device), 2), rows // min_rows, 16))
 
 
 # --------------------------------------------------------------------------- host side
