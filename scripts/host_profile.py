@@ -25,19 +25,12 @@ KINDS = ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool")
 
 
 def inputs(kind, device, dtype, grad):
-    import torch
-    B, H, T, D, L = 1, 1, 64, 16, 4
-    g = torch.Generator(device="cpu").manual_seed(0)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
-
-    x = rnd(B, H, T, D)
-    params = {"mean_pool": lambda: [], "weighted_pool": lambda: [rnd(1, L)],
-              "linear": lambda: [rnd(1, L, D, D), rnd(1, D)],
-              "mlp": lambda: [rnd(1, L * D, 32), rnd(1, 32), rnd(1, 32, D), rnd(1, D)],
-              "attention_pool": lambda: [rnd(1, D, D)]}[kind]()
-    return x, params, rnd(H, L, D)
+    """Tiny inputs (B = H = 1, T = 64, D = 16, L = 4, S = 2, pe and biases on)
+    from scripts/gpu_perf.py's ``make``: x, the kind's parameters, pe."""
+    import gpu_perf  # scripts/ is on sys.path
+    gpu_perf.DEVICE = device
+    return gpu_perf.make(kind, B=1, H=1, T=64, D=16, L=4, S=2, dtype=dtype, layout="bhtd", pe=True, bias=True,
+                         grad=grad)
 
 
 def main(argv=None) -> int:

@@ -276,3 +276,37 @@ def test_gpu_perf_script_dry_run(tmp_path):
                          timeout=300)
     assert cmp.returncode == 0, cmp.stdout[-3000:] + cmp.stderr[-3000:]
     assert "speed-up of new over old" in cmp.stdout and "1.00x" in cmp.stdout
+
+
+# --------------------------------------------------------------------------- the other lease scripts
+
+
+def test_host_profile_script_runs_on_cpu(tmp_path):
+    """scripts/host_profile.py times and profiles a forward and a forward +
+    backward through kvcompress.functional (in the interpreter here) and
+    writes its report."""
+    script = os.path.join(ROOT, "scripts", "host_profile.py")
+    proc = subprocess.run([sys.executable, script, "--kinds", "mean_pool", "--top", "5", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (tmp_path / "host_profile.txt").read_text()
+    assert "### mean_pool fwd:" in report and "### mean_pool fwdbwd:" in report and "by tottime" in report
+
+
+def test_run_properties_splits_and_summarises(tmp_path):
+    """scripts/run_properties.py runs each selected test in its own process;
+    --split runs a matched test as seeded parts of the example budget, and
+    the summary gives each part's outcome and Hypothesis example counts."""
+    script = os.path.join(ROOT, "scripts", "run_properties.py")
+    proc = subprocess.run([sys.executable, script, "--deadline", "300", "--jobs", "2", "--out", str(tmp_path),
+                           "--split", "2", "--split-match", "float32", "--examples", "6", "--",
+                           "tests/test_conformance.py", "-k", "mean_pool-torch-float", "--hypothesis-profile", "dev"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "summary.md").read_text()
+    rows = [line for line in summary.splitlines() if line.startswith("| tests/")]
+    parts = [r for r in rows if "float32" in r]
+    assert len(parts) == 2 and all("[part" in r and "| passed |" in r and "| 3 / 0 / " in r for r in parts), parts
+    whole = [r for r in rows if "float64" in r]
+    assert len(whole) == 1 and "| passed |" in whole[0] and "| 8 / 0 / " in whole[0], whole
+    assert "===== tests/test_conformance.py" in (tmp_path / "tests.log").read_text()
