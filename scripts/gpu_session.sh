@@ -15,6 +15,7 @@
 #   suite     the property suite on CUDA (every backend, ci profile)
 #   thorough  the property suite on the Triton backend, thorough profile: scripts/run_properties.py, one
 #             pytest process a test, JOBS (16) at a time, each cut 40 s before the phase's limit;
+#             GPUS=N spreads them over N GPUs (a machine of several: JOBS=64 GPUS=4 on nvidia-h100-x4);
 #             THOROUGH_FILES (conformance, gradients) and THOROUGH_K (-k, default triton) select;
 #             THOROUGH_OPTS adds options (e.g. "--split 4 --split-match mlp": slow tests in 4 seeded parts);
 #             writes $OUT/thorough/summary.md and tests.log
@@ -65,7 +66,8 @@ for arg in "$@"; do
                    --hypothesis-show-statistics "${XD[@]}" ;;
         thorough) lim=${LIMIT:-560}
                   KVCOMPRESS_TRITON_AUTOTUNE=0 run thorough "$lim" python3 scripts/run_properties.py \
-                   --deadline $((lim - 40)) --jobs "${JOBS:-16}" --out "$OUT/thorough" ${THOROUGH_OPTS:-} -- \
+                   --deadline $((lim - 40)) --jobs "${JOBS:-16}" --gpus "${GPUS:-0}" --out "$OUT/thorough" \
+                   ${THOROUGH_OPTS:-} -- \
                    ${THOROUGH_FILES:-tests/test_conformance.py tests/test_gradients.py} -k "${THOROUGH_K:-triton}" \
                    --hypothesis-profile thorough ;;
         hostprof) run hostprof 240 python3 scripts/host_profile.py --calls 1000 --out "$OUT" ;;

@@ -67,13 +67,16 @@ def examples(log: str) -> str:
     return "{} / {} / {}".format(*counts) if found else "-"
 
 
-def run_one(test_id: str, pytest_args: list[str], limit: float, part=None) -> tuple[str, float, str]:
+def run_one(test_id: str, pytest_args: list[str], limit: float, part=None, gpu=None) -> tuple[str, float, str]:
     """(outcome, seconds, log) of one test in its own process group, SIGINT at
-    the limit; ``part`` = (seed, examples) runs one part of a split test."""
+    the limit; ``part`` = (seed, examples) runs one part of a split test;
+    ``gpu`` (an index) makes that GPU the process' only visible one."""
     t0 = time.monotonic()
     args = [a for a in pytest_args if not (a.endswith(".py") or a.startswith("tests/"))]
     args = _strip_k(args)
     env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     if part is not None:
         args = _strip_profile(args) + ["--hypothesis-profile", "thorough-part", f"--hypothesis-seed={part[0]}"]
         env["KVCOMPRESS_PART_EXAMPLES"] = str(part[1])
@@ -136,8 +139,12 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--split", type=int, default=1, help="processes per test matched by --split-match")
-    p.add_argument("--split-match", default="", help="split the tests whose id contains this (default: all)")
+    p.add_argument("--split-match", action="append", default=[],
+                   help="split the tests whose id contains this (repeatable: any of them; default: all)")
     p.add_argument("--examples", type=int, default=1000, help="examples of a split test in all (thorough: 1000)")
+    p.add_argument("--gpus", type=int, default=0,
+                   help="spread the processes over this many GPUs (CUDA_VISIBLE_DEVICES), the least busy first; "
+                        "0 leaves the environment's")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: pytest paths and options")
     a = p.parse_args(argv)
     pytest_args = a.pytest_args[1:] if a.pytest_args[:1] == ["--"] else a.pytest_args
@@ -146,7 +153,7 @@ def main(argv=None) -> int:
     # (row name, test id, part): a split test is several rows, one per seed
     jobs = []
     for t in tests:
-        if a.split > 1 and a.split_match in t:
+        if a.split > 1 and (not a.split_match or any(m in t for m in a.split_match)):
             per = -(-a.examples // a.split)
             jobs += [(f"{t} [part {i + 1}/{a.split}, seed {i}]", t, (i, per)) for i in range(a.split)]
         else:
@@ -155,28 +162,42 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, tuple[str, float, str]] = {}
     lock = threading.Lock()
+    busy = [0] * a.gpus                              # running processes per GPU
+    on_gpu: dict[str, int] = {}
 
     def job(spec):
         test_id, real_id, part = spec
         left = a.deadline - (time.monotonic() - start)
+        gpu = None
+        if a.gpus:
+            with lock:
+                gpu = min(range(a.gpus), key=busy.__getitem__)
+                busy[gpu] += 1
         if left < 5:
             res = ("not started (deadline)", 0.0, "")
         else:
-            res = run_one(real_id, pytest_args, left, part)
+            res = run_one(real_id, pytest_args, left, part, gpu)
         with lock:
+            if gpu is not None:
+                busy[gpu] -= 1
+                on_gpu[test_id] = gpu
             results[test_id] = res
             print(f"[{time.monotonic() - start:6.0f} s] {res[0]:22s} {res[1]:6.0f} s  {examples(res[2]):>18s}  "
                   f"{test_id}", flush=True)
 
     with ThreadPoolExecutor(a.jobs) as pool:
         list(pool.map(job, jobs))
-    rows = ["| test | outcome | seconds | examples passing / failing / invalid |", "| --- | --- | --- | --- |"]
-    rows += [f"| {t} | {results[t][0]} | {results[t][1]:.0f} | {examples(results[t][2])} |" for t in ids]
+    gcol, gsep = (" GPU |", " --- |") if a.gpus else ("", "")
+    rows = ["| test | outcome | seconds | examples passing / failing / invalid |" + gcol,
+            "| --- | --- | --- | --- |" + gsep]
+    rows += [f"| {t} | {results[t][0]} | {results[t][1]:.0f} | {examples(results[t][2])} |"
+             + (f" {on_gpu.get(t, '-')} |" if a.gpus else "") for t in ids]
     counts: dict[str, int] = {}
     for o, _, _ in results.values():
         counts[o] = counts.get(o, 0) + 1
     total = time.monotonic() - start
-    head = (f"{len(tests)} tests in {len(ids)} processes, {a.jobs} at a time, {total:.0f} s: "
+    spread = f" over {a.gpus} GPUs" if a.gpus else ""
+    head = (f"{len(tests)} tests in {len(ids)} processes, {a.jobs} at a time{spread}, {total:.0f} s: "
             + ", ".join(f"{n} {o}" for o, n in sorted(counts.items())) + "\n\npytest " + " ".join(pytest_args))
     (a.out / "summary.md").write_text(head + "\n\n" + "\n".join(rows) + "\n")
     with open(a.out / "tests.log", "w") as f:
