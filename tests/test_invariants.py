@@ -22,12 +22,13 @@ from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
 import reference
+from tests.harness import windows
 from tests.harness.cases import make_inputs, with_x
-from tests.harness.convert import to_numpy
+from tests.harness.convert import round_to, to_numpy
 from tests.harness.impls import for_kinds
 from tests.harness.records import RECORDS
 from tests.harness.strategies import cases
-from tests.harness.tolerance import UNIT_ROUNDOFF, forward_bound
+from tests.harness.tolerance import UNIT_ROUNDOFF, forward_bound, x_rounding_bound
 
 
 def _run(impl, case, inputs):
@@ -109,16 +110,49 @@ def test_affine_in_x(impl, dtype, data):
     a = data.draw(st.sampled_from([0.5, 0.25, -1.0, 3.0]), label="a")
     rng = np.random.default_rng(case.seed + 2)
     x2 = with_x(case, inputs, rng.standard_normal(inputs.x64.shape) * 2.0 ** case.x_exp, impl.device)
-    x3 = with_x(case, inputs, a * inputs.x64 + (1 - a) * x2.x64, impl.device)
+    x3_exact = a * inputs.x64 + (1 - a) * x2.x64
+    x3 = with_x(case, inputs, x3_exact, impl.device)
     bounds = [forward_bound(case, i) for i in (inputs, x2, x3)]
     assume(all(b.well_conditioned for b in bounds))
     y1, y2, y3 = (_run(impl, case, i) for i in (inputs, x2, x3))
     # y3 rounds its own input: add the rounding of x3 carried through the
-    # linear map, u_o * (its magnitude), to the three outputs' own bounds
+    # linear map (relative in the normal range, absolute in the subnormals)
+    # to the three outputs' own bounds
     tol = bounds[2].bound + abs(a) * bounds[0].bound + abs(1 - a) * bounds[1].bound \
-        + UNIT_ROUNDOFF[dtype] * bounds[2].magnitude
+        + x_rounding_bound(case, inputs, x3_exact)
     err = np.abs(y3 - (a * y1 + (1 - a) * y2))
     assert (err <= tol).all(), f"{impl.id}: not affine in x, worst error/bound {np.max(err / tol):.3g}\n  {case!r}"
+
+
+@given(data=st.data())
+def test_x_rounding_bound_covers_rounding_into_subnormals(data):
+    """The affine property's allowance for rounding x3 into the dtype
+    (x_rounding_bound) covers what that rounding does to the output, from
+    huge tokens down to ones deep in the dtype's subnormals, where the
+    rounding error is absolute: the linear part applied to the exact
+    perturbation fl(x) - x never exceeds it (both sides in float64; the
+    factor 1 + 1e-12 covers their own rounding)."""
+    kind = data.draw(st.sampled_from([k for k, r in RECORDS.items() if r.affine_in_x]), label="kind")
+    dtype = data.draw(st.sampled_from(("float32", "float16", "bfloat16")), label="dtype")
+    case = data.draw(cases(kind=kind, dtype=dtype, max_batch=2, max_heads=2, max_dim=4), label="case")
+    x_exp = data.draw(st.integers(-150 if dtype != "float16" else -30, 6), label="x_exp")
+    inputs = make_inputs(case, RECORDS[kind])
+    x_exact = np.random.default_rng(case.seed + 5).standard_normal(inputs.x64.shape) * 2.0 ** x_exp
+    delta = round_to(x_exact, dtype) - x_exact                     # exact (Sterbenz, or x rounded to 0)
+    params = [None if n == "bias" else v for n, v in inputs.params64.items()]
+    moved = getattr(windows, kind)(windows.gather_windows(delta, seqlens=case.seqlens, **case.window_kwargs()),
+                                   *params)
+    allowed = x_rounding_bound(case, inputs, x_exact)
+    assert np.all(np.abs(moved) <= allowed * (1 + 1e-12)), f"{np.max(np.abs(moved) / allowed):.3g}\n  {case!r}"
+
+
+def test_x_rounding_bound_is_needed_below_the_normal_range():
+    """Why x_rounding_bound has its absolute term: float16 tokens near 2**-20
+    round to multiples of 2**-24, errors far beyond u_o times themselves."""
+    x = np.random.default_rng(0).standard_normal(1000) * 2.0 ** -20
+    err = np.abs(round_to(x, "float16") - x)
+    assert np.any(err > UNIT_ROUNDOFF["float16"] * np.abs(x) * 100)
+    assert np.all(err <= UNIT_ROUNDOFF["float16"] * np.abs(x) + 2.0 ** -25)
 
 
 def _left_padded(case, inputs, device):

@@ -131,6 +131,27 @@ def forward_bound(case, inputs) -> Bound:
     return Bound(bound, M, ok)
 
 
+def x_rounding_bound(case, inputs, x_exact) -> np.ndarray:
+    """For the affine kinds (mean_pool, weighted_pool, linear): the most that
+    rounding the float64 tokens ``x_exact`` (B, H, T, D) into the case's dtype
+    moves each output element (B, H, W, D_out), given the parameters of
+    ``inputs``.
+
+    Round to nearest moves v by at most u_o |v| in the normal range and by at
+    most half the smallest subnormal below it, so by <= u_o |v| + tiny_o / 2
+    everywhere. The output moves by the kind's linear part (no bias, no pe:
+    they do not depend on x) applied to that perturbation, bounded by the
+    linear part on absolute values. The subnormal term is what a purely
+    relative u_o * |y| misses: float16 tokens near 2**-15 carry absolute
+    errors up to 2**-25, about 2**-10 of themselves (GPU run 20)."""
+    if case.kind not in ("mean_pool", "weighted_pool", "linear"):
+        raise ValueError(f"x_rounding_bound: {case.kind!r} is not affine in x")
+    u_o, _, tiny_o, _ = _units(case.dtype)
+    params = [None if name == "bias" else _abs(v) for name, v in inputs.params64.items()]
+    dx = _windows(case, u_o * np.abs(x_exact) + tiny_o / 2, None)
+    return getattr(windows, case.kind)(dx, *params)
+
+
 def compare(got: np.ndarray, expected: np.ndarray, bound: np.ndarray):
     """(passed, worst error / bound, index of the worst element, its error).
 
