@@ -800,7 +800,8 @@ def compile_only(dtypes, kinds=KINDS, D=128):
                         {"dy": dt, "w": dt, "dx": dt, **seq}, lin, lin_w)
                 for cfg in li._fits(li._DW.tuned.configs, fits, "BLOCK_W"):
                     one(f"linear_bwd_kernel_dw {tag}", li.linear_bwd_kernel_dw, cfg,
-                        {"x": dt, "dy": dt, "pe": dt, "cs": "fp32", "dw": dt, **seq}, dict(lin, HAS_PE=True), lin_w)
+                        {"x": dt, "dy": dt, "pe": dt, "cs": "fp32", "dw": dt, **seq},
+                        dict(lin, HAS_PE=True, DOT_TF32=False), lin_w)
             if "mlp" in kinds:
                 compile_mlp(one, dt, tdt, tag, varlen, T=T, H=H, D=D, L=L, S=S, W=W)
             if "attention_pool" in kinds:
@@ -849,10 +850,20 @@ def compile_mlp(one, dt, tdt, tag, varlen, *, T, H, D, L, S, W):
                 dict(x_s, **w_s, **sizes, syb=H * W * DO, syh=W * DO, syw=DO, syd=1, sys=H * W * DO, F_CHUNK=512))
     for cfg in ml._fused_prune(ml._DP.tuned.configs, probe, "dp"):
         one(f"mlp_bwd_kernel_dp {tag}", ml.mlp_bwd_kernel_dp, cfg,
-            {"x": dt, "w1": dt, "cst": "fp32", "w2": dt, "dy": dt, "dp": dt, "pw2": "fp32", **seq},
-            dict(BLOCK_N=BN, ACT=1, HAS_CONST=True, NEED_DP=True, NEED_W2=True, **flags),
+            {"x": dt, "w1": dt, "cst": "fp32", "w2": dt, "dy": dt, "dp": dt, "hid": "fp32" if dt == "fp16" else dt,
+             **seq},
+            dict(BLOCK_N=ml.dp_block_n(DO), ACT=1, HAS_CONST=True, NEED_DP=True, NEED_H=True, **flags),
             dict(x_s, **w_s, **sizes, sdb=H * W * DO, sdh=W * DO, sdw=DO, sdn=1, spb=H * W * F, sph=W * F, spw=F,
-                 spf=1, sos=G * F * DO, sog=F * DO, sof=DO, son=1, ROWS_PER_SPLIT=W // 8))
+                 spf=1, shb=H * W * F, shh=W * F, shw=F, shf=1))
+    hid_dt = "fp32" if dt == "fp16" else dt
+    probe2 = {"D": F, "DO": DO, "x": torch.empty(0, dtype=torch.float32 if dt == "fp16" else tdt)}
+    for cfg in ml._linear_prune(ml._DW2.tuned.configs, probe2, "BLOCK_W"):
+        one(f"mlp dw2 (linear_bwd_kernel_dw) {tag}", ml._DW2.kernel, cfg,
+            {"x": hid_dt, "dy": dt, "pe": dt, "cs": "fp32", "dw": "fp32", **seq},
+            dict(IS_VARLEN=False, HAS_PE=False, DOT_F32=False, DOT_TF32=dt == "fp16"),
+            dict(sxb=H * W * F, sxh=W * F, sxt=F, sxd=1, sdb=H * W * DO, sdh=W * DO, sdw=DO, sdn=1, sph=0, spj=0,
+                 spd=0, sos=G * F * DO, sog=F * DO, soj=F * DO, sod=DO, son=1, B=1, H=H, HG=1, D=F, DO=DO,
+                 ROWS_PER_SPLIT=W, WORK=15))
     lin = dict(swg=L * D * F, swl=D * F, swd=F, swn=1, DO=F)
     dp_s = dict(sdb=H * W * F, sdh=W * F, sdw=F, sdn=1)
     for cfg in ml._linear_prune(ml._DX.tuned.configs, probe, "BLOCK_K"):
@@ -861,7 +872,7 @@ def compile_mlp(one, dt, tdt, tag, varlen, *, T, H, D, L, S, W):
     for cfg in ml._linear_prune(ml._DW1.tuned.configs, probe, "BLOCK_W"):
         one(f"mlp dw1 (linear_bwd_kernel_dw) {tag}", ml._DW1.kernel, cfg,
             {"x": dt, "dy": dt, "pe": dt, "cs": "fp32", "dw": dt, **seq},
-            dict(IS_VARLEN=varlen, HAS_PE=True, DOT_F32=False),
+            dict(IS_VARLEN=varlen, HAS_PE=True, DOT_F32=False, DOT_TF32=False),
             dict(lin, **dp_s, sos=0, sog=L * D * F, soj=D * F, sod=F, son=1, ROWS_PER_SPLIT=W))
 
 

@@ -17,6 +17,7 @@ run every kind through them; here:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -240,6 +241,18 @@ def test_backward_is_deterministic(kind):
 
 
 # --------------------------------------------------------------------------- scripts/gpu_perf.py
+
+
+def test_gpu_perf_counts_the_issue_flops():
+    """gpu_perf.py's rates use the FLOP counts issue 4 states at the NSA size
+    (B = 1, H = 4, D = 128, L = 32, S = 16, T = 131072, left padding): mlp
+    2 W (L D F + F D) with F = L D, 1.134 TFLOP; linear 2 W L D D, 34.4 GFLOP."""
+    spec = importlib.util.spec_from_file_location("gpu_perf", os.path.join(ROOT, "scripts", "gpu_perf.py"))
+    gp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gp)
+    nsa = dict(B=1, H=4, T=131072, D=128, L=32, S=16, padding="left")
+    assert abs(gp.traffic("mlp", **nsa)[2] / 1e12 - 1.134) < 1e-3
+    assert abs(gp.traffic("linear", **nsa)[2] / 1e9 - 34.36) < 1e-2
 
 
 def test_gpu_perf_script_dry_run(tmp_path):

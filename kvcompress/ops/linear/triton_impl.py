@@ -110,12 +110,16 @@ def linear_bwd_kernel_dw(x, dy, pe, cs, dw, cu, ccu, cq, N, N_STEPS, T, W, NQ, L
                          sxb, sxh, sxt, sxd, sdb, sdh, sdw, sdn, sph, spj, spd,
                          sos, sog, soj, sod, son, B, H, HG, D, DO, ROWS_PER_SPLIT, WORK,
                          BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         IS_VARLEN: tl.constexpr, HAS_PE: tl.constexpr, DOT_F32: tl.constexpr):
+                         IS_VARLEN: tl.constexpr, HAS_PE: tl.constexpr, DOT_F32: tl.constexpr,
+                         DOT_TF32: tl.constexpr):
     """dw[split, g, j, D block, N block] = sum over this split's windows (all
     batch rows and heads of group g) of x[t0(w) + j]^T dy[w], plus, in split
     0, pe's share sum_{h in g} pe[h, j]^T colsum[h] (pe folded).
     Grid (L * D blocks, D_out blocks, G * splits); the splits are summed by
     torch afterwards (deterministic, no atomics).
+
+    DOT_TF32 (mlp's dw2 in float16): x holds float32 values already rounded
+    to tf32 and dy float16 (exact in tf32), so a tf32 dot multiplies exactly.
     """
     i_jd, i_n, i_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ND = tl.cdiv(D, BLOCK_D)
@@ -144,9 +148,12 @@ def linear_bwd_kernel_dw(x, dy, pe, cs, dw, cu, ccu, cq, N, N_STEPS, T, W, NQ, L
                       mask=m_t[:, None] & m_d[None, :], other=0.)                         # [BLOCK_W, BLOCK_D]
         b_dy = tl.load(dy + (i_b.to(tl.int64) * sdb + i_h * sdh + o_w.to(tl.int64) * sdw)[:, None]
                        + o_n[None, :] * sdn, mask=m_r[:, None] & m_n[None, :], other=0.)  # [BLOCK_W, BLOCK_N]
-        if DOT_F32:
-            b_x, b_dy = b_x.to(tl.float32), b_dy.to(tl.float32)
-        b_acc = tl.dot(tl.trans(b_x), b_dy, b_acc, input_precision="ieee")
+        if DOT_TF32:
+            b_acc = tl.dot(tl.trans(b_x.to(tl.float32)), b_dy.to(tl.float32), b_acc, input_precision="tf32")
+        else:
+            if DOT_F32:
+                b_x, b_dy = b_x.to(tl.float32), b_dy.to(tl.float32)
+            b_acc = tl.dot(tl.trans(b_x), b_dy, b_acc, input_precision="ieee")
     if HAS_PE:
         if i_s == 0:
             for hh in range(0, HG):
@@ -375,7 +382,7 @@ def dw_launcher(rows, prune) -> Launcher:
     return Launcher(
         linear_bwd_kernel_dw,
         configs=tile_configs(("BLOCK_W", "BLOCK_D", "BLOCK_N"), rows),
-        key=["D", "DO", "L", "WORK", "IS_VARLEN", "HAS_PE", "DOT_F32"],
+        key=["D", "DO", "L", "WORK", "IS_VARLEN", "HAS_PE", "DOT_F32", "DOT_TF32"],
         interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["B"] * kw["W"], 32),
                                    "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_N": interpret_block(kw["DO"], 32)},
         prune=prune)
@@ -523,7 +530,7 @@ def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
                  x, dy, pe if pe is not None else x, cs if cs is not None else x, out, *plan.seq_args(),
                  *x.stride(), *dy.stride(), *(pe.stride() if pe is not None else (0, 0, 0)), *o_strides,
                  B, H, HG, D, DO, cdiv(rows, splits), size_class(rows),
-                 IS_VARLEN=plan.varlen, HAS_PE=pe is not None, DOT_F32=dot_f32(x.dtype))
+                 IS_VARLEN=plan.varlen, HAS_PE=pe is not None, DOT_F32=dot_f32(x.dtype), DOT_TF32=False)
         if splits > 1:
             dw = out.sum(0).to(x.dtype)
     return dx, dw, db, dpe

@@ -8,10 +8,11 @@ tensors too under TRITON_INTERPRET=1, never picked by "auto" there).
   activation and straight into the second GEMM's accumulator, so the hidden
   layer never reaches device memory.
 - Backward: ``mlp_bwd_kernel_dp`` recomputes the pre-activation p per
-  (window tile, F tile), forms dp = (dy @ w2^T) * act'(p) and dw2 partials
-  h^T dy; dp (B, H, W, F) is stored, one group chunk at a time, and is the
-  incoming gradient of the first layer, a ``linear`` with weight w1: its
-  x-gradient and weight gradient are linear's kernels
+  (window tile, F tile), forms dp = (dy @ w2^T) * act'(p) and stores dp and
+  the hidden layer act(p) (B, H, W, F), one group chunk at a time;
+  dw2 = hid^T dy is linear's weight-gradient kernel over the stored hidden
+  layer. dp is the incoming gradient of the first layer, a ``linear`` with
+  weight w1: its x-gradient and weight gradient are linear's kernels
   (``linear_bwd_kernel_dx``/``_dw``) launched with F as D_out.
 
 The op is ``torch.ops.kvcompress.mlp_triton`` (fake implementation and
@@ -172,88 +173,64 @@ def mlp_fwd_kernel(x, w1, cst, w2, b2, y, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, 
 
 
 @jit_kernel
-def mlp_bwd_kernel_dp(x, w1, cst, w2, dy, dp, pw2, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+def mlp_bwd_kernel_dp(x, w1, cst, w2, dy, dp, hid, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                       sxb, sxh, sxt, sxd, s1g, s1k, s1f, scg, scf, s2g, s2f, s2n, sdb, sdh, sdw, sdn,
-                      spb, sph, spw, spf, sos, sog, sof, son,
-                      B, H, HG, HG_C, D, F, DO, ROWS_PER_SPLIT, WORK,
+                      spb, sph, spw, spf, shb, shh, shw, shf,
+                      H, HG, HG_C, D, F, DO, WORK,
                       BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr,
                       ACT: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_CONST: tl.constexpr,
-                      NEED_DP: tl.constexpr, NEED_W2: tl.constexpr, HID_TF32: tl.constexpr,
+                      NEED_DP: tl.constexpr, NEED_H: tl.constexpr, HID_TF32: tl.constexpr,
                       DOT_F32: tl.constexpr):
-    """For one F tile and this split's windows of group g (rows (b, hh, w)):
-    recompute p = flat(X) @ w1[g] + cst (as the forward), then
+    """For a tile of BLOCK_W windows of head (b, h) and BLOCK_F hidden units:
+    recompute p = flat(X) @ w1[g] + cst (the forward's K loop), then
 
-    - NEED_DP (D_out block 0 only): dp = (dy @ w2[g]^T) * act'(p), stored in
-      x's dtype (B, H, W, F): the first layer's incoming gradient;
-    - NEED_W2: pw2[split, g, f, n] = sum over the rows of act(p)^T dy (the
-      hidden rounded to x's dtype, as in the forward); torch sums the splits
-      (deterministic, no atomics).
+    - NEED_DP: dp = (dy @ w2[g]^T) * act'(p) (K loop over D_out in BLOCK_N
+      blocks), stored in x's dtype (B, H, W, F): the first layer's incoming
+      gradient;
+    - NEED_H: the hidden layer act(p), rounded as the forward rounds it (x's
+      dtype; float16: float32 rounded to tf32), stored (B, H, W, F) for
+      dw2 = hid^T dy, which linear's weight-gradient kernel forms.
 
-    Grid (F tiles, D_out blocks, G * splits). The hidden layer exists only in
-    registers; p is recomputed, never stored.
+    Grid (window tiles, F tiles, B*H), the forward's. Storing the hidden layer
+    here (the backward may; the forward never does) frees this kernel of a
+    dw2 accumulator held across all rows: its tiles are the forward's size
+    (GPU run 22).
     """
-    i_f, i_n, i_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    G = H // HG
-    i_g, i_s = i_gs % G, i_gs // G
+    i_w, i_f, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_g = i_h // HG
+    o_w = i_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    t0, bos, m_w = window_rows(o_w, cu, ccu, N, N_STEPS, W, S, PRE, IS_VARLEN)      # [BLOCK_W]
     o_f = i_f * BLOCK_F + tl.arange(0, BLOCK_F)
     m_f = o_f < F
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < DO
-    o_nb = tl.arange(0, BLOCK_N)
-    R = B * HG * W                                                                       # rows (b, hh, w) of group g
-    r_lo = i_s * ROWS_PER_SPLIT
-    r_hi = tl.minimum(r_lo + ROWS_PER_SPLIT, R)
-    p_w1 = w1 + i_g.to(tl.int64) * s1g + o_f[None, :] * s1f                             # [1, BLOCK_F]
-    p_w2 = w2 + i_g.to(tl.int64) * s2g + o_f[None, :] * s2f                             # [1, BLOCK_F]
-    b_dw2 = tl.zeros([BLOCK_F, BLOCK_N], dtype=tl.float32)
-    for r0 in range(r_lo, r_hi, BLOCK_W):
-        o_r = r0 + tl.arange(0, BLOCK_W)
-        m_r = o_r < r_hi
-        o_w = o_r % W
-        i_hh = (o_r // W) % HG
-        i_b = (o_r // (W * HG)).to(tl.int64)
-        i_h = (i_g * HG + i_hh).to(tl.int64)                                             # [BLOCK_W] head per row
-        t0, bos, m_w = window_rows(o_w, cu, ccu, N, N_STEPS, W, S, PRE, IS_VARLEN)
-        m_w = m_w & m_r
-        p_xr = x + i_b * sxb + i_h * sxh                                                 # [BLOCK_W]
-        b_p = window_gemm(tl.zeros([BLOCK_W, BLOCK_F], dtype=tl.float32), p_xr[:, None], t0, bos, m_w, sxt, sxd,
-                          p_w1, D * s1k, s1k, m_f, L, D, BLOCK_D, DOT_F32)                # [BLOCK_W, BLOCK_F]
-        if HAS_CONST:
-            b_p += tl.load(cst + (i_h // HG_C)[:, None] * scg + o_f[None, :] * scf, mask=m_w[:, None] & m_f[None, :],
-                           other=0.).to(tl.float32)
-        p_dyr = dy + i_b * sdb + i_h * sdh + o_w.to(tl.int64) * sdw                      # [BLOCK_W]
-        if NEED_DP:
-            if i_n == 0:
-                b_gh = tl.zeros([BLOCK_W, BLOCK_F], dtype=tl.float32)
-                for n0 in range(0, DO, BLOCK_N):
-                    o_nn = n0 + o_nb
-                    m_nn = o_nn < DO
-                    b_dy = tl.load(p_dyr[:, None] + o_nn[None, :] * sdn, mask=m_w[:, None] & m_nn[None, :],
-                                   other=0.)                                             # [BLOCK_W, BLOCK_N]
-                    b_w2t = tl.load(p_w2 + o_nn[:, None] * s2n, mask=m_nn[:, None] & m_f[None, :],
-                                    other=0.)                                            # [BLOCK_N, BLOCK_F]
-                    if DOT_F32:
-                        b_dy, b_w2t = b_dy.to(tl.float32), b_w2t.to(tl.float32)
-                    b_gh = tl.dot(b_dy, b_w2t, b_gh, input_precision="ieee")
-                b_dp = b_gh * _act_grad(b_p, ACT)
-                p_dp = dp + i_b[:, None] * spb + i_h[:, None] * sph + o_w[:, None].to(tl.int64) * spw \
-                    + o_f[None, :] * spf
-                tl.store(p_dp, b_dp.to(dp.dtype.element_ty), mask=m_w[:, None] & m_f[None, :])
-        if NEED_W2:
-            # rows outside the split hold act(cst), not 0: mask them out of the sum
-            b_h = tl.where(m_w[:, None], _act(b_p, ACT), 0.)                            # [BLOCK_W, BLOCK_F]
-            b_dyn = tl.load(p_dyr[:, None] + o_n[None, :] * sdn, mask=m_w[:, None] & m_n[None, :], other=0.)
-            if HID_TF32:
-                b_dw2 = tl.dot(tl.trans(round_tf32(b_h)), b_dyn.to(tl.float32), b_dw2, input_precision="tf32")
-            else:
-                b_h = b_h.to(dy.dtype.element_ty)
-                if DOT_F32:
-                    b_h, b_dyn = b_h.to(tl.float32), b_dyn.to(tl.float32)
-                b_dw2 = tl.dot(tl.trans(b_h), b_dyn, b_dw2, input_precision="ieee")      # [BLOCK_F, BLOCK_N]
-    if NEED_W2:
-        p_o = pw2 + i_s.to(tl.int64) * sos + i_g.to(tl.int64) * sog + o_f[:, None].to(tl.int64) * sof \
-            + o_n[None, :] * son
-        tl.store(p_o, b_dw2, mask=m_f[:, None] & m_n[None, :])
+    p_x = x + i_b.to(tl.int64) * sxb + i_h.to(tl.int64) * sxh
+    b_p = window_gemm(tl.zeros([BLOCK_W, BLOCK_F], dtype=tl.float32), p_x, t0, bos, m_w, sxt, sxd,
+                      w1 + i_g.to(tl.int64) * s1g + o_f[None, :] * s1f, D * s1k, s1k, m_f, L, D, BLOCK_D, DOT_F32)
+    if HAS_CONST:
+        b_p += tl.load(cst + (i_h // HG_C).to(tl.int64) * scg + o_f * scf, mask=m_f, other=0.).to(tl.float32)[None, :]
+    m_out = m_w[:, None] & m_f[None, :]
+    o_wl = o_w[:, None].to(tl.int64)
+    if NEED_DP:
+        p_dy = dy + i_b.to(tl.int64) * sdb + i_h.to(tl.int64) * sdh + o_wl * sdw                  # [BLOCK_W, 1]
+        p_w2 = w2 + i_g.to(tl.int64) * s2g + o_f[None, :] * s2f                                  # [1, BLOCK_F]
+        b_gh = tl.zeros([BLOCK_W, BLOCK_F], dtype=tl.float32)
+        for n0 in range(0, DO, BLOCK_N):
+            o_n = n0 + tl.arange(0, BLOCK_N)
+            m_n = o_n < DO
+            b_dy = tl.load(p_dy + o_n[None, :] * sdn, mask=m_w[:, None] & m_n[None, :], other=0.)  # [BLOCK_W, BLOCK_N]
+            b_w2t = tl.load(p_w2 + o_n[:, None] * s2n, mask=m_n[:, None] & m_f[None, :], other=0.)  # [BLOCK_N, BLOCK_F]
+            if DOT_F32:
+                b_dy, b_w2t = b_dy.to(tl.float32), b_w2t.to(tl.float32)
+            b_gh = tl.dot(b_dy, b_w2t, b_gh, input_precision="ieee")
+        b_dp = b_gh * _act_grad(b_p, ACT)
+        p_dp = dp + i_b.to(tl.int64) * spb + i_h.to(tl.int64) * sph + o_wl * spw + o_f[None, :] * spf
+        tl.store(p_dp, b_dp.to(dp.dtype.element_ty), mask=m_out)
+    if NEED_H:
+        b_h = _act(b_p, ACT)
+        if HID_TF32:
+            b_h = round_tf32(b_h)
+        p_h = hid + i_b.to(tl.int64) * shb + i_h.to(tl.int64) * shh + o_wl * shw + o_f[None, :] * shf
+        tl.store(p_h, b_h.to(hid.dtype.element_ty), mask=m_out)
 
 
 # --------------------------------------------------------------------------- launch configurations
@@ -269,6 +246,13 @@ def block_n(DO: int) -> int:
     return min(256, max(16, next_pow2(DO)))
 
 
+def dp_block_n(DO: int) -> int:
+    """The D_out block of the dp kernel's K loop over D_out (dy @ w2^T)."""
+    if INTERPRET:
+        return interpret_block(DO, 32)
+    return min(64, max(16, next_pow2(DO)))
+
+
 def _is_f32(kw, name):
     return kw[name].dtype == torch.float32
 
@@ -280,8 +264,8 @@ def _fused_prune(configs, kw, kernel):
     (at most 128 for bfloat16, 96 for float16 whose second dot takes
     float32 operands, 48 for float32 whose IEEE dots keep their operands in
     registers; 16 less for the F-split variant, SPLIT_F); the dp kernel
-    holds p and dy @ w2^T [BLOCK_W, BLOCK_F] and the dw2 partial [BLOCK_F,
-    BLOCK_N] (at most 64, 48 for float32)."""
+    holds p and dy @ w2^T, both [BLOCK_W, BLOCK_F] (at most 128; 16 for
+    float32, where 32 spilled 24 bytes)."""
     D, F, BN = kw["D"], kw["F"], kw["BLOCK_N"]
     dt = kw["x"].dtype
     f32 = dt == torch.float32
@@ -296,7 +280,8 @@ def _fused_prune(configs, kw, kernel):
                 cap -= 16
             fits = (BW * BN + BW * BF) / threads <= cap
         else:
-            fits = (2 * BW * BF + BF * BN) / threads <= (48 if f32 else 64)
+            # p and dy @ w2^T, both [BLOCK_W, BLOCK_F]; the dot operands of float32 stay in registers
+            fits = 2 * BW * BF / threads <= (16 if f32 else 128)
         if fits and BD <= max(16, next_pow2(D)) and BF <= max(16, next_pow2(F)) \
                 and not (big and min(BD, BF) < 32) and (not f32 or BD <= 32):
             out.append(c)
@@ -317,7 +302,7 @@ def _linear_prune(configs, kw, rows):
 
 
 # (BLOCK_W, BLOCK_D, BLOCK_F, warps, stages): sized for D = D_out = 128, F = 4096 (NSA, the seed's
-# GroupedMLP with expand 1) and smaller dims; the dp kernel's F tile is 64 (it also holds the dw2 partial)
+# GroupedMLP with expand 1) and smaller dims; the dp kernel tiles as the forward
 _FWD = Launcher(
     mlp_fwd_kernel,
     configs=tile_configs(("BLOCK_W", "BLOCK_D", "BLOCK_F"),
@@ -332,19 +317,23 @@ _FWD = Launcher(
 _DP = Launcher(
     mlp_bwd_kernel_dp,
     configs=tile_configs(("BLOCK_W", "BLOCK_D", "BLOCK_F"),
-                 [(64, 64, 64, 8, 3), (64, 64, 64, 8, 4), (64, 128, 64, 8, 2), (64, 32, 64, 8, 4),
-                  (64, 64, 32, 8, 3), (64, 32, 32, 8, 3), (32, 32, 64, 8, 3), (32, 32, 32, 4, 2),
-                  (16, 16, 16, 2, 2)]),
-    key=["D", "F", "DO", "L", "S", "WORK", "BLOCK_N", "ACT", "IS_VARLEN", "HAS_CONST", "NEED_DP", "NEED_W2",
+                 [(128, 64, 128, 8, 3), (128, 64, 128, 8, 4), (128, 64, 64, 8, 3), (128, 64, 64, 8, 4),
+                  (64, 64, 128, 8, 3), (64, 64, 64, 4, 3), (64, 32, 64, 8, 3), (32, 32, 64, 4, 3),
+                  (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)]),
+    key=["D", "F", "DO", "L", "S", "WORK", "BLOCK_N", "ACT", "IS_VARLEN", "HAS_CONST", "NEED_DP", "NEED_H",
          "HID_TF32", "DOT_F32"],
-    interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["B"] * kw["W"], 32),
-                               "BLOCK_D": interpret_block(kw["D"], 32), "BLOCK_F": interpret_block(kw["F"], 32)},
+    interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["W"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
+                               "BLOCK_F": interpret_block(kw["F"], 32)},
     prune=lambda cs, kw: _fused_prune(cs, kw, "dp"))
 # linear's x-gradient with dy := dp (K = C * F) and weight gradient with dy := dp (N = F)
 _DX = dx_launcher([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 128, 8, 3),
                    (64, 128, 128, 8, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 2), (16, 16, 16, 2, 2)],
                   lambda cs, kw: _linear_prune(cs, kw, "BLOCK_K"))
 _DW1 = dw_launcher([(64, 128, 128, 8, 3), (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (64, 128, 256, 8, 3),
+                    (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)],
+                   lambda cs, kw: _linear_prune(cs, kw, "BLOCK_W"))
+# dw2 = hid^T dy: linear's weight gradient with the stored hidden layer as tokens (L = S = 1, D := F)
+_DW2 = dw_launcher([(64, 128, 128, 8, 3), (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (64, 128, 64, 4, 3),
                     (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)],
                    lambda cs, kw: _linear_prune(cs, kw, "BLOCK_W"))
 
@@ -429,7 +418,8 @@ def _forward(x, w1, b1, w2, b2, pe, plan, act):
 
 
 def _groups_per_chunk(B, HG, W, F, G, elt) -> int:
-    """Groups whose dp (B, HG, W, F) fits DP_CHUNK_BYTES together (at least one)."""
+    """Groups whose dp and hidden layer (B, HG, W, F), elt bytes a unit
+    together, fit DP_CHUNK_BYTES (at least one group)."""
     per_group = max(1, B * HG * W * F * elt)
     return max(1, min(G, DP_CHUNK_BYTES // per_group))
 
@@ -452,10 +442,12 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
     if not (need_dp or need_w2):
         return dx, dw1, db1, dw2, db2, dpe
     cst, hg_c, _ = _first_layer_constant(x, w1, b1, pe, L)
-    BN = block_n(DO)
     ACT = ACTIVATIONS.index(act)
+    hid_tf32 = tf32_intermediate(dt)
+    hid_dt = torch.float32 if hid_tf32 else dt          # the hidden layer as the forward rounds it
     w1v = w1.unflatten(1, (L, D))                                                          # [G, L, D, F] view
-    gpc = _groups_per_chunk(B, HG, W, F, G, x.element_size())
+    elt = (x.element_size() if need_dp else 0) + (hid_dt.itemsize if need_w2 else 0)
+    gpc = _groups_per_chunk(B, HG, W, F, G, elt)
     for g0 in range(0, G, gpc):
         g1 = min(G, g0 + gpc)
         Gc, h0, h1 = g1 - g0, g0 * HG, g1 * HG
@@ -465,20 +457,36 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
         pec = None if pe is None else pe[h0:h1]
         pc = dataclasses.replace(plan, H=h1 - h0)
         rows = B * HG * W
-        splits = _splits(rows, Gc * cdiv(F, 64) * cdiv(DO, BN), dev) if need_w2 else 1
         dp = empty((B, h1 - h0, W, F), dtype=dt, device=dev) if need_dp else x
-        pw2 = empty((splits, Gc, F, DO), dtype=torch.float32, device=dev) if need_w2 else x
-        if Gc * F * max(DO, 1) > 0 and (rows > 0 or need_w2):
-            _DP(lambda meta, n=Gc * splits: (cdiv(F, meta["BLOCK_F"]), cdiv(DO, BN) if need_w2 else 1, n),
-                xc, w1c, cc if cc is not None else x, w2c, dyc, dp, pw2, *pc.seq_args(),
+        hid = empty((B, h1 - h0, W, F), dtype=hid_dt, device=dev) if need_w2 else x
+        if rows > 0 and F > 0:
+            _DP(lambda meta, n=B * (h1 - h0): (cdiv(W, meta["BLOCK_W"]), cdiv(F, meta["BLOCK_F"]), n),
+                xc, w1c, cc if cc is not None else x, w2c, dyc, dp, hid, *pc.seq_args(),
                 *xc.stride(), *w1c.stride(), *(cc.stride() if cc is not None else (0, 0)), *w2c.stride(),
                 *dyc.stride(), *(dp.stride() if need_dp else (0, 0, 0, 0)),
-                *(pw2.stride() if need_w2 else (0, 0, 0, 0)), B, h1 - h0, HG, hg_c, D, F, DO,
-                cdiv(rows, splits), size_class(rows),
-                BLOCK_N=BN, ACT=ACT, IS_VARLEN=plan.varlen, HAS_CONST=cc is not None, NEED_DP=need_dp,
-                NEED_W2=need_w2, HID_TF32=tf32_intermediate(dt), DOT_F32=dot_f32(dt))
-        if need_w2:
-            dw2[g0:g1] = pw2.sum(0).to(dt) if DO > 0 else dw2[g0:g1]
+                *(hid.stride() if need_w2 else (0, 0, 0, 0)), h1 - h0, HG, hg_c, D, F, DO, size_class(rows),
+                BLOCK_N=dp_block_n(DO), ACT=ACT, IS_VARLEN=plan.varlen, HAS_CONST=cc is not None,
+                NEED_DP=need_dp, NEED_H=need_w2, HID_TF32=hid_tf32, DOT_F32=dot_f32(dt))
+        if need_w2 and F * DO > 0:
+            if rows == 0:
+                dw2[g0:g1] = 0
+            else:
+                # dw2[g] = sum over the group's rows of hid^T dy: linear's weight gradient with the
+                # hidden units as the tokens' features (one window position, stride 1, no pe)
+                hplan = seq_plan(hid, block_size=1, stride=1, padding="valid", cu_seqlens=None)
+                wsplits = _splits(rows, Gc * cdiv(F, 128) * cdiv(DO, 128), dev)
+                if wsplits == 1:
+                    out = dw2[g0:g1].unsqueeze(1)                                          # [Gc, 1, F, D_out]
+                    o_strides = (0, *out.stride())
+                else:
+                    out = empty((wsplits, Gc, 1, F, DO), dtype=torch.float32, device=dev)
+                    o_strides = out.stride()
+                _DW2(lambda meta, n=Gc * wsplits: (cdiv(F, meta["BLOCK_D"]), cdiv(DO, meta["BLOCK_N"]), n),
+                     hid, dyc, x, x, out, *hplan.seq_args(), *hid.stride(), *dyc.stride(), 0, 0, 0, *o_strides,
+                     B, h1 - h0, HG, F, DO, cdiv(rows, wsplits), size_class(rows),
+                     IS_VARLEN=False, HAS_PE=False, DOT_F32=dot_f32(dt) and not hid_tf32, DOT_TF32=hid_tf32)
+                if wsplits > 1:
+                    dw2[g0:g1] = out.sum(0).squeeze(1).to(dt)
         if not need_dp:
             continue
         cs = None
@@ -505,7 +513,7 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
                  xc, dp, pec if pec is not None else x, cs if cs is not None else x, out, *pc.seq_args(),
                  *xc.stride(), *dp.stride(), *(pec.stride() if pec is not None else (0, 0, 0)), *o_strides,
                  B, h1 - h0, HG, D, F, cdiv(rows, wsplits), size_class(rows),
-                 IS_VARLEN=plan.varlen, HAS_PE=pec is not None, DOT_F32=dot_f32(dt))
+                 IS_VARLEN=plan.varlen, HAS_PE=pec is not None, DOT_F32=dot_f32(dt), DOT_TF32=False)
             if wsplits > 1:
                 dw1[g0:g1] = out.sum(0).flatten(1, 2).to(dt)
         if need_b1:
