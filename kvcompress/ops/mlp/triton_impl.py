@@ -302,7 +302,9 @@ def _linear_prune(configs, kw, rows):
 
 
 # (BLOCK_W, BLOCK_D, BLOCK_F, warps, stages): sized for D = D_out = 128, F = 4096 (NSA, the seed's
-# GroupedMLP with expand 1) and smaller dims; the dp kernel tiles as the forward
+# GroupedMLP with expand 1) and smaller dims; the dp kernel tiles as the forward, and with its one
+# accumulator at a time also takes a 128-wide K step (its NSA pick, GPU run 25: 750 -> 699 us; the
+# forward's second accumulator spills there)
 _FWD = Launcher(
     mlp_fwd_kernel,
     configs=tile_configs(("BLOCK_W", "BLOCK_D", "BLOCK_F"),
@@ -319,22 +321,26 @@ _DP = Launcher(
     configs=tile_configs(("BLOCK_W", "BLOCK_D", "BLOCK_F"),
                  [(128, 64, 128, 8, 3), (128, 64, 128, 8, 4), (128, 64, 64, 8, 3), (128, 64, 64, 8, 4),
                   (64, 64, 128, 8, 3), (64, 64, 64, 4, 3), (64, 32, 64, 8, 3), (32, 32, 64, 4, 3),
-                  (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)]),
+                  (32, 32, 32, 4, 2), (16, 16, 16, 2, 2), (128, 128, 128, 8, 3)]),
     key=["D", "F", "DO", "L", "S", "WORK", "BLOCK_N", "ACT", "IS_VARLEN", "HAS_CONST", "NEED_DP", "NEED_H",
          "HID_TF32", "DOT_F32"],
     interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["W"], 32), "BLOCK_D": interpret_block(kw["D"], 32),
                                "BLOCK_F": interpret_block(kw["F"], 32)},
     prune=lambda cs, kw: _fused_prune(cs, kw, "dp"))
-# linear's x-gradient with dy := dp (K = C * F) and weight gradient with dy := dp (N = F)
+# linear's x-gradient with dy := dp (K = C * F) and weight gradient with dy := dp (N = F); dx's
+# 128 x 128 x 128 tile is its NSA pick (GPU run 25: 710 -> 611 us); dw1's 4-stage and 128 x 256
+# tiles did not beat (64, 128, 256, 8, 3) there and were left out
 _DX = dx_launcher([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 128, 8, 3),
-                   (64, 128, 128, 8, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 2), (16, 16, 16, 2, 2)],
+                   (64, 128, 128, 8, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 2), (16, 16, 16, 2, 2),
+                   (128, 128, 128, 8, 3)],
                   lambda cs, kw: _linear_prune(cs, kw, "BLOCK_K"))
 _DW1 = dw_launcher([(64, 128, 128, 8, 3), (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (64, 128, 256, 8, 3),
                     (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)],
                    lambda cs, kw: _linear_prune(cs, kw, "BLOCK_W"))
 # dw2 = hid^T dy: linear's weight gradient with the stored hidden layer as tokens (L = S = 1, D := F)
+# (no (32, 32, 32, 4, 2): with float16's float32 hidden layer it spilled 8 bytes, --compile-only)
 _DW2 = dw_launcher([(64, 128, 128, 8, 3), (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (64, 128, 64, 4, 3),
-                    (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 2, 2)],
+                    (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (16, 16, 16, 2, 2)],
                    lambda cs, kw: _linear_prune(cs, kw, "BLOCK_W"))
 
 
