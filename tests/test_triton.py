@@ -504,7 +504,7 @@ def test_mlp_weight_gradients_in_row_splits(monkeypatch, dtype):
     underfilled (``_splits``); forced to 3 splits, packed and batched, every
     gradient stays within the exact model. float16 takes dw2 from its float32
     hidden layer (rounded to tf32) through the DOT_TF32 dot."""
-    monkeypatch.setattr(mlp_triton, "_splits", lambda *a, **k: 3)
+    monkeypatch.setattr(linear_triton, "_splits", lambda *a, **k: 3)     # weight_grad's rule, shared
     for f in (FIXED[0], FIXED[3]):
         f = dict(f)
         if f.get("seqlens"):

@@ -517,30 +517,45 @@ def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
         elif need_pe:           # D_out = 0: pe does not reach the output
             dpe.zero_()
     if need_w:
-        rows = B * HG * plan.W
-        splits = _splits(rows, G * L * cdiv(D, 64) * cdiv(DO, 128), x.device)
-        if splits == 1:
-            dw = empty(weight.shape, dtype=x.dtype, device=x.device)
-            out, o_strides = dw, (0, *dw.stride())
-        else:
-            out = empty((splits, G, L, D, DO), dtype=torch.float32, device=x.device)
-            o_strides = out.stride()
-        if weight.numel() > 0:
-            _DW(lambda meta: (L * cdiv(D, meta["BLOCK_D"]), cdiv(DO, meta["BLOCK_N"]), G * splits),
-                 x, dy, pe if pe is not None else x, cs if cs is not None else x, out, *plan.seq_args(),
-                 *x.stride(), *dy.stride(), *(pe.stride() if pe is not None else (0, 0, 0)), *o_strides,
-                 B, H, HG, D, DO, cdiv(rows, splits), size_class(rows),
-                 IS_VARLEN=plan.varlen, HAS_PE=pe is not None, DOT_F32=dot_f32(x.dtype), DOT_TF32=False)
-        if splits > 1:
-            dw = out.sum(0).to(x.dtype)
+        dw = empty(weight.shape, dtype=x.dtype, device=x.device)
+        weight_grad(_DW, dw, x, dy, pe, cs, plan, B, H, HG, D, DO, G * L * cdiv(D, 64) * cdiv(DO, 128))
     return dx, dw, db, dpe
 
 
 def _splits(rows: int, programs: int, device) -> int:
-    """Window splits of the weight gradient: enough programs to fill the GPU
-    (assuming 64 x 128 tiles), each still summing >= 512 windows."""
-    want = max(1, (2 * num_sms(device)) // max(programs, 1))
-    return max(1, min(want, rows // 512, 16))
+    """Window splits of a weight gradient: enough programs to fill the GPU
+    twice, each split still summing >= 512 windows, at most 16."""
+    return max(1, min(fill_factor(programs, num_sms(device), 2), rows // 512, 16))
+
+
+def weight_grad(launcher, dst, x, dy, pe, cs, plan, B, H, HG, D, DO, programs, *, dot_tf32=False):
+    """Write dst (G, L, D, D_out), any view, with linear_bwd_kernel_dw through
+    ``launcher``: the sum over each group's windows (plan, x's SeqPlan) of
+    x[t0(w) + j]^T dy[w], dy (B, H, W, D_out), plus pe's share from the column
+    sums cs (H, D_out) when pe (H, L, D) is given.
+
+    The windows are split into float32 partials summed by torch (fixed order,
+    no atomics) when ``programs``, the unsplit grid counted at the caller's
+    typical tile, would leave the GPU underfilled (``_splits``). Shared by
+    linear's weight gradient and mlp's dw1 (dy := dp) and dw2 (x := the
+    stored hidden layer, L = 1; ``dot_tf32`` for float16's float32 hidden)."""
+    if dst.numel() == 0:
+        return
+    G, L = dst.shape[0], dst.shape[1]
+    rows = B * HG * plan.W
+    splits = _splits(rows, programs, x.device)
+    if splits == 1:
+        out, o_strides = dst, (0, *dst.stride())
+    else:
+        out = empty((splits, *dst.shape), dtype=torch.float32, device=x.device)
+        o_strides = out.stride()
+    launcher(lambda meta: (L * cdiv(D, meta["BLOCK_D"]), cdiv(DO, meta["BLOCK_N"]), G * splits),
+             x, dy, pe if pe is not None else x, cs if cs is not None else x, out, *plan.seq_args(),
+             *x.stride(), *dy.stride(), *(pe.stride() if pe is not None else (0, 0, 0)), *o_strides,
+             B, H, HG, D, DO, cdiv(rows, splits), size_class(rows),
+             IS_VARLEN=plan.varlen, HAS_PE=pe is not None, DOT_F32=dot_f32(x.dtype), DOT_TF32=dot_tf32)
+    if splits > 1:
+        dst.copy_(out.sum(0))
 
 
 @torch.library.custom_op("kvcompress::linear_triton", mutates_args=())

@@ -59,7 +59,7 @@ from .._triton_common import (
     window_rows,
     windows_or_dynamic,
 )
-from ..linear.triton_impl import dw_launcher, dx_launcher, dx_phase_per
+from ..linear.triton_impl import dw_launcher, dx_launcher, dx_phase_per, weight_grad
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 # dp, the first layer's incoming gradient, is stored for this many bytes of
@@ -361,12 +361,6 @@ def fwd_splits(rows: int, n_blocks: int, F: int, device) -> int:
     return max(1, min(want, F // F_SPLIT_MIN, 16))
 
 
-def _splits(rows: int, programs: int, device, min_rows: int = 512) -> int:
-    """Window splits of a weight-gradient kernel: enough programs to fill the
-    GPU twice, each split still summing >= min_rows windows, at most 16."""
-    return max(1, min(fill_factor(programs, num_sms(device), 2), rows // min_rows, 16))
-
-
 # --------------------------------------------------------------------------- host side
 
 
@@ -480,19 +474,8 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
                 # dw2[g] = sum over the group's rows of hid^T dy: linear's weight gradient with the
                 # hidden units as the tokens' features (one window position, stride 1, no pe)
                 hplan = seq_plan(hid, block_size=1, stride=1, padding="valid", cu_seqlens=None)
-                wsplits = _splits(rows, Gc * cdiv(F, 128) * cdiv(DO, 128), dev)
-                if wsplits == 1:
-                    out = dw2[g0:g1].unsqueeze(1)                                          # [Gc, 1, F, D_out]
-                    o_strides = (0, *out.stride())
-                else:
-                    out = empty((wsplits, Gc, 1, F, DO), dtype=torch.float32, device=dev)
-                    o_strides = out.stride()
-                _DW2(lambda meta, n=Gc * wsplits: (cdiv(F, meta["BLOCK_D"]), cdiv(DO, meta["BLOCK_N"]), n),
-                     hid, dyc, x, x, out, *hplan.seq_args(), *hid.stride(), *dyc.stride(), 0, 0, 0, *o_strides,
-                     B, h1 - h0, HG, F, DO, cdiv(rows, wsplits), size_class(rows),
-                     IS_VARLEN=False, HAS_PE=False, DOT_F32=dot_f32(dt) and not hid_tf32, DOT_TF32=hid_tf32)
-                if wsplits > 1:
-                    dw2[g0:g1] = out.sum(0).squeeze(1).to(dt)
+                weight_grad(_DW2, dw2[g0:g1].unsqueeze(1), hid, dyc, None, None, hplan, B, h1 - h0, HG, F, DO,
+                            Gc * cdiv(F, 128) * cdiv(DO, 128), dot_tf32=hid_tf32)
         if not need_dp:
             continue
         cs = None
@@ -507,21 +490,9 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
                 dp, w1v[g0:g1], dxc, *pc.seq_args(), *dp.stride(), *w1v.stride(), *dxc.stride(),
                 h1 - h0, HG, D, F, plan.C, rper, size_class(B * (h1 - h0) * pc.NQ), IS_VARLEN=plan.varlen,
                 DOT_F32=dot_f32(dt))
-        if need_w1 and w1c.numel() > 0:
-            wsplits = _splits(rows, Gc * L * cdiv(D, 64) * cdiv(F, 128), dev)
-            if wsplits == 1:
-                out = dw1[g0:g1].unflatten(1, (L, D))
-                o_strides = (0, *out.stride())
-            else:
-                out = empty((wsplits, Gc, L, D, F), dtype=torch.float32, device=dev)
-                o_strides = out.stride()
-            _DW1(lambda meta, n=Gc * wsplits: (L * cdiv(D, meta["BLOCK_D"]), cdiv(F, meta["BLOCK_N"]), n),
-                 xc, dp, pec if pec is not None else x, cs if cs is not None else x, out, *pc.seq_args(),
-                 *xc.stride(), *dp.stride(), *(pec.stride() if pec is not None else (0, 0, 0)), *o_strides,
-                 B, h1 - h0, HG, D, F, cdiv(rows, wsplits), size_class(rows),
-                 IS_VARLEN=plan.varlen, HAS_PE=pec is not None, DOT_F32=dot_f32(dt), DOT_TF32=False)
-            if wsplits > 1:
-                dw1[g0:g1] = out.sum(0).flatten(1, 2).to(dt)
+        if need_w1:
+            weight_grad(_DW1, dw1[g0:g1].unflatten(1, (L, D)), xc, dp, pec, cs, pc, B, h1 - h0, HG, D, F,
+                        Gc * L * cdiv(D, 64) * cdiv(F, 128))
         if need_b1:
             db1[g0:g1] = cs.view(Gc, HG, F).sum(1).to(dt)
         if need_pe:   # dpe[h, j, d] = sum_f w1[g, j*D + d, f] cs[h, f]
