@@ -7,16 +7,16 @@ with the exact answer under the project's tolerance model:
 
 - forward, head: the first HEAD_WINDOWS windows. They read only the first
   tokens of x, so the exact answer comes from that slice
-  (tests/harness/windows.py, the vectorized NumPy formulation that
+  (kvcompress/testing/windows.py, the vectorized NumPy formulation that
   tests/test_reference.py proves equal to the loop reference) and the
-  bound from tests/harness/tolerance.py.
+  bound from kvcompress/testing/tolerance.py.
 - forward, tail: the last TAIL_WINDOWS windows, from the tokens they read
   (they are the valid windows of that slice).
 - gradients (fwd+bwd): the backward of the same call with a cotangent that
   is zero except on the first windows (and, for large per-window
   gradients, the first head only: see ``grad_scope``). Every gradient (x,
   pe, each parameter) is then that of this slice alone, compared with
-  tests/harness/gradients.py (exact float64 gradients and their derived
+  kvcompress/testing/gradients.py (exact float64 gradients and their derived
   bounds); every gradient element outside the slice must be exactly 0
   (each of its contributions is 0 times a finite value).
 
@@ -32,21 +32,21 @@ configuration and cached.
 
 from __future__ import annotations
 
+import kvcompress_reference as reference
 import numpy as np
 import torch
 
-import reference
-from tests.harness import windows
-from tests.harness.cases import Inputs
-from tests.harness.convert import round_to, to_numpy
-from tests.harness.gradients import exact_and_bounds
-from tests.harness.records import RECORDS
-from tests.harness.tolerance import compare, forward_bound
+from kvcompress.testing import windows
+from kvcompress.testing.cases import Inputs
+from kvcompress.testing.convert import round_to, to_numpy
+from kvcompress.testing.gradients import exact_and_bounds
+from kvcompress.testing.records import RECORDS
+from kvcompress.testing.tolerance import compare, forward_bound
 
 HEAD_WINDOWS = 2
 TAIL_WINDOWS = 2
 GRAD_WINDOWS = 2
-# tests/harness/gradients.py materializes every per-window local gradient
+# kvcompress/testing/gradients.py materializes every per-window local gradient
 # in float64 (the mlp's w1 term is windows x heads x L*D x F): past this
 # many elements the gradient check narrows to one head, then one window.
 MAX_GRAD_ELEMENTS = 1 << 24

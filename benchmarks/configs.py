@@ -1,9 +1,9 @@
 """What is benchmarked: the configurations, and the cost model (flops and
 bytes) every measured time is divided by.
 
-A configuration is a harness ``Case`` (tests/harness/cases.py: every field
+A configuration is a harness ``Case`` (kvcompress/testing/cases.py: every field
 the property suite draws, fixed here) plus a device and a direction. The
-kind's record (tests/harness/records.py) says which parameters exist and
+kind's record (kvcompress/testing/records.py) says which parameters exist and
 their shapes, so a new kind needs a line in ``GROUPS`` and one in
 ``flops_per_window``.
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tests.harness.cases import Case
-from tests.harness.records import KINDS, RECORDS
+from kvcompress.testing.cases import Case
+from kvcompress.testing.records import KINDS, RECORDS
 
 DIRECTIONS = ("fwd", "fwd+bwd")
 SIZES = ("quick", "default", "full")

@@ -34,8 +34,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.harness.convert import DTYPES
-from tests.harness.records import KINDS
+from kvcompress.testing.convert import DTYPES
+from kvcompress.testing.records import KINDS
 
 SYNC_TIMER = "benchmarks.timing.cuda_synchronized_perf_counter"
 

@@ -36,9 +36,9 @@ from torch import nn
 
 import kvcompress.functional as kf
 from kvcompress import backends as kb
-from tests.harness.cases import Inputs
-from tests.harness.convert import to_numpy
-from tests.harness.records import RECORDS
+from kvcompress.testing.cases import Inputs
+from kvcompress.testing.convert import to_numpy
+from kvcompress.testing.records import RECORDS
 
 
 class NotApplicable(Exception):

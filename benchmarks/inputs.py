@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from tests.harness.convert import DTYPES
-from tests.harness.records import RECORDS
+from kvcompress.testing.convert import DTYPES
+from kvcompress.testing.records import RECORDS
 
 from . import timing
 

@@ -28,12 +28,12 @@ import pytest
 import torch
 
 import kvcompress.functional as kf
-from tests.harness import windows
-from tests.harness.cases import Inputs
-from tests.harness.convert import round_to, to_numpy
-from tests.harness.gradients import exact_and_bounds
-from tests.harness.records import KINDS, RECORDS
-from tests.harness.tolerance import compare, forward_bound
+from kvcompress.testing import windows
+from kvcompress.testing.cases import Inputs
+from kvcompress.testing.convert import round_to, to_numpy
+from kvcompress.testing.gradients import exact_and_bounds
+from kvcompress.testing.records import KINDS, RECORDS
+from kvcompress.testing.tolerance import compare, forward_bound
 
 from .checks import Checker, CheckFailed, head_tokens
 from .configs import nsa_case

@@ -35,9 +35,9 @@ import torch
 import kvcompress.functional as kf
 import kvcompress.streaming as ks
 from kvcompress import backends as kb
-from tests.harness.cases import Case, Inputs
-from tests.harness.convert import to_numpy
-from tests.harness.tolerance import forward_bound
+from kvcompress.testing.cases import Case, Inputs
+from kvcompress.testing.convert import to_numpy
+from kvcompress.testing.tolerance import forward_bound
 
 N, H, D, L, S = 64, 4, 128, 32, 16
 PADDING = "left"

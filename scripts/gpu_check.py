@@ -23,7 +23,7 @@ What it measures, per kind:
     summing n products in float32 and rounding to bfloat16 at most twice, M
     the same computation in float64 on absolute values (as
     tests/test_triton.py). mlp, attention_pool: against the exact float64
-    values within the tolerance model of tests/harness (tolerance.py,
+    values within the tolerance model of kvcompress/testing (tolerance.py,
     gradients.py) evaluated in torch on the GPU (``model_bounds``; the torch
     backend's ratios are printed beside, as a check of the bound).
 (b) timing (triton.testing.do_bench, median) of forward and forward +
@@ -130,7 +130,7 @@ def call(kind, backend, x, params, pe, *, L, S, padding, cu=None, activation="re
 # --------------------------------------------------------------------------- the tolerance model, in torch
 
 # mlp and attention_pool are not bilinear: their gradients are held to the
-# backward model of tests/harness/gradients.py (and y to tests/harness/
+# backward model of kvcompress/testing/gradients.py (and y to kvcompress/testing/
 # tolerance.py), written here with torch in float64 on the device, the sums
 # over windows as matmuls so that NSA sizes fit (the harness builds
 # per-window outer products in NumPy). tests/test_triton.py checks that

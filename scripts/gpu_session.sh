@@ -55,21 +55,21 @@ for arg in "$@"; do
         checkap) run checkap 120 python3 scripts/gpu_check.py --kinds attention_pool --skip-timing \
                    --cases b4d192,d64,packed --out "$OUT/gpu_check_ap.json" ;;
         timing) run timing 300 python3 scripts/gpu_check.py --skip-correctness --out "$OUT/gpu_timing.json" ;;
-        suitetriton) KVCOMPRESS_TRITON_AUTOTUNE=0 run suitetriton 300 python3 -m pytest tests/test_conformance.py tests/test_invariants.py \
-                   tests/test_gradients.py tests/test_streaming.py -q -p no:cacheprovider -k triton \
+        suitetriton) KVCOMPRESS_TRITON_AUTOTUNE=0 run suitetriton 300 python3 -m pytest kvcompress/testing/properties/test_conformance.py kvcompress/testing/properties/test_invariants.py \
+                   kvcompress/testing/properties/test_gradients.py tests/test_streaming.py -q -p no:cacheprovider -k triton \
                    --hypothesis-show-statistics "${XD[@]}" ;;
         timingsizes) run timingsizes 560 python3 scripts/gpu_check.py --skip-correctness \
                    --timing-shapes t8192,t65536,b4,d192 --out "$OUT/gpu_timing_sizes.json" ;;
         gputests) run gputests 400 python3 -m pytest -m gpu tests/test_triton.py -q -p no:cacheprovider -x ;;
-        suite) KVCOMPRESS_TRITON_AUTOTUNE=0 run suite 420 python3 -m pytest tests/test_conformance.py tests/test_invariants.py tests/test_gradients.py \
-                   tests/test_properties_extra.py tests/test_streaming.py tests/test_triton.py -q -p no:cacheprovider \
+        suite) KVCOMPRESS_TRITON_AUTOTUNE=0 run suite 420 python3 -m pytest kvcompress/testing/properties/test_conformance.py kvcompress/testing/properties/test_invariants.py kvcompress/testing/properties/test_gradients.py \
+                   kvcompress/testing/properties/test_properties_extra.py tests/test_streaming.py tests/test_triton.py -q -p no:cacheprovider \
                    --hypothesis-show-statistics "${XD[@]}" ;;
         thorough) lim=${LIMIT:-560}
                   KVCOMPRESS_TRITON_AUTOTUNE=0 run thorough "$lim" python3 scripts/run_properties.py \
                    --deadline $((lim - 40)) --jobs "${JOBS:-16}" --gpus "${GPUS:-0}" --out "$OUT/thorough" \
                    ${THOROUGH_OPTS:-} -- \
-                   ${THOROUGH_FILES:-tests/test_conformance.py tests/test_gradients.py} -k "${THOROUGH_K:-triton}" \
-                   --hypothesis-profile thorough ;;
+                   ${THOROUGH_FILES:-kvcompress/testing/properties/test_conformance.py kvcompress/testing/properties/test_gradients.py} -k "${THOROUGH_K:-triton}" \
+                   --kvcompress-profile thorough ;;
         hostprof) run hostprof 240 python3 scripts/host_profile.py --calls 1000 --out "$OUT" ;;
         perf) run perf 400 python3 scripts/gpu_perf.py --label "${LABEL:-this}" --out "$OUT/perf.json" ;;
         bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench${BENCH_TAG:-}" ${BENCH_ARGS:-} ;;

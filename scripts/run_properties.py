@@ -11,7 +11,8 @@ example counts (``--hypothesis-show-statistics``).
 Usage (scripts/gpu_session.sh's ``thorough`` phase):
 
     python3 scripts/run_properties.py --deadline 540 --jobs 16 --out DIR -- \\
-        tests/test_conformance.py tests/test_gradients.py -k triton --hypothesis-profile thorough
+        kvcompress/testing/properties/test_conformance.py kvcompress/testing/properties/test_gradients.py \\
+        -k triton --kvcompress-profile thorough
 
 Everything after ``--`` goes to pytest, first to collect the test ids, then
 to each test's run. Writes DIR/summary.md (a table) and DIR/tests.log (every
@@ -78,7 +79,7 @@ def run_one(test_id: str, pytest_args: list[str], limit: float, part=None, gpu=N
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     if part is not None:
-        args = _strip_profile(args) + ["--hypothesis-profile", "thorough-part", f"--hypothesis-seed={part[0]}"]
+        args = _strip_profile(args) + ["--kvcompress-profile", "thorough-part", f"--hypothesis-seed={part[0]}"]
         env["KVCOMPRESS_PART_EXAMPLES"] = str(part[1])
     proc = subprocess.Popen([sys.executable, "-m", "pytest", test_id, "-q", "-p", "no:cacheprovider",
                              "--hypothesis-show-statistics", *args],
@@ -110,9 +111,9 @@ def _strip_profile(args: list[str]) -> list[str]:
     for a in args:
         if skip:
             skip = False
-        elif a == "--hypothesis-profile":
+        elif a == "--kvcompress-profile":
             skip = True
-        elif not a.startswith("--hypothesis-profile="):
+        elif not a.startswith("--kvcompress-profile="):
             out.append(a)
     return out
 

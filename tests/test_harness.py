@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+CONFORMANCE = "kvcompress/testing/properties/test_conformance.py"
 
 
 def _run(args, **env):
@@ -30,13 +31,13 @@ def _run(args, **env):
     ("linear=kvcompress.functional", "module:callable"),
 ])
 def test_bad_impl_is_a_usage_error(spec, message):
-    r = _run(["-m", "pytest", "tests/test_conformance.py", "-q", "-p", "no:cacheprovider", "--impl", spec])
+    r = _run(["-m", "pytest", CONFORMANCE, "-q", "-p", "no:cacheprovider", "--impl", spec])
     assert r.returncode == 4, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     assert message in r.stderr + r.stdout
 
 
 def test_bad_impl_dtypes_is_a_usage_error():
-    r = _run(["-m", "pytest", "tests/test_conformance.py", "-q", "-p", "no:cacheprovider",
+    r = _run(["-m", "pytest", CONFORMANCE, "-q", "-p", "no:cacheprovider",
               "--impl-dtypes", "float32,int8"])
     assert r.returncode == 4 and "--impl-dtypes" in r.stderr + r.stdout
 

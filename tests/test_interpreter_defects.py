@@ -5,7 +5,7 @@ carrying a workaround or a tolerance allowance forever.
 - fp32 -> bfloat16 conversion truncates (rounds toward zero) under the
   interpreter, where the GPU rounds to nearest even. The error is below one
   bfloat16 ulp, i.e. within the two output roundings the tolerance model
-  allows (tests/harness/tolerance.py, c_o = 2), so no allowance was added;
+  allows (kvcompress/testing/tolerance.py, c_o = 2), so no allowance was added;
   it is why interpreted bfloat16 runs show worst error/bound near 1.
 (The bfloat16 tl.dot defect is pinned in tests/test_triton.py.)
 """

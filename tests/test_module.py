@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 
 import kvcompress.functional as kf
 from kvcompress.modules import Compressor
-from tests.harness.cases import make_inputs
-from tests.harness.convert import DTYPES, to_numpy
-from tests.harness.records import KINDS, RECORDS
-from tests.harness.strategies import cases
-from tests.harness.tolerance import UNIT_ROUNDOFF, compare, forward_bound
+from kvcompress.testing.cases import make_inputs
+from kvcompress.testing.convert import DTYPES, to_numpy
+from kvcompress.testing.records import KINDS, RECORDS
+from kvcompress.testing.strategies import cases
+from kvcompress.testing.tolerance import UNIT_ROUNDOFF, compare, forward_bound
 
 PARAM_NAMES = {
     "mean_pool": [],

@@ -5,8 +5,9 @@ controls.
 Each implementation is verified exactly as a contributor would verify a
 kernel, in a subprocess::
 
-    python -m pytest tests/test_conformance.py tests/test_properties_extra.py \\
-        tests/test_invariants.py tests/test_gradients.py \\
+    python -m pytest kvcompress/testing/properties/test_conformance.py \\
+        kvcompress/testing/properties/test_properties_extra.py \\
+        kvcompress/testing/properties/test_invariants.py kvcompress/testing/properties/test_gradients.py \\
         --impl KIND=tests.mutants.KIND:NAME -p no:cacheprovider -q -x -p tests.mutants._trace
 
 with the deterministic ``ci`` Hypothesis profile. A mutant is killed when
@@ -44,8 +45,8 @@ from tests.mutants import BUG_CLASSES, KINDS, Mutant, all_mutants, controls
 ROOT = Path(__file__).resolve().parent.parent
 # run order: with -x the first failing property is the killer, so the cheap,
 # strong comparisons with the reference come first
-PROPERTY_FILES = ("tests/test_conformance.py", "tests/test_properties_extra.py", "tests/test_invariants.py",
-                  "tests/test_gradients.py")
+PROPERTY_FILES = tuple(f"kvcompress/testing/properties/{f}.py" for f in (
+    "test_conformance", "test_properties_extra", "test_invariants", "test_gradients"))
 TIMEOUT_S = 500
 MUTANTS = all_mutants()
 
@@ -59,7 +60,7 @@ def suite_files() -> list[str]:
 class Run:
     """One subprocess: its --impl values, exit code (None: timed out),
     wall time, output tail, trace (tests/mutants/_trace.py) and report
-    (tests/harness/report.py)."""
+    (kvcompress/testing/report.py)."""
 
     impls: tuple[str, ...]
     returncode: int | None
@@ -87,7 +88,7 @@ class Run:
         return "", None, ""
 
     def reported_first_failure(self, prop_id: str) -> int | None:
-        """The same count from tests/harness/report.py, for a property that
+        """The same count from kvcompress/testing/report.py, for a property that
         reports to it (None otherwise): ``prop|impl id|dtype`` keys."""
         func, _, params = prop_id.partition("[")
         for key, v in self.report.items():
@@ -173,7 +174,7 @@ def test_correct_implementations_accepted(runs, kind):
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[f"{m.kind}.{m.name}" for m in MUTANTS])
 def test_mutant_rejected(runs, mutant: Mutant, record_property):
     """The suite fails on the mutant, through a property's assertion; the
-    trace's count agrees with tests/harness/report.py where both have one."""
+    trace's count agrees with kvcompress/testing/report.py where both have one."""
     r = runs[(mutant.target,)]
     prop, examples, error = r.killer()
     record_property("killed_by", prop)

@@ -5,17 +5,17 @@ bad input is refused."""
 
 from __future__ import annotations
 
+import kvcompress_reference as reference
 import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import reference
-from tests.harness import windows
-from tests.harness.cases import make_inputs
-from tests.harness.records import KINDS, RECORDS
-from tests.harness.strategies import cases
+from kvcompress.testing import windows
+from kvcompress.testing.cases import make_inputs
+from kvcompress.testing.records import KINDS, RECORDS
+from kvcompress.testing.strategies import cases
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -59,7 +59,7 @@ def test_worked_examples_from_spec():
 
 
 def test_activations_and_nan():
-    from reference.mlp import gelu, relu, silu
+    from kvcompress_reference.mlp import gelu, relu, silu
     assert relu(-1.0) == 0.0 and relu(2.0) == 2.0 and np.isnan(relu(float("nan")))
     assert abs(gelu(1.0) - 0.8413447460685429) < 1e-15     # Phi(1) = 0.841344746...
     assert silu(-800.0) == -0.0 and silu(800.0) == 800.0   # no overflow either way
@@ -73,7 +73,7 @@ def test_activations_and_nan():
 @pytest.mark.parametrize("kind", KINDS)
 def test_returns_input_dtype(kind, dtype):
     case = RECORDS[kind]
-    from tests.harness.cases import Case
+    from kvcompress.testing.cases import Case
     c = Case(kind=kind, dtype="float64", B=1, H=2, G=2, T=7, D=3, block_size=3, stride=2, D_out=2, F=4, seed=1)
     inputs = make_inputs(c, case)
     args = [None if a is None else a.astype(dtype) for a in case.args(inputs, torch_side=False)]

@@ -4,12 +4,12 @@ initialisation), same outputs and gradients, same quirks.
 
 Tolerance: the seed and ours compute the same exact value y, each with
 rounding error. Ours goes through kvcompress.functional, which the
-conformance suite holds to tests/harness/tolerance.py's bound for the
+conformance suite holds to kvcompress/testing/tolerance.py's bound for the
 equivalent functional Case; the seed computes the same sums of the same
 products in the same dtype (float32 or float64 accumulation, float32
 stored intermediates), so the a-priori bound, which holds for any
 summation order, covers it too. Hence |ours - seed| <= |ours - y| +
-|y - seed| <= 2 * bound. Gradients use tests/harness/gradients.py's bounds
+|y - seed| <= 2 * bound. Gradients use kvcompress/testing/gradients.py's bounds
 for the same Case the same way (float64).
 """
 
@@ -26,10 +26,10 @@ from native_sparse_attention_pytorch import compress_networks as seed_nets
 
 import kvcompress.functional as kf
 from kvcompress import modules
-from tests.harness.cases import Case, Inputs
-from tests.harness.convert import DTYPES, round_to, to_numpy
-from tests.harness.gradients import exact_and_bounds
-from tests.harness.tolerance import U64, compare, forward_bound
+from kvcompress.testing.cases import Case, Inputs
+from kvcompress.testing.convert import DTYPES, round_to, to_numpy
+from kvcompress.testing.gradients import exact_and_bounds
+from kvcompress.testing.tolerance import U64, compare, forward_bound
 
 
 @dataclass(frozen=True)

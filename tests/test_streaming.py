@@ -34,21 +34,21 @@ import pathlib
 import re
 from itertools import accumulate
 
+import kvcompress_reference as reference
 import numpy as np
 import pytest
 import torch
 from hypothesis import assume, event, given, note
 from hypothesis import strategies as st
+from kvcompress_reference import streaming as rs
 
 import kvcompress.streaming as ks
-import reference
-from reference import streaming as rs
-from tests.harness.cases import Case, make_inputs, place, with_x
-from tests.harness.convert import DTYPES, NUMPY_DTYPES, to_numpy
-from tests.harness.impls import arm_tripwire, builtin_impls
-from tests.harness.records import KINDS, RECORDS
-from tests.harness.strategies import cases
-from tests.harness.tolerance import forward_bound
+from kvcompress.testing.cases import Case, make_inputs, place, with_x
+from kvcompress.testing.convert import DTYPES, NUMPY_DTYPES, to_numpy
+from kvcompress.testing.impls import arm_tripwire, builtin_impls
+from kvcompress.testing.records import KINDS, RECORDS
+from kvcompress.testing.strategies import cases
+from kvcompress.testing.tolerance import forward_bound
 
 # Bit-exact against the full pass where the backend declares itself
 # batch-invariant (kvcompress.backends.Backend.batch_invariant; the torch
@@ -231,7 +231,7 @@ def _assert_equal_or_within(got, expected, tol, exact, what, case):
 
 def _two_impls(bound):
     """Two implementations computing the same exact value are each within
-    their bound of it (tests/harness/tolerance.py); a stream and the full
+    their bound of it (kvcompress/testing/tolerance.py); a stream and the full
     pass compute the same windows from the same inputs, so their bounds are
     the same ``bound``, and they differ by at most twice it."""
     return 2 * bound

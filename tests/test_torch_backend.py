@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import kvcompress.functional as kf
-from tests.harness.cases import Case, make_inputs
-from tests.harness.records import RECORDS
+from kvcompress.testing.cases import Case, make_inputs
+from kvcompress.testing.records import RECORDS
 
 
 def _saved_bytes(fn):

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import kvcompress.functional as kf
-from tests.harness.cases import Case, make_inputs
-from tests.harness.records import RECORDS
+from kvcompress.testing.cases import Case, make_inputs
+from kvcompress.testing.records import RECORDS
+
+pytestmark = pytest.mark.kvcompress_property   # parametrized over the implementations by the kvcompress plugin
 
 
 def _setup(impl):

@@ -8,7 +8,7 @@ every registered backend's forward against the reference. Here:
   interpreter tiles: for the bilinear kinds (mean_pool, weighted_pool,
   linear) against the torch backend's autograd with a derived tolerance
   (``grad_bound``); for mlp and attention_pool against the exact float64
-  gradients within the backward model of tests/harness/gradients.py, the
+  gradients within the backward model of kvcompress/testing/gradients.py, the
   torch backend's gradients held to the same bound (so the two agree);
 - fixed configurations the draws reach only by luck (non-power-of-two D, L,
   S, F; several tiles and feature blocks; mlp's group-chunked backward;
@@ -53,12 +53,12 @@ from kvcompress.ops.linear import triton_impl as linear_triton  # noqa: E402,F40
 from kvcompress.ops.mean_pool import triton_impl as mean_triton  # noqa: E402,F401
 from kvcompress.ops.mlp import triton_impl as mlp_triton  # noqa: E402
 from kvcompress.ops.weighted_pool import triton_impl as weighted_triton  # noqa: E402,F401
-from tests.harness.cases import Case, make_inputs  # noqa: E402
-from tests.harness.convert import DTYPES, round_to, to_numpy  # noqa: E402
-from tests.harness.gradients import exact_and_bounds  # noqa: E402
-from tests.harness.records import RECORDS  # noqa: E402
-from tests.harness.strategies import cases  # noqa: E402
-from tests.harness.tolerance import (  # noqa: E402
+from kvcompress.testing.cases import Case, make_inputs  # noqa: E402
+from kvcompress.testing.convert import DTYPES, round_to, to_numpy  # noqa: E402
+from kvcompress.testing.gradients import exact_and_bounds  # noqa: E402
+from kvcompress.testing.records import RECORDS  # noqa: E402
+from kvcompress.testing.strategies import cases  # noqa: E402
+from kvcompress.testing.tolerance import (  # noqa: E402
     LARGEST,
     SMALLEST_NORMAL,
     SMALLEST_SUBNORMAL,
@@ -183,7 +183,7 @@ def grad_bound(case: Case, name: str, magnitude: np.ndarray) -> np.ndarray:
     """Allowed |g_triton - g_torch| per element of the gradient of ``name``.
 
     These kinds are bilinear, so every gradient element is itself a sum of n
-    products (``_n_terms``), and the forward model of tests/harness/
+    products (``_n_terms``), and the forward model of kvcompress/testing/
     tolerance.py applies to it with the magnitude M = the same gradient
     computed in float64 on absolute values (|x| + |pe|, |weights|, |dy|).
     Each backend accumulates in float32 (u_a) and may round to the storage
@@ -200,7 +200,7 @@ def pair_bound(dtype: str, n: int, magnitude, c_o: int = 2):
     """Allowed |a - b| between two implementations that each sum n products
     in float32 (unit roundoff u_a) and round c_o times to ``dtype`` (u_o):
     each is within (c_o u_o + n u_a) M + tiny_o + n tiny_a of the exact
-    value (tests/harness/tolerance.py: tiny_o the dtype's smallest subnormal,
+    value (kvcompress/testing/tolerance.py: tiny_o the dtype's smallest subnormal,
     tiny_a float32's smallest normal since GPUs may flush subnormals to zero),
     so they differ by at most twice that."""
     u_o, u_a = UNIT_ROUNDOFF[dtype], UNIT_ROUNDOFF["float32"]
@@ -291,9 +291,9 @@ def check_gradients(case: Case, *, dy_exp: int = 0, small: bool = False, drawn: 
 
 def check_gradients_exact(case: Case, *, dy_exp: int, small: bool, require) -> dict:
     """mlp, attention_pool: the forward against the loop reference within
-    tests/harness/tolerance.py's bound, and every gradient of the Triton
+    kvcompress/testing/tolerance.py's bound, and every gradient of the Triton
     backend against the exact float64 gradient of sum(y * dy) within the
-    backward model of tests/harness/gradients.py (the model these kinds
+    backward model of kvcompress/testing/gradients.py (the model these kinds
     need: their gradients are not sums of products of the inputs, and a relu
     unit near 0 may flip). The torch backend's gradients are held to the
     same bound, so the two backends agree within twice it. Returns
@@ -949,7 +949,7 @@ def test_gpu_check_model_equals_the_harness(fixed):
     """scripts/gpu_check.py holds mlp's and attention_pool's results at NSA
     sizes to the tolerance model evaluated in torch (float64, the window
     sums as matmuls): it returns the harness's exact values and bounds
-    (tests/harness/tolerance.py, gradients.py) to float64 rounding."""
+    (kvcompress/testing/tolerance.py, gradients.py) to float64 rounding."""
     gc = _gpu_check_module()
     f = dict(MODEL_CASES[fixed])
     if f.get("seqlens"):

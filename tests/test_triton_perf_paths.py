@@ -34,10 +34,10 @@ from kvcompress import backends as kb  # noqa: E402
 from kvcompress.ops import _triton_common as tc  # noqa: E402
 from kvcompress.ops import _triton_pool as tp  # noqa: E402
 from kvcompress.ops.linear import triton_impl as linear_triton  # noqa: E402
-from tests.harness.cases import Case, make_inputs  # noqa: E402
-from tests.harness.convert import to_numpy  # noqa: E402
-from tests.harness.records import RECORDS  # noqa: E402
-from tests.harness.tolerance import compare  # noqa: E402
+from kvcompress.testing.cases import Case, make_inputs  # noqa: E402
+from kvcompress.testing.convert import to_numpy  # noqa: E402
+from kvcompress.testing.records import RECORDS  # noqa: E402
+from kvcompress.testing.tolerance import compare  # noqa: E402
 from tests.test_triton import _n_terms, pair_bound  # noqa: E402  (the project's bound between two backends)
 
 KINDS = ("mean_pool", "weighted_pool", "linear")
@@ -314,7 +314,8 @@ def test_run_properties_splits_and_summarises(tmp_path):
     script = os.path.join(ROOT, "scripts", "run_properties.py")
     proc = subprocess.run([sys.executable, script, "--deadline", "300", "--jobs", "2", "--out", str(tmp_path),
                            "--split", "2", "--split-match", "float32", "--examples", "6", "--gpus", "2", "--",
-                           "tests/test_conformance.py", "-k", "mean_pool-torch-float", "--hypothesis-profile", "dev"],
+                           "kvcompress/testing/properties/test_conformance.py", "-k", "mean_pool-torch-float",
+                           "--kvcompress-profile", "dev"],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "summary.md").read_text()
@@ -325,4 +326,4 @@ def test_run_properties_splits_and_summarises(tmp_path):
     assert len(whole) == 1 and "| passed |" in whole[0] and "| 8 / 0 / " in whole[0], whole
     # two at a time over two GPUs: the second process to start goes to the idle GPU
     assert "over 2 GPUs" in summary and {r.rsplit("|", 2)[1].strip() for r in rows} == {"0", "1"}, rows
-    assert "===== tests/test_conformance.py" in (tmp_path / "tests.log").read_text()
+    assert "===== kvcompress/testing/properties/test_conformance.py" in (tmp_path / "tests.log").read_text()

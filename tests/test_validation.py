@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import kvcompress.functional as kf
-from tests.harness.cases import Case, make_inputs
-from tests.harness.impls import arm_tripwire
-from tests.harness.records import KINDS, RECORDS
+from kvcompress.testing.cases import Case, make_inputs
+from kvcompress.testing.impls import arm_tripwire
+from kvcompress.testing.records import KINDS, RECORDS
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ the first example that raised, ``error`` its exception type and first line.
 It wraps each property's ``.hypothesis.inner_test`` (the hook Hypothesis
 documents for plugins that wrap the test body), so it works for every
 property file, whether or not the property reports to
-``tests/harness/report.py``.
+``kvcompress/testing/report.py``.
 """
 
 from __future__ import annotations

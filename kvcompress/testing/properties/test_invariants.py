@@ -16,19 +16,22 @@ implementation with itself, so a bug the reference shares cannot hide.
 
 from __future__ import annotations
 
+import kvcompress_reference as reference
 import numpy as np
 import pytest
 from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
-import reference
-from tests.harness import windows
-from tests.harness.cases import make_inputs, with_x
-from tests.harness.convert import round_to, to_numpy
-from tests.harness.impls import for_kinds
-from tests.harness.records import RECORDS
-from tests.harness.strategies import cases
-from tests.harness.tolerance import UNIT_ROUNDOFF, forward_bound, x_rounding_bound
+from kvcompress.testing import report
+from kvcompress.testing.cases import make_inputs, with_x
+from kvcompress.testing.convert import to_numpy
+from kvcompress.testing.impls import for_kinds, requires
+from kvcompress.testing.plugin import property_settings
+from kvcompress.testing.records import RECORDS
+from kvcompress.testing.strategies import cases
+from kvcompress.testing.tolerance import forward_bound, x_rounding_bound
+
+pytestmark = pytest.mark.kvcompress_property
 
 
 def _run(impl, case, inputs):
@@ -56,10 +59,12 @@ def _windows_containing(case, t):
     return out
 
 
+@property_settings()
 @given(data=st.data())
 def test_batch_and_head_independence(impl, dtype, data):
     case, inputs = _draw(data, impl, dtype)
     assume(case.B * case.T > 0)
+    report.checked()
     base = _run(impl, case, inputs)
     b = data.draw(st.integers(0, case.B - 1), label="batch_row")
     h = data.draw(st.integers(0, case.H - 1), label="head")
@@ -77,10 +82,12 @@ def test_batch_and_head_independence(impl, dtype, data):
 
 
 @pytest.mark.parametrize("poison", ["nan", "inf", "finite"])
+@property_settings()
 @given(data=st.data())
 def test_locality(impl, dtype, poison, data):
     case, inputs = _draw(data, impl, dtype)
     assume(case.B * case.T > 0)
+    report.checked()
     b = data.draw(st.integers(0, case.B - 1), label="batch_row")
     h = data.draw(st.integers(0, case.H - 1), label="head")
     t = data.draw(st.integers(0, case.T - 1), label="token")
@@ -104,6 +111,7 @@ def test_locality(impl, dtype, poison, data):
 
 
 @for_kinds(*(k for k, r in RECORDS.items() if r.affine_in_x))
+@property_settings()
 @given(data=st.data())
 def test_affine_in_x(impl, dtype, data):
     case, inputs = _draw(data, impl, dtype)
@@ -114,6 +122,7 @@ def test_affine_in_x(impl, dtype, data):
     x3 = with_x(case, inputs, x3_exact, impl.device)
     bounds = [forward_bound(case, i) for i in (inputs, x2, x3)]
     assume(all(b.well_conditioned for b in bounds))
+    report.checked()
     y1, y2, y3 = (_run(impl, case, i) for i in (inputs, x2, x3))
     # y3 rounds its own input: add the rounding of x3 carried through the
     # linear map (relative in the normal range, absolute in the subnormals)
@@ -122,37 +131,6 @@ def test_affine_in_x(impl, dtype, data):
         + x_rounding_bound(case, inputs, x3_exact)
     err = np.abs(y3 - (a * y1 + (1 - a) * y2))
     assert (err <= tol).all(), f"{impl.id}: not affine in x, worst error/bound {np.max(err / tol):.3g}\n  {case!r}"
-
-
-@given(data=st.data())
-def test_x_rounding_bound_covers_rounding_into_subnormals(data):
-    """The affine property's allowance for rounding x3 into the dtype
-    (x_rounding_bound) covers what that rounding does to the output, from
-    huge tokens down to ones deep in the dtype's subnormals, where the
-    rounding error is absolute: the linear part applied to the exact
-    perturbation fl(x) - x never exceeds it (both sides in float64; the
-    factor 1 + 1e-12 covers their own rounding)."""
-    kind = data.draw(st.sampled_from([k for k, r in RECORDS.items() if r.affine_in_x]), label="kind")
-    dtype = data.draw(st.sampled_from(("float32", "float16", "bfloat16")), label="dtype")
-    case = data.draw(cases(kind=kind, dtype=dtype, max_batch=2, max_heads=2, max_dim=4), label="case")
-    x_exp = data.draw(st.integers(-150 if dtype != "float16" else -30, 6), label="x_exp")
-    inputs = make_inputs(case, RECORDS[kind])
-    x_exact = np.random.default_rng(case.seed + 5).standard_normal(inputs.x64.shape) * 2.0 ** x_exp
-    delta = round_to(x_exact, dtype) - x_exact                     # exact (Sterbenz, or x rounded to 0)
-    params = [None if n == "bias" else v for n, v in inputs.params64.items()]
-    moved = getattr(windows, kind)(windows.gather_windows(delta, seqlens=case.seqlens, **case.window_kwargs()),
-                                   *params)
-    allowed = x_rounding_bound(case, inputs, x_exact)
-    assert np.all(np.abs(moved) <= allowed * (1 + 1e-12)), f"{np.max(np.abs(moved) / allowed):.3g}\n  {case!r}"
-
-
-def test_x_rounding_bound_is_needed_below_the_normal_range():
-    """Why x_rounding_bound has its absolute term: float16 tokens near 2**-20
-    round to multiples of 2**-24, errors far beyond u_o times themselves."""
-    x = np.random.default_rng(0).standard_normal(1000) * 2.0 ** -20
-    err = np.abs(round_to(x, "float16") - x)
-    assert np.any(err > UNIT_ROUNDOFF["float16"] * np.abs(x) * 100)
-    assert np.all(err <= UNIT_ROUNDOFF["float16"] * np.abs(x) + 2.0 ** -25)
 
 
 def _left_padded(case, inputs, device):
@@ -170,12 +148,15 @@ def _left_padded(case, inputs, device):
     return new, with_x(new, inputs, x, device)
 
 
+@requires(lambda d: set(d.paddings) == {"valid", "left"}, "both paddings")
+@property_settings()
 @given(data=st.data())
 def test_left_padding_is_valid_on_padded_input(impl, dtype, data):
     case, inputs = _draw(data, impl, dtype, paddings=("left",))
     valid_case, valid_inputs = _left_padded(case, inputs, impl.device)
     b_left, b_valid = forward_bound(case, inputs), forward_bound(valid_case, valid_inputs)
     assume(b_left.well_conditioned and b_valid.well_conditioned)
+    report.checked()
     y_left, y_valid = _run(impl, case, inputs), _run(impl, valid_case, valid_inputs)
     assert y_left.shape == y_valid.shape, f"{impl.id}: {y_left.shape} != {y_valid.shape}\n  {case!r}"
     tol = b_left.bound + b_valid.bound        # both within their bound of the same exact value
@@ -183,11 +164,14 @@ def test_left_padding_is_valid_on_padded_input(impl, dtype, data):
     assert (err <= tol).all(), f"{impl.id}: left padding != valid on padded input\n  {case!r}"
 
 
+@requires(lambda d: set(d.inputs) == {"batched", "packed"}, "packed and batched inputs")
+@property_settings()
 @given(data=st.data())
 def test_packed_equals_one_by_one(impl, dtype, data):
     case, inputs = _draw(data, impl, dtype, packed=True)
     b_packed = forward_bound(case, inputs)
     assume(b_packed.well_conditioned)
+    report.checked()
     y_packed = _run(impl, case, inputs)
     parts, bounds, start = [], [], 0
     for n in case.seqlens:
@@ -206,11 +190,14 @@ def test_packed_equals_one_by_one(impl, dtype, data):
     assert (err <= tol).all(), f"{impl.id}: packed batch != sequences one by one\n  {case!r}"
 
 
+@requires(lambda d: len(d.layouts) > 1, "a strided layout")
+@property_settings()
 @given(data=st.data())
 def test_layout_does_not_change_the_result(impl, dtype, data):
     """A (B, T, H, D) tensor passed as x.transpose(1, 2), or a sliced view,
     gives bit for bit what its contiguous copy gives (SPEC section 2)."""
     case, inputs = _draw(data, impl, dtype, layouts=("bthd", "sliced"))
+    report.checked()
     got = _run(impl, case, inputs)
     flat = case.replace(layout="contiguous")
     want = _run(impl, flat, with_x(flat, inputs, inputs.x64, impl.device))

@@ -2,19 +2,36 @@
 
 The ``ci`` profile promises that every kind x dtype x backend saw both
 paddings, pe on and off, groups > 1, non-contiguous layouts, and packed
-batches; ``conftest.py`` prints this table and, in that profile, fails the
-run when a promised feature was never drawn.
+batches (those of them inside the implementation's declared domain); the
+pytest plugin prints this table and, in that profile, fails the run when a
+promised feature was never drawn.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 
+from .domain import FULL, Domain
+
 REQUIRED = ("padding=valid", "padding=left", "pe=on", "pe=off", "groups>1", "layout=bthd", "layout=sliced",
             "packed", "windows>0")
 
 _seen: dict[tuple[str, str], set[str]] = defaultdict(set)
 _examples: dict[tuple[str, str], int] = defaultdict(int)
+_required: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
+def required(domain: Domain) -> tuple[str, ...]:
+    """The promised features that lie inside ``domain``."""
+    out = [f"padding={p}" for p in ("valid", "left") if p in domain.paddings]
+    out += ["pe=on", "pe=off"] if domain.pe else ["pe=off"]
+    if domain.groups == "any":
+        out.append("groups>1")
+    out += [f"layout={v}" for v in ("bthd", "sliced") if v in domain.layouts]
+    if "packed" in domain.inputs:
+        out.append("packed")
+    out.append("windows>0")
+    return tuple(f for f in REQUIRED if f in out)
 
 
 def features(case) -> list[str]:
@@ -28,20 +45,26 @@ def features(case) -> list[str]:
     return out
 
 
-def record(impl_id: str, dtype: str, case) -> None:
+def record(impl_id: str, dtype: str, case, domain: Domain = FULL) -> None:
     key = (impl_id, dtype)
     _examples[key] += 1
     _seen[key].update(features(case))
+    _required[key] = required(domain)
 
 
 def missing() -> dict[tuple[str, str], list[str]]:
-    return {k: [f for f in REQUIRED if f not in v] for k, v in _seen.items() if any(f not in v for f in REQUIRED)}
+    out = {}
+    for k, v in _seen.items():
+        miss = [f for f in _required.get(k, REQUIRED) if f not in v]
+        if miss:
+            out[k] = miss
+    return out
 
 
 def table() -> list[str]:
     lines = []
     for key in sorted(_seen):
-        miss = [f for f in REQUIRED if f not in _seen[key]]
+        miss = [f for f in _required.get(key, REQUIRED) if f not in _seen[key]]
         lines.append(f"{key[0]:<28} {key[1]:<9} {_examples[key]:>5} examples  "
                      + ("all features" if not miss else "MISSING " + ", ".join(miss)))
     return lines

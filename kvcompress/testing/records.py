@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import reference
+import kvcompress_reference as reference
 
 from . import windows
 

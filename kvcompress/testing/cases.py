@@ -11,10 +11,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import kvcompress_reference as reference
 import numpy as np
 import torch
-
-import reference
 
 from .convert import DTYPES, round_to
 

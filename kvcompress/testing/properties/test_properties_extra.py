@@ -28,16 +28,18 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
-from tests.harness import report
-from tests.harness.cases import make_inputs, with_x
-from tests.harness.convert import DTYPES, round_to, to_numpy
-from tests.harness.records import RECORDS
-from tests.harness.strategies import cases
-from tests.harness.tolerance import compare, forward_bound
+from kvcompress.testing import report
+from kvcompress.testing.cases import make_inputs, with_x
+from kvcompress.testing.convert import DTYPES, round_to, to_numpy
+from kvcompress.testing.plugin import property_settings
+from kvcompress.testing.records import RECORDS
+from kvcompress.testing.strategies import cases
+from kvcompress.testing.tolerance import compare, forward_bound
 
 # windows as long as NSA's (L = 32 or 64); few of them, small D and few
 # heads so the loop reference stays fast at this length
@@ -61,11 +63,15 @@ def with_weight_offset(case, inputs, offset, device):
         params64[spec.name] = a
         t = None if a is None else torch.from_numpy(a).to(DTYPES[case.dtype]).to(device)
         if t is not None and not case.params_contiguous and t.dim() >= 2:
-            t = t.mT.contiguous().mT   # same values, column-major strides (as tests/harness/cases.py)
+            t = t.mT.contiguous().mT   # same values, column-major strides (as kvcompress/testing/cases.py)
         params[spec.name] = t
     return dataclasses.replace(inputs, params64=params64, params=params)
 
 
+pytestmark = pytest.mark.kvcompress_property
+
+
+@property_settings()
 @given(data=st.data())
 def test_matches_reference_in_realistic_regime(impl, dtype, data):
     rec = RECORDS[impl.kind]

@@ -1,5 +1,5 @@
 """Exact gradients and their error bounds: the tolerance model of
-tests/harness/tolerance.py carried through the backward pass.
+kvcompress/testing/tolerance.py carried through the backward pass.
 
 For a cotangent g (B, H, W, D_out) we compute, in float64 and analytically,
 the exact gradient of sum(y * g) with respect to x, every parameter and pe,

@@ -3,19 +3,24 @@ and contributors' callables given with ``--impl KIND=module:callable``."""
 
 from __future__ import annotations
 
-import functools
-import importlib
-import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from ._env import configure as _configure_environment
 
-import torch
+_configure_environment()   # before kvcompress.ops imports triton
 
-import kvcompress.functional as kf
-from kvcompress import backends as kb
+import functools  # noqa: E402
+import importlib  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
-from .convert import DTYPES
-from .records import KINDS
+import torch  # noqa: E402
+
+import kvcompress.functional as kf  # noqa: E402
+from kvcompress import backends as kb  # noqa: E402
+
+from .convert import DTYPES  # noqa: E402
+from .domain import FULL, Domain, domain_of  # noqa: E402
+from .records import KINDS  # noqa: E402
 
 DTYPE_NAMES = tuple(DTYPES)
 
@@ -24,7 +29,7 @@ DTYPE_NAMES = tuple(DTYPES)
 class Impl:
     """kind, a display name, the callable (reference signature, torch
     tensors), the device its inputs live on, the dtypes to test, whether
-    it is built in, and whether its outputs are differentiable."""
+    it is built in, and the domain it declares (kvcompress.testing.Domain)."""
 
     kind: str
     name: str
@@ -34,12 +39,16 @@ class Impl:
     builtin: bool = True
     batch_invariant: bool = False     # declared by the backend (kvcompress.backends), checked by the suite
     emulated: bool = False            # runs through an emulator here (Triton's interpreter on the CPU)
+    domain: Domain = field(default=FULL)
 
     @property
     def limits(self) -> dict:
-        """Extra bounds for the strategies: an emulated kernel costs per
-        program and per op, so its cases stay small."""
-        return dict(max_batch=2, max_heads=2) if self.emulated else {}
+        """Extra arguments for the strategies: the domain, and for an
+        emulated kernel (which costs per program and per op) small cases."""
+        out = dict(domain=self.domain)
+        if self.emulated:
+            out.update(max_batch=2, max_heads=2)
+        return out
 
     @property
     def id(self) -> str:
@@ -52,6 +61,22 @@ def for_kinds(*kinds: str):
         fn.kvcompress_kinds = kinds
         return fn
     return deco
+
+
+def requires(predicate: Callable[[Domain], bool], what: str):
+    """Decorator: a property runs only for implementations whose domain
+    satisfies ``predicate`` (it needs, e.g., both paddings); ``what`` says
+    what it needs, for the verification matrix. Outside the domain the
+    property is not generated at all, never skipped."""
+    def deco(fn):
+        fn.kvcompress_requires = getattr(fn, "kvcompress_requires", ()) + ((predicate, what),)
+        return fn
+    return deco
+
+
+def unmet_requirements(fn, domain: Domain) -> list[str]:
+    """What ``fn`` needs that ``domain`` lacks (empty: it runs)."""
+    return [what for pred, what in getattr(fn, "kvcompress_requires", ()) if not pred(domain)]
 
 
 def needs_dtype(dtype: str):
@@ -122,28 +147,61 @@ def parse_device(value: str | None) -> str:
     return value
 
 
-def load_impl(spec: str, device: str, dtypes: tuple[str, ...]) -> Impl:
-    """``KIND=package.module:callable`` -> Impl, or UsageError saying what is wrong."""
+def _resolve(option: str, spec: str) -> tuple[str, str, object]:
+    """``KIND=package.module:attr`` -> (kind, target, object), or UsageError."""
     if "=" not in spec:
-        raise UsageError(f"--impl takes KIND=module:callable, got {spec!r}")
+        raise UsageError(f"{option} takes KIND=module:attribute, got {spec!r}")
     kind, target = (s.strip() for s in spec.split("=", 1))
     if kind not in KINDS:
-        raise UsageError(f"--impl {spec!r}: unknown kind {kind!r}; kinds are {KINDS}")
+        raise UsageError(f"{option} {spec!r}: unknown kind {kind!r}; kinds are {KINDS}")
     if ":" not in target:
-        raise UsageError(f"--impl {spec!r}: the target must be module:callable, got {target!r}")
+        raise UsageError(f"{option} {spec!r}: the target must be module:attribute, got {target!r}")
     mod_name, attr = target.split(":", 1)
     try:
         mod = importlib.import_module(mod_name)
     except Exception as e:  # ImportError or an error raised while importing
-        raise UsageError(f"--impl {spec!r}: cannot import module {mod_name!r}: {e}") from e
-    fn = mod
+        raise UsageError(f"{option} {spec!r}: cannot import module {mod_name!r}: {e}") from e
+    obj = mod
     for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise UsageError(f"--impl {spec!r}: module {mod_name!r} has no attribute {attr!r}")
-        fn = getattr(fn, part)
+        if not hasattr(obj, part):
+            raise UsageError(f"{option} {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return kind, target, obj
+
+
+def load_domains(specs: list[str]) -> dict[str, Domain]:
+    """``--domain KIND=module:attribute`` values -> {kind: Domain}."""
+    out = {}
+    for spec in specs:
+        kind, target, obj = _resolve("--domain", spec)
+        if isinstance(obj, dict):
+            try:
+                obj = Domain(**obj)
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"--domain {spec!r}: {e}") from e
+        if not isinstance(obj, Domain):
+            raise UsageError(f"--domain {spec!r}: {target!r} is a {type(obj).__name__}, not a "
+                             "kvcompress.testing.Domain")
+        out[kind] = obj
+    return out
+
+
+def load_impl(spec: str, device: str, dtypes: tuple[str, ...], domains: dict[str, Domain] | None = None) -> Impl:
+    """``KIND=package.module:callable`` -> Impl, or UsageError saying what is
+    wrong. Its domain: ``domains[kind]`` (from ``--domain``) if given, else the
+    one declared on the callable (``declare_domain``), else the full contract;
+    the dtypes tested are ``dtypes`` within the domain's."""
+    kind, target, fn = _resolve("--impl", spec)
     if not callable(fn):
         raise UsageError(f"--impl {spec!r}: {target!r} is not callable")
-    return Impl(kind, target, fn, device, dtypes, builtin=False)
+    try:
+        domain = (domains or {}).get(kind) or domain_of(fn)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--impl {spec!r}: its declared domain is malformed: {e}") from e
+    chosen = domain.intersect_dtypes(dtypes)
+    if not chosen:
+        raise UsageError(f"--impl {spec!r}: none of the dtypes {dtypes} is in its domain's {domain.dtypes}")
+    return Impl(kind, target, fn, device, chosen, builtin=False, domain=domain)
 
 
 TRIPWIRE_MESSAGE = "a backend ran although the arguments were invalid"

@@ -21,6 +21,23 @@ _stats: dict[str, dict] = defaultdict(lambda: {"examples": 0, "first_failure": N
                                                "impl_seconds": 0.0, "reference_seconds": 0.0, "failed": False})
 
 
+_checked = [0]
+
+
+def begin_test() -> None:
+    """Start counting the examples one property test checks (the plugin calls it)."""
+    _checked[0] = 0
+
+
+def checked() -> None:
+    """One example was checked: its assertions ran on a non-trivial case."""
+    _checked[0] += 1
+
+
+def checked_in_test() -> int:
+    return _checked[0]
+
+
 def key(prop: str, impl_id: str, dtype: str) -> str:
     return f"{prop}|{impl_id}|{dtype}"
 
@@ -29,6 +46,7 @@ def observe(k: str, *, ratio: float | None = None, impl_seconds: float = 0.0, re
             failed: bool = False) -> None:
     s = _stats[k]
     s["examples"] += 1
+    checked()
     if ratio is not None and ratio == ratio:
         s["worst_ratio"] = max(s["worst_ratio"], ratio)
     s["impl_seconds"] += impl_seconds

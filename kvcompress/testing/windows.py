@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import math
 
+import kvcompress_reference as reference
 import numpy as np
-
-import reference
 
 
 def window_index(T, *, block_size, stride, padding, seqlens=None):

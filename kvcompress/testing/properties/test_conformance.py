@@ -1,18 +1,20 @@
 """The main property: every implementation equals the loop reference within
-the tolerance model (tests/harness/tolerance.py), on every drawn case."""
+the tolerance model (kvcompress/testing/tolerance.py), on every drawn case."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import assume, event, given, note
 from hypothesis import strategies as st
 
-from tests.harness import coverage, report
-from tests.harness.cases import make_inputs
-from tests.harness.convert import DTYPES, to_numpy
-from tests.harness.records import RECORDS
-from tests.harness.strategies import cases
-from tests.harness.tolerance import compare, forward_bound
+from kvcompress.testing import coverage, report
+from kvcompress.testing.cases import make_inputs
+from kvcompress.testing.convert import DTYPES, to_numpy
+from kvcompress.testing.plugin import property_settings
+from kvcompress.testing.records import RECORDS
+from kvcompress.testing.strategies import cases
+from kvcompress.testing.tolerance import compare, forward_bound
 
 
 def describe_failure(impl, case, inputs, got, expected, b, ratio, idx, err, rerun) -> str:
@@ -26,14 +28,18 @@ def describe_failure(impl, case, inputs, got, expected, b, ratio, idx, err, reru
             f"  {case!r}\n  rerun: {rerun}  (add the @reproduce_failure line below for this exact example)")
 
 
+pytestmark = pytest.mark.kvcompress_property
+
+
+@property_settings()
 @given(data=st.data())
-def test_matches_reference(impl, dtype, data, rerun):
+def test_matches_reference(impl, dtype, data, kvcompress_rerun):
     rec = RECORDS[impl.kind]
     case = data.draw(cases(kind=impl.kind, dtype=dtype, **impl.limits), label="case")
     inputs = make_inputs(case, rec, impl.device)
     b = forward_bound(case, inputs)
     assume(b.well_conditioned)
-    coverage.record(impl.id, dtype, case)
+    coverage.record(impl.id, dtype, case, impl.domain)
     for f in coverage.features(case):
         event(f)
     t = {}
@@ -58,5 +64,5 @@ def test_matches_reference(impl, dtype, data, rerun):
     ok, ratio, idx, err = compare(got64, expected, b.bound)
     report.observe(k, ratio=ratio, impl_seconds=t["impl"], reference_seconds=t["reference"], failed=not ok)
     note(f"worst error / bound = {ratio:.3g}")
-    assert ok, describe_failure(impl, case, inputs, got64, expected, b, ratio, idx, err, rerun)
+    assert ok, describe_failure(impl, case, inputs, got64, expected, b, ratio, idx, err, kvcompress_rerun)
     assert np.isfinite(expected).all()
