@@ -143,6 +143,10 @@ def pytest_configure(config):
                                 f"got {os.environ['KVCOMPRESS_PROFILE']!r}")
     if config.getoption("--kvcompress-report"):
         os.environ["KVCOMPRESS_REPORT"] = os.path.abspath(config.getoption("--kvcompress-report"))
+    if config.pluginmanager.hasplugin("xdist"):
+        from . import _xdist
+
+        _xdist.install(config)
     if _used(config):
         _impls(config)   # a bad --impl is a usage error before any test runs
 
