@@ -152,7 +152,7 @@ class Domain:
                 and case.S in self.stride_options(case.L)
                 and case.D % self.head_dim_multiple == 0
                 and (self.pe or not case.use_pe)
-                and case.activation in self.activations
+                and (case.kind != "mlp" or case.activation in self.activations)
                 and case.layout in self.layouts
                 and (self.empty or case.W > 0 and case.B > 0)
                 and (self.max_batch is None or case.B <= self.max_batch)

@@ -74,6 +74,17 @@ def requires(predicate: Callable[[Domain], bool], what: str):
     return deco
 
 
+def for_impls(predicate: Callable[[Impl], bool], why: str):
+    """Decorator: a property runs only for the implementations under test
+    that satisfy ``predicate`` (e.g. not emulated: production shapes are out
+    of an interpreter's reach); ``why`` says why, for readers. The others are
+    not generated, never skipped."""
+    def deco(fn):
+        fn.kvcompress_impl_filters = getattr(fn, "kvcompress_impl_filters", ()) + ((predicate, why),)
+        return fn
+    return deco
+
+
 def unmet_requirements(fn, domain: Domain) -> list[str]:
     """What ``fn`` needs that ``domain`` lacks (empty: it runs)."""
     return [what for pred, what in getattr(fn, "kvcompress_requires", ()) if not pred(domain)]
@@ -149,13 +160,14 @@ def parse_device(value: str | None) -> str:
 
 def _resolve(option: str, spec: str) -> tuple[str, str, object]:
     """``KIND=package.module:attr`` -> (kind, target, object), or UsageError."""
+    what = "callable" if option == "--impl" else "attribute"
     if "=" not in spec:
-        raise UsageError(f"{option} takes KIND=module:attribute, got {spec!r}")
+        raise UsageError(f"{option} takes KIND=module:{what}, got {spec!r}")
     kind, target = (s.strip() for s in spec.split("=", 1))
     if kind not in KINDS:
         raise UsageError(f"{option} {spec!r}: unknown kind {kind!r}; kinds are {KINDS}")
     if ":" not in target:
-        raise UsageError(f"{option} {spec!r}: the target must be module:attribute, got {target!r}")
+        raise UsageError(f"{option} {spec!r}: the target must be module:{what}, got {target!r}")
     mod_name, attr = target.split(":", 1)
     try:
         mod = importlib.import_module(mod_name)

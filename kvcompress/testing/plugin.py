@@ -129,8 +129,8 @@ def pytest_addoption(parser):
 
 
 def _used(config) -> bool:
-    return bool(config.getoption("--impl") or config.getoption("--domain") or config.getoption("--emulated")
-                or config.getoption("--kvcompress-profile") or config.getoption("--xfails-file"))
+    return any(config.getoption(o) for o in ("--impl", "--domain", "--emulated", "--impl-dtypes", "--impl-device",
+                                              "--kvcompress-profile", "--xfails-file"))
 
 
 def pytest_configure(config):
@@ -199,7 +199,10 @@ def pytest_generate_tests(metafunc):
     needs = getattr(fn, "kvcompress_needs_dtype", None)
     chosen = [i for i in _impls(metafunc.config)
               if (kinds is None or i.kind in kinds) and (needs is None or needs in i.dtypes)
-              and not unmet_requirements(fn, i.domain)]
+              and not unmet_requirements(fn, i.domain)
+              and all(pred(i) for pred, _ in getattr(fn, "kvcompress_impl_filters", ()))]
+    if not chosen:   # no implementation under test is in this property's reach: it is not generated
+        metafunc.config.stash.setdefault(_NOT_APPLICABLE, set()).add(metafunc.definition.nodeid)
     if "dtype" in metafunc.fixturenames:
         pairs = [(i, d) for i in chosen for d in i.dtypes]
         metafunc.parametrize(("impl", "dtype"), pairs, ids=[f"{i.id}-{d}" for i, d in pairs])
@@ -222,10 +225,20 @@ def _matches(pattern: str, item) -> bool:
     """A known-failure line names a test by its node id, by the part after the
     file (``test_x[linear-pkg:fn-float32]``), or by a glob of either."""
     short = item.nodeid.split("::", 1)[-1]
-    return any(p == pattern or fnmatch.fnmatchcase(p, pattern) for p in (item.nodeid, short, item.name))
+    glob = pattern.replace("[", "[[]")   # brackets are part of test ids; only * and ? are wildcards
+    return any(p == pattern or fnmatch.fnmatchcase(p, glob) for p in (item.nodeid, short, item.name))
+
+
+_NOT_APPLICABLE = pytest.StashKey[set]()
 
 
 def pytest_collection_modifyitems(session, config, items):
+    gone = config.stash.get(_NOT_APPLICABLE, set())
+    if gone:   # a property no implementation can take: deselected, not skipped (a skip would read as a pass)
+        drop = [i for i in items if i.nodeid.split("[", 1)[0] in gone]
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = [i for i in items if i.nodeid.split("[", 1)[0] not in gone]
     patterns = _xfail_patterns(config)
     if not patterns:
         return
