@@ -13,19 +13,26 @@
 #   quick     scripts/gpu_check.py --quick
 #   gputests  pytest -m gpu tests/test_triton.py
 #   suite     the property suite on CUDA (every backend, ci profile)
-#   thorough  the property suite on the Triton backend, thorough profile: scripts/run_properties.py, one
-#             pytest process a test, JOBS (16) at a time, each cut 40 s before the phase's limit;
-#             GPUS=N spreads them over N GPUs (a machine of several: JOBS=64 GPUS=4 on nvidia-h100-x4);
-#             THOROUGH_FILES (conformance, gradients) and THOROUGH_K (-k, default triton) select;
-#             THOROUGH_OPTS adds options (e.g. "--split 4 --split-match mlp": slow tests in 4 seeded parts);
-#             writes $OUT/thorough/summary.md and tests.log
+#   thorough  the property suite on the Triton backend, thorough profile, under pytest-xdist: JOBS (16)
+#             workers, one GPU each by turns (kvcompress/testing/_xdist.py: worker gwN gets the N-th visible
+#             GPU modulo their count, so JOBS=64 on a host of 4 GPUs gives each 16); a test fails at
+#             TEST_TIMEOUT seconds (default: the phase's limit - 90) and none starts after SESSION_TIMEOUT
+#             (default: limit - 30 - TEST_TIMEOUT, 60 s), so the session ends by itself, with its summary,
+#             junit.xml and report.json in $OUT/thorough, before the phase's SIGINT (give JOBS >= the number
+#             of selected tests, or a longer SESSION_TIMEOUT and shorter TEST_TIMEOUT); THOROUGH_FILES
+#             (conformance, gradients) and THOROUGH_K (-k, default triton) select, THOROUGH_OPTS adds options
+#   thoroughparts  the properties too slow for one process (PARTS_K, -k, default "mlp and triton and
+#             gradients", run 10, in THOROUGH_FILES) in PARTS (16) parts of the thorough budget (1000
+#             examples a test): pytest-xdist --dist each runs every selected test on each of PARTS workers,
+#             each drawing its own ceil(1000 / PARTS) random examples (profile thorough-part); the report sums
+#             the parts ($OUT/thoroughparts/junit.xml, report.json); TEST_TIMEOUT as in thorough
 #   bench     kvcompress-bench (tables and roofline plot); BENCH_ARGS adds options (e.g. "--kinds mlp
 #             --deadline 450"), BENCH_TAG suffixes the output folder
 #   streambench  decode-step latency (benchmarks/test_bench_streaming.py), bfloat16 on the GPU
 #   hostprof  scripts/host_profile.py: where the host time of a call goes (cProfile, tiny inputs)
 #   perf      scripts/gpu_perf.py: linear and the pools, CUDA-graph and eager times, per-kernel profile, host time
 #             (docs/triton-perf.md); LABEL=name names the run (compare saved runs with gpu_perf.py --compare)
-# The property-suite phases run pytest-xdist with XDIST workers (default 8) when it is importable: on a GPU
+# The other property-suite phases run pytest-xdist with XDIST workers (default 8) when it is importable: on a GPU
 # the suite is bound by Triton's compilation of each drawn shape (CPU work), ~7 s a property in one process.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -64,12 +71,25 @@ for arg in "$@"; do
         suite) KVCOMPRESS_TRITON_AUTOTUNE=0 run suite 420 python3 -m pytest kvcompress/testing/properties/test_conformance.py kvcompress/testing/properties/test_invariants.py kvcompress/testing/properties/test_gradients.py \
                    kvcompress/testing/properties/test_properties_extra.py tests/test_streaming.py tests/test_triton.py -q -p no:cacheprovider \
                    --hypothesis-show-statistics "${XD[@]}" ;;
-        thorough) lim=${LIMIT:-560}
-                  KVCOMPRESS_TRITON_AUTOTUNE=0 run thorough "$lim" python3 scripts/run_properties.py \
-                   --deadline $((lim - 40)) --jobs "${JOBS:-16}" --gpus "${GPUS:-0}" --out "$OUT/thorough" \
-                   ${THOROUGH_OPTS:-} -- \
-                   ${THOROUGH_FILES:-kvcompress/testing/properties/test_conformance.py kvcompress/testing/properties/test_gradients.py} -k "${THOROUGH_K:-triton}" \
-                   --kvcompress-profile thorough ;;
+        thorough|thoroughparts)
+                  lim=${LIMIT:-560} tt=${TEST_TIMEOUT:-$((${LIMIT:-560} - 90))}
+                  files=${THOROUGH_FILES:-kvcompress/testing/properties/test_conformance.py kvcompress/testing/properties/test_gradients.py}
+                  mkdir -p "$OUT/$phase"
+                  if ! python3 -c "import xdist, pytest_timeout" 2>/dev/null; then
+                      echo "=== $phase: needs pytest-xdist and pytest-timeout (pip install -e .[test], or wheels in .whl/)"
+                  elif [ "$phase" = thorough ]; then
+                      KVCOMPRESS_TRITON_AUTOTUNE=0 run thorough "$lim" python3 -m pytest $files -k "${THOROUGH_K:-triton}" \
+                       -n "${JOBS:-16}" --timeout "$tt" --session-timeout "${SESSION_TIMEOUT:-$((lim - 30 - tt))}" \
+                       --kvcompress-profile thorough --junitxml "$OUT/thorough/junit.xml" \
+                       --kvcompress-report "$OUT/thorough/report.json" -q -p no:cacheprovider ${THOROUGH_OPTS:-}
+                  else
+                      parts=${PARTS:-16}
+                      KVCOMPRESS_TRITON_AUTOTUNE=0 KVCOMPRESS_PART_EXAMPLES=$(( (1000 + parts - 1) / parts )) \
+                       run thoroughparts "$lim" python3 -m pytest $files -k "${PARTS_K:-mlp and triton and gradients}" \
+                       -n "$parts" --dist each --timeout "$tt" \
+                       --kvcompress-profile thorough-part --junitxml "$OUT/thoroughparts/junit.xml" \
+                       --kvcompress-report "$OUT/thoroughparts/report.json" -q -p no:cacheprovider ${THOROUGH_OPTS:-}
+                  fi ;;
         hostprof) run hostprof 240 python3 scripts/host_profile.py --calls 1000 --out "$OUT" ;;
         perf) run perf 400 python3 scripts/gpu_perf.py --label "${LABEL:-this}" --out "$OUT/perf.json" ;;
         bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench${BENCH_TAG:-}" ${BENCH_ARGS:-} ;;

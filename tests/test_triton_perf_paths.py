@@ -304,26 +304,3 @@ def test_host_profile_script_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (tmp_path / "host_profile.txt").read_text()
     assert "### mean_pool fwd:" in report and "### mean_pool fwdbwd:" in report and "by tottime" in report
-
-
-def test_run_properties_splits_and_summarises(tmp_path):
-    """scripts/run_properties.py runs each selected test in its own process;
-    --split runs a matched test as seeded parts of the example budget, and
-    the summary gives each part's outcome and Hypothesis example counts;
-    --gpus spreads the running processes over the GPUs, the least busy first."""
-    script = os.path.join(ROOT, "scripts", "run_properties.py")
-    proc = subprocess.run([sys.executable, script, "--deadline", "300", "--jobs", "2", "--out", str(tmp_path),
-                           "--split", "2", "--split-match", "float32", "--examples", "6", "--gpus", "2", "--",
-                           "kvcompress/testing/properties/test_conformance.py", "-k", "mean_pool-torch-float",
-                           "--kvcompress-profile", "dev"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = (tmp_path / "summary.md").read_text()
-    rows = [line for line in summary.splitlines() if line.startswith("| tests/")]
-    parts = [r for r in rows if "float32" in r]
-    assert len(parts) == 2 and all("[part" in r and "| passed |" in r and "| 3 / 0 / " in r for r in parts), parts
-    whole = [r for r in rows if "float64" in r]
-    assert len(whole) == 1 and "| passed |" in whole[0] and "| 8 / 0 / " in whole[0], whole
-    # two at a time over two GPUs: the second process to start goes to the idle GPU
-    assert "over 2 GPUs" in summary and {r.rsplit("|", 2)[1].strip() for r in rows} == {"0", "1"}, rows
-    assert "===== kvcompress/testing/properties/test_conformance.py" in (tmp_path / "tests.log").read_text()

@@ -52,6 +52,31 @@ def record(impl_id: str, dtype: str, case, domain: Domain = FULL) -> None:
     _required[key] = required(domain)
 
 
+def export() -> list[list]:
+    """This process's records as plain lists, [impl_id, dtype, examples,
+    features seen, features required], for another process's ``merge``
+    (pytest-xdist: kvcompress/testing/_xdist.py)."""
+    return [[k[0], k[1], _examples[k], sorted(_seen[k]), list(_required.get(k, REQUIRED))] for k in sorted(_seen)]
+
+
+def merge(exported: list[list]) -> None:
+    """Add another process's ``export()`` to this one's records: examples add
+    up, the features seen are the union."""
+    for impl_id, dtype, examples, seen, req in exported:
+        key = (impl_id, dtype)
+        _examples[key] += examples
+        _seen[key].update(seen)
+        _required[key] = tuple(req)
+
+
+def clear() -> None:
+    """Forget this process's records (a pytest-xdist worker, once it has
+    handed them to the controller)."""
+    _seen.clear()
+    _examples.clear()
+    _required.clear()
+
+
 def missing() -> dict[tuple[str, str], list[str]]:
     out = {}
     for k, v in _seen.items():

@@ -2,8 +2,9 @@
 command's matrix and the mutation self-test.
 
 Properties call ``observe(...)`` once per example; the numbers land in a
-JSON file when ``KVCOMPRESS_REPORT=path`` is set (the pytest plugin in
-``conftest.py`` writes it at the end of the session). For each key we keep:
+JSON file when ``KVCOMPRESS_REPORT=path`` is set (the pytest plugin,
+kvcompress/testing/plugin.py, writes it at the end of the session; under
+pytest-xdist the controller writes the workers' merged stats, ``merge``). For each key we keep:
 examples run, examples before the first failure, the worst error as a
 fraction of its bound, and the time spent in the implementation and in the
 reference.
@@ -67,6 +68,23 @@ def timed(out: dict, name: str):
 
 def stats() -> dict[str, dict]:
     return dict(_stats)
+
+
+def merge(other: dict[str, dict]) -> None:
+    """Add another process's ``stats()`` to this one's (pytest-xdist: the
+    controller merges each worker's, kvcompress/testing/_xdist.py). Counts
+    and times add up, the worst ratio is the larger, and a key's examples
+    read as if this process's ran first, then ``other``'s: its first failure
+    is this process's, else ``other``'s shifted by this process's examples."""
+    for k, o in other.items():
+        s = _stats[k]
+        if not s["failed"] and o["failed"]:
+            s["failed"] = True
+            s["first_failure"] = s["examples"] + o["first_failure"]
+        s["examples"] += o["examples"]
+        s["worst_ratio"] = max(s["worst_ratio"], o["worst_ratio"])
+        s["impl_seconds"] += o["impl_seconds"]
+        s["reference_seconds"] += o["reference_seconds"]
 
 
 def write(path: str | None = None) -> None:
