@@ -30,6 +30,8 @@
 #             --deadline 450"), BENCH_TAG suffixes the output folder
 #   streambench  decode-step latency (benchmarks/test_bench_streaming.py), bfloat16 on the GPU
 #   hostprof  scripts/host_profile.py: where the host time of a call goes (cProfile, tiny inputs)
+#   peers     scripts/verify_peers.py: the public kernels' adapters through the suite (sources in .peers/, wheels in .whl/)
+#   production  the production-shape tier (test_production.py) for every backend on CUDA, ci profile
 #   perf      scripts/gpu_perf.py: linear and the pools, CUDA-graph and eager times, per-kernel profile, host time
 #             (docs/triton-perf.md); LABEL=name names the run (compare saved runs with gpu_perf.py --compare)
 # The other property-suite phases run pytest-xdist with XDIST workers (default 8) when it is importable: on a GPU
@@ -42,6 +44,12 @@ if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+# kvcompress itself, editable and offline: the pytest plugin is found through its entry point, and the
+# reference (folder reference/) imports as kvcompress_reference, as from a wheel
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir -e . > "$OUT/install.log" 2>&1 \
+    || { echo "=== editable install of kvcompress failed:"; tail -n 20 "$OUT/install.log"; }
+# the public kernels the adapters verify, carried as source (not in the repo): .peers/<name>
+for d in .peers/*/; do [ -d "$d" ] && export PYTHONPATH=$PYTHONPATH:$PWD/${d%/}; done
 XD=()
 python3 -c "import xdist" 2>/dev/null && XD=(-n "${XDIST:-8}")
 run() {  # name, limit seconds, command...
@@ -68,8 +76,8 @@ for arg in "$@"; do
         timingsizes) run timingsizes 560 python3 scripts/gpu_check.py --skip-correctness \
                    --timing-shapes t8192,t65536,b4,d192 --out "$OUT/gpu_timing_sizes.json" ;;
         gputests) run gputests 400 python3 -m pytest -m gpu tests/test_triton.py -q -p no:cacheprovider -x ;;
-        suite) KVCOMPRESS_TRITON_AUTOTUNE=0 run suite 420 python3 -m pytest kvcompress/testing/properties/test_conformance.py kvcompress/testing/properties/test_invariants.py kvcompress/testing/properties/test_gradients.py \
-                   kvcompress/testing/properties/test_properties_extra.py tests/test_streaming.py tests/test_triton.py -q -p no:cacheprovider \
+        suite) KVCOMPRESS_TRITON_AUTOTUNE=0 run suite 420 python3 -m pytest kvcompress/testing/properties \
+                   tests/test_streaming.py tests/test_triton.py -q -p no:cacheprovider --kvcompress-report "$OUT/suite.json" \
                    --hypothesis-show-statistics "${XD[@]}" ;;
         thorough|thoroughparts)
                   lim=${LIMIT:-560} tt=${TEST_TIMEOUT:-$((${LIMIT:-560} - 90))}
@@ -90,6 +98,10 @@ for arg in "$@"; do
                        --kvcompress-profile thorough-part --junitxml "$OUT/thoroughparts/junit.xml" \
                        --kvcompress-report "$OUT/thoroughparts/report.json" -q -p no:cacheprovider ${THOROUGH_OPTS:-}
                   fi ;;
+        peers) run peers 420 python3 scripts/verify_peers.py --out "$OUT/peers" ;;
+        production) KVCOMPRESS_TRITON_AUTOTUNE=0 run production 420 python3 -m pytest \
+                   kvcompress/testing/properties/test_production.py -q -p no:cacheprovider --kvcompress-profile ci \
+                   --kvcompress-report "$OUT/production.json" --hypothesis-show-statistics "${XD[@]}" ;;
         hostprof) run hostprof 240 python3 scripts/host_profile.py --calls 1000 --out "$OUT" ;;
         perf) run perf 400 python3 scripts/gpu_perf.py --label "${LABEL:-this}" --out "$OUT/perf.json" ;;
         bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench${BENCH_TAG:-}" ${BENCH_ARGS:-} ;;

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # run order: with -x the first failing property is the killer, so the cheap,
 # strong comparisons with the reference come first
 PROPERTY_FILES = tuple(f"kvcompress/testing/properties/{f}.py" for f in (
-    "test_conformance", "test_properties_extra", "test_invariants", "test_gradients"))
+    "test_conformance", "test_properties_extra", "test_invariants", "test_gradients", "test_production"))
 TIMEOUT_S = 500
 MUTANTS = all_mutants()
 

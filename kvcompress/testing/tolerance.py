@@ -96,23 +96,28 @@ class Bound:
         self.bound, self.magnitude, self.well_conditioned = bound, magnitude, well_conditioned
 
 
+# above this many gathered window elements (B * H * W * L * D) the magnitudes
+# come from the memory-lean oracle (kvcompress/testing/oracle.py), which
+# loops over window positions instead of gathering windows; below it, from
+# windows.py as always (tests/test_oracle.py checks that both agree)
+LEAN_ABOVE = 2 ** 22
+
+
 def forward_bound(case, inputs) -> Bound:
     """The allowed |y^ - y| for every output element of ``case``."""
-    u_o, u_a, tiny_o, tiny_a = _units(case.dtype)
+    if case.B * case.H * case.W * case.L * case.D > LEAN_ABOVE:
+        from . import oracle
+
+        return oracle.forward_bound(case, inputs)
     p = {k: _abs(v) for k, v in inputs.params64.items()}
     win_abs = _windows(case, np.abs(inputs.x64), _abs(inputs.pe64))
-    L, D = case.L, case.D
-    ok = True
+    finite = all(np.isfinite(a).all() for a in [inputs.x64, inputs.pe64, *inputs.params64.values()] if a is not None)
     if case.kind in ("mean_pool", "weighted_pool", "linear"):
-        oracle = getattr(windows, case.kind)
-        M = oracle(win_abs, *p.values())
-        n = (L * D if case.kind == "linear" else L) + 3
-        bound = (2 * u_o + n * (u_a + U64)) * M + tiny_o + n * tiny_a
-    elif case.kind == "mlp":
-        M = windows.mlp(win_abs, *p.values(), activation="relu")
-        n = LIPSCHITZ * (L * D + 2) + ACT_ULPS + case.F + 2
-        bound = ((LIPSCHITZ + 2) * u_o + n * (u_a + U64)) * M + tiny_o + n * tiny_a
-    elif case.kind == "attention_pool":
+        M = getattr(windows, case.kind)(win_abs, *p.values())
+        return bound_from(case, M, finite=finite)
+    if case.kind == "mlp":
+        return bound_from(case, windows.mlp(win_abs, *p.values(), activation="relu"), finite=finite)
+    if case.kind == "attention_pool":
         w = inputs.params64["weight"]
         win = _windows(case, inputs.x64, inputs.pe64)
         A = windows.attention_logits(win_abs, np.abs(w)).max(axis=3)     # [B, H, W, D]
@@ -120,13 +125,34 @@ def forward_bound(case, inputs) -> Bound:
         P = np.exp(z - z.max(axis=3, keepdims=True))
         P = P / P.sum(axis=3, keepdims=True)
         M = (P * win_abs).sum(axis=3)                                     # Q
-        delta = ((D + 2) * u_a + u_o) * A
+        return bound_from(case, M, finite=finite, max_logit=A, abs_sum=win_abs.sum(axis=3))
+    raise ValueError(f"unknown kind {case.kind!r}")
+
+
+def bound_from(case, M, *, finite: bool, max_logit=None, abs_sum=None) -> Bound:
+    """The Bound of ``case`` from its magnitudes, all (B, H, W, D_out)
+    float64: M (attention_pool: Q = sum_j P_j |X_j|), and for attention_pool
+    the largest logit magnitude per feature A = max_j |X_j| @ |W|
+    (``max_logit``) and sum_j |X_j| (``abs_sum``). ``finite``: every input
+    is finite. The model of the module docstring, written once for both
+    ways of computing the magnitudes (windows.py here, oracle.py at
+    production sizes)."""
+    u_o, u_a, tiny_o, tiny_a = _units(case.dtype)
+    L, D = case.L, case.D
+    ok = True
+    if case.kind in ("mean_pool", "weighted_pool", "linear"):
+        n = (L * D if case.kind == "linear" else L) + 3
+        bound = (2 * u_o + n * (u_a + U64)) * M + tiny_o + n * tiny_a
+    elif case.kind == "mlp":
+        n = LIPSCHITZ * (L * D + 2) + ACT_ULPS + case.F + 2
+        bound = ((LIPSCHITZ + 2) * u_o + n * (u_a + U64)) * M + tiny_o + n * tiny_a
+    elif case.kind == "attention_pool":
+        delta = ((D + 2) * u_a + u_o) * max_logit
         ok = bool(np.all(delta <= MAX_LOGIT_DELTA))
         bound = (np.expm1(2 * np.minimum(delta, 50.0)) + (2 * L + 8) * (u_a + U64) + 3 * u_o) * M \
-            + tiny_o + (L + win_abs.sum(axis=3)) * tiny_a
+            + tiny_o + (L + abs_sum) * tiny_a
     else:
         raise ValueError(f"unknown kind {case.kind!r}")
-    finite = all(np.isfinite(a).all() for a in [inputs.x64, inputs.pe64, *inputs.params64.values()] if a is not None)
     ok = ok and finite and bool(np.all(np.isfinite(M))) and bool(np.all(M < LARGEST[case.dtype] / 8))
     return Bound(bound, M, ok)
 

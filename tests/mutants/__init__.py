@@ -35,8 +35,11 @@ MIXING = "batch or head mixing"
 CONTIGUOUS = "contiguous memory assumed"
 PACKED = "packed sequences bleed"
 NAN = "NaN leaks across windows"
+# issue 12 item 4: what only production shapes reach (a second feature tile,
+# a later block of windows, long token offsets)
+TILE = "tile boundary"
 BUG_CLASSES = (WINDOW, PADDING, WINDOW_COUNT, PE, GROUPS, FLATTEN, BIAS_ACT, SOFTMAX, HALF, DTYPE, MIXING,
-               CONTIGUOUS, PACKED, NAN)
+               CONTIGUOUS, PACKED, NAN, TILE)
 # beyond the issue's list
 WEIGHT_LAYOUT = "weight layout"
 

@@ -41,6 +41,12 @@ class Bugs:
     Groups: ``group_of_head`` (Callable[[h, H, G], int]).
     Numerics: ``half_accumulate`` (sums carried in x's dtype, one rounding per
     term), ``out_in_input_dtype`` (False: return the accumulation dtype).
+    Tile boundaries (only production shapes reach them,
+    kvcompress/testing/production.py): ``feature_tile`` (features d >= tile
+    of x read as feature d mod tile), ``late_windows`` ((block, shift):
+    windows from index ``block`` on in a sequence start ``shift`` tokens
+    late), ``max_offset`` (tokens at offset >= max_offset in their sequence
+    read as zeros).
     """
 
     start_shift: int = 0
@@ -56,6 +62,9 @@ class Bugs:
     group_of_head: Callable[[int, int, int], int] = lambda h, H, G: h // (H // G)
     half_accumulate: bool = False
     out_in_input_dtype: bool = True
+    feature_tile: int | None = None
+    late_windows: tuple[int, int] | None = None
+    max_offset: int | None = None
 
 
 OK = Bugs()
@@ -95,9 +104,14 @@ def window_index(x, *, block_size, stride, padding, cu_seqlens, bugs: Bugs):
         floor = s if bugs.pad_each_sequence else 0
         for i in range(count(e - s, L, S, padding)):
             first = bugs.seq_start(s, S) + i * bugs.step(L, S) - P + bugs.start_shift
+            if bugs.late_windows is not None and i >= bugs.late_windows[0]:
+                first += bugs.late_windows[1]
             pos = torch.arange(first, first + L)                       # [L]
             idx.append(pos)
-            valid.append((pos >= floor) & (pos < e))
+            ok = (pos >= floor) & (pos < e)
+            if bugs.max_offset is not None:
+                ok &= pos - s < bugs.max_offset
+            valid.append(ok)
     if not idx:
         return torch.zeros(0, L, dtype=torch.long), torch.zeros(0, L, dtype=torch.bool)
     return torch.stack(idx), torch.stack(valid)
@@ -111,6 +125,9 @@ def gather(x, *, block_size, stride, padding, pe, cu_seqlens, bugs: Bugs, with_p
         strides = torch.empty(x.shape, device="meta").stride()
         x = x.as_strided(x.shape, strides, x.storage_offset())
     B, H, T, D = x.shape
+    if bugs.feature_tile is not None and D > bugs.feature_tile:
+        # a feature-tile loop whose load pointer never advances past tile 0
+        x = x[..., torch.arange(D, device=x.device) % bugs.feature_tile]
     acc = acc_dtype(x, bugs)
     idx, valid = window_index(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                               bugs=bugs)
@@ -142,7 +159,9 @@ def dot(a: torch.Tensor, b: torch.Tensor, bugs: Bugs) -> torch.Tensor:
     term (a kernel whose accumulator has x's dtype).
     a: [..., K]; b: [..., K, C] broadcastable -> [..., C]."""
     if not bugs.half_accumulate:
-        return (a.unsqueeze(-2) @ b).squeeze(-2)
+        # einsum contracts broadcast dims without expanding them (a matmul
+        # would copy b once per window at production shapes)
+        return torch.einsum("...k,...kc->...c", a, b)
     y = torch.zeros(torch.broadcast_shapes(a.shape[:-1], b.shape[:-2]) + b.shape[-1:], dtype=a.dtype,
                     device=a.device)
     for k in range(a.shape[-1]):

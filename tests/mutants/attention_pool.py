@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import HALF, PACKED, PE, SOFTMAX, WEIGHT_LAYOUT, WINDOW_COUNT, mutant
+from . import HALF, PACKED, PE, SOFTMAX, TILE, WEIGHT_LAYOUT, WINDOW_COUNT, mutant
 from ._base import Bugs
 from ._base import attention_pool as _attention_pool
 
@@ -91,3 +91,15 @@ def half_logits(x, weight, *, block_size, stride, padding="valid", pe=None, cu_s
     softmax weights by 3%; SPEC forbids storing logits in the input dtype."""
     return _attention_pool(x, weight, block_size=block_size, stride=stride, padding=padding, pe=pe,
                            cu_seqlens=cu_seqlens, bugs=Bugs(half_accumulate=True))
+
+
+@mutant(TILE)
+def long_offset_zeroed(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """Tokens 4096 and later in a sequence are read as zeros.
+
+    A load mask that bounds the in-sequence offset by a constexpr
+    MAX_SEQLEN = 4096 (the largest sequence the kernel was tuned on)
+    instead of the sequence's length: masked loads return ``other=0``
+    without an error, and every shorter sequence is right."""
+    return _attention_pool(x, weight, block_size=block_size, stride=stride, padding=padding, pe=pe,
+                           cu_seqlens=cu_seqlens, bugs=Bugs(max_offset=4096))

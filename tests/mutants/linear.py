@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import BIAS_ACT, CONTIGUOUS, HALF, PE, WEIGHT_LAYOUT, WINDOW, mutant
+from . import BIAS_ACT, CONTIGUOUS, HALF, PE, TILE, WEIGHT_LAYOUT, WINDOW, mutant
 from ._base import Bugs
 from ._base import linear as _linear
 
@@ -75,3 +75,16 @@ def flipped_kernel(x, weight, bias=None, *, block_size, stride, padding="valid",
     conv flips the kernel; ``nn.Conv1d`` does not)."""
     return _linear(x, weight, bias, block_size=block_size, stride=stride, padding=padding, pe=pe,
                    cu_seqlens=cu_seqlens, flip_kernel=True)
+
+
+@mutant(TILE)
+def second_feature_tile(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """Input features d >= 64 are read from the first feature tile (feature
+    d mod 64); the weight rows are right.
+
+    A kernel whose reduction loop over D runs in BLOCK_D = 64 tiles and
+    advances the weight pointer but loads x at ``o_d`` instead of
+    ``i_k * BLOCK_D + o_d``: exact whenever D <= 64, which is every head dim
+    the small-shape properties draw."""
+    return _linear(x, weight, bias, block_size=block_size, stride=stride, padding=padding, pe=pe,
+                   cu_seqlens=cu_seqlens, bugs=Bugs(feature_tile=64))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import DTYPE, GROUPS, PACKED, PE, WINDOW, mutant
+from . import DTYPE, GROUPS, PACKED, PE, TILE, WINDOW, mutant
 from ._base import Bugs
 from ._base import weighted_pool as _weighted_pool
 
@@ -67,3 +67,16 @@ def stream_aligned_windows(x, weight, *, block_size, stride, padding="valid", pe
     return _weighted_pool(x, weight, block_size=block_size, stride=stride, padding=padding, pe=pe,
                           cu_seqlens=cu_seqlens,
                           bugs=Bugs(seq_start=lambda s, S: s // S * S, pad_each_sequence=False))
+
+
+@mutant(TILE)
+def later_window_block_off_by_one(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """Windows from the 257th of a sequence on start one token late (their
+    last position reads the next token, or a masked zero at the end).
+
+    A kernel whose programs each pool BLOCK_W = 256 windows and compute
+    their first token from the previous block's inclusive end
+    (``i_w * BLOCK_W * S + 1``): the first block, all that a short
+    sequence has, is right."""
+    return _weighted_pool(x, weight, block_size=block_size, stride=stride, padding=padding, pe=pe,
+                          cu_seqlens=cu_seqlens, bugs=Bugs(late_windows=(256, 1)))
