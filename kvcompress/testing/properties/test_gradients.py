@@ -26,7 +26,7 @@ from kvcompress.testing import report
 from kvcompress.testing.cases import make_inputs
 from kvcompress.testing.convert import round_to, to_numpy
 from kvcompress.testing.gradients import exact_and_bounds
-from kvcompress.testing.impls import needs_dtype, requires
+from kvcompress.testing.impls import for_impls, needs_dtype, requires
 from kvcompress.testing.plugin import property_settings
 from kvcompress.testing.records import RECORDS
 from kvcompress.testing.strategies import cases
@@ -100,6 +100,9 @@ def test_gradients_match_exact(impl, dtype, data):
 # few examples per profile budget (the analytic check above carries the load)
 @needs_dtype("float64")
 @differentiable
+# relu's kink breaks gradcheck's finite differences, so relu mlp cases are
+# dropped below: an mlp whose domain is relu only has nothing left to draw
+@for_impls(lambda impl: impl.kind != "mlp" or set(impl.domain.activations) != {"relu"}, "a smooth activation")
 @property_settings(scale=1 / 8, minimum=3)
 @given(data=st.data())
 def test_gradcheck(impl, data):
