@@ -1,32 +1,69 @@
 """Argument validation shared by every public entry point.
 
 Everything is checked before any computation, and every error names the
-argument, what was expected and what came. Shapes, dtypes and devices raise
-ValueError/TypeError; nothing is broadcast, cast or truncated silently.
+argument, what was expected and what came. One rule everywhere
+(docs/semantics.md, "Errors"):
+
+- TypeError: a value of the wrong Python or tensor type. An integer
+  argument must be an ``int`` or any other ``numbers.Integral`` (numpy
+  integers included) but not a bool; a tensor argument must be a
+  ``torch.Tensor``; a choice (padding, activation, kind, backend) must be
+  a str; a parameter's dtype must be x's.
+- ValueError: a value of the right type that is out of range or has the
+  wrong rank, shape or device.
+
+Nothing is broadcast, cast or truncated silently; integers are normalised
+to ``int`` before use.
 """
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-from ._windows import PADDINGS
-
+PADDINGS = ("valid", "left")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 ACTIVATIONS = ("relu", "gelu", "silu")
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer by the rule above: numbers.Integral (numpy integers too), not bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def check_window_args(fn: str, block_size, stride, padding) -> None:
-    if not _is_int(block_size) or block_size < 1:
-        raise ValueError(f"{fn}: block_size must be an int >= 1, got {block_size!r}")
-    if not _is_int(stride) or not 1 <= stride <= block_size:
+def check_int(fn: str, name: str, v, lo: int = 1) -> int:
+    """``v`` as an ``int`` >= lo: TypeError if it is not an integer, ValueError if it is below ``lo``."""
+    if not _is_int(v):
+        raise TypeError(f"{fn}: {name} must be an int >= {lo}, got {type(v).__name__} {v!r}")
+    v = int(v)
+    if v < lo:
+        raise ValueError(f"{fn}: {name} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def check_choice(fn: str, name: str, v, choices: tuple) -> str:
+    """``v`` must be one of ``choices`` (strings): TypeError for a non-str, ValueError for another str."""
+    if not isinstance(v, str):
+        raise TypeError(f"{fn}: {name} must be a str, one of {choices}, got {type(v).__name__} {v!r}")
+    if v not in choices:
+        raise ValueError(f"{fn}: {name} must be one of {choices}, got {v!r}")
+    return v
+
+
+def check_window_args(fn: str, block_size, stride, padding) -> tuple[int, int]:
+    """block_size (int >= 1), stride (int, 1 <= stride <= block_size), padding
+    ("valid" or "left"); returns (block_size, stride) as ints."""
+    block_size = check_int(fn, "block_size", block_size)
+    if not _is_int(stride):
+        raise TypeError(f"{fn}: stride must be an int with 1 <= stride <= block_size={block_size}, "
+                        f"got {type(stride).__name__} {stride!r}")
+    stride = int(stride)
+    if not 1 <= stride <= block_size:
         raise ValueError(f"{fn}: stride must be an int with 1 <= stride <= block_size={block_size}, got {stride!r}")
-    if padding not in PADDINGS:
-        raise ValueError(f"{fn}: padding must be one of {PADDINGS}, got {padding!r}")
+    check_choice(fn, "padding", padding, PADDINGS)
+    return block_size, stride
 
 
 def check_x(fn: str, x) -> tuple[int, int, int, int]:
@@ -64,8 +101,11 @@ def _fmt(shape) -> str:
 
 def check_groups(fn: str, name: str, t: torch.Tensor, H: int) -> int:
     """The weight's leading dim G must be >= 1 and divide H; returns G."""
-    if not isinstance(t, torch.Tensor) or t.dim() < 1:
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor whose first dim is the number of groups G")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor whose first dim is the number of groups G, "
+                        f"got {type(t).__name__}")
+    if t.dim() < 1:
+        raise ValueError(f"{fn}: {name} must have a first dim, the number of groups G, got a 0-d tensor")
     G = t.shape[0]
     if G < 1 or H % G != 0:
         raise ValueError(f"{fn}: {name}.shape[0] is the number of groups G and must divide H={H}, got G={G}")
@@ -81,22 +121,25 @@ def check_cu_seqlens_tensor(fn: str, cu) -> None:
         raise ValueError(f"{fn}: cu_seqlens must be 1-D with N+1 >= 1 entries, got shape {tuple(cu.shape)}")
 
 
-def check_cu_seqlens(fn: str, cu, x: torch.Tensor, *, read_values: bool = True) -> None:
+def check_cu_seqlens(fn: str, cu, x: torch.Tensor, *, read_values: bool = True) -> list[int] | None:
     """cu_seqlens (N+1,) int32/int64 on x's device, 0 = cu[0] <= ... <= cu[N] = T,
-    with x of batch size 1. Reading the values synchronises with the device;
-    ``read_values=False`` (the caller passed total_windows) checks the rest only."""
+    with x of batch size 1; returns its values as a host list, or None when
+    not read. Reading the values synchronises with a GPU; ``read_values=False``
+    (the caller passed total_windows) checks the rest only. On the CPU the
+    values are always read (it costs nothing)."""
     check_cu_seqlens_tensor(fn, cu)
     if cu.device != x.device:
         raise ValueError(f"{fn}: cu_seqlens must be on x's device {x.device}, got {cu.device}")
     if x.shape[0] != 1:
         raise ValueError(f"{fn}: with cu_seqlens, x must hold the packed sequences in batch 1, got B={x.shape[0]}")
-    if not read_values:
-        return
+    if not read_values and cu.device.type != "cpu":
+        return None
     T = x.shape[2]
     vals = cu.tolist()
     if vals[0] != 0 or vals[-1] != T or any(a > b for a, b in zip(vals, vals[1:])):
         shown = vals if len(vals) <= 16 else vals[:8] + ["..."] + vals[-4:]
         raise ValueError(f"{fn}: cu_seqlens must be non-decreasing from 0 to T={T}, got {shown}")
+    return vals
 
 
 def check_pe(fn: str, pe, x: torch.Tensor, block_size: int) -> None:
@@ -104,17 +147,17 @@ def check_pe(fn: str, pe, x: torch.Tensor, block_size: int) -> None:
 
 
 def check_activation(fn: str, activation) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{fn}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_choice(fn, "activation", activation, ACTIVATIONS)
 
 
-def check_total_windows(fn: str, total_windows, cu_seqlens) -> None:
-    """None, or (with cu_seqlens) an int >= 0: the packed output size."""
+def check_total_windows(fn: str, total_windows, cu_seqlens) -> int | None:
+    """None, or (with cu_seqlens) an int >= 0: the packed output size; returned as an int."""
     if total_windows is None:
-        return
+        return None
     if not _is_int(total_windows):
         raise TypeError(f"{fn}: total_windows must be None or an int, got {type(total_windows).__name__}")
     if cu_seqlens is None:
         raise ValueError(f"{fn}: total_windows is the packed output size and needs cu_seqlens")
     if total_windows < 0:
         raise ValueError(f"{fn}: total_windows must be >= 0, got {total_windows}")
+    return int(total_windows)

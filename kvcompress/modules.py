@@ -21,6 +21,7 @@ Two families:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from einops.layers.torch import EinMix, Rearrange
@@ -28,7 +29,7 @@ from torch import nn
 
 from . import backends as _backends
 from . import functional as kf
-from ._validate import ACTIVATIONS, FLOAT_DTYPES, check_activation, check_window_args
+from ._validate import ACTIVATIONS, FLOAT_DTYPES, check_activation, check_choice, check_int, check_window_args
 
 __all__ = ["AttentionPool", "Compressor", "ConvLinearCompress", "GroupedMLP", "SingleProjection"]
 
@@ -36,17 +37,16 @@ KINDS = _backends.KINDS
 POOL_KINDS = ("mean_pool", "weighted_pool", "attention_pool")   # D_out = D, no bias
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_pos_int(fn: str, name: str, v) -> None:
-    if not _is_int(v) or v < 1:
-        raise ValueError(f"{fn}: {name} must be an int >= 1, got {v!r}")
+def _check_pos_int(fn: str, name: str, v) -> int:
+    """An int >= 1 (any numbers.Integral but bool): TypeError if not an integer, ValueError if < 1."""
+    return check_int(fn, name, v, lo=1)
 
 
 def _check_backend(fn: str, kind: str, backend) -> str:
-    """"auto" or a backend registered for ``kind``; ValueError naming the choices."""
+    """"auto" or a backend registered for ``kind``: TypeError for a non-str,
+    ValueError naming the choices for an unknown name."""
+    if not isinstance(backend, str):
+        raise TypeError(f"{fn}: backend must be a str, 'auto' or a backend name, got {type(backend).__name__}")
     if backend == "auto":
         return backend
     names = [b.name for b in _backends.backends(kind)]
@@ -57,14 +57,16 @@ def _check_backend(fn: str, kind: str, backend) -> str:
 
 def _check_kv(fn: str, kv, param: torch.Tensor, *, heads: int | None = None, dim_head: int | None = None,
               window: int | None = None) -> tuple[int, int, int, int, int]:
-    """kv must be a (b, h, w, n, d) tensor of the parameters' dtype, with
-    h == heads, d == dim_head and n == window where those are given."""
+    """kv must be a (b, h, w, n, d) tensor of the parameters' dtype and
+    device, with h == heads, d == dim_head and n == window where those are given."""
     if not isinstance(kv, torch.Tensor):
         raise TypeError(f"{fn}: kv must be a torch.Tensor of shape (b, h, w, n, d), got {type(kv).__name__}")
     if kv.dim() != 5:
         raise ValueError(f"{fn}: kv must have 5 dims (b, h, w, n, d), got shape {tuple(kv.shape)}")
     if kv.dtype != param.dtype:
         raise TypeError(f"{fn}: kv must have the parameters' dtype {param.dtype}, got {kv.dtype}")
+    if kv.device != param.device:
+        raise ValueError(f"{fn}: kv must be on the parameters' device {param.device}, got {kv.device}")
     b, h, w, n, d = kv.shape
     if heads is not None and h != heads:
         raise ValueError(f"{fn}: kv must have h = heads = {heads} heads, got shape {tuple(kv.shape)}")
@@ -109,16 +111,19 @@ class ConvLinearCompress(nn.Module):
 
     Where the seed's conv raises because there are fewer than L tokens
     (w*n < L, including w = 0 or n = 0), this module returns an empty
-    (b, h, 0, d) tensor instead. Errors: TypeError if kv is not a tensor or
-    has another dtype than the parameters; ValueError if kv is not 5-D or
-    h != heads or d != dim_head (the seed raises there too).
+    (b, h, 0, d) tensor instead. Errors: the constructor raises TypeError
+    for a non-integer size (bool and float included) or a non-str backend,
+    ValueError for a size < 1 or an unknown backend. forward raises
+    TypeError if kv is not a tensor or has another dtype than the
+    parameters; ValueError if kv is not 5-D, h != heads, d != dim_head (the
+    seed raises there too) or kv is on another device than the parameters.
     """
 
     def __init__(self, heads, dim_head, compress_window_size, *, backend="auto"):
         super().__init__()
         fn = type(self).__name__
-        for name, v in (("heads", heads), ("dim_head", dim_head), ("compress_window_size", compress_window_size)):
-            _check_pos_int(fn, name, v)
+        heads, dim_head, compress_window_size = (_check_pos_int(fn, name, v) for name, v in (
+            ("heads", heads), ("dim_head", dim_head), ("compress_window_size", compress_window_size)))
         self.heads, self.dim_head, self.compress_window_size = heads, dim_head, compress_window_size
         self.backend = _check_backend(fn, "linear", backend)
         self.conv = nn.Conv1d(heads * dim_head, heads * dim_head, compress_window_size, stride=compress_window_size,
@@ -155,16 +160,17 @@ class AttentionPool(nn.Module):
     whatever n the input has, so any n works and two modules that differ
     only in compress_window_size compute the same function.
     n = 0 gives zeros (an empty sum, like the seed); the weight then gets no
-    gradient (None) where the seed's gets zeros. Errors: TypeError if kv is
-    not a tensor or has another dtype than the weight; ValueError if kv is
-    not 5-D or d != dim_head.
+    gradient (None) where the seed's gets zeros. Errors: the constructor as
+    ConvLinearCompress's; forward raises TypeError if kv is not a tensor or
+    has another dtype than the weight; ValueError if kv is not 5-D,
+    d != dim_head or kv is on another device than the weight.
     """
 
     def __init__(self, dim_head, compress_window_size, *, backend="auto"):
         super().__init__()
         fn = type(self).__name__
-        _check_pos_int(fn, "dim_head", dim_head)
-        _check_pos_int(fn, "compress_window_size", compress_window_size)
+        dim_head = _check_pos_int(fn, "dim_head", dim_head)
+        compress_window_size = _check_pos_int(fn, "compress_window_size", compress_window_size)
         self.dim_head, self.compress_window_size = dim_head, compress_window_size
         self.backend = _check_backend(fn, "attention_pool", backend)
         self.to_attn_logits = nn.Linear(dim_head, dim_head, bias=False)
@@ -201,25 +207,32 @@ class GroupedMLP(nn.Module):
 
     forward(kv): kv (b, h, w, n, d) of the parameters' dtype -> (b, h, w, d).
 
-    Errors: the constructor raises ValueError for sizes < 1 or F < 1.
-    forward raises TypeError if kv is not a tensor or has another dtype than
-    the parameters; ValueError if kv is not 5-D, h != heads, d != dim_head or
-    n != compress_window_size (the seed raises for each of these).
+    Errors: the constructor raises TypeError for a non-integer size (bool
+    and float included) or an expand_factor that is not a real number (a
+    str, a bool, None), ValueError for sizes < 1 or an expand_factor giving
+    F < 1 (NaN and inf included). forward raises TypeError if kv is not a
+    tensor or has another dtype than the parameters; ValueError if kv is not
+    5-D, h != heads, d != dim_head or n != compress_window_size (the seed
+    raises for each of these), or kv is on another device.
     """
 
     def __init__(self, dim_head, compress_window_size, heads, expand_factor=1., *, backend="auto"):
         super().__init__()
         fn = type(self).__name__
-        for name, v in (("dim_head", dim_head), ("compress_window_size", compress_window_size), ("heads", heads)):
-            _check_pos_int(fn, name, v)
+        dim_head, compress_window_size, heads = (_check_pos_int(fn, name, v) for name, v in (
+            ("dim_head", dim_head), ("compress_window_size", compress_window_size), ("heads", heads)))
         dim = dim_head * compress_window_size
+        # a real number: a str would be repeated (int("3" * 11) = 33...3), a bool taken for 0 or 1
+        if not isinstance(expand_factor, numbers.Real) or isinstance(expand_factor, bool):
+            raise TypeError(f"{fn}: expand_factor must be a real number (int or float, not bool), got "
+                            f"{type(expand_factor).__name__} {expand_factor!r}")
         try:
             hidden = int(dim * expand_factor)             # the seed's F
-        except (TypeError, ValueError, OverflowError):
+        except (ValueError, OverflowError):              # NaN, inf
             hidden = None
-        if hidden is None or hidden < 1:
-            raise ValueError(f"{fn}: expand_factor must be a number with int(compress_window_size * dim_head * "
-                             f"expand_factor) >= 1 hidden units, got {expand_factor!r}")
+        if hidden is None or not 1 <= hidden < 2 ** 62:   # beyond, no tensor can be that large (int64 sizes)
+            raise ValueError(f"{fn}: expand_factor must be a finite number with int(compress_window_size * dim_head "
+                             f"* expand_factor) >= 1 hidden units (and < 2**62), got {expand_factor!r}")
         self.dim_head, self.compress_window_size, self.heads = dim_head, compress_window_size, heads
         self.backend = _check_backend(fn, "mlp", backend)
         self.dim_hidden = hidden
@@ -270,17 +283,18 @@ class SingleProjection(nn.Module):
     if heads == 1, else ``compress.weight`` (h, d, d) (EinMix's).
 
     forward(kv): kv (b, h, w, n, d) of the parameter's dtype -> (b, h, w, d).
-    Errors: TypeError if kv is not a tensor or has another dtype than the
-    weight; ValueError if kv is not 5-D or d != dim_head, and for heads == 1
-    if n != compress_window_size, for heads > 1 if h != heads (the seed
-    raises for each of these).
+    Errors: the constructor as ConvLinearCompress's. forward raises
+    TypeError if kv is not a tensor or has another dtype than the weight;
+    ValueError if kv is not 5-D or d != dim_head, and for heads == 1 if
+    n != compress_window_size, for heads > 1 if h != heads (the seed raises
+    for each of these), or kv is on another device than the weight.
     """
 
     def __init__(self, dim_head, compress_window_size, heads=1, *, backend="auto"):
         super().__init__()
         fn = type(self).__name__
-        for name, v in (("dim_head", dim_head), ("compress_window_size", compress_window_size), ("heads", heads)):
-            _check_pos_int(fn, name, v)
+        dim_head, compress_window_size, heads = (_check_pos_int(fn, name, v) for name, v in (
+            ("dim_head", dim_head), ("compress_window_size", compress_window_size), ("heads", heads)))
         self.dim_head, self.compress_window_size, self.heads = dim_head, compress_window_size, heads
         self.backend = _check_backend(fn, "linear", backend)
         self.is_grouped = heads > 1
@@ -357,12 +371,14 @@ class Compressor(nn.Module):
     D == dim_head, of the parameters' dtype and device; cu_seqlens as in
     kvcompress.functional. Returns (B, H, W, D_out) in x's dtype.
 
-    Errors: the constructor raises ValueError naming the argument for an
-    unknown kind, a non-positive or non-int size, a stride outside
-    [1, block_size], an unknown padding/activation/backend, groups not
-    dividing heads, or dim_out, hidden or activation given (other than their
-    defaults) to a kind that does not use it; TypeError for a non-bool bias
-    or pos_emb, or a non-float dtype. forward raises ValueError for an x of
+    Errors (the rule of kvcompress.functional): the constructor raises
+    TypeError naming the argument for a size that is not an integer (bool
+    and float included), a kind, padding, activation or backend that is not
+    a str, a non-bool bias or pos_emb, or a non-float dtype; ValueError for
+    an unknown kind, a size < 1, a stride outside [1, block_size], an
+    unknown padding/activation/backend, groups not dividing heads, or
+    dim_out, hidden or activation given (other than their defaults) to a
+    kind that does not use it. forward raises ValueError for an x of
     the wrong rank, heads or head dim, or on another device than the
     parameters; TypeError for a non-tensor x or one of another dtype than
     the parameters; and whatever kvcompress.functional raises (e.g. bad
@@ -374,14 +390,15 @@ class Compressor(nn.Module):
                  dtype=None):
         super().__init__()
         fn = "Compressor"
-        if kind not in KINDS:
-            raise ValueError(f"{fn}: kind must be one of {KINDS}, got {kind!r}")
-        _check_pos_int(fn, "heads", heads)
-        _check_pos_int(fn, "dim_head", dim_head)
-        check_window_args(fn, block_size, stride, padding)
-        _check_pos_int(fn, "groups", groups)
+        check_choice(fn, "kind", kind, KINDS)
+        heads = _check_pos_int(fn, "heads", heads)
+        dim_head = _check_pos_int(fn, "dim_head", dim_head)
+        block_size, stride = check_window_args(fn, block_size, stride, padding)
+        groups = _check_pos_int(fn, "groups", groups)
         if heads % groups != 0:
             raise ValueError(f"{fn}: groups must divide heads={heads}, got groups={groups}")
+        if dim_out is not None:
+            dim_out = _check_pos_int(fn, "dim_out", dim_out)
         if kind in POOL_KINDS:
             if dim_out is not None and dim_out != dim_head:
                 raise ValueError(f"{fn}: dim_out applies to linear and mlp; {kind} outputs dim_head={dim_head}, "
@@ -389,16 +406,13 @@ class Compressor(nn.Module):
             dim_out = dim_head
         elif dim_out is None:
             dim_out = dim_head
-        else:
-            _check_pos_int(fn, "dim_out", dim_out)
         if kind == "mlp":
-            if hidden is None:
-                hidden = block_size * dim_head
-            _check_pos_int(fn, "hidden", hidden)
+            hidden = block_size * dim_head if hidden is None else _check_pos_int(fn, "hidden", hidden)
             check_activation(fn, activation)
         else:
             if hidden is not None:
                 raise ValueError(f"{fn}: hidden applies to mlp only, got hidden={hidden!r} for {kind}")
+            check_choice(fn, "activation", activation, ACTIVATIONS)
             if activation != "relu":
                 raise ValueError(f"{fn}: activation applies to mlp only (one of {ACTIVATIONS}), got "
                                  f"activation={activation!r} for {kind}")

@@ -37,7 +37,16 @@ import torch
 
 from . import backends as _backends
 from . import functional as _functional
-from ._validate import FLOAT_DTYPES, INDEX_DTYPES, _is_int, check_activation, check_pe, check_window_args
+from ._validate import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    _is_int,
+    check_activation,
+    check_choice,
+    check_int,
+    check_pe,
+    check_window_args,
+)
 from ._windows import _num_windows_tensor, num_windows
 
 __all__ = ["StepOutput", "StreamState", "StreamingCompressor", "init_state", "reset", "step"]
@@ -85,7 +94,9 @@ class StreamState:
 
     def __post_init__(self):
         fn = "StreamState"
-        check_window_args(fn, self.block_size, self.stride, self.padding)
+        L, S = check_window_args(fn, self.block_size, self.stride, self.padding)
+        object.__setattr__(self, "block_size", L)      # numpy integers become ints
+        object.__setattr__(self, "stride", S)
         p = self.pending
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{fn}: pending must be a torch.Tensor (N, L-1, H, D), got {type(p).__name__}")
@@ -192,14 +203,14 @@ def init_state(num_streams: int, heads: int, dim: int, *, block_size: int, strid
     stride, padding: as in kvcompress.functional. dtype: the token dtype
     (default float32). device: default the current default device.
     With padding="left" every stream starts holding L - S zero tokens.
-    Raises ValueError for a bad size or windowing, TypeError for a
-    non-float dtype.
+    Raises TypeError for a size, block_size or stride that is not an
+    integer (bool and float included), a non-str padding or a non-float
+    dtype; ValueError for a size or windowing out of range.
     """
     fn = "init_state"
-    for name, v, lo in (("num_streams", num_streams, 0), ("heads", heads, 1), ("dim", dim, 1)):
-        if not _is_int(v) or v < lo:
-            raise ValueError(f"{fn}: {name} must be an int >= {lo}, got {v!r}")
-    check_window_args(fn, block_size, stride, padding)
+    num_streams, heads, dim = (check_int(fn, name, v, lo) for name, v, lo in (
+        ("num_streams", num_streams, 0), ("heads", heads, 1), ("dim", dim, 1)))
+    block_size, stride = check_window_args(fn, block_size, stride, padding)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{fn}: dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
     zeros = torch.zeros(num_streams, dtype=torch.int64, device=device)
@@ -231,7 +242,7 @@ def _stream_mask(fn: str, streams, n: int) -> list[bool]:
         raise ValueError(f"{fn}: stream indices must be in [0, N={n}), got {bad[:16]}")
     mask = [False] * n
     for i in idx:
-        mask[i] = True
+        mask[int(i)] = True
     return mask
 
 
@@ -256,8 +267,7 @@ def reset(state: StreamState, streams) -> StreamState:
 
 def _check_step_args(fn, kind, state, x, cu_new, pe, backend, kind_kwargs) -> None:
     """Everything a step can check without reading device values."""
-    if kind not in KIND_KWARGS:
-        raise ValueError(f"{fn}: kind must be one of {tuple(KIND_KWARGS)}, got {kind!r}")
+    check_choice(fn, "kind", kind, tuple(KIND_KWARGS))
     if not isinstance(state, StreamState):
         raise TypeError(f"{fn}: state must be a StreamState (see init_state), got {type(state).__name__}")
     if not isinstance(x, torch.Tensor):
@@ -288,6 +298,8 @@ def _check_step_args(fn, kind, state, x, cu_new, pe, backend, kind_kwargs) -> No
     if "activation" in kind_kwargs:
         check_activation(fn, kind_kwargs["activation"])
     check_pe(fn, pe, x, state.block_size)
+    if not isinstance(backend, str):
+        raise TypeError(f"{fn}: backend must be a str, 'auto' or a backend name, got {type(backend).__name__}")
     if backend != "auto":
         _backends.get(kind, backend)
 
@@ -417,8 +429,7 @@ class StreamingCompressor:
     def __init__(self, kind: str, *params, state: StreamState, pe=None, backend: str = "auto", **kind_kwargs):
         if not isinstance(state, StreamState):
             raise TypeError(f"StreamingCompressor: state must be a StreamState, got {type(state).__name__}")
-        if kind not in KIND_KWARGS:
-            raise ValueError(f"StreamingCompressor: kind must be one of {tuple(KIND_KWARGS)}, got {kind!r}")
+        check_choice("StreamingCompressor", "kind", kind, tuple(KIND_KWARGS))
         self.kind, self.params, self.state = kind, params, state
         self.pe, self.backend, self.kind_kwargs = pe, backend, kind_kwargs
 

@@ -5,28 +5,72 @@ Nothing here is vectorized on purpose: this file is read as the contract.
 Arrays come in as NumPy arrays (float16/float32/float64 or ml_dtypes'
 bfloat16), are turned into nested Python lists of float64, and every window
 is assembled token by token.
+
+Errors follow the library's rule (docs/semantics.md, "Errors"): TypeError
+for a value of the wrong type (an integer argument that is not a
+``numbers.Integral`` or is a bool; a non-str padding or activation; a
+non-floating array; integer offsets of another dtype), ValueError for a
+value of the right type out of range or of the wrong rank or shape.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import numpy as np
 
 PADDINGS = ("valid", "left")
 
 
+def _is_int(v):
+    """An integer: any numbers.Integral (numpy integers included), never a bool."""
+    return isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_int(v, name, lo):
+    """``v`` as an int >= lo: TypeError if not an integer, ValueError if below lo."""
+    if not _is_int(v):
+        raise TypeError(f"{name} must be an int >= {lo}, got {type(v).__name__} {v!r}")
+    if v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return int(v)
+
+
+def check_choice(v, name, choices):
+    """``v`` one of the strings ``choices``: TypeError for a non-str, ValueError for another str."""
+    if not isinstance(v, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {type(v).__name__} {v!r}")
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
+
+
+def check_window_args(block_size, stride, padding):
+    """(block_size, stride) as ints with 1 <= stride <= block_size; padding one of PADDINGS."""
+    L = check_int(block_size, "block_size", 1)
+    if not _is_int(stride):
+        raise TypeError(f"stride must be an int with 1 <= stride <= block_size={L}, got {type(stride).__name__} "
+                        f"{stride!r}")
+    if not 1 <= stride <= L:
+        raise ValueError(f"stride must be an int with 1 <= stride <= block_size={L}, got {stride!r}")
+    check_choice(padding, "padding", PADDINGS)
+    return L, int(stride)
+
+
 def num_windows(n, block_size, stride, padding="valid"):
-    """Number of windows W in one sequence of ``n`` tokens.
+    """Number of windows W in one sequence of ``n`` tokens (n >= 0).
 
     ``padding="valid"``: windows [i*S, i*S + L) inside the sequence, so
     W = (n - L) // S + 1 when n >= L, else 0.
     ``padding="left"``: L - S zero tokens are prepended (the seed's ZeroPad +
     Unfold), so W = n // S; the trailing n mod S tokens form no window.
+    Raises TypeError/ValueError (naming n, block_size, stride or padding)
+    by the rule above.
     """
+    n = check_int(n, "n", 0)
+    block_size, stride = check_window_args(block_size, stride, padding)
     if padding == "valid":
         return (n - block_size) // stride + 1 if n >= block_size else 0
-    if padding == "left":
-        return n // stride
-    raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    return n // stride
 
 
 def window_start(i, block_size, stride, padding="valid"):
@@ -54,8 +98,10 @@ def compressed_cu_seqlens(cu_seqlens, block_size, stride, padding="valid"):
 
 
 def _check_int_array(cu, name):
-    if cu.ndim != 1 or cu.shape[0] < 1 or cu.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be a 1-D integer array of N+1 offsets, got shape {cu.shape} dtype {cu.dtype}")
+    if cu.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be a 1-D integer array of N+1 offsets, got dtype {cu.dtype}")
+    if cu.ndim != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be a 1-D integer array of N+1 offsets, got shape {cu.shape}")
 
 
 def _check_float(a, name):
@@ -65,8 +111,25 @@ def _check_float(a, name):
     return a
 
 
-def _is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+def check_x(x):
+    """x: a floating array (TypeError otherwise) of 4 dims (B, H, T, D) (ValueError otherwise)."""
+    x = _check_float(x, "x")
+    if x.ndim != 4:
+        raise ValueError(f"x must have 4 dims (B, H, T, D), got shape {x.shape}")
+    return x
+
+
+def check_param(a, name, ndim, *, optional=False):
+    """A parameter: a floating array (TypeError otherwise) of ``ndim`` dims
+    (ValueError otherwise); None only when ``optional``."""
+    if a is None:
+        if optional:
+            return None
+        raise TypeError(f"{name} is required, a floating array with {ndim} dims")
+    a = _check_float(a, name)
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {a.shape}")
+    return a
 
 
 def to_lists(a):
@@ -95,15 +158,9 @@ def compress(x, window_fn, d_out, *, block_size, stride, padding="valid", pe=Non
     tokens (each a list of D float64) with pe already added.
     Returns (B, H, W, d_out) in x's dtype, W summed over sequences.
     """
-    x = _check_float(x, "x")
-    if x.ndim != 4:
-        raise ValueError(f"x must have 4 dims (B, H, T, D), got shape {x.shape}")
+    x = check_x(x)
     B, H, T, D = x.shape
-    L, S = block_size, stride
-    if not (_is_int(L) and _is_int(S) and 1 <= S <= L):
-        raise ValueError(f"need integers 1 <= stride <= block_size, got block_size={L!r} stride={S!r}")
-    if padding not in PADDINGS:
-        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    L, S = check_window_args(block_size, stride, padding)
     if pe is not None:
         pe = _check_float(pe, "pe")
         check_shape(pe, (H, L, D), "pe")

@@ -7,7 +7,7 @@ y[c] = sum_j P[j, c] * X[j, c].
 
 import math
 
-from ._windows import check_groups, check_shape, compress, to_lists
+from ._windows import check_groups, check_param, check_shape, check_window_args, check_x, compress, to_lists
 
 
 def attention_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
@@ -15,9 +15,16 @@ def attention_pool(x, weight, *, block_size, stride, padding="valid", pe=None, c
 
     x: (B, H, T, D); weight: (G, D, D); pe: (H, L, D) or None;
     cu_seqlens: (N+1,) or None. Returns (B, H, W, D) in x's dtype.
-    The softmax is shifted by its maximum, so finite inputs never overflow.
+    The softmax is shifted by its maximum and the logits are float64, so
+    every finite input whose logits fit float64 gives a finite output. An
+    implementation is held to this answer only where the logits fit its
+    accumulation dtype (float32 for half and float32 input; beyond, a
+    logit of inf makes the max-shifted softmax inf - inf = NaN):
+    docs/semantics.md, "Numerics".
     """
-    L = block_size
+    x = check_x(x)
+    L, _ = check_window_args(block_size, stride, padding)
+    weight = check_param(weight, "weight", 3)
     H, D = x.shape[1], x.shape[-1]
     G = weight.shape[0]
     check_groups(G, H, "weight")

@@ -4,7 +4,7 @@ This is NSA's compression (arXiv 2502.11089, eq. 7) as a per-position linear
 map, the Triton ``linear_compress`` and the seed's ``ConvLinearCompress``.
 """
 
-from ._windows import check_groups, check_shape, compress, to_lists
+from ._windows import check_groups, check_param, check_shape, check_window_args, check_x, compress, to_lists
 
 
 def linear(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
@@ -14,7 +14,10 @@ def linear(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None
     pe: (H, L, D) or None; cu_seqlens: (N+1,) or None.
     Returns (B, H, W, D_out) in x's dtype.
     """
-    L = block_size
+    x = check_x(x)
+    L, _ = check_window_args(block_size, stride, padding)
+    weight = check_param(weight, "weight", 4)
+    bias = check_param(bias, "bias", 2, optional=True)
     H, D = x.shape[1], x.shape[-1]
     G, D_out = weight.shape[0], weight.shape[-1]
     check_groups(G, H, "weight")

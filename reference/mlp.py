@@ -6,7 +6,16 @@ feature j*D + d of the flattened window is X[j][d].
 
 import math
 
-from ._windows import check_groups, check_shape, compress, to_lists
+from ._windows import (
+    check_choice,
+    check_groups,
+    check_param,
+    check_shape,
+    check_window_args,
+    check_x,
+    compress,
+    to_lists,
+)
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 
@@ -38,10 +47,12 @@ def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="va
     "silu"; pe: (H, L, D) or None; cu_seqlens: (N+1,) or None.
     Returns (B, H, W, D_out) in x's dtype.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    x = check_x(x)
+    L, _ = check_window_args(block_size, stride, padding)
+    check_choice(activation, "activation", ACTIVATIONS)
     act = {"relu": relu, "gelu": gelu, "silu": silu}[activation]
-    L = block_size
+    w1, w2 = check_param(w1, "w1", 3), check_param(w2, "w2", 3)
+    b1, b2 = check_param(b1, "b1", 2, optional=True), check_param(b2, "b2", 2, optional=True)
     H, D = x.shape[1], x.shape[-1]
     G, F, D_out = w1.shape[0], w1.shape[-1], w2.shape[-1]
     check_groups(G, H, "w1")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._windows import PADDINGS, _is_int
+from ._windows import check_window_args
 from .attention_pool import attention_pool
 from .linear import linear
 from .mean_pool import mean_pool
@@ -41,11 +41,7 @@ class StreamState:
     """
 
     def __init__(self, num_streams, heads, dim, *, block_size, stride, padding, dtype):
-        if not (_is_int(block_size) and _is_int(stride) and 1 <= stride <= block_size):
-            raise ValueError(f"need integers 1 <= stride <= block_size, got block_size={block_size!r} "
-                             f"stride={stride!r}")
-        if padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        block_size, stride = check_window_args(block_size, stride, padding)
         self.block_size, self.stride, self.padding = block_size, stride, padding
         self.heads, self.dim, self.dtype = heads, dim, np.dtype(dtype)
         self.pending = [self.fresh() for _ in range(num_streams)]

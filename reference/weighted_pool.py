@@ -1,6 +1,6 @@
 """weighted_pool: y = sum_j weight[g, j] * X[j] (SPEC section 3)."""
 
-from ._windows import check_groups, check_shape, compress, to_lists
+from ._windows import check_groups, check_param, check_shape, check_window_args, check_x, compress, to_lists
 
 
 def weighted_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
@@ -10,7 +10,9 @@ def weighted_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu
     h // (H // G); pe: (H, L, D) or None; cu_seqlens: (N+1,) or None.
     Returns (B, H, W, D) in x's dtype.
     """
-    L = block_size
+    x = check_x(x)
+    L, _ = check_window_args(block_size, stride, padding)
+    weight = check_param(weight, "weight", 2)
     H, D = x.shape[1], x.shape[-1]
     G = weight.shape[0]
     check_groups(G, H, "weight")

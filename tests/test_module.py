@@ -211,7 +211,17 @@ GOOD = dict(heads=4, dim_head=3, block_size=4, stride=2)
 CTOR_ERRORS = [
     ("kind", dict(kind="max_pool"), ValueError, "kind must be one of"),
     ("heads", dict(heads=0), ValueError, "heads must be an int >= 1, got 0"),
-    ("heads float", dict(heads=4.0), ValueError, "heads must be an int >= 1, got 4.0"),
+    ("heads float", dict(heads=4.0), TypeError, "heads must be an int >= 1, got float 4.0"),
+    ("heads bool", dict(heads=True), TypeError, "heads must be an int >= 1, got bool True"),
+    ("block_size float", dict(block_size=4.0), TypeError, "block_size must be an int >= 1, got float 4.0"),
+    ("stride str", dict(stride="2"), TypeError, "stride must be an int with 1 <= stride <= block_size=4"),
+    ("groups None", dict(groups=None), TypeError, "groups must be an int >= 1, got NoneType None"),
+    ("dim_out float", dict(kind="linear", dim_out=3.0), TypeError, "dim_out must be an int >= 1"),
+    ("hidden float", dict(kind="mlp", hidden=8.0), TypeError, "hidden must be an int >= 1"),
+    ("kind not a str", dict(kind=None), TypeError, "kind must be a str"),
+    ("padding not a str", dict(padding=0), TypeError, "padding must be a str"),
+    ("activation not a str", dict(kind="mlp", activation=None), TypeError, "activation must be a str"),
+    ("backend not a str", dict(backend=None), TypeError, "backend must be a str"),
     ("dim_head", dict(dim_head=-1), ValueError, "dim_head must be an int >= 1"),
     ("block_size", dict(block_size=0), ValueError, "block_size must be an int >= 1"),
     ("stride 0", dict(stride=0), ValueError, "stride must be an int with 1 <= stride <= block_size=4"),
@@ -241,6 +251,14 @@ def test_constructor_validation(what, change, exc, match):
     with pytest.raises(exc, match=re.escape(match) if "(" not in match else match) as info:
         Compressor(kind, **kw)
     assert str(info.value).startswith("Compressor: ")
+
+
+def test_numpy_integers_are_integers():
+    m = Compressor("linear", heads=np.int64(4), dim_head=np.int32(3), block_size=np.int64(4), stride=np.int8(2),
+                   groups=np.int64(2), dim_out=np.int64(5))
+    assert (m.heads, m.dim_head, m.block_size, m.stride, m.groups, m.dim_out) == (4, 3, 4, 2, 2, 5)
+    assert all(type(v) is int for v in (m.heads, m.block_size, m.stride, m.groups, m.dim_out))
+    assert m(torch.randn(1, 4, 8, 3)).shape == (1, 4, 3, 5)
 
 
 def test_defaults_of_unused_arguments_are_accepted():

@@ -110,3 +110,40 @@ def test_reference_rejects_bad_groups_and_shapes():
     with pytest.raises(ValueError, match="activation"):
         reference.mlp(x, np.zeros((1, 6, 1)), None, np.zeros((1, 1, 1)), None, activation="tanh", block_size=3,
                       stride=1)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (dict(block_size=3.0), TypeError, "block_size must be an int"),
+    (dict(block_size=True), TypeError, "block_size must be an int"),
+    (dict(stride=None), TypeError, "stride must be an int"),
+    (dict(stride="2"), TypeError, "stride must be an int"),
+    (dict(block_size=0), ValueError, "block_size must be an int >= 1"),
+    (dict(padding=None), TypeError, "padding must be a str"),
+    (dict(x=np.zeros((1, 1, 5, 2)), cu_seqlens=np.array([0.0, 5.0])), TypeError, "cu_seqlens must be a 1-D integer"),
+    (dict(x=np.zeros((1, 1, 5, 2)), cu_seqlens=np.array([[0, 5]])), ValueError, "cu_seqlens must be a 1-D integer"),
+])
+def test_reference_error_types(bad, exc, match):
+    """The library's rule (docs/semantics.md, "Errors"): a wrong type is a
+    TypeError, a right type out of range or of the wrong shape a ValueError."""
+    kw = dict(x=np.zeros((2, 1, 5, 2)), block_size=3, stride=2)
+    kw.update(bad)
+    with pytest.raises(exc, match=match):
+        reference.mean_pool(kw.pop("x"), **kw)
+
+
+def test_reference_parameter_ranks_and_types():
+    x = np.zeros((1, 2, 5, 2))
+    with pytest.raises(ValueError, match="weight must have 3 dims"):
+        reference.attention_pool(x, np.zeros(()), block_size=2, stride=1)
+    with pytest.raises(TypeError, match="weight must be a floating array"):
+        reference.weighted_pool(x, np.zeros((1, 2), dtype=np.int64), block_size=2, stride=1)
+    with pytest.raises(TypeError, match="activation must be a str"):
+        reference.mlp(x, np.zeros((1, 4, 1)), None, np.zeros((1, 1, 1)), None, activation=None, block_size=2,
+                      stride=1)
+
+
+def test_reference_takes_numpy_integers():
+    x = np.arange(1.0, 6.0).reshape(1, 1, 5, 1)
+    y = reference.mean_pool(x, block_size=np.int64(3), stride=np.int32(2), cu_seqlens=np.array([0, 5]))
+    np.testing.assert_array_equal(y[0, 0, :, 0], [2.0, 4.0])
+    assert reference.mean_pool(x, block_size=2 ** 40, stride=2 ** 40).shape == (1, 1, 0, 1)

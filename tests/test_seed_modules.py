@@ -495,16 +495,42 @@ def test_kv_dtype_and_type_errors():
         ours(np.zeros((1, 1, 1, 4, 3), dtype=np.float32))
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: modules.ConvLinearCompress(0, 3, 4), "heads must be an int >= 1, got 0"),
-    (lambda: modules.AttentionPool(3, 0), "compress_window_size must be an int >= 1"),
-    (lambda: modules.GroupedMLP(1, 1, 2, 0.5), r"int\(compress_window_size \* dim_head \* expand_factor\) >= 1"),
-    (lambda: modules.SingleProjection(2.0, 4), "dim_head must be an int >= 1"),
-    (lambda: modules.ConvLinearCompress(2, 3, 4, backend="nope"), "backend must be 'auto' or one of"),
+@pytest.mark.parametrize("make, exc, match", [
+    (lambda: modules.ConvLinearCompress(0, 3, 4), ValueError, "heads must be an int >= 1, got 0"),
+    (lambda: modules.AttentionPool(3, 0), ValueError, "compress_window_size must be an int >= 1"),
+    (lambda: modules.GroupedMLP(1, 1, 2, 0.5), ValueError,
+     r"int\(compress_window_size \* dim_head \* expand_factor\) >= 1"),
+    (lambda: modules.GroupedMLP(1, 2, 1, float("nan")), ValueError, "expand_factor must be a finite number"),
+    (lambda: modules.GroupedMLP(1, 2, 1, float("inf")), ValueError, "expand_factor must be a finite number"),
+    # issue 16, item 4: a str was repeated (int(11 * "3") = 33...3 hidden units), a bool taken for 1
+    (lambda: modules.GroupedMLP(1, 2, 1, expand_factor="3"), TypeError, "expand_factor must be a real number"),
+    (lambda: modules.GroupedMLP(64, 32, 8, expand_factor="1"), TypeError, "expand_factor must be a real number"),
+    (lambda: modules.GroupedMLP(1, 2, 1, expand_factor=True), TypeError, "expand_factor must be a real number"),
+    (lambda: modules.GroupedMLP(1, 2, 1, expand_factor=None), TypeError, "expand_factor must be a real number"),
+    (lambda: modules.SingleProjection(2.0, 4), TypeError, "dim_head must be an int >= 1, got float 2.0"),
+    (lambda: modules.ConvLinearCompress(2, True, 4), TypeError, "dim_head must be an int >= 1, got bool"),
+    (lambda: modules.ConvLinearCompress(2, 3, 4, backend="nope"), ValueError, "backend must be 'auto' or one of"),
+    (lambda: modules.ConvLinearCompress(2, 3, 4, backend=None), TypeError, "backend must be a str"),
 ])
-def test_constructor_errors(make, match):
-    with pytest.raises(ValueError, match=match):
+def test_constructor_errors(make, exc, match):
+    with pytest.raises(exc, match=match):
         make()
+
+
+def test_grouped_mlp_takes_numpy_sizes_and_factors():
+    m = modules.GroupedMLP(np.int64(3), np.int32(2), np.int64(2), expand_factor=np.float32(1.5))
+    assert m.dim_hidden == 9 and m(torch.randn(1, 2, 1, 2, 3)).shape == (1, 2, 1, 3)
+
+
+@pytest.mark.parametrize("name, args", [("conv", (2, 3, 4)), ("attention_pool", (3, 4)), ("grouped_mlp", (3, 4, 2)),
+                                        ("single_projection", (3, 4)), ("single_projection_grouped", (3, 4, 2))])
+def test_kv_on_another_device_is_named(name, args):
+    """Issue 16, item 5: the device mismatch names kv (it named the
+    functional weight, which the caller never passed)."""
+    ours, _ = build(name, args)
+    kv = torch.randn(kv_shape(name, args, n=4), device="meta")
+    with pytest.raises(ValueError, match="kv must be on the parameters' device cpu, got meta"):
+        ours(kv)
 
 
 def test_backend_choice_is_used():

@@ -441,6 +441,8 @@ STEP_ERRORS = [
     ("block_size given", _kw(block_size=4), TypeError, "takes no keyword arguments"),
     ("cu_seqlens given", _kw(cu_seqlens=torch.tensor([0, 7])), TypeError, "come from the state"),
     ("backend", _kw(backend="cuda-magic"), ValueError, "backend must be 'auto' or one of"),
+    ("backend not a str", _kw(backend=3), TypeError, "backend must be a str"),
+    ("kind not a str", _set("kind", lambda k: None), TypeError, "kind must be a str"),
 ]
 PARAM_ERRORS = {
     "weighted_pool": [("weight shape", lambda a: a.__setitem__("params", [a["params"][0][:, :3]]), ValueError,
@@ -497,6 +499,13 @@ STATE_ERRORS = [
     ("load counters dtype", lambda s: ks.StreamState.from_state_dict(
         {**s.state_dict(), "n_tokens": s.n_tokens.int()}), TypeError, "n_tokens must be an int64"),
     ("init num_streams", lambda s: ks.init_state(-1, 4, 3, block_size=4, stride=2), ValueError, "num_streams"),
+    ("init heads float", lambda s: ks.init_state(3, 4.0, 3, block_size=4, stride=2), TypeError,
+     "heads must be an int >= 1, got float"),
+    ("init block_size bool", lambda s: ks.init_state(3, 4, 3, block_size=True, stride=1), TypeError,
+     "block_size must be an int"),
+    ("init padding not a str", lambda s: ks.init_state(3, 4, 3, block_size=4, stride=2, padding=None), TypeError,
+     "padding must be a str"),
+    ("wrapper kind not a str", lambda s: ks.StreamingCompressor(None, state=s), TypeError, "kind must be a str"),
     ("init stride", lambda s: ks.init_state(3, 4, 3, block_size=4, stride=5), ValueError, "stride"),
     ("init dtype", lambda s: ks.init_state(3, 4, 3, block_size=4, stride=2, dtype=torch.int32), TypeError, "dtype"),
     ("wrapper kind", lambda s: ks.StreamingCompressor("max_pool", state=s), ValueError, "kind must be one of"),
@@ -510,6 +519,13 @@ def test_bad_input_state(what, call, exc, match):
     with pytest.raises(exc, match=match):
         call(state)
     assert _same_state(state, snap), f"{what}: the state changed"
+
+
+def test_numpy_integers_are_integers():
+    state = ks.init_state(np.int64(2), np.int32(4), np.int64(3), block_size=np.int64(4), stride=np.int16(2))
+    assert (state.block_size, state.stride) == (4, 2) and type(state.block_size) is int
+    state = ks.reset(state, [np.int64(1)])
+    assert state.num_streams == 2 and state.heads == 4
 
 
 def test_wrapper_equals_functional_step():
