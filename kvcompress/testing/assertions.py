@@ -18,6 +18,21 @@ from .tolerance import compare, forward_bound
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+def check_output_form(impl, case, got: torch.Tensor, dtype: str, key: str) -> None:
+    """The properties' first check of an output: shape (B, H, W, D_out),
+    dtype and device. A failure is also counted under ``key`` in the report
+    (kvcompress/testing/report.py), so the mutation self-test sees it."""
+    from . import report
+
+    want = (case.B, case.H, case.W, RECORDS[impl.kind].d_out(case))
+    if tuple(got.shape) != want or got.dtype != DTYPES[dtype] or got.device.type != impl.device:
+        report.observe(key, failed=True)
+    assert tuple(got.shape) == want, f"{impl.id}: output shape {tuple(got.shape)}, expected (B, H, W, D_out) = " \
+                                     f"{want}\n  {case!r}"
+    assert got.dtype == DTYPES[dtype], f"{impl.id}: output dtype {got.dtype}, expected {DTYPES[dtype]}\n  {case!r}"
+    assert got.device.type == impl.device, f"{impl.id}: output on {got.device}, input on {impl.device}"
+
+
 def _case_and_inputs(kind, x, params, *, block_size, stride, padding, pe, cu_seqlens, activation):
     if kind not in RECORDS:
         raise ValueError(f"assert_matches_reference: kind must be one of {tuple(RECORDS)}, got {kind!r}")

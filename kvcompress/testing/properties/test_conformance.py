@@ -9,8 +9,9 @@ from hypothesis import assume, event, given, note
 from hypothesis import strategies as st
 
 from kvcompress.testing import coverage, report
+from kvcompress.testing.assertions import check_output_form
 from kvcompress.testing.cases import make_inputs
-from kvcompress.testing.convert import DTYPES, to_numpy
+from kvcompress.testing.convert import to_numpy
 from kvcompress.testing.plugin import property_settings
 from kvcompress.testing.records import RECORDS
 from kvcompress.testing.strategies import cases
@@ -52,14 +53,7 @@ def test_matches_reference(impl, dtype, data, kvcompress_rerun):
     except Exception:
         report.observe(k, failed=True)
         raise
-    if tuple(got.shape) != (case.B, case.H, case.W, rec.d_out(case)) or got.dtype != DTYPES[dtype] \
-            or got.device.type != impl.device:
-        report.observe(k, failed=True)   # so the report counts these failures too (tests/test_mutants.py)
-    assert got.shape == (case.B, case.H, case.W, rec.d_out(case)), \
-        f"{impl.id}: output shape {tuple(got.shape)}, expected (B, H, W, D_out) = " \
-        f"{(case.B, case.H, case.W, rec.d_out(case))}\n  {case!r}"
-    assert got.dtype == DTYPES[dtype], f"{impl.id}: output dtype {got.dtype}, expected {DTYPES[dtype]}\n  {case!r}"
-    assert got.device.type == impl.device, f"{impl.id}: output on {got.device}, input on {impl.device}"
+    check_output_form(impl, case, got, dtype, k)
     got64 = to_numpy(got)
     ok, ratio, idx, err = compare(got64, expected, b.bound)
     report.observe(k, ratio=ratio, impl_seconds=t["impl"], reference_seconds=t["reference"], failed=not ok)

@@ -25,8 +25,9 @@ from hypothesis import Phase, assume, event, given, note, settings
 from hypothesis import strategies as st
 
 from kvcompress.testing import oracle, report
+from kvcompress.testing.assertions import check_output_form
 from kvcompress.testing.cases import make_inputs
-from kvcompress.testing.convert import DTYPES, to_numpy
+from kvcompress.testing.convert import to_numpy
 from kvcompress.testing.impls import for_impls
 from kvcompress.testing.plugin import is_strict_profile, property_settings
 from kvcompress.testing.production import FEATURE_TILE, LONG_OFFSET, WINDOW_BLOCK, production_cases, regimes
@@ -102,13 +103,7 @@ def test_matches_reference_at_production_shapes(impl, dtype, data, kvcompress_re
     except Exception:
         report.observe(k, failed=True)
         raise
-    want = (case.B, case.H, case.W, rec.d_out(case))
-    if tuple(got.shape) != want or got.dtype != DTYPES[dtype] or got.device.type != impl.device:
-        report.observe(k, failed=True)
-    assert tuple(got.shape) == want, f"{impl.id}: output shape {tuple(got.shape)}, expected (B, H, W, D_out) = " \
-                                     f"{want}\n  {case!r}"
-    assert got.dtype == DTYPES[dtype], f"{impl.id}: output dtype {got.dtype}, expected {DTYPES[dtype]}\n  {case!r}"
-    assert got.device.type == impl.device, f"{impl.id}: output on {got.device}, input on {impl.device}"
+    check_output_form(impl, case, got, dtype, k)
     got64 = to_numpy(got)
     ok, ratio, idx, err = compare(got64, expected, b.bound)
     report.observe(k, ratio=ratio, impl_seconds=t["impl"], reference_seconds=t["reference"], failed=not ok)
