@@ -29,8 +29,8 @@ Per call (fixed length; packed batches the same with chunk rows):
   order (deterministic, no atomics) and writes dweight and dpe in x's
   dtype, pe's shares included.
 
-Eager calls run each kind's ``autograd.Function`` directly (``eager_call``);
-the ``torch.library`` op is what ``torch.compile`` and ``torch.export`` see.
+Both kinds' ``torch.library`` ops (``_custom_op.kernel_op``) share their
+window inputs and fake output (``POOL_INPUTS``, ``pool_fake``).
 """
 
 from __future__ import annotations
@@ -39,39 +39,38 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (
-    INTERPRET,
+from ._triton.alloc import empty, empty_like
+from ._triton.env import INTERPRET, num_sms
+from ._triton.lang import chunk_rows
+from ._triton.launch import (
     Launcher,
-    SeqPlan,
     cdiv,
-    chunk_rows,
-    eager_call,
-    empty,
-    empty_like,
     interpret_block,
     jit_kernel,
+    kernel_args,
     next_pow2,
     size_class,
+    small_tiles_active,
+    strides,
 )
-from ._triton_common import num_sms as _num_sms
+from ._triton.plan import WINDOW_INPUTS, SeqPlan, window_fake
 
 __all__ = [
-    "POOL_BWD_CONFIGS", "POOL_FWD_CONFIGS", "bwd_programs", "eager_call", "num_sms", "pool_backward",
-    "pool_bwd_kernel", "pool_bwd_kernel_finalize", "pool_bwd_launcher", "pool_forward", "pool_fwd_kernel",
+    "POOL_BWD_CONFIGS", "POOL_FWD_CONFIGS", "POOL_INPUTS", "bwd_programs", "pool_backward", "pool_bwd_kernel",
+    "pool_bwd_kernel_finalize", "pool_bwd_launcher", "pool_fake", "pool_forward", "pool_fwd_kernel",
     "pool_fwd_launcher",
 ]
 
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (cached); 2 on the CPU (the
-    interpreter), so that tests run programs that loop over several tiles."""
-    return _num_sms(device, cpu=2)
-
+# the pools' op inputs after x, weight and pe (``_custom_op.kernel_op`` syntax)
+POOL_INPUTS = WINDOW_INPUTS + ", SymInt total_windows"
+# the CPU's answer of num_sms: tests then run programs that loop over several tiles
+CPU_SMS = 2
 
 
-def _small() -> bool:
-    from . import _triton_common as tc  # read at call time: small_tiles() flips it
-    return tc._SMALL_TILES
+def pool_fake(x, cu_seqlens, block_size, stride, padding, total_windows, **_):
+    """The pools' fake output (B, H, W, D)."""
+    return window_fake(x, x.shape[3], cu_seqlens=cu_seqlens, block_size=block_size, stride=stride,
+                       padding=padding, total_windows=total_windows)
 
 
 # --------------------------------------------------------------------------- forward
@@ -178,7 +177,8 @@ def _pool_fwd_prune(configs, kw):
 
 def _pool_fwd_interpret_meta(kw):
     rows = max(8, 2 * kw["C_PAD"])
-    return {"BLOCK_K": rows if _small() else max(rows, 32), "BLOCK_D": interpret_block(kw["D"], 64), "STAGES": 1}
+    return {"BLOCK_K": rows if small_tiles_active() else max(rows, 32), "BLOCK_D": interpret_block(kw["D"], 64),
+            "STAGES": 1}
 
 
 def pool_fwd_launcher() -> Launcher:
@@ -200,9 +200,11 @@ def pool_forward(launcher: Launcher, x: torch.Tensor, weight: torch.Tensor | Non
 
     def grid(meta):    # axis 0: (tile, D block), D block fastest (see pool_fwd_kernel)
         return (cdiv(rows, meta["BLOCK_K"] - plan.C + 1) * cdiv(D, meta["BLOCK_D"]), 1, B * H)
-    launcher(grid, x, weight if weight is not None else x, pe if pe is not None else x, y, *plan.seq_args(),
-             *x.stride(), *y.stride(), *(weight.stride() if weight is not None else (0, 0)),
-             *(pe.stride() if pe is not None else (0, 0, 0)), H, H // G, D, plan.C, size_class(B * H * rows),
+    launcher(grid, *kernel_args(pool_fwd_kernel, x=x, wt=weight if weight is not None else x,
+                                pe=pe if pe is not None else x, y=y, **plan.seq_kwargs(), **strides("sx", x, "bhtd"),
+                                **strides("sy", y, "bhwd"), **strides("sw", weight, "gl"),
+                                **strides("sp", pe, "hjd"), H=H, HG=H // G, D=D, C=plan.C,
+                                WORK=size_class(B * H * rows)),
              UNIT=weight is None, HAS_PE=pe is not None, IS_VARLEN=plan.varlen, C_PAD=plan.C_PAD,
              PE_J=min(16, next_pow2(plan.L)))
     return y
@@ -424,7 +426,7 @@ def _pool_bwd_prune(configs, kw):
 
 
 def _pool_bwd_interpret_meta(kw):
-    small = _small()
+    small = small_tiles_active()
     return {"BLOCK_R": min(kw["S_PAD"], 2 if small else 16), "BLOCK_K": interpret_block(kw["NQ"], 8, small=2),
             "BLOCK_D": interpret_block(kw["D"], 64), "STAGES": 1}
 
@@ -439,7 +441,7 @@ def bwd_programs(plan: SeqPlan, device: torch.device) -> int:
     """P, programs per (b, h) row of pool_bwd_kernel: about two per SM over
     all rows, at most one per two chunk rows. Independent of the tile, so
     the partial buffers' layout is known before autotuning picks one."""
-    return max(1, min(cdiv(plan.NQ, 2), cdiv(2 * num_sms(device), max(plan.B * plan.H, 1))))
+    return max(1, min(cdiv(plan.NQ, 2), cdiv(2 * num_sms(device, cpu=CPU_SMS), max(plan.B * plan.H, 1))))
 
 
 def pool_backward(launcher: Launcher, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
@@ -465,18 +467,21 @@ def pool_backward(launcher: Launcher, dy: torch.Tensor, x: torch.Tensor, weight:
     pw = empty((B * H * P * L,), dtype=torch.float32, device=x.device) if need_w else x
     pcs = empty((B * H * P * D,), dtype=torch.float32, device=x.device) if need_cs else x
     if need_x or need_w or need_cs:
-        launcher(lambda meta: (P, B * H), dy, x, weight if weight is not None else x, dx if need_x else x, pw, pcs,
-                 *plan.seq_args(), *dy.stride(), *x.stride(), *(dx.stride() if need_x else x.stride()),
-                 *(weight.stride() if weight is not None else (0, 0)), H, HG, D, plan.C, P, size_class(B * H * plan.NQ),
+        launcher(lambda meta: (P, B * H),
+                 *kernel_args(pool_bwd_kernel, dy=dy, x=x, wt=weight if weight is not None else x,
+                              dx=dx if need_x else x, pw=pw, pcs=pcs, **plan.seq_kwargs(), **strides("sd", dy, "bhwd"),
+                              **strides("sx", x, "bhtd"), **strides("sg", dx if need_x else x, "bhtd"),
+                              **strides("sw", weight, "gl"), H=H, HG=HG, D=D, C=plan.C, P=P,
+                              WORK=size_class(B * H * plan.NQ)),
                  UNIT=weight is None, NEED_DX=need_x, NEED_DW=need_w, NEED_CS=need_cs, IS_VARLEN=plan.varlen,
                  S_PAD=next_pow2(plan.S), C_PAD=plan.C_PAD)
     if need_w or need_pe:
         BJ = min(next_pow2(L), 64)
         BD = min(max(16, next_pow2(D)), 128 if not INTERPRET else 64)
         pool_bwd_kernel_finalize[(G, cdiv(L, BJ))](
-            pw, pcs, weight if weight is not None else x, pe if pe is not None else x, dw if need_w else x,
-            dpe if need_pe else x, B, H, HG, L, D, P, *(weight.stride() if weight is not None else (0, 0)),
-            *(pe.stride() if pe is not None else (0, 0, 0)),
+            pw=pw, pcs=pcs, wt=weight if weight is not None else x, pe=pe if pe is not None else x,
+            dw=dw if need_w else x, dpe=dpe if need_pe else x, B=B, H=H, HG=HG, L=L, D=D, P=P,
+            **strides("sw", weight, "gl"), **strides("sp", pe, "hjd"),
             UNIT=weight is None, NEED_W=need_w, NEED_PE=need_pe, NEED_CS=need_cs,
             BLOCK_R=16 if INTERPRET else 32, BLOCK_J=BJ, BLOCK_D=BD)
     return dx, dw, dpe

@@ -9,7 +9,7 @@ def configure() -> None:
     """Without a GPU, Triton kernels run in its interpreter on CPU tensors
     (that is how CI exercises the built-in Triton backend); float32 dots are
     IEEE unless a test is about tf32 (STYLE.md); Triton outputs start as NaN
-    (kvcompress/ops/_triton_common.py), so an element a kernel never writes
+    (kvcompress/ops/_triton/alloc.py), so an element a kernel never writes
     fails. Existing values are kept."""
     import torch
 

@@ -19,7 +19,7 @@ TRITON_INTERPRET=1, never picked by "auto" there).
   deterministic), pe's shares from per-position column sums.
 
 The op is ``torch.ops.kvcompress.attention_pool_triton`` (fake implementation
-and autograd registered), so ``torch.compile(fullgraph=True)`` and
+and autograd registered, ``_custom_op.kernel_op``), so ``torch.compile(fullgraph=True)`` and
 ``torch.export`` see one opaque node; eager calls run the same functions
 through an ``autograd.Function`` instead (``eager_call``: no op dispatch).
 """
@@ -31,34 +31,34 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from ...backends import register
-from .._triton_common import (
+from .._custom_op import kernel_op
+from .._triton.alloc import empty, empty_like
+from .._triton.env import (
     DEVICES,
     DTYPES,
     INTERPRET,
-    Launcher,
-    cdiv,
-    chunk_rows,
     dot_f32,
-    eager_call,
-    empty,
-    empty_like,
-    head_gemv,
-    interpret_block,
-    jit_kernel,
-    next_pow2,
     num_sms,
-    round_tf32,
-    seq_plan,
-    size_class,
     supports_call,
     tf32_intermediate,
-    total_windows_arg,
     triton_available,
-    windows_or_dynamic,
 )
+from .._triton.gemv import head_gemv
+from .._triton.lang import chunk_rows, round_tf32
+from .._triton.launch import (
+    Launcher,
+    cdiv,
+    interpret_block,
+    jit_kernel,
+    kernel_args,
+    next_pow2,
+    size_class,
+    small_tiles_active,
+    strides,
+)
+from .._triton.plan import WINDOW_INPUTS, WINDOW_SAVED, backward_plan, seq_plan, total_windows_arg, window_fake
 
 # --------------------------------------------------------------------------- kernels
 
@@ -353,7 +353,7 @@ _FWD = Launcher(
                                     (16, 128, 4, 2), (32, 64, 4, 3), (16, 64, 8, 2), (16, 64, 4, 2),
                                     (16, 32, 4, 2), (16, 16, 2, 2)]],
     key=["D", "C_PAD", "L", "S", "WORK", "BLOCK_D", "IS_VARLEN", "HAS_PE", "HAS_LSE", "DOT_F32"],
-    interpret_meta=lambda kw: {"BLOCK_K": max(8, 2 * kw["C_PAD"]) if _small() else max(32, 2 * kw["C_PAD"]),
+    interpret_meta=lambda kw: {"BLOCK_K": max(8, 2 * kw["C_PAD"]) if small_tiles_active() else max(32, 2 * kw["C_PAD"]),
                                "BLOCK_C": interpret_block(kw["D"], 64)},
     prune=_fwd_prune)
 _BWD = Launcher(
@@ -364,11 +364,6 @@ _BWD = Launcher(
          "HID_TF32", "DOT_F32"],
     interpret_meta=lambda kw: {"BLOCK_K": interpret_block(kw["NQ"], 32)},
     prune=_bwd_prune)
-
-
-def _small() -> bool:
-    from .. import _triton_common
-    return _triton_common._SMALL_TILES
 
 
 # the interpreter's bfloat16 tl.dot is wrong (test_interpreter_bf16_dot_defect): the blocked dx
@@ -407,7 +402,7 @@ def bwd_blocks(D: int, dtype: torch.dtype) -> BwdBlocks:
     BD = max(16, next_pow2(D))
     f32 = dtype == torch.float32
     if INTERPRET:
-        if not _small():
+        if not small_tiles_active():
             return BwdBlocks(BD, True, BD, 1, BD)
         dx_c = 8 if f32 else BD // 2     # both dtypes reach the blocked dx pass (NCB > 1)
         return BwdBlocks(BD, False, dx_c, BD // dx_c, 8)
@@ -441,10 +436,12 @@ def _forward(x, weight, pe, plan, need_lse):
     rows = plan.NQ if plan.varlen else plan.W
     BD = max(16, next_pow2(D))
     _FWD(lambda meta: (cdiv(rows, meta["BLOCK_K"] - plan.C + 1), cdiv(D, meta["BLOCK_C"]), B * H),
-         x, weight, cpe if cpe is not None else x, pe if pe is not None else x, y, lse if need_lse else y,
-         *plan.seq_args(), *x.stride(), *weight.stride(), *(pe.stride() if pe is not None else (0, 0, 0)),
-         *y.stride(), *(lse.stride() if need_lse else (0, 0, 0, 0)), H, H // G, D, plan.C,
-         size_class(B * H * plan.NQ), C_PAD=plan.C_PAD, BLOCK_D=BD, IS_VARLEN=plan.varlen, HAS_PE=pe is not None,
+         *kernel_args(attention_pool_fwd_kernel, x=x, w=weight, cpe=cpe if cpe is not None else x,
+                      pe=pe if pe is not None else x, y=y, lse=lse if need_lse else y, **plan.seq_kwargs(),
+                      **strides("sx", x, "bhtd"), **strides("sw", weight, "gdc"), **strides("sp", pe, "hjd"),
+                      **strides("sy", y, "bhwd"), **strides("sl", lse if need_lse else None, "bhwd"), H=H, HG=H // G,
+                      D=D, C=plan.C, WORK=size_class(B * H * plan.NQ)),
+         C_PAD=plan.C_PAD, BLOCK_D=BD, IS_VARLEN=plan.varlen, HAS_PE=pe is not None,
          HAS_LSE=need_lse, DOT_F32=dot_f32(x.dtype))
     return y, lse
 
@@ -474,19 +471,23 @@ def _backward(dy, y, lse, x, weight, pe, plan, need_x, need_w, need_pe):
     # programs per (b, h) row, each running tiles i_p, i_p + n_prog, ...: fill the GPU twice; in the
     # interpreter one (its cost is per op), two with small tiles so tests reach the strided tile loop
     if INTERPRET:
-        n_prog = 2 if _small() else 1
+        n_prog = 2 if small_tiles_active() else 1
     else:
-        n_prog = bwd_programs(plan.NQ, B * H, num_sms(dev))
+        n_prog = bwd_programs(plan.NQ, B * H, num_sms(dev, cpu=2))
     run = B * H * plan.NQ * D > 0
     pw = empty((B * H, n_prog, D, D), dtype=torch.float32, device=dev) if need_w and run else x
     pp = empty((B * H, n_prog, 2, L, D), dtype=torch.float32, device=dev) if need_pe_sums and run else x
-    common = (x, weight, cpe if cpe is not None else x, pe if pe is not None else x, dy, y, lse)
+    common = dict(x=x, w=weight, cpe=cpe if cpe is not None else x, pe=pe if pe is not None else x, dy=dy, y=y,
+                  lse=lse, pw=pw, pp=pp, **plan.seq_kwargs(), **strides("sx", x, "bhtd"),
+                  **strides("sw", weight, "gdc"), **strides("sp", pe, "hjd"), **strides("sd", dy, "bhwd"),
+                  **strides("sy", y, "bhwd"), **strides("sl", lse, "bhwd"), H=H, HG=HG, D=D,
+                  WORK=size_class(B * H * plan.NQ))
 
     def launch(grid_c, block_c, ncb, need_dx, need_dw, need_p):
-        _BWD(lambda meta: (n_prog, grid_c, B * H), *common, dx if need_dx else x, pw, pp, *plan.seq_args(),
-             *x.stride(), *weight.stride(), *(pe.stride() if pe is not None else (0, 0, 0)), *dy.stride(),
-             *y.stride(), *lse.stride(), *(dx.stride() if need_dx else x.stride()), H, HG, D,
-             size_class(B * H * plan.NQ), BLOCK_C=block_c, BLOCK_D=bb.BD, NCB=ncb, L_PAD=next_pow2(L),
+        _BWD(lambda meta: (n_prog, grid_c, B * H),
+             *kernel_args(attention_pool_bwd_kernel, **common, dx=dx if need_dx else x,
+                          **strides("sg", dx if need_dx else x, "bhtd")),
+             BLOCK_C=block_c, BLOCK_D=bb.BD, NCB=ncb, L_PAD=next_pow2(L),
              IS_VARLEN=plan.varlen, HAS_PE=pe is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_PE=need_p,
              HID_TF32=tf32_intermediate(x.dtype), DOT_F32=dot_f32(x.dtype))
 
@@ -527,86 +528,31 @@ def _backward(dy, y, lse, x, weight, pe, plan, need_x, need_w, need_pe):
 # --------------------------------------------------------------------------- torch.library
 
 
-@torch.library.custom_op("kvcompress::attention_pool_triton", mutates_args=())
-def attention_pool_op(x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor | None,
-                      cu_seqlens: torch.Tensor | None, block_size: int, stride: int, padding: str,
-                      total_windows: int, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, H, T, D) any strides, weight (G, D, D), pe (H, L, D) or None ->
-    (y (B, H, W, D) contiguous, lse (B, H, W, D) float32 if need_lse else (0,))."""
+def _op_forward(x, weight, pe, cu_seqlens, block_size, stride, padding, total_windows, need_lse):
     plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                     total_windows=total_windows)
-    return _forward(x, weight, pe, plan, need_lse)
+    return _forward(x, weight, pe, plan, need_lse), plan
 
 
-@attention_pool_op.register_fake
-def _(x, weight, pe, cu_seqlens, block_size, stride, padding, total_windows, need_lse):
-    B, H, T, D = x.shape
-    W = windows_or_dynamic(x, cu_seqlens, block_size, stride, padding, total_windows)
-    y = x.new_empty((B, H, W, D))
-    return y, (x.new_empty((B, H, W, D), dtype=torch.float32) if need_lse else x.new_empty(0))
-
-
-@torch.library.custom_op("kvcompress::attention_pool_triton_bwd", mutates_args=())
-def attention_pool_bwd_op(dy: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, x: torch.Tensor,
-                          weight: torch.Tensor, pe: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-                          block_size: int, stride: int, padding: str, need_x: bool, need_w: bool,
-                          need_pe: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx like x, dweight (G, D, D), dpe (H, L, D)); one not needed is an empty
-    (0,) tensor. lse empty: recomputed by a forward pass."""
-    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
-                    total_windows=dy.shape[2] if cu_seqlens is not None else -1)
+def _op_backward(dy, y, lse, x, weight, pe, cu_seqlens, block_size, stride, padding, need_x, need_w, need_pe,
+                 state):
+    plan = backward_plan(state, dy, x, cu_seqlens, block_size, stride, padding)
     return _backward(dy, y, lse, x, weight, pe, plan, need_x, need_w, need_pe)
 
 
-@attention_pool_bwd_op.register_fake
-def _(dy, y, lse, x, weight, pe, cu_seqlens, block_size, stride, padding, need_x, need_w, need_pe):
-    return (empty_like(x) if need_x else x.new_empty(0),
-            x.new_empty(weight.shape) if need_w else x.new_empty(0),
-            x.new_empty(pe.shape) if need_pe and pe is not None else x.new_empty(0))
+def _fake(x, cu_seqlens, block_size, stride, padding, total_windows, need_lse, **_):
+    y = window_fake(x, x.shape[3], cu_seqlens=cu_seqlens, block_size=block_size, stride=stride, padding=padding,
+                    total_windows=total_windows)
+    return y, (x.new_empty(y.shape, dtype=torch.float32) if need_lse else x.new_empty(0))
 
 
-def _setup(ctx, inputs, output):
-    x, weight, pe, cu_seqlens, block_size, stride, padding, _, _ = inputs
-    y, lse = output
-    ctx.save_for_backward(x, weight, pe, cu_seqlens, y, lse)
-    ctx.window_args = (block_size, stride, padding)
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward_rule(ctx, dy, dlse):
-    x, weight, pe, cu_seqlens, y, lse = ctx.saved_tensors
-    need_x, need_w, need_pe = ctx.needs_input_grad[:3]
-    dx, dw, dpe = torch.ops.kvcompress.attention_pool_triton_bwd(dy, y, lse, x, weight, pe, cu_seqlens,
-                                                                 *ctx.window_args, need_x, need_w, need_pe)
-    return (dx if need_x else None, dw if need_w else None, dpe if need_pe else None,
-            None, None, None, None, None, None)
-
-
-torch.library.register_autograd("kvcompress::attention_pool_triton", _backward_rule, setup_context=_setup)
-
-
-class _AttentionPoolFn(torch.autograd.Function):
-    """The same forward and backward as the custom op, for eager calls
-    (``eager_call``): no op dispatch on the host; the log-sum-exp is stored
-    when autograd needs it. Same kernels, same bits."""
-
-    @staticmethod
-    def forward(ctx, x, weight, pe, cu_seqlens, block_size, stride, padding, total_windows):
-        plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
-                        total_windows=total_windows)
-        y, lse = _forward(x, weight, pe, plan, any(ctx.needs_input_grad[:3]))
-        ctx.save_for_backward(x, weight, pe, y, lse)
-        ctx.plan = plan
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight, pe, y, lse = ctx.saved_tensors
-        need_x, need_w, need_pe = ctx.needs_input_grad[:3]
-        dx, dw, dpe = _backward(dy, y, lse, x, weight, pe, ctx.plan, need_x, need_w, need_pe)
-        return (dx if need_x else None, dw if need_w else None, dpe if need_pe else None,
-                None, None, None, None, None)
+# x (B, H, T, D) any strides, weight (G, D, D), pe (H, L, D) or None -> (y (B, H, W, D) contiguous,
+# lse (B, H, W, D) float32 if need_lse else (0,)); a backward given an empty lse recomputes it
+_attention_pool = kernel_op(
+    "kvcompress::attention_pool_triton",
+    inputs=f"Tensor x, Tensor weight, Tensor? pe, {WINDOW_INPUTS}, SymInt total_windows, bool need_lse",
+    outputs=("y", "lse"), grads={"x": "need_x", "weight": "need_w", "pe": "need_pe"},
+    saved=("y", "lse", "x", "weight", "pe", *WINDOW_SAVED), forward=_op_forward, fake=_fake, backward=_op_backward)
 
 
 @register("attention_pool", "triton", devices=DEVICES, dtypes=DTYPES, priority=10, available=triton_available,
@@ -628,13 +574,10 @@ def attention_pool(x, weight, *, block_size, stride, padding="valid", pe=None, c
     Raises TypeError/ValueError for a malformed total_windows.
     """
     total = total_windows_arg("attention_pool", total_windows, cu_seqlens)
-    if eager_call(x):
-        return _AttentionPoolFn.apply(x, weight, pe, cu_seqlens, block_size, stride, padding, total)
     need_lse = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                             or (pe is not None and pe.requires_grad))
-    y, _ = torch.ops.kvcompress.attention_pool_triton(x, weight, pe, cu_seqlens, block_size, stride, padding, total,
-                                                      need_lse)
+    y, _ = _attention_pool(x, weight, pe, cu_seqlens, block_size, stride, padding, total, need_lse)
     return y
 
 
-__all__ = ["INTERPRET", "attention_pool", "attention_pool_bwd_kernel", "attention_pool_fwd_kernel"]
+__all__ = ["attention_pool", "attention_pool_bwd_kernel", "attention_pool_fwd_kernel"]

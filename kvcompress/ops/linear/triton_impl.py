@@ -14,8 +14,12 @@ autograd.Function without the custom op's dispatch (docs/triton-perf.md
 has the measurements that chose this design over the first one).
 
 The op is ``torch.ops.kvcompress.linear_triton`` (fake implementation and
-autograd registered), so ``torch.compile(fullgraph=True)`` and
-``torch.export`` see one opaque node.
+autograd registered, ``_custom_op.kernel_op``), so
+``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque node.
+
+The x- and weight-gradient launchers (``x_grad``, ``weight_grad``, with
+``dx_launcher``, ``dw_launcher``, ``dx_phase_per``, ``_splits``) are shared
+with mlp, whose first layer's gradients are linear's with F as D_out.
 """
 
 from __future__ import annotations
@@ -23,34 +27,28 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from ...backends import register
-from .._triton_common import (
-    DEVICES,
-    DTYPES,
-    INTERPRET,
+from .._custom_op import kernel_op
+from .._triton.alloc import empty, empty_like
+from .._triton.env import DEVICES, DTYPES, INTERPRET, dot_f32, num_sms, supports_call, triton_available
+from .._triton.lang import chunk_rows, window_gemm, window_rows
+from .._triton.launch import (
     Launcher,
     cdiv,
-    chunk_rows,
-    dot_f32,
-    empty,
-    empty_like,
     fill_factor,
     interpret_block,
     jit_kernel,
+    kernel_args,
     next_pow2,
-    seq_plan,
     size_class,
-    supports_call,
+    strides,
     tile_configs,
-    total_windows_arg,
-    triton_available,
-    window_gemm,
-    window_rows,
-    windows_or_dynamic,
 )
-from .._triton_pool import eager_call, num_sms
+from .._triton.plan import WINDOW_INPUTS, WINDOW_SAVED, backward_plan, seq_plan, total_windows_arg, window_fake
+
+# the CPU's answer of num_sms (the interpreter): small problems there spread phases and split windows as on a GPU
+CPU_SMS = 2
 
 
 @jit_kernel
@@ -361,7 +359,7 @@ def dx_phase_per(NQ: int, BH: int, S: int, device) -> int:
     chunk-row tiles (counted at 128 rows) fill the GPU twice, else fewer, so
     that enough programs run. mlp at T = 8192 (B*H = 4) had 16 programs on
     132 SMs, 736 us for what a full GPU does in about 140 (GPU run 11)."""
-    return cdiv(S, min(S, fill_factor(cdiv(NQ, 128) * BH, num_sms(device), 2)))
+    return cdiv(S, min(S, fill_factor(cdiv(NQ, 128) * BH, num_sms(device, cpu=CPU_SMS), 2)))
 
 
 def dx_launcher(rows, prune) -> Launcher:
@@ -458,13 +456,16 @@ def _forward(x, weight, bias, pe, plan):
     if pe is not None and D > 0:
         pep = empty((L, H, DO), dtype=torch.float32, device=x.device)                    # [L, H, D_out]
         BN = min(128, max(16, next_pow2(DO)))
-        linear_pe_kernel[(L, H, cdiv(DO, BN))](pe, weight, pep, H, HG, L, D, DO, *pe.stride(), *weight.stride(),
+        linear_pe_kernel[(L, H, cdiv(DO, BN))](pe=pe, w=weight, out=pep, H=H, HG=HG, L=L, D=D, DO=DO,
+                                               **strides("sp", pe, "hjd"), **strides("sw", weight, "gldn"),
                                                BLOCK_D=min(64, max(16, next_pow2(D))), BLOCK_N=BN)
     _FWD(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), cdiv(DO, meta["BLOCK_N"]), B * H),
-          x, weight, pep if pep is not None else x, bias if bias is not None else x, y, *plan.seq_args(),
-          *x.stride(), *weight.stride(), *y.stride(), *(bias.stride() if bias is not None else (0, 0)),
-          H, HG, D, DO, size_class(B * H * plan.W), BLOCK_L=min(32, next_pow2(L)), IS_VARLEN=plan.varlen,
-          HAS_PE=pep is not None, HAS_BIAS=bias is not None, DOT_F32=dot_f32(x.dtype))
+         *kernel_args(linear_fwd_kernel, x=x, w=weight, pep=pep if pep is not None else x,
+                      bias=bias if bias is not None else x, y=y, **plan.seq_kwargs(), **strides("sx", x, "bhtd"),
+                      **strides("sw", weight, "gldn"), **strides("sy", y, "bhwd"), **strides("sb", bias, "gn"),
+                      H=H, HG=HG, D=D, DO=DO, WORK=size_class(B * H * plan.W)),
+         BLOCK_L=min(32, next_pow2(L)), IS_VARLEN=plan.varlen, HAS_PE=pep is not None, HAS_BIAS=bias is not None,
+         DOT_F32=dot_f32(x.dtype))
     return y
 
 
@@ -490,15 +491,14 @@ def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
             if need_cs:
                 pcs = empty((B * H * nslot * DO,), dtype=torch.float32, device=x.device)
             _DXR(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), B * H),
-                 dy, weight, dx, pcs if pcs is not None else x, *plan.seq_args(), *dy.stride(), *weight.stride(),
-                 *dx.stride(), H, HG, D, DO, plan.C, nslot, size_class(B * H * plan.NQ), C_PAD=C_PAD, DO_PAD=DO_PAD,
-                 SLOT_ROWS=SLOT_ROWS, HAS_CS=need_cs, IS_VARLEN=plan.varlen, DOT_F32=dot_f32(x.dtype))
+                 *kernel_args(linear_bwd_kernel_dx_rows, dy=dy, w=weight, dx=dx, pcs=pcs if pcs is not None else x,
+                              **plan.seq_kwargs(), **strides("sd", dy, "bhwn"), **strides("sw", weight, "gldn"),
+                              **strides("sg", dx, "bhtd"), H=H, HG=HG, D=D, DO=DO, C=plan.C, NSLOT=nslot,
+                              WORK=size_class(B * H * plan.NQ)),
+                 C_PAD=C_PAD, DO_PAD=DO_PAD, SLOT_ROWS=SLOT_ROWS, HAS_CS=need_cs, IS_VARLEN=plan.varlen,
+                 DOT_F32=dot_f32(x.dtype))
         elif dx.numel() > 0:
-            rper = dx_phase_per(plan.NQ, B * H, plan.S, x.device)
-            _DX(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]) * cdiv(plan.S, rper), B * H),
-                dy, weight, dx, *plan.seq_args(), *dy.stride(), *weight.stride(), *dx.stride(),
-                H, HG, D, DO, plan.C, rper, size_class(B * H * plan.NQ), IS_VARLEN=plan.varlen,
-                DOT_F32=dot_f32(x.dtype))
+            x_grad(_DX, dx, dy, weight, plan, HG, dx_phase_per(plan.NQ, B * H, plan.S, x.device))
     if need_cs and pcs is None:    # no x-gradient kernel ran (or linear_bwd_kernel_dx did): the column sums from torch
         pcs, nslot = dy.sum(dim=2, dtype=torch.float32), 1                                # [B, H, D_out]
     cs = None
@@ -511,8 +511,9 @@ def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
         if H > 0 and DO > 0:
             DO_PAD = max(16, next_pow2(DO))
             linear_bwd_kernel_finalize[(H, L if need_pe else 1)](
-                pcs, weight, cs, db if need_b else cs, dpe if need_pe else cs, B, H, HG, L, D, DO, nslot,
-                *weight.stride(), NEED_CS=True, NEED_B=need_b, NEED_PE=need_pe, DO_PAD=DO_PAD,
+                pcs=pcs, w=weight, cs=cs, db=db if need_b else cs, dpe=dpe if need_pe else cs, B=B, H=H, HG=HG, L=L,
+                D=D, DO=DO, NSLOT=nslot, **strides("sw", weight, "gldn"), NEED_CS=True, NEED_B=need_b,
+                NEED_PE=need_pe, DO_PAD=DO_PAD,
                 BLOCK_R=16 if INTERPRET else 32, BLOCK_D=max(16, min(128, 8192 // DO_PAD)))
         elif need_pe:           # D_out = 0: pe does not reach the output
             dpe.zero_()
@@ -525,7 +526,7 @@ def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
 def _splits(rows: int, programs: int, device) -> int:
     """Window splits of a weight gradient: enough programs to fill the GPU
     twice, each split still summing >= 512 windows, at most 16."""
-    return max(1, min(fill_factor(programs, num_sms(device), 2), rows // 512, 16))
+    return max(1, min(fill_factor(programs, num_sms(device, cpu=CPU_SMS), 2), rows // 512, 16))
 
 
 def weight_grad(launcher, dst, x, dy, pe, cs, plan, B, H, HG, D, DO, programs, *, dot_tf32=False):
@@ -545,99 +546,59 @@ def weight_grad(launcher, dst, x, dy, pe, cs, plan, B, H, HG, D, DO, programs, *
     rows = B * HG * plan.W
     splits = _splits(rows, programs, x.device)
     if splits == 1:
-        out, o_strides = dst, (0, *dst.stride())
+        out, o_strides = dst, {"sos": 0, **strides("so", dst, "gjdn")}
     else:
         out = empty((splits, *dst.shape), dtype=torch.float32, device=x.device)
-        o_strides = out.stride()
+        o_strides = strides("so", out, "sgjdn")
     launcher(lambda meta: (L * cdiv(D, meta["BLOCK_D"]), cdiv(DO, meta["BLOCK_N"]), G * splits),
-             x, dy, pe if pe is not None else x, cs if cs is not None else x, out, *plan.seq_args(),
-             *x.stride(), *dy.stride(), *(pe.stride() if pe is not None else (0, 0, 0)), *o_strides,
-             B, H, HG, D, DO, cdiv(rows, splits), size_class(rows),
+             *kernel_args(linear_bwd_kernel_dw, x=x, dy=dy, pe=pe if pe is not None else x,
+                          cs=cs if cs is not None else x, dw=out, **plan.seq_kwargs(), **strides("sx", x, "bhtd"),
+                          **strides("sd", dy, "bhwn"), **strides("sp", pe, "hjd"), **o_strides, B=B, H=H, HG=HG,
+                          D=D, DO=DO, ROWS_PER_SPLIT=cdiv(rows, splits), WORK=size_class(rows)),
              IS_VARLEN=plan.varlen, HAS_PE=pe is not None, DOT_F32=dot_f32(x.dtype), DOT_TF32=dot_tf32)
     if splits > 1:
         dst.copy_(out.sum(0))
 
 
-@torch.library.custom_op("kvcompress::linear_triton", mutates_args=())
-def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pe: torch.Tensor | None,
-              cu_seqlens: torch.Tensor | None, block_size: int, stride: int, padding: str,
-              total_windows: int) -> torch.Tensor:
-    """x (B, H, T, D) any strides, weight (G, L, D, D_out), bias (G, D_out) or
-    None, pe (H, L, D) or None -> (B, H, W, D_out), contiguous."""
+def x_grad(launcher, dx, dy, w, plan, HG, rper):
+    """Write dx (B, H, T, D), any view, with linear_bwd_kernel_dx through
+    ``launcher``: the x-gradient of windows dy (B, H, W, D_out) through w
+    (G, L, D, D_out), the heads HG to a group, ``rper`` phases per program
+    (``dx_phase_per``); plan: x's SeqPlan. Shared by linear (float32, or
+    C * D_out beyond DXR_MAX_K) and mlp's first layer (dy := dp, w := w1 as
+    (G, L, D, F))."""
+    B, H, D, DO = plan.B, plan.H, w.shape[2], w.shape[3]
+    launcher(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]) * cdiv(plan.S, rper), B * H),
+             *kernel_args(linear_bwd_kernel_dx, dy=dy, w=w, dx=dx, **plan.seq_kwargs(), **strides("sd", dy, "bhwn"),
+                          **strides("sw", w, "gldn"), **strides("sg", dx, "bhtd"), H=H, HG=HG, D=D, DO=DO, C=plan.C,
+                          R_PER=rper, WORK=size_class(B * H * plan.NQ)),
+             IS_VARLEN=plan.varlen, DOT_F32=dot_f32(dy.dtype))
+
+
+def _op_forward(x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total_windows):
     plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                     total_windows=total_windows)
-    return _forward(x, weight, bias, pe, plan)
+    return _forward(x, weight, bias, pe, plan), plan
 
 
-@linear_op.register_fake
-def _(x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total_windows):
-    B, H = x.shape[:2]
-    W = windows_or_dynamic(x, cu_seqlens, block_size, stride, padding, total_windows)
-    return x.new_empty((B, H, W, weight.shape[3]))
-
-
-@torch.library.custom_op("kvcompress::linear_triton_bwd", mutates_args=())
-def linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor | None,
-                  cu_seqlens: torch.Tensor | None, block_size: int, stride: int, padding: str, need_x: bool,
-                  need_w: bool, need_b: bool, need_pe: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                      torch.Tensor]:
-    """(dx like x, dweight, dbias (G, D_out), dpe (H, L, D)); one not needed is
-    an empty (0,) tensor."""
-    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
-                    total_windows=dy.shape[2] if cu_seqlens is not None else -1)
+def _op_backward(dy, x, weight, pe, cu_seqlens, block_size, stride, padding, need_x, need_w, need_b, need_pe,
+                 state):
+    plan = backward_plan(state, dy, x, cu_seqlens, block_size, stride, padding)
     return _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe)
 
 
-@linear_bwd_op.register_fake
-def _(dy, x, weight, pe, cu_seqlens, block_size, stride, padding, need_x, need_w, need_b, need_pe):
-    G, DO = weight.shape[0], weight.shape[3]
-    return (empty_like(x) if need_x else x.new_empty(0),
-            x.new_empty(weight.shape) if need_w else x.new_empty(0),
-            x.new_empty((G, DO)) if need_b else x.new_empty(0),
-            x.new_empty(pe.shape) if need_pe and pe is not None else x.new_empty(0))
+def _fake(x, weight, cu_seqlens, block_size, stride, padding, total_windows, **_):
+    return window_fake(x, weight.shape[3], cu_seqlens=cu_seqlens, block_size=block_size, stride=stride,
+                       padding=padding, total_windows=total_windows)
 
 
-def _setup(ctx, inputs, output):
-    x, weight, bias, pe, cu_seqlens, block_size, stride, padding, _ = inputs
-    ctx.save_for_backward(x, weight, pe, cu_seqlens)
-    ctx.window_args = (block_size, stride, padding)
-
-
-def _backward_rule(ctx, dy):
-    x, weight, pe, cu_seqlens = ctx.saved_tensors
-    need_x, need_w, need_b, need_pe = ctx.needs_input_grad[:4]
-    dx, dw, db, dpe = torch.ops.kvcompress.linear_triton_bwd(dy, x, weight, pe, cu_seqlens, *ctx.window_args,
-                                                             need_x, need_w, need_b, need_pe)
-    return (dx if need_x else None, dw if need_w else None, db if need_b else None, dpe if need_pe else None,
-            None, None, None, None, None)
-
-
-torch.library.register_autograd("kvcompress::linear_triton", _backward_rule, setup_context=_setup)
-
-
-class _LinearFn(torch.autograd.Function):
-    """The op's forward and backward without its dispatch, for eager calls
-    (see ``_triton_common.eager_call``). Same kernels, same results."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total_windows):
-        ctx.save_for_backward(x, weight, pe, cu_seqlens)
-        ctx.window_args = (block_size, stride, padding)
-        plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
-                        total_windows=total_windows)
-        return _forward(x, weight, bias, pe, plan)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight, pe, cu_seqlens = ctx.saved_tensors
-        need_x, need_w, need_b, need_pe = ctx.needs_input_grad[:4]
-        block_size, stride, padding = ctx.window_args
-        plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
-                        total_windows=dy.shape[2] if cu_seqlens is not None else -1)
-        dx, dw, db, dpe = _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe)
-        return (dx if need_x else None, dw if need_w else None, db if need_b else None, dpe if need_pe else None,
-                None, None, None, None, None)
+# x (B, H, T, D) any strides, weight (G, L, D, D_out), bias (G, D_out) or None, pe (H, L, D) or None
+# -> (B, H, W, D_out), contiguous; the backward is not given the bias (its gradient is dy's column sums)
+_linear = kernel_op("kvcompress::linear_triton",
+                    inputs=f"Tensor x, Tensor weight, Tensor? bias, Tensor? pe, {WINDOW_INPUTS}, SymInt total_windows",
+                    grads={"x": "need_x", "weight": "need_w", "bias": "need_b", "pe": "need_pe"},
+                    saved=("x", "weight", "pe", *WINDOW_SAVED), forward=_op_forward, fake=_fake,
+                    backward=_op_backward, grad_shapes={"bias": lambda a: (a["weight"].shape[0], a["weight"].shape[3])})
 
 
 @register("linear", "triton", devices=DEVICES, dtypes=DTYPES, priority=10, available=triton_available,
@@ -658,10 +619,8 @@ def linear(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None
     Raises TypeError/ValueError for a malformed total_windows.
     """
     total = total_windows_arg("linear", total_windows, cu_seqlens)
-    if eager_call(x):
-        return _LinearFn.apply(x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total)
-    return torch.ops.kvcompress.linear_triton(x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total)
+    return _linear(x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total)
 
 
-__all__ = ["INTERPRET", "linear", "linear_bwd_kernel_dw", "linear_bwd_kernel_dx", "linear_bwd_kernel_dx_rows",
-           "linear_bwd_kernel_finalize", "linear_fwd_kernel", "linear_fwd_kernel", "linear_pe_kernel"]
+__all__ = ["linear", "linear_bwd_kernel_dw", "linear_bwd_kernel_dx", "linear_bwd_kernel_dx_rows",
+           "linear_bwd_kernel_finalize", "linear_fwd_kernel", "linear_pe_kernel", "weight_grad", "x_grad"]

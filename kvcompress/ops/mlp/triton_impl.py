@@ -16,7 +16,7 @@ tensors too under TRITON_INTERPRET=1, never picked by "auto" there).
   (``linear_bwd_kernel_dx``/``_dw``) launched with F as D_out.
 
 The op is ``torch.ops.kvcompress.mlp_triton`` (fake implementation and
-autograd registered), so ``torch.compile(fullgraph=True)`` and
+autograd registered, ``_custom_op.kernel_op``), so ``torch.compile(fullgraph=True)`` and
 ``torch.export`` see one opaque node; eager calls run the same functions
 through an ``autograd.Function`` instead (``eager_call``: no op dispatch).
 """
@@ -28,38 +28,36 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from ...backends import register
-from .._triton_common import (
+from .._custom_op import kernel_op
+from .._triton.alloc import empty, empty_like
+from .._triton.env import (
     DEVICES,
     DTYPES,
     INTERPRET,
-    Launcher,
-    cdiv,
     dot_f32,
-    eager_call,
-    empty,
-    empty_like,
-    fill_factor,
-    head_gemv,
-    interpret_block,
-    jit_kernel,
-    next_pow2,
     num_sms,
-    round_tf32,
-    seq_plan,
-    size_class,
     supports_call,
     tf32_intermediate,
-    tile_configs,
-    total_windows_arg,
     triton_available,
-    window_gemm,
-    window_rows,
-    windows_or_dynamic,
 )
-from ..linear.triton_impl import dw_launcher, dx_launcher, dx_phase_per, weight_grad
+from .._triton.gemv import head_gemv
+from .._triton.lang import round_tf32, window_gemm, window_rows
+from .._triton.launch import (
+    Launcher,
+    cdiv,
+    fill_factor,
+    interpret_block,
+    jit_kernel,
+    kernel_args,
+    next_pow2,
+    size_class,
+    strides,
+    tile_configs,
+)
+from .._triton.plan import WINDOW_INPUTS, WINDOW_SAVED, backward_plan, seq_plan, total_windows_arg, window_fake
+from ..linear.triton_impl import dw_launcher, dx_launcher, dx_phase_per, weight_grad, x_grad
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 # dp, the first layer's incoming gradient, is stored for this many bytes of
@@ -357,7 +355,7 @@ def fwd_splits(rows: int, n_blocks: int, F: int, device) -> int:
     (B = 1, H = 4) 16 programs would leave most SMs idle (GPU run 8: 1.09 ms
     against 0.134 for torch.compile of the seed). Filling the GPU once
     suffices: a split adds float32 partials' traffic."""
-    want = fill_factor(cdiv(rows, 128) * n_blocks, num_sms(device))
+    want = fill_factor(cdiv(rows, 128) * n_blocks, num_sms(device, cpu=4))     # 4: as tuned since run 8
     return max(1, min(want, F // F_SPLIT_MIN, 16))
 
 
@@ -365,7 +363,8 @@ def fwd_splits(rows: int, n_blocks: int, F: int, device) -> int:
 
 
 def _first_layer_constant(x, w1, b1, pe, L):
-    """(cst, HG_C, strides): what the kernels add to the pre-activation.
+    """(cst, HG_C): what the kernels add to the pre-activation (cst (H, F)
+    with HG_C = 1, (G, F) with HG_C = HG, or None).
 
     With pe, one float32 vector per head: flat(pe[h]) @ w1[g] + b1[g] (a pad
     token is 0 + pe[h, j], so pe's share is the same for every window of head
@@ -376,10 +375,10 @@ def _first_layer_constant(x, w1, b1, pe, L):
     if pe is not None:
         cst = head_gemv(H, pe, pe.stride(), 1, w1, (w1.stride(0), D * w1.stride(1), w1.stride(1), 0, w1.stride(2)),
                         HG, L * D, D, F, F, bias=b1, bias_strides=b1.stride() if b1 is not None else (0, 0), hg_b=HG)
-        return cst, 1, cst.stride()
+        return cst, 1
     if b1 is not None:
-        return b1, HG, b1.stride()
-    return None, 1, (0, 0)
+        return b1, HG
+    return None, 1
 
 
 def _forward(x, w1, b1, w2, b2, pe, plan, act):
@@ -390,7 +389,7 @@ def _forward(x, w1, b1, w2, b2, pe, plan, act):
     y = empty((B, H, plan.W, DO), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    cst, hg_c, c_strides = _first_layer_constant(x, w1, b1, pe, plan.L)
+    cst, hg_c = _first_layer_constant(x, w1, b1, pe, plan.L)
     BN = block_n(DO)
     NB = cdiv(DO, BN)
     splits = fwd_splits(B * H * plan.W, NB, F, x.device)
@@ -401,11 +400,13 @@ def _forward(x, w1, b1, w2, b2, pe, plan, act):
         chunk = F
     # one split writes y; several write float32 partials (S, B, H, W, D_out), summed below in a fixed order
     out = y if splits == 1 else empty((splits, B, H, plan.W, DO), dtype=torch.float32, device=x.device)
-    o_strides = (0, *y.stride()) if splits == 1 else out.stride()
+    o_strides = {"sys": 0, **strides("sy", y, "bhwd")} if splits == 1 else strides("sy", out, "sbhwd")
     _FWD(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), NB * splits, B * H),
-         x, w1, cst if cst is not None else x, w2, b2 if b2 is not None else x, out, *plan.seq_args(),
-         *x.stride(), *w1.stride(), *c_strides, *w2.stride(), *(b2.stride() if b2 is not None else (0, 0)),
-         *o_strides, H, HG, hg_c, D, F, DO, chunk, size_class(B * H * plan.W),
+         *kernel_args(mlp_fwd_kernel, x=x, w1=w1, cst=cst if cst is not None else x, w2=w2,
+                      b2=b2 if b2 is not None else x, y=out, **plan.seq_kwargs(), **strides("sx", x, "bhtd"),
+                      **strides("s1", w1, "gkf"), **strides("sc", cst, "gf"), **strides("s2", w2, "gfn"),
+                      **strides("sb", b2, "gn"), **o_strides, H=H, HG=HG, HG_C=hg_c, D=D, F=F, DO=DO,
+                      F_CHUNK=chunk, WORK=size_class(B * H * plan.W)),
          BLOCK_N=BN, ACT=ACTIVATIONS.index(act), IS_VARLEN=plan.varlen, HAS_CONST=cst is not None,
          HAS_B2=b2 is not None and splits == 1, HID_TF32=tf32_intermediate(x.dtype), DOT_F32=dot_f32(x.dtype),
          SPLIT_F=splits > 1)
@@ -441,7 +442,7 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
     need_dp = need_x or need_w1 or need_b1 or need_pe
     if not (need_dp or need_w2):
         return dx, dw1, db1, dw2, db2, dpe
-    cst, hg_c, _ = _first_layer_constant(x, w1, b1, pe, L)
+    cst, hg_c = _first_layer_constant(x, w1, b1, pe, L)
     ACT = ACTIVATIONS.index(act)
     hid_tf32 = tf32_intermediate(dt)
     hid_dt = torch.float32 if hid_tf32 else dt          # the hidden layer as the forward rounds it
@@ -461,10 +462,12 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
         hid = empty((B, h1 - h0, W, F), dtype=hid_dt, device=dev) if need_w2 else x
         if rows > 0 and F > 0:
             _DP(lambda meta, n=B * (h1 - h0): (cdiv(W, meta["BLOCK_W"]), cdiv(F, meta["BLOCK_F"]), n),
-                xc, w1c, cc if cc is not None else x, w2c, dyc, dp, hid, *pc.seq_args(),
-                *xc.stride(), *w1c.stride(), *(cc.stride() if cc is not None else (0, 0)), *w2c.stride(),
-                *dyc.stride(), *(dp.stride() if need_dp else (0, 0, 0, 0)),
-                *(hid.stride() if need_w2 else (0, 0, 0, 0)), h1 - h0, HG, hg_c, D, F, DO, size_class(rows),
+                *kernel_args(mlp_bwd_kernel_dp, x=xc, w1=w1c, cst=cc if cc is not None else x, w2=w2c, dy=dyc,
+                             dp=dp, hid=hid, **pc.seq_kwargs(), **strides("sx", xc, "bhtd"),
+                             **strides("s1", w1c, "gkf"), **strides("sc", cc, "gf"), **strides("s2", w2c, "gfn"),
+                             **strides("sd", dyc, "bhwn"), **strides("sp", dp if need_dp else None, "bhwf"),
+                             **strides("sh", hid if need_w2 else None, "bhwf"), H=h1 - h0, HG=HG, HG_C=hg_c, D=D,
+                             F=F, DO=DO, WORK=size_class(rows)),
                 BLOCK_N=dp_block_n(DO), ACT=ACT, IS_VARLEN=plan.varlen, HAS_CONST=cc is not None,
                 NEED_DP=need_dp, NEED_H=need_w2, HID_TF32=hid_tf32, DOT_F32=dot_f32(dt))
         if need_w2 and F * DO > 0:
@@ -482,14 +485,7 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
         if need_b1 or need_pe or (need_w1 and pe is not None):
             cs = dp.sum(dim=(0, 2), dtype=torch.float32)                                   # [Hc, F]
         if need_x and xc.numel() > 0:
-            dxc = dx[:, h0:h1]
-            rper = dx_phase_per(pc.NQ, B * (h1 - h0), plan.S, dev)
-            groups = cdiv(plan.S, rper)
-            _DX(lambda meta, nq=pc.NQ, n=B * (h1 - h0), groups=groups:
-                (cdiv(nq, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]) * groups, n),
-                dp, w1v[g0:g1], dxc, *pc.seq_args(), *dp.stride(), *w1v.stride(), *dxc.stride(),
-                h1 - h0, HG, D, F, plan.C, rper, size_class(B * (h1 - h0) * pc.NQ), IS_VARLEN=plan.varlen,
-                DOT_F32=dot_f32(dt))
+            x_grad(_DX, dx[:, h0:h1], dp, w1v[g0:g1], pc, HG, dx_phase_per(pc.NQ, B * (h1 - h0), plan.S, dev))
         if need_w1:
             weight_grad(_DW1, dw1[g0:g1].unflatten(1, (L, D)), xc, dp, pec, cs, pc, B, h1 - h0, HG, D, F,
                         Gc * L * cdiv(D, 64) * cdiv(F, 128))
@@ -505,87 +501,32 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
 # --------------------------------------------------------------------------- torch.library
 
 
-@torch.library.custom_op("kvcompress::mlp_triton", mutates_args=())
-def mlp_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
-           pe: torch.Tensor | None, cu_seqlens: torch.Tensor | None, block_size: int, stride: int, padding: str,
-           activation: str, total_windows: int) -> torch.Tensor:
-    """x (B, H, T, D) any strides, w1 (G, L*D, F), b1 (G, F) or None, w2 (G, F, D_out),
-    b2 (G, D_out) or None, pe (H, L, D) or None -> (B, H, W, D_out), contiguous."""
+def _op_forward(x, w1, b1, w2, b2, pe, cu_seqlens, block_size, stride, padding, activation, total_windows):
     plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                     total_windows=total_windows)
-    return _forward(x, w1, b1, w2, b2, pe, plan, activation)
+    return _forward(x, w1, b1, w2, b2, pe, plan, activation), plan
 
 
-@mlp_op.register_fake
-def _(x, w1, b1, w2, b2, pe, cu_seqlens, block_size, stride, padding, activation, total_windows):
-    B, H = x.shape[:2]
-    W = windows_or_dynamic(x, cu_seqlens, block_size, stride, padding, total_windows)
-    return x.new_empty((B, H, W, w2.shape[2]))
+def _op_backward(dy, x, w1, b1, w2, pe, cu_seqlens, block_size, stride, padding, activation, need_x, need_w1,
+                 need_b1, need_w2, need_b2, need_pe, state):
+    plan = backward_plan(state, dy, x, cu_seqlens, block_size, stride, padding)
+    return _backward(dy, x, w1, b1, w2, pe, plan, activation, need_x, need_w1, need_b1, need_w2, need_b2, need_pe)
 
 
-@torch.library.custom_op("kvcompress::mlp_triton_bwd", mutates_args=())
-def mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-               pe: torch.Tensor | None, cu_seqlens: torch.Tensor | None, block_size: int, stride: int,
-               padding: str, activation: str, need_x: bool, need_w1: bool, need_b1: bool, need_w2: bool,
-               need_b2: bool, need_pe: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                     torch.Tensor, torch.Tensor]:
-    """(dx like x, dw1, db1 (G, F), dw2, db2 (G, D_out), dpe (H, L, D)); one not
-    needed is an empty (0,) tensor."""
-    plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
-                    total_windows=dy.shape[2] if cu_seqlens is not None else -1)
-    return _backward(dy, x, w1, b1, w2, pe, plan, activation, need_x, need_w1, need_b1, need_w2, need_b2,
-                     need_pe)
+def _fake(x, w2, cu_seqlens, block_size, stride, padding, total_windows, **_):
+    return window_fake(x, w2.shape[2], cu_seqlens=cu_seqlens, block_size=block_size, stride=stride,
+                       padding=padding, total_windows=total_windows)
 
 
-@mlp_bwd_op.register_fake
-def _(dy, x, w1, b1, w2, pe, cu_seqlens, block_size, stride, padding, activation, need_x, need_w1, need_b1,
-      need_w2, need_b2, need_pe):
-    G, F, DO = w1.shape[0], w1.shape[2], w2.shape[2]
-    return (empty_like(x) if need_x else x.new_empty(0),
-            x.new_empty(w1.shape) if need_w1 else x.new_empty(0),
-            x.new_empty((G, F)) if need_b1 else x.new_empty(0),
-            x.new_empty(w2.shape) if need_w2 else x.new_empty(0),
-            x.new_empty((G, DO)) if need_b2 else x.new_empty(0),
-            x.new_empty(pe.shape) if need_pe and pe is not None else x.new_empty(0))
-
-
-def _setup(ctx, inputs, output):
-    x, w1, b1, w2, b2, pe, cu_seqlens, block_size, stride, padding, activation, _ = inputs
-    ctx.save_for_backward(x, w1, b1, w2, pe, cu_seqlens)
-    ctx.window_args = (block_size, stride, padding, activation)
-
-
-def _backward_rule(ctx, dy):
-    x, w1, b1, w2, pe, cu_seqlens = ctx.saved_tensors
-    need = ctx.needs_input_grad[:6]
-    dx, dw1, db1, dw2, db2, dpe = torch.ops.kvcompress.mlp_triton_bwd(dy, x, w1, b1, w2, pe, cu_seqlens,
-                                                                      *ctx.window_args, *need)
-    return tuple(g if n else None for g, n in zip((dx, dw1, db1, dw2, db2, dpe), need)) + (None,) * 6
-
-
-torch.library.register_autograd("kvcompress::mlp_triton", _backward_rule, setup_context=_setup)
-
-
-class _MlpFn(torch.autograd.Function):
-    """The same forward and backward as the custom op, for eager calls
-    (``eager_call``): no op dispatch on the host. Same kernels, same bits."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, pe, cu_seqlens, block_size, stride, padding, activation, total_windows):
-        plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
-                        total_windows=total_windows)
-        ctx.save_for_backward(x, w1, b1, w2, pe, cu_seqlens)
-        ctx.args = (plan, activation)
-        return _forward(x, w1, b1, w2, b2, pe, plan, activation)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, w1, b1, w2, pe, cu_seqlens = ctx.saved_tensors
-        plan, activation = ctx.args
-        need = ctx.needs_input_grad[:6]
-        grads = _backward(dy, x, w1, b1, w2, pe, plan, activation, *need)
-        return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 6
+# x (B, H, T, D) any strides, w1 (G, L*D, F), b1 (G, F) or None, w2 (G, F, D_out), b2 (G, D_out) or None,
+# pe (H, L, D) or None -> (B, H, W, D_out), contiguous; the backward is not given b2 (its gradient is dy's sums)
+_mlp = kernel_op("kvcompress::mlp_triton",
+                 inputs="Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? pe, "
+                        f"{WINDOW_INPUTS}, str activation, SymInt total_windows",
+                 grads={"x": "need_x", "w1": "need_w1", "b1": "need_b1", "w2": "need_w2", "b2": "need_b2",
+                        "pe": "need_pe"},
+                 saved=("x", "w1", "b1", "w2", "pe", *WINDOW_SAVED, "activation"), forward=_op_forward,
+                 fake=_fake, backward=_op_backward, grad_shapes={"b2": lambda a: (a["w2"].shape[0], a["w2"].shape[2])})
 
 
 @register("mlp", "triton", devices=DEVICES, dtypes=DTYPES, priority=10, available=triton_available,
@@ -610,10 +551,7 @@ def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="va
     if activation not in ACTIVATIONS:
         raise ValueError(f"mlp: activation must be one of {ACTIVATIONS}, got {activation!r}")
     total = total_windows_arg("mlp", total_windows, cu_seqlens)
-    if eager_call(x):
-        return _MlpFn.apply(x, w1, b1, w2, b2, pe, cu_seqlens, block_size, stride, padding, activation, total)
-    return torch.ops.kvcompress.mlp_triton(x, w1, b1, w2, b2, pe, cu_seqlens, block_size, stride, padding,
-                                           activation, total)
+    return _mlp(x, w1, b1, w2, b2, pe, cu_seqlens, block_size, stride, padding, activation, total)
 
 
-__all__ = ["ACTIVATIONS", "INTERPRET", "mlp", "mlp_bwd_kernel_dp", "mlp_fwd_kernel"]
+__all__ = ["ACTIVATIONS", "mlp", "mlp_bwd_kernel_dp", "mlp_fwd_kernel"]

@@ -1,0 +1,223 @@
+"""Launching kernels: specialisation, autotuning, interpreter tiles, keyword
+arguments, and the size arithmetic of grids.
+
+- ``jit_kernel``: ``triton.jit`` leaving the problem sizes (``SIZE_ARGS``)
+  unspecialised.
+- ``Launcher``: one kernel, autotuned on a GPU, run with fixed tiles in the
+  interpreter (autotuning there would only be slow).
+- ``kernel_args(kernel, **named)``, ``strides(prefix, t, axes)``: launches
+  written by parameter name, handed to a Launcher in the kernel's order.
+- ``small_tiles()``, ``interpret_block``: the interpreter's tile sizes.
+- ``cdiv``, ``next_pow2``, ``size_class``, ``fill_factor``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import triton
+
+from .env import INTERPRET
+
+__all__ = ["AUTOTUNE", "Launcher", "SIZE_ARGS", "cdiv", "fill_factor", "first_config", "interpret_block",
+           "jit_kernel", "kernel_args", "next_pow2", "size_class", "small_tiles", "small_tiles_active", "strides",
+           "tile_configs"]
+
+# Problem sizes and counts among the kernels' arguments. Triton specialises an
+# int argument on == 1 and on divisibility by 16 unless told not to, so every
+# combination of those properties that the calls bring compiles a kernel
+# variant of its own: a new sequence length or head count could mean a new
+# compilation (the property suite on the GPU drew hundreds). The kernels use
+# these only in masks, loop bounds and index arithmetic, so they stay runtime
+# values. Strides and the feature sizes (D, DO, F) keep their specialisation:
+# it is what lets the compiler vectorise along the contiguous axis. So do B
+# and the heads per group (HG...): the weight-gradient kernels split each row
+# index into (b, head, window) by dividing by them, which a specialised 1
+# removes (unspecialised, linear's dW kernel took 149 instead of 110 us at the
+# NSA size on an H100, GPU run 11).
+SIZE_ARGS = frozenset({"H", "N", "N_STEPS", "T", "W", "NQ", "L", "S", "PRE", "C", "P", "K", "M", "NSLOT",
+                       "ROWS_PER_SPLIT", "R_PER", "WORK"})
+
+
+def jit_kernel(fn):
+    """``triton.jit`` for a launched kernel, with the ``SIZE_ARGS`` among its
+    (non-constexpr) parameters left unspecialised; the kernel's
+    ``unspecialized`` attribute names them, its ``runtime_args`` names all
+    its non-constexpr parameters in order (``kernel_args``)."""
+    runtime = tuple(n for n, p in inspect.signature(fn).parameters.items() if "constexpr" not in str(p.annotation))
+    names = tuple(n for n in runtime if n in SIZE_ARGS)
+    kernel = triton.jit(fn, do_not_specialize=names)
+    kernel.unspecialized = names
+    kernel.runtime_args = runtime
+    return kernel
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= max(n, 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def size_class(n: int) -> int:
+    """log2 size class of a problem (bit length of n, >= 1): an autotuning key,
+    so that a tiny problem does not choose the tiles of a large one."""
+    return max(int(n), 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def fill_factor(programs: int, sms: int, waves: int = 1) -> int:
+    """How many times ``programs`` fit into ``waves`` waves of one program per
+    SM, at least 1: the factor by which a grid that would leave SMs idle can
+    be split (F splits, phase groups, window splits)."""
+    return max(1, (waves * sms) // max(programs, 1))
+
+
+def kernel_args(kernel, /, **named) -> tuple:
+    """The runtime (non-constexpr) arguments of a ``jit_kernel``, given by
+    parameter name, as a tuple in the kernel's parameter order: a launch is
+    written by name, and a ``Launcher`` (and whatever wraps one) still
+    receives the positional arguments it keys and reports on. Constexprs are
+    passed to the launch as keywords.
+
+    Raises TypeError for a name the kernel lacks or a parameter left out.
+    """
+    params = kernel.runtime_args
+    unknown = named.keys() - set(params)
+    missing = [n for n in params if n not in named]
+    if unknown or missing:
+        raise TypeError(f"{kernel.__name__}: unknown arguments {sorted(unknown)}, missing {missing}")
+    return tuple(named[n] for n in params)
+
+
+def strides(prefix: str, t: torch.Tensor | None, axes: str) -> dict:
+    """{prefix + axis: stride} for each letter of ``axes`` (one per dimension
+    of t), all 0 when t is None (an absent optional tensor): e.g.
+    ``strides("sx", x, "bhtd")`` gives sxb, sxh, sxt, sxd."""
+    values = t.stride() if t is not None else (0,) * len(axes)
+    if len(values) != len(axes):
+        raise ValueError(f"strides: {prefix} names {len(axes)} axes, the tensor has {len(values)}")
+    return {prefix + a: v for a, v in zip(axes, values)}
+
+
+_SMALL_TILES = False
+
+
+def small_tiles_active() -> bool:
+    """Whether a ``small_tiles()`` block is running (read at call time)."""
+    return _SMALL_TILES
+
+
+class small_tiles:
+    """Context manager: interpreter launches use the smallest tiles (several
+    tiles per row and several feature blocks even for test-sized inputs),
+    so tests reach the multi-tile code paths. The default, large tiles,
+    keeps the interpreter fast (its cost is per program and per op)."""
+
+    def __enter__(self):
+        global _SMALL_TILES
+        self._old, _SMALL_TILES = _SMALL_TILES, True
+        return self
+
+    def __exit__(self, *exc):
+        global _SMALL_TILES
+        _SMALL_TILES = self._old
+
+
+def interpret_block(n: int, cap: int, small: int = 8) -> int:
+    """An interpreter tile size for a dimension of n: ``small`` inside
+    ``small_tiles()``, else next_pow2(n) clamped to [small, cap]."""
+    return small if _SMALL_TILES else min(cap, max(small, next_pow2(n)))
+
+
+def tile_configs(names, rows):
+    """Autotuning configurations from rows (tile_1, tile_2, tile_3, warps,
+    stages), the tiles named by ``names``."""
+    return [triton.Config(dict(zip(names, r[:3])), num_warps=r[3], num_stages=r[4]) for r in rows]
+
+
+def _autotune_setting() -> bool:
+    value = os.environ.get("KVCOMPRESS_TRITON_AUTOTUNE", "1").lower()
+    if value not in ("0", "1", "false", "true", "off", "on"):
+        raise ValueError(f"KVCOMPRESS_TRITON_AUTOTUNE must be 0 or 1, got {value!r}")
+    return value in ("1", "true", "on")
+
+
+# KVCOMPRESS_TRITON_AUTOTUNE=0 (read once at import): on a GPU, every launch takes the first
+# configuration its prune keeps that launches, instead of benchmarking them all for each new
+# autotuning key. For correctness runs (the property suite on a GPU draws a new key almost every
+# example, and autotuning then costs ~35 s per property: GPU run 4, docs/gpu-runs.md); never for timing.
+AUTOTUNE = _autotune_setting()
+
+
+def first_config(configs, prune, named):
+    """The configurations to try in order without autotuning: those ``prune``
+    keeps (all when it keeps none, as the autotuner does), first first."""
+    kept = prune(configs, named) if prune is not None else list(configs)
+    return list(kept) or list(configs[:1])
+
+
+class Launcher:
+    """One kernel, autotuned over ``configs`` on a GPU; in the interpreter it
+    runs once with ``interpret_meta(named_args) -> dict`` of block sizes.
+    With KVCOMPRESS_TRITON_AUTOTUNE=0 a GPU launch takes the first kept
+    configuration that fits the device (``first_config``), untimed.
+
+    Call as ``launcher(grid, *args, **kwargs)`` with ``grid(meta) -> tuple``.
+    ``prune(configs, named_args) -> configs`` drops configurations that do
+    not fit the call; both see every argument by its kernel name.
+    """
+
+    def __init__(self, kernel, *, configs, key, interpret_meta, prune=None):
+        self.kernel = kernel
+        self.interpret_meta = interpret_meta
+        self.configs, self.prune = list(configs), prune
+        self.tuned = None
+        self._key_pos = [(kernel.arg_names.index(k), k) for k in key]
+        self.best: dict[tuple, triton.Config] = {}   # tuning key -> the autotuner's pick
+        if not INTERPRET:
+            early = None
+            if prune is not None:
+                def early(configs, named_args, **kwargs):
+                    kept = prune(configs, {**named_args, **kwargs})
+                    return kept or configs[:1]
+            self.tuned = triton.autotune(configs=configs, key=key,
+                                         prune_configs_by={"early_config_prune": early} if early else None,
+                                         )(kernel)
+
+    def __call__(self, grid, *args, **kwargs):
+        if self.tuned is None:
+            named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+            meta = self.interpret_meta(named)
+            self.kernel[grid({**named, **meta})](*args, **kwargs, **meta)
+        elif AUTOTUNE:
+            # Once a key is tuned, launch its pick directly: triton's Autotuner.run rebuilds its key
+            # from every argument on each call, ~15-25 us of host time per launch (GPU run 11, cProfile)
+            key = self.tuning_key(args, kwargs)
+            cfg = self.best.get(key)
+            if cfg is None:
+                self.tuned[grid](*args, **kwargs)          # tunes this key (once), then launches its pick
+                self.best[key] = self.tuned.best_config
+            else:
+                self.kernel[grid](*args, **kwargs, **cfg.all_kwargs())
+        else:
+            named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+            tried = first_config(self.configs, self.prune, named)
+            for i, cfg in enumerate(tried):
+                try:
+                    self.kernel[grid({**named, **cfg.kwargs})](*args, **kwargs, **cfg.kwargs,
+                                                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    return
+                except triton.runtime.errors.OutOfResources:   # as the autotuner skips it: the next one
+                    if i == len(tried) - 1:
+                        raise
+
+    def tuning_key(self, args, kwargs) -> tuple:
+        """The autotuner's key of a call: the values of the ``key`` arguments
+        and the dtypes of the tensor arguments (as triton's Autotuner keys)."""
+        vals = tuple(args[i] if i < len(args) else kwargs[name] for i, name in self._key_pos)
+        return vals + tuple(a.dtype for a in args if isinstance(a, torch.Tensor)) \
+            + tuple(v.dtype for v in kwargs.values() if isinstance(v, torch.Tensor))
