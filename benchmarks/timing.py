@@ -125,29 +125,38 @@ def _time_op(fn: Callable[[], object], device: str, *, reps: int) -> float:
     return _median_call(fn, device, calls=reps)
 
 
-def _time_copy(nbytes: int, device: str) -> float:
+def _time_copy(nbytes: int, device: str, timer) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    return _time_op(lambda: dst.copy_(src), device, reps=10)
+    return timer(lambda: dst.copy_(src))
 
 
-def _time_matmul(n: int, dtype: torch.dtype, device: str) -> float:
+def _time_matmul(n: int, dtype: torch.dtype, device: str, timer) -> float:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    return _time_op(lambda: a @ b, device, reps=10 if device == "cuda" else 3)
+    return timer(lambda: a @ b)
 
 
-def measure_ceilings(device: str, dtype: torch.dtype) -> dict:
+def measure_ceilings(device: str, dtype: torch.dtype, *, quick: bool = False,
+                     timer: Callable[[Callable[[], object]], float] | None = None) -> dict:
     """The machine's attainable bandwidth and matmul throughput, measured now.
 
     Bandwidth: a device-to-device copy of 1 GiB (CUDA) or 256 MiB (CPU),
     counting bytes read + written. Matmul: n x n @ n x n in ``dtype`` (n =
-    8192 on CUDA, 2048 on CPU), 2 n^3 flops. Medians of several calls.
+    8192 on CUDA, 2048 on CPU), 2 n^3 flops. ``quick`` (keyword-only,
+    default False): 256 MiB and n = 4096 on CUDA, 1 MiB and n = 128 on CPU
+    (a smoke run). ``timer``: fn -> seconds of one call of fn (default:
+    the median of several synchronised calls; the GPU scripts pass
+    triton's do_bench). Also the ceilings of scripts/gpu_check.py and
+    scripts/gpu_perf.py.
     """
-    nbytes = (1 << 30) if device == "cuda" else (256 << 20)
-    n = 8192 if device == "cuda" else 2048
-    t_copy = _time_copy(nbytes, device)
-    t_mm = _time_matmul(n, dtype, device)
+    if device == "cuda":
+        nbytes, n = ((1 << 28), 4096) if quick else ((1 << 30), 8192)
+    else:
+        nbytes, n = ((1 << 20), 128) if quick else ((256 << 20), 2048)
+    t_copy = _time_copy(nbytes, device, timer or (lambda fn: _time_op(fn, device, reps=10)))
+    t_mm = _time_matmul(n, dtype, device, timer or (lambda fn: _time_op(fn, device, reps=10 if device == "cuda"
+                                                                        else 3)))
     return {
         "bandwidth_gbps": 2 * nbytes / t_copy / 1e9,
         "matmul_tflops": 2 * n ** 3 / t_mm / 1e12,

@@ -18,14 +18,11 @@ What it measures, per kind:
     padding, pe and bias on, x a (B, T, H, D) tensor seen through transpose;
     mlp with F = L*D as the seed's GroupedMLP, relu), at B=4, T=8192, D=192,
     at D=64 (mlp with gelu; attention_pool's one-pass backward), and packed
-    with cu_seqlens (empty and short sequences). Bilinear kinds: against the
-    torch backend within 2 ((2 u_o + n u_a) M + floors), both backends
-    summing n products in float32 and rounding to bfloat16 at most twice, M
-    the same computation in float64 on absolute values (as
-    tests/test_triton.py). mlp, attention_pool: against the exact float64
+    with cu_seqlens (empty and short sequences): against the exact float64
     values within the tolerance model of kvcompress/testing (tolerance.py,
-    gradients.py) evaluated in torch on the GPU (``model_bounds``; the torch
-    backend's ratios are printed beside, as a check of the bound).
+    gradients.py), the harness's own functions run on the GPU's tensors
+    (``harness_model``; the torch backend's ratios are printed beside, as a
+    check of the bound).
 (b) timing (triton.testing.do_bench, median) of forward and forward +
     backward, triton vs the torch backend; for linear, mlp and
     attention_pool also torch.compile of the torch path and the seed's
@@ -33,8 +30,9 @@ What it measures, per kind:
     AttentionPool; skipped if native_sparse_attention_pytorch is absent) and
     its torch.compile; peak memory allocated beyond the inputs, forward and
     forward + backward.
-(c) ceilings measured in the same run: a device-to-device copy (TB/s,
-    read + write bytes) and a bfloat16 matmul (TFLOP/s); per timed case the
+(c) ceilings measured in the same run (benchmarks/timing.py's
+    measure_ceilings): a device-to-device copy (TB/s, read + write bytes)
+    and a bfloat16 matmul (TFLOP/s); per timed case the
     effective TB/s (pools), TFLOP/s (linear, mlp: model flops, forward + backward
     counted as 3 forwards) or time over the floor (attention_pool: minimal
     bytes at the copy bandwidth), checked against the issue's targets.
@@ -59,9 +57,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 KINDS = ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool")
-U = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 2.0 ** -24}
-TINY = {"bfloat16": 2.0 ** -133, "float16": 2.0 ** -24, "float32": 2.0 ** -149}   # smallest subnormals
-TINY_ACC = 2.0 ** -126   # float32's smallest normal: GPU float32 math may flush subnormals to zero
 # issue targets: H100 80GB, bf16, B=1, H=4, D=128, L=32, S=16, T=131072
 TARGETS = {"linear": {"fwd_ms": 0.10, "fwdbwd_ms": 0.30},
            # mlp: model TFLOP/s, speedup over torch.compile (of the seed's pipeline when installed, else of the
@@ -84,29 +79,11 @@ def log(*a):
 # --------------------------------------------------------------------------- inputs
 
 
-def make(kind, *, B, H, T, D, L, S, dtype, layout="bhtd", pe=False, bias=False, seed=0, expand=1.0):
-    """x (B, H, T, D) in the layout, the kind's parameters (G = H), pe or None.
-    Weights are N(0, 1) / sqrt(fan in); mlp's hidden size is F = expand * L * D."""
-    import torch
-    device = DEVICE
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, device=device, generator=g) * scale).to(dtype)
-
-    if layout == "bthd":
-        x = rnd(B, T, H, D).transpose(1, 2)
-    else:
-        x = rnd(B, H, T, D)
-    F = int(expand * L * D)
-    if kind == "mlp":
-        params = [rnd(H, L * D, F, scale=(L * D) ** -0.5), rnd(H, F) if bias else None, rnd(H, F, D, scale=F ** -0.5),
-                  rnd(H, D) if bias else None]
-    else:
-        params = {"mean_pool": [], "weighted_pool": [rnd(H, L, scale=1 / L)],
-                  "linear": [rnd(H, L, D, D, scale=(L * D) ** -0.5), rnd(H, D) if bias else None],
-                  "attention_pool": [rnd(H, D, D, scale=D ** -0.5)]}[kind]
-    return x, params, (rnd(H, L, D) if pe else None)
+def make(kind, **kw):
+    """benchmarks/inputs.py's nsa_arguments on this run's device: x (B, H, T,
+    D) in the layout, the kind's parameters (G = H), pe or None."""
+    from benchmarks.inputs import nsa_arguments
+    return nsa_arguments(kind, device=DEVICE, **kw)
 
 
 PARAM_NAMES = {"mean_pool": [], "weighted_pool": ["weight"], "linear": ["weight", "bias"],
@@ -127,190 +104,34 @@ def call(kind, backend, x, params, pe, *, L, S, padding, cu=None, activation="re
                              backend=backend, **extra)
 
 
-# --------------------------------------------------------------------------- the tolerance model, in torch
-
-# mlp and attention_pool are not bilinear: their gradients are held to the
-# backward model of kvcompress/testing/gradients.py (and y to kvcompress/testing/
-# tolerance.py), written here with torch in float64 on the device, the sums
-# over windows as matmuls so that NSA sizes fit (the harness builds
-# per-window outer products in NumPy). tests/test_triton.py checks that
-# these functions return the harness's arrays on small cases.
-U64 = 2.0 ** -53
-LIPSCHITZ, ACT_ULPS, KAPPA, C_O, MAX_LOGIT_DELTA = 1.13, 8, 0.8, 3, 1.0 / 8
-LARGEST = {"bfloat16": 3.38e38, "float16": 65504.0, "float32": 3.4e38}
-
-
-def window_index(T, L, S, padding, seqlens, device):
-    """(idx, valid), each (W, L): token of every window position (packed order)
-    and whether it is a real token (False: a left-padding zero)."""
-    import torch
-    PRE = L - S if padding == "left" else 0
-    idx, valid, start = [], [], 0
-    for n in ([T] if seqlens is None else list(seqlens)):
-        W = ((n - L) // S + 1 if n >= L else 0) if padding == "valid" else n // S
-        pos = torch.arange(W, device=device)[:, None] * S - PRE + torch.arange(L, device=device)[None, :]
-        idx.append(start + pos.clamp(min=0))
-        valid.append(pos >= 0)
-        start += n
-    return torch.cat(idx), torch.cat(valid)
-
-
-def _act(name, z):
-    import torch
-    if name == "relu":
-        return torch.where(z > 0, z, torch.zeros_like(z))
-    if name == "gelu":
-        return 0.5 * z * (1.0 + torch.erf(z / 2 ** 0.5))
-    return z * torch.sigmoid(z)
-
-
-def _act_prime(name, z):
-    import torch
-    if name == "relu":
-        return (z > 0).double()
-    if name == "gelu":
-        return 0.5 * (1.0 + torch.erf(z / 2 ** 0.5)) + z * torch.exp(-0.5 * z * z) / (2 * torch.pi) ** 0.5
-    sg = torch.sigmoid(z)
-    return sg * (1.0 + z * (1.0 - sg))
-
-
-def model_bounds(kind, x, params, pe, dy, *, L, S, padding, seqlens=None, activation="relu"):
-    """The exact float64 output and gradients of sum(y * dy) and the bound the
-    tolerance model grants each element: {"y" | "x" | "pe" | param name:
-    (exact, bound)}, and whether the case is well conditioned.
-
-    kind "mlp" (params w1, b1, w2, b2) or "attention_pool" (params weight);
-    x (B, H, T, D), params, pe and dy in the dtype under test (any device)."""
-    import torch
-    dt = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[x.dtype]
-    u_o, u_a, tiny_o, tiny_a = U[dt], U["float32"], TINY[dt], TINY_ACC
-    ua = u_a + U64
-    B, H, T, D = x.shape
-    idx, valid = window_index(T, L, S, padding, seqlens, x.device)
-    W = idx.shape[0]
-
-    def gather(v, p):   # (B, H, T, D) -> (B, H, W, L, D) float64, pe added
-        win = torch.where(valid[None, None, :, :, None], v.double()[:, :, idx], torch.zeros((), dtype=torch.float64,
-                                                                                           device=v.device))
-        return win if p is None else win + p.double()[None, :, None]
-
-    def scatter(gwin):  # adjoint of gather for x
-        out = torch.zeros((B, H, T, D), dtype=torch.float64, device=x.device)
-        return out.index_add_(2, idx[valid], gwin[:, :, valid])
-
-    win, win_abs = gather(x, pe), gather(x.abs(), None if pe is None else pe.abs())
-    g = dy.double()
-    ag = g.abs()
-    ps = [None if p is None else p.double() for p in params]
-    G = ps[0].shape[0]
-    gh = torch.arange(H, device=x.device) // (H // G)                       # group of each head
-    out, local = {}, {}
-
-    def total(a):   # per-head sums (H, ...) -> per-group (G, ...)
-        return a.view(G, H // G, *a.shape[1:]).sum(1)
-
-    if kind == "mlp":
-        w1, b1, w2, b2 = ps
-        F, DO = w1.shape[2], w2.shape[2]
-        w1h, w2h = w1[gh], w2[gh]                                            # [H, LD, F], [H, F, DO]
-        X, Xa = win.reshape(B, H, W, L * D), win_abs.reshape(B, H, W, L * D)
-        pre = torch.einsum("bhwk,hkf->bhwf", X, w1h)
-        M_p = torch.einsum("bhwk,hkf->bhwf", Xa, w1h.abs())
-        if b1 is not None:
-            pre, M_p = pre + b1[gh][None, :, None], M_p + b1[gh].abs()[None, :, None]
-        hid = _act(activation, pre)
-        y = torch.einsum("bhwf,hfo->bhwo", hid, w2h)
-        M = torch.einsum("bhwf,hfo->bhwo", M_p, w2h.abs())                   # the MLP on |values| with relu
-        if b2 is not None:
-            y, M = y + b2[gh][None, :, None], M + b2[gh].abs()[None, :, None]
-        n = LIPSCHITZ * (L * D + 2) + ACT_ULPS + F + 2
-        out["y"] = (y, ((LIPSCHITZ + 2) * u_o + n * (u_a + U64)) * M + tiny_o + n * tiny_a)
-        ok = bool(torch.isfinite(M).all() and (M < LARGEST[dt] / 8).all())
-        e_p = ((L * D + 2) * ua + u_o) * M_p
-        e_h = LIPSCHITZ * e_p + (ACT_ULPS * ua + u_o) * M_p
-        ghd = torch.einsum("bhwo,hfo->bhwf", g, w2h)
-        Mgh = torch.einsum("bhwo,hfo->bhwf", ag, w2h.abs())
-        e_gh = (DO + 1) * ua * Mgh
-        if activation == "relu":
-            e_d = (pre.abs() <= e_p).double()
-        else:
-            e_d = KAPPA * e_p + ACT_ULPS * ua * LIPSCHITZ
-        gp = ghd * _act_prime(activation, pre)
-        e_gp = LIPSCHITZ * e_gh + Mgh * e_d + (ua + u_o) * LIPSCHITZ * Mgh
-        agp, lm = gp.abs(), LIPSCHITZ * Mgh
-        shape = (B, H, W, L, D)
-        local["x"] = (torch.einsum("bhwf,hkf->bhwk", gp, w1h).reshape(shape),
-                      (torch.einsum("bhwf,hkf->bhwk", e_gp, w1h.abs())
-                       + (F * ua + C_O * u_o) * torch.einsum("bhwf,hkf->bhwk", lm, w1h.abs())).reshape(shape),
-                      torch.einsum("bhwf,hkf->bhwk", agp, w1h.abs()).reshape(shape))
-        sums = {"w1": (torch.einsum("bhwk,bhwf->hkf", X, gp),
-                       torch.einsum("bhwk,bhwf->hkf", Xa, e_gp) + (ua + C_O * u_o) * torch.einsum("bhwk,bhwf->hkf",
-                                                                                                   Xa, lm),
-                       torch.einsum("bhwk,bhwf->hkf", Xa, agp)),
-                "w2": (torch.einsum("bhwf,bhwo->hfo", hid, g),
-                       torch.einsum("bhwf,bhwo->hfo", e_h, ag) + (ua + C_O * u_o) * torch.einsum("bhwf,bhwo->hfo",
-                                                                                                  M_p, ag),
-                       torch.einsum("bhwf,bhwo->hfo", hid.abs(), ag))}
-        if b1 is not None:
-            sums["b1"] = (gp.sum((0, 2)), (e_gp + C_O * u_o * lm).sum((0, 2)), agp.sum((0, 2)))
-        if b2 is not None:
-            sums["b2"] = (g.sum((0, 2)), C_O * u_o * ag.sum((0, 2)), ag.sum((0, 2)))
-    else:
-        w = ps[0]
-        Wh = w[gh]                                                           # [H, D, D]
-        z = torch.einsum("bhwld,hdc->bhwlc", win, Wh)
-        P = torch.softmax(z, dim=3)
-        y = (P * win).sum(3)
-        A = torch.einsum("bhwld,hdc->bhwlc", win_abs, Wh.abs()).amax(3) if W * B > 0 else win_abs.sum(3)
-        Q = (P * win_abs).sum(3)
-        delta_f = ((D + 2) * u_a + u_o) * A
-        out["y"] = (y, (torch.expm1(2 * delta_f.clamp(max=50.0)) + (2 * L + 8) * (u_a + U64) + 3 * u_o) * Q
-                    + tiny_o + (L + win_abs.sum(3)) * tiny_a)
-        ok = bool((delta_f <= MAX_LOGIT_DELTA).all() and torch.isfinite(Q).all() and (Q < LARGEST[dt] / 8).all())
-        rho = torch.expm1(2 * (((D + 2) * ua + u_o) * A).clamp(max=50.0)) + (L + 4) * ua + u_o
-        e_y = (rho + L * ua + 2 * u_o) * Q
-        gP, agP = P * g[:, :, :, None], P * ag[:, :, :, None]
-        gz = gP * (win - y[:, :, :, None])
-        Gz = agP * (win_abs + Q[:, :, :, None])
-        e_gz = (2 * rho[:, :, :, None] + (L + 8) * ua + 2 * u_o) * Gz + agP * e_y[:, :, :, None] \
-            + tiny_a * ag[:, :, :, None] * (win_abs + Q[:, :, :, None])
-        aW = Wh.abs()
-        local["x"] = (gP + torch.einsum("bhwlc,hdc->bhwld", gz, Wh),
-                      (rho[:, :, :, None] + ua + u_o) * agP + tiny_a * ag[:, :, :, None]
-                      + torch.einsum("bhwlc,hdc->bhwld", e_gz, aW)
-                      + ((D + 1) * ua + C_O * u_o) * (agP + torch.einsum("bhwlc,hdc->bhwld", Gz, aW)),
-                      agP + torch.einsum("bhwlc,hdc->bhwld", gz.abs(), aW))
-        sums = {"weight": (torch.einsum("bhwld,bhwlc->hdc", win, gz),
-                           torch.einsum("bhwld,bhwlc->hdc", win_abs, e_gz) + (L * ua + C_O * u_o + u_o)
-                           * torch.einsum("bhwld,bhwlc->hdc", win_abs, Gz),
-                           torch.einsum("bhwld,bhwlc->hdc", win_abs, gz.abs()))}
-    ex, bn, mag = local["x"]
-    K = -(-L // S) + 1
-    out["x"] = (scatter(ex), scatter(bn) + K * ua * scatter(mag) + tiny_o + K * tiny_a)
-    if pe is not None:
-        K = B * W
-        out["pe"] = (ex.sum((0, 2)), bn.sum((0, 2)) + K * ua * mag.sum((0, 2)) + tiny_o + K * tiny_a)
-    K = B * W * (H // G)
-    for name, (e, b, m) in sums.items():
-        out[name] = (total(e), total(b) + K * ua * total(m) + tiny_o + K * tiny_a)
-    ok = ok and all(bool(torch.isfinite(b).all() and (b < LARGEST[dt] / 8).all()) for _, b in out.values())
-    return out, ok
-
-
 # --------------------------------------------------------------------------- (a) correctness
 
 
-def n_terms(kind, name, *, L, S, D, BW, BHW):
-    """Products summed into one element of ``name`` (see tests/test_triton.py::_n_terms)."""
-    C = -(-L // S)
-    if name == "y":
-        return (L * D if kind == "linear" else L) + 3
-    table = {
-        "mean_pool": {"x": C, "pe": BW},
-        "weighted_pool": {"x": C, "weight": 2 * BHW * D, "pe": BW},
-        "linear": {"x": C * D, "weight": 2 * BHW, "bias": BHW, "pe": BW * D},
-    }
-    return table[kind][name] + 2
+def harness_model(kind, x, params, pe, dy, *, L, S, padding, seqlens=None, activation="relu"):
+    """The exact float64 output and gradients of sum(y * dy) and the bound the
+    tolerance model grants each element: ({"y" | "x" | "pe" | param name:
+    (exact, bound)}, well_conditioned). No model of its own: the harness's
+    (kvcompress.testing.gradients.model) runs on the tensors where they are
+    (float64 on the GPU at NSA sizes), given a Case that describes them.
+
+    x (B, H, T, D), params (in signature order), pe and dy in the dtype under
+    test, on any device; seqlens: the packed sequences' lengths (B = 1)."""
+    import torch
+
+    from kvcompress.testing import gradients
+    from kvcompress.testing._xp import float64_inputs
+    from kvcompress.testing.cases import Case
+    from kvcompress.testing.records import RECORDS
+    B, H, T, D = x.shape
+    named = dict(zip(PARAM_NAMES[kind], params))
+    d_out = {"linear": lambda: named["weight"].shape[-1], "mlp": lambda: named["w2"].shape[-1]}.get(kind, lambda: D)()
+    case = Case(kind=kind, dtype=str(x.dtype).replace("torch.", ""), B=B, H=H, G=params[0].shape[0] if params else 1,
+                T=T, D=D, block_size=L, stride=S, padding=padding, seqlens=None if seqlens is None else tuple(seqlens),
+                use_pe=pe is not None, D_out=d_out, F=named["w1"].shape[-1] if kind == "mlp" else 1,
+                activation=activation)
+    assert [p.name for p in RECORDS[kind].params] == PARAM_NAMES[kind]
+    with torch.no_grad():
+        return gradients.model(case, float64_inputs(x, named, pe), dy.double())
 
 
 def check(kind, case):
@@ -350,34 +171,24 @@ def check(kind, case):
     out = {"kind": kind, "case": name, "dtype": "bfloat16", "T": c["T"], "B": B, "W": W, "ok": True, "ratios": {},
            "triton_first_call_s": round(t_triton, 2)}
 
-    def judge(key, got, want, bound):
-        err = (got.double() - want.double()).abs()
+    def judge(got, exact, bound):
+        err = (got.double() - exact).abs()
         finite = bool(torch.isfinite(got).all())
         ratio = float((err / bound).max()) if err.numel() else 0.0
         return ratio if finite else float("inf")
 
-    if kind in ("mlp", "attention_pool"):   # the exact values and the tolerance model, on the device
-        model, ok = model_bounds(kind, x, params, pe, dy, L=L, S=S, padding=padding, seqlens=seqlens,
-                                 activation=activation)
-        out["well_conditioned"] = ok
-        out["ok"] &= ok
-        out["torch_ratios"] = {}
-        for key, got, ref in [("y", y_tr, y_to)] + [(k, g_tr[k], g_to[k]) for k in g_tr]:
-            exact, bound = model[key]
-            out["ratios"][key] = judge(key, got, exact, bound)
-            out["torch_ratios"][key] = judge(key, ref, exact, bound)
-            out["ok"] &= out["ratios"][key] <= 1.0
-        del model
-        return out
-    absd = {k: v.detach().abs().double() if v is not None else None for k, v in named.items()}
-    m_y, m_g, _ = run("torch", absd, dy.abs().double())
-    sizes = dict(L=L, S=S, D=c["D"], BW=B * W, BHW=B * W)
-    for key, got, want, mag in [("y", y_tr, y_to, m_y)] + [(k, g_tr[k], g_to[k], m_g[k]) for k in g_tr]:
-        n = n_terms(kind, key, **sizes)
-        # each backend: n float32 roundings, at most 2 to bfloat16 (tolerance.py's forward model)
-        bound = 2 * ((2 * U["bfloat16"] + n * U["float32"]) * mag + TINY["bfloat16"] + n * TINY_ACC)
-        out["ratios"][key] = judge(key, got, want, bound)
+    # the exact values and the harness's tolerance model, on the device
+    model, ok = harness_model(kind, x, params, pe, dy, L=L, S=S, padding=padding, seqlens=seqlens,
+                              activation=activation)
+    out["well_conditioned"] = ok
+    out["ok"] &= ok
+    out["torch_ratios"] = {}
+    for key, got, ref in [("y", y_tr, y_to)] + [(k, g_tr[k], g_to[k]) for k in g_tr]:
+        exact, bound = model[key]
+        out["ratios"][key] = judge(got, exact, bound)
+        out["torch_ratios"][key] = judge(ref, exact, bound)
         out["ok"] &= out["ratios"][key] <= 1.0
+    del model
     return out
 
 
@@ -433,19 +244,15 @@ def bench(fn, quick, grad_to_none=None):
 
 
 def ceilings(quick):
+    """Copy (TB/s, read + write bytes) and bfloat16 matmul (TFLOP/s) ceilings,
+    measured now by benchmarks/timing.py's measure_ceilings with this
+    script's timer (also scripts/gpu_perf.py's)."""
     import torch
-    n = (1 << 28) if quick else (1 << 30)                          # bytes per buffer
-    bufs = [torch.empty(n // 2, dtype=torch.bfloat16, device=DEVICE).normal_(), None]
-    bufs[1] = torch.empty_like(bufs[0])
-    ms = bench(lambda: bufs[1].copy_(bufs[0]), quick)
-    copy_tbs = 2 * n / (ms * 1e-3) / 1e12
-    bufs.clear()
-    m = 256 if DEVICE != "cuda" else 4096 if quick else 8192
-    a = torch.randn(m, m, device=DEVICE, dtype=torch.bfloat16)
-    b = torch.randn(m, m, device=DEVICE, dtype=torch.bfloat16)
-    ms = bench(lambda: a @ b, quick)
-    mm_tflops = 2 * m ** 3 / (ms * 1e-3) / 1e12
-    return {"copy_tbs": copy_tbs, "matmul_bf16_tflops": mm_tflops}
+
+    from benchmarks.timing import measure_ceilings
+    c = measure_ceilings(DEVICE, torch.bfloat16, quick=quick or DEVICE != "cuda",
+                         timer=lambda fn: bench(fn, quick) * 1e-3)
+    return {"copy_tbs": c["bandwidth_gbps"] / 1e3, "matmul_bf16_tflops": c["matmul_tflops"]}
 
 
 def seed_linear_fn(L, S, H, D):

@@ -46,8 +46,8 @@ through transpose(1, 2)). Per kind, layout and version:
     the eager time, with the copy and matmul ceilings measured in the same
     process;
 (f) correctness first: scripts/gpu_check.py's check of the NSA case
-    (forward and every gradient against the torch backend, derived bound),
-    so a fast wrong kernel cannot win.
+    (forward and every gradient against the exact values within the
+    harness's tolerance model), so a fast wrong kernel cannot win.
 
 The summary table is printed last (with ``--compare``, one line per saved
 run and the speed-up of each over the first); ``--out`` writes everything
@@ -97,24 +97,12 @@ def nsa_size(dry: bool, T: int) -> dict:
     return dict(B=1, H=4, T=T, D=128, L=32, S=16)
 
 
-def make(kind, *, B, H, T, D, L, S, dtype, layout, pe, bias, grad, seed=0):
-    """x (B, H, T, D) in the layout, the kind's parameters (G = H), pe or None;
-    leaves requiring grad when ``grad``."""
-    import torch
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        t = (torch.randn(*shape, device=DEVICE, generator=g) * scale).to(dtype)
-        return t.requires_grad_(grad)
-
-    x = rnd(B, T, H, D).detach().transpose(1, 2).requires_grad_(grad) if layout == "bthd" else rnd(B, H, T, D)
-    F = L * D                                                  # mlp: the seed's GroupedMLP, expand 1
-    params = {"mean_pool": lambda: [], "weighted_pool": lambda: [rnd(H, L, scale=1 / L)],
-              "linear": lambda: [rnd(H, L, D, D, scale=(L * D) ** -0.5), rnd(H, D) if bias else None],
-              "mlp": lambda: [rnd(H, L * D, F, scale=(L * D) ** -0.5), rnd(H, F) if bias else None,
-                              rnd(H, F, D, scale=F ** -0.5), rnd(H, D) if bias else None],
-              "attention_pool": lambda: [rnd(H, D, D, scale=D ** -0.5)]}[kind]()
-    return x, params, (rnd(H, L, D) if pe else None)
+def make(kind, **kw):
+    """benchmarks/inputs.py's nsa_arguments on this run's device (F = L*D for
+    mlp, the seed's GroupedMLP): x (B, H, T, D) in the layout, the kind's
+    parameters (G = H), pe or None; leaves requiring grad when ``grad``."""
+    from benchmarks.inputs import nsa_arguments
+    return nsa_arguments(kind, device=DEVICE, **kw)
 
 
 def callable_of(kind, api, *, L, S, padding):
@@ -351,24 +339,17 @@ def measure(kind, layout, a, size):
 
 
 def ceilings(quick):
-    """Copy (TB/s, read + write bytes) and bf16 matmul (TFLOP/s), measured here."""
-    import torch
-    n = 1 << 20 if DEVICE != "cuda" else (1 << 28) if quick else (1 << 30)
-    a = torch.empty(n // 2, dtype=torch.bfloat16, device=DEVICE).normal_()
-    b = torch.empty_like(a)
-    copy = 2 * n / (eager_time(lambda: b.copy_(a), quick=quick) * 1e-3) / 1e12
-    del a, b
-    m = 128 if DEVICE != "cuda" else 4096 if quick else 8192
-    a = torch.randn(m, m, device=DEVICE, dtype=torch.bfloat16)
-    b = torch.randn(m, m, device=DEVICE, dtype=torch.bfloat16)
-    mm = 2 * m ** 3 / (eager_time(lambda: a @ b, quick=quick) * 1e-3) / 1e12
-    return {"copy_tbs": copy, "matmul_bf16_tflops": mm}
+    """Copy (TB/s, read + write bytes) and bf16 matmul (TFLOP/s), measured here
+    (scripts/gpu_check.py's ceilings: benchmarks/timing.py's measure_ceilings)."""
+    import gpu_check  # scripts/ is on sys.path
+    gpu_check.DEVICE = DEVICE
+    return gpu_check.ceilings(quick)
 
 
 def correctness(kind):
     """scripts/gpu_check.py's check of its NSA case (tiny in the dry run):
-    forward and every gradient against the torch backend within its derived
-    bound. {"ok": bool, "ratios": {...}} or {"error": ...} if the check
+    forward and every gradient against the exact values within the
+    harness's tolerance model. {"ok": bool, "ratios": {...}} or {"error": ...} if the check
     cannot be imported or run."""
     try:
         import gpu_check
@@ -382,7 +363,7 @@ def correctness(kind):
 
 def autotuned():
     """The configuration every autotuned Launcher picked, per key."""
-    from kvcompress.ops import _triton_common as tc
+    from kvcompress.ops._triton import launch as tc
     from kvcompress.ops.attention_pool import triton_impl as ap
     from kvcompress.ops.linear import triton_impl as li
     from kvcompress.ops.mean_pool import triton_impl as mp

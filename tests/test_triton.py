@@ -5,11 +5,9 @@ every registered backend's forward against the reference. Here:
 
 - gradients of every input, float32 / float16 / bfloat16, drawn by
   Hypothesis over the whole configuration space, with large and small
-  interpreter tiles: for the bilinear kinds (mean_pool, weighted_pool,
-  linear) against the torch backend's autograd with a derived tolerance
-  (``grad_bound``); for mlp and attention_pool against the exact float64
-  gradients within the backward model of kvcompress/testing/gradients.py, the
-  torch backend's gradients held to the same bound (so the two agree);
+  interpreter tiles: every kind against the exact float64 gradients within
+  the backward model of kvcompress/testing/gradients.py, the torch backend's
+  gradients held to the same bound (so the two agree);
 - fixed configurations the draws reach only by luck (non-power-of-two D, L,
   S, F; several tiles and feature blocks; mlp's group-chunked backward;
   attention_pool's split dx / dW passes and float32's blocked dx);
@@ -47,25 +45,21 @@ pytest.importorskip("triton")
 
 import kvcompress.functional as kf  # noqa: E402
 from kvcompress import backends as kb  # noqa: E402
-from kvcompress.ops import _triton_common as tc  # noqa: E402
+from kvcompress.ops._triton import alloc, env, gemv, lang  # noqa: E402
+from kvcompress.ops._triton import launch as tc  # noqa: E402
+from kvcompress.ops._triton.plan import SeqPlan  # noqa: E402
 from kvcompress.ops.attention_pool import triton_impl as ap_triton  # noqa: E402,F401
 from kvcompress.ops.linear import triton_impl as linear_triton  # noqa: E402,F401  (registers the backends)
 from kvcompress.ops.mean_pool import triton_impl as mean_triton  # noqa: E402,F401
 from kvcompress.ops.mlp import triton_impl as mlp_triton  # noqa: E402
 from kvcompress.ops.weighted_pool import triton_impl as weighted_triton  # noqa: E402,F401
+from kvcompress.testing import gradients  # noqa: E402
+from kvcompress.testing._xp import float64_inputs  # noqa: E402
 from kvcompress.testing.cases import Case, make_inputs  # noqa: E402
 from kvcompress.testing.convert import DTYPES, round_to, to_numpy  # noqa: E402
-from kvcompress.testing.gradients import exact_and_bounds  # noqa: E402
 from kvcompress.testing.records import RECORDS  # noqa: E402
 from kvcompress.testing.strategies import cases  # noqa: E402
-from kvcompress.testing.tolerance import (  # noqa: E402
-    LARGEST,
-    SMALLEST_NORMAL,
-    SMALLEST_SUBNORMAL,
-    UNIT_ROUNDOFF,
-    compare,
-    forward_bound,
-)
+from kvcompress.testing.tolerance import compare  # noqa: E402
 
 BILINEAR = ("mean_pool", "weighted_pool", "linear")
 NONLINEAR = ("mlp", "attention_pool")
@@ -76,7 +70,7 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 # interpreted kernels cost ~0.3 s per call: a quarter of the profile's examples
 EXAMPLES = max(4, settings.default.max_examples // 4)
 
-if not tc.triton_available():
+if not env.triton_available():
     pytest.skip("Triton can run neither on a GPU nor in its interpreter here", allow_module_level=True)
 
 
@@ -87,10 +81,10 @@ def poison(monkeypatch):
 
 
 def test_poison_fills_outputs_with_nan():
-    t = tc.empty((3, 5), dtype=torch.bfloat16, device=DEVICE)
+    t = alloc.empty((3, 5), dtype=torch.bfloat16, device=DEVICE)
     assert torch.isnan(t).all()
     x = torch.zeros(2, 7, 3, 4, device=DEVICE).transpose(1, 2)         # (B, H, T, D) view of (B, T, H, D)
-    g = tc.empty_like(x)
+    g = alloc.empty_like(x)
     assert torch.isnan(g).all() and g.stride() == x.stride()
 
 
@@ -98,7 +92,7 @@ def test_registered_for_cuda_and_never_auto_on_cpu():
     x = torch.zeros(1, 2, 8, 4)
     for kind in KINDS:
         b = kb.get(kind, "triton")
-        assert b.devices == tc.DEVICES and b.auto_devices == ("cuda",)
+        assert b.devices == env.DEVICES and b.auto_devices == ("cuda",)
         assert torch.float64 not in b.dtypes
         assert not b.accepts_auto(x), f"{kind}: backend='auto' must never pick the interpreter on CPU"
 
@@ -106,7 +100,7 @@ def test_registered_for_cuda_and_never_auto_on_cpu():
 def _launched_kernels():
     """Every kernel kvcompress launches: (name, kernel object)."""
     from kvcompress.ops import _triton_pool as tp
-    mods = (tc, tp, ap_triton, linear_triton, mlp_triton)
+    mods = (gemv, tp, ap_triton, linear_triton, mlp_triton)
     return [(n, k) for m in mods for n, k in vars(m).items()
             if n.endswith("_kernel") or "_kernel_" in n if hasattr(k, "arg_names")]
 
@@ -137,7 +131,7 @@ def test_gpu_program_counts_of_empty_batches():
     for nq, rows, sms in [(264, 0, 132), (0, 0, 132), (1, 4, 132), (8192, 4, 132), (8192, 1 << 16, 132)]:
         p_ap = ap_triton.bwd_programs(nq, rows, sms)
         assert 1 <= p_ap <= max(1, -(-nq // 16))
-        plan = tc.SeqPlan(B=0 if rows == 0 else 1, H=rows, T=0, D=1, L=1, S=1, PRE=0, C=1, C_PAD=1, varlen=False,
+        plan = SeqPlan(B=0 if rows == 0 else 1, H=rows, T=0, D=1, L=1, S=1, PRE=0, C=1, C_PAD=1, varlen=False,
                           N=1, W=0, NQ=nq, N_STEPS=0, cu=None, ccu=None, cq=None)
         p_pool = tp.bwd_programs(plan, torch.device("cpu"))
         assert 1 <= p_pool <= max(1, -(-nq // 2))
@@ -148,74 +142,17 @@ def test_heads_times_batch_beyond_a_grid_axis_is_declined():
     bigger call through the registry's supports predicate, before any launch."""
     x = torch.zeros(65536, 1, 0, 2, device=DEVICE)      # B*H = 65536, no tokens: no memory
     assert not kb.get("mean_pool", "triton").accepts(x, block_size=2, stride=1)
-    assert kb.get("mean_pool", "triton").accepts(x[:65535], block_size=2, stride=1) == tc.triton_available()
+    assert kb.get("mean_pool", "triton").accepts(x[:65535], block_size=2, stride=1) == env.triton_available()
     with pytest.raises(ValueError, match="does not support this call"):
         kf.mean_pool(x, block_size=2, stride=1, backend="triton")
 
 
 # --------------------------------------------------------------------------- gradients
 
-def _n_terms(case: Case, name: str) -> int:
-    """The longest sum behind one element of the gradient of ``name``: every
-    term is a product of an incoming gradient and an input (mean_pool: a
-    quotient by L), so gamma_n * sum|terms| bounds any summation order
-    (Higham, eq. 3.5); +2 covers a division by L and the float64 magnitude.
-
-    With C = ceil(L/S) windows holding a token, B*W windows per head and
-    B*Hg*W per group: dx sums C (pools) or C*D_out (linear) terms; the
-    weights sum over the windows of their group (weighted_pool also over D),
-    twice with pe (pe's share is folded through the per-head column sums of
-    dy); bias over the windows of its group; pe over the windows of its head
-    (linear: also over D_out).
-    """
-    C = -(-case.L // case.S)
-    BW = case.B * case.W
-    BHW = BW * (case.H // case.G)
-    terms = {
-        "mean_pool": {"x": C, "pe": BW},
-        "weighted_pool": {"x": C, "weight": 2 * BHW * case.D, "pe": BW},
-        "linear": {"x": C * case.D_out, "weight": 2 * BHW, "bias": BHW, "pe": BW * case.D_out},
-    }[case.kind][name]
-    return terms + 2
-
-
-def grad_bound(case: Case, name: str, magnitude: np.ndarray) -> np.ndarray:
-    """Allowed |g_triton - g_torch| per element of the gradient of ``name``.
-
-    These kinds are bilinear, so every gradient element is itself a sum of n
-    products (``_n_terms``), and the forward model of kvcompress/testing/
-    tolerance.py applies to it with the magnitude M = the same gradient
-    computed in float64 on absolute values (|x| + |pe|, |weights|, |dy|).
-    Each backend accumulates in float32 (u_a) and may round to the storage
-    dtype (u_o) twice, as the forward model permits (the result and one
-    intermediate, e.g. x + pe or a partial sum):
-    |g - exact| <= (2 u_o + n u_a) M + tiny_o + n tiny_a, the tiny terms
-    bounding underflow. Both sides obey it, so their difference is at most
-    twice that.
-    """
-    return pair_bound(case.dtype, _n_terms(case, name), magnitude)
-
-
-def pair_bound(dtype: str, n: int, magnitude, c_o: int = 2):
-    """Allowed |a - b| between two implementations that each sum n products
-    in float32 (unit roundoff u_a) and round c_o times to ``dtype`` (u_o):
-    each is within (c_o u_o + n u_a) M + tiny_o + n tiny_a of the exact
-    value (kvcompress/testing/tolerance.py: tiny_o the dtype's smallest subnormal,
-    tiny_a float32's smallest normal since GPUs may flush subnormals to zero),
-    so they differ by at most twice that."""
-    u_o, u_a = UNIT_ROUNDOFF[dtype], UNIT_ROUNDOFF["float32"]
-    one = (c_o * u_o + n * u_a) * magnitude + SMALLEST_SUBNORMAL[dtype] + n * SMALLEST_NORMAL["float32"]
-    return 2 * one
-
-
-def _leaves(case, inputs, *, absolute=False):
+def _leaves(case, inputs):
     """{name: leaf tensor requiring grad}: x (in the case's layout, no copy),
-    every parameter present, pe. absolute: |values| in float64, contiguous."""
+    every parameter present, pe."""
     rec = RECORDS[case.kind]
-    if absolute:
-        src = {"x": inputs.x64, **inputs.params64, "pe": inputs.pe64}
-        return {k: torch.from_numpy(np.abs(v)).to(DEVICE).requires_grad_(True)
-                for k, v in src.items() if v is not None}
     src = {"x": inputs.x, **{p.name: inputs.params[p.name] for p in rec.params}, "pe": inputs.pe}
     return {k: v.detach().requires_grad_(True) for k, v in src.items() if v is not None}
 
@@ -230,98 +167,48 @@ def _call(case, inputs, leaves, backend):
 
 def check_gradients(case: Case, *, dy_exp: int = 0, small: bool = False, drawn: bool = False,
                     reference: bool = True) -> dict:
-    """Forward against the reference (reference=True; else against the torch
-    backend within ``pair_bound``, for sizes the loop reference cannot
-    afford), every gradient against the torch backend within
-    ``grad_bound`` (bilinear kinds) or against the exact gradient
-    (``check_gradients_exact``: mlp, attention_pool); returns
-    {name: worst error / bound}.
+    """The forward and every gradient of the Triton backend against the exact
+    float64 values within the tolerance model of kvcompress/testing
+    (tolerance.py, gradients.py: one model for every kind), the torch
+    backend's held to the same bound (so the two agree within twice it);
+    returns {name: worst error / bound} of the Triton backend.
 
-    An ill-conditioned case (overflow within the dtype's range / 8) is
-    dropped with ``assume`` when Hypothesis drew it (drawn=True); a fixed
-    case must be well-conditioned."""
-    def require(ok, why):
-        if drawn:
-            assume(ok)
-        else:
-            assert ok, f"fixed case is ill-conditioned ({why}): {case!r}"
-
-    if case.kind in NONLINEAR:
-        return check_gradients_exact(case, dy_exp=dy_exp, small=small, require=require)
+    reference=True: the model in NumPy, the forward against the loop
+    reference; False (sizes the loop reference cannot afford): the same
+    model on the tensors' device (torch, float64), the forward against its
+    exact output. An ill-conditioned case (overflow within the dtype's
+    range / 8, attention logits too large) is dropped with ``assume`` when
+    Hypothesis drew it (drawn=True); a fixed case must be well-conditioned."""
     rec = RECORDS[case.kind]
     inputs = make_inputs(case, rec, DEVICE)
-    if reference:
-        fb = forward_bound(case, inputs)
-        require(fb.well_conditioned, "forward")
-    rng = np.random.default_rng(case.seed + 7)
-    shape = (case.B, case.H, case.W, rec.d_out(case))
-    dy64 = round_to(rng.standard_normal(shape) * 2.0 ** dy_exp, case.dtype)
-    dy = torch.from_numpy(dy64).to(DTYPES[case.dtype]).to(DEVICE)
-
-    mags = _leaves(case, inputs, absolute=True)
-    m_y = _call(case, inputs, mags, "torch")
-    m_y.backward(torch.from_numpy(np.abs(dy64)).to(DEVICE))
-    M = {k: to_numpy(v.grad) for k, v in mags.items()}
-    require(all(np.all(m < LARGEST[case.dtype] / 8) for m in M.values()), "gradient magnitude")
-
-    ref = _leaves(case, inputs)
-    y_torch = _call(case, inputs, ref, "torch")
-    y_torch.backward(dy)
-    tri = _leaves(case, inputs)
-    with tc.small_tiles() if small else contextlib.nullcontext():
-        y = _call(case, inputs, tri, "triton")
-        y.backward(dy)
-    if reference:
-        ok, ratio, idx, err = compare(to_numpy(y), rec.call_reference(case, inputs), fb.bound)
-    else:   # the forward model of tolerance.py (c_o = 2, n = L*D or L, + 3) for each side
-        n = (case.L * case.D if case.kind == "linear" else case.L) + 3
-        ok, ratio, idx, err = compare(to_numpy(y), to_numpy(y_torch),
-                                      pair_bound(case.dtype, n, to_numpy(m_y.detach())))
-    assert ok, f"forward: error {err:.3g} at {idx} is {ratio:.3g} x its bound\n  {case!r}"
-    worst = {}
-    for name, leaf in tri.items():
-        got, want = to_numpy(leaf.grad), to_numpy(ref[name].grad)
-        assert got.shape == want.shape, f"d{name}: shape {got.shape} != {want.shape}\n  {case!r}"
-        ok, ratio, idx, err = compare(got, want, grad_bound(case, name, M[name]))
-        worst[name] = ratio
-        assert ok, (f"d{name}: |triton - torch| = {err:.3g} at {idx} is {ratio:.3g} x its bound "
-                    f"(magnitude {M[name][idx]:.3g}, triton {got[idx]!r}, torch {want[idx]!r})\n  {case!r}")
-    return worst
-
-
-def check_gradients_exact(case: Case, *, dy_exp: int, small: bool, require) -> dict:
-    """mlp, attention_pool: the forward against the loop reference within
-    kvcompress/testing/tolerance.py's bound, and every gradient of the Triton
-    backend against the exact float64 gradient of sum(y * dy) within the
-    backward model of kvcompress/testing/gradients.py (the model these kinds
-    need: their gradients are not sums of products of the inputs, and a relu
-    unit near 0 may flip). The torch backend's gradients are held to the
-    same bound, so the two backends agree within twice it. Returns
-    {name: worst error / bound} of the Triton backend."""
-    rec = RECORDS[case.kind]
-    inputs = make_inputs(case, rec, DEVICE)
-    fb = forward_bound(case, inputs)
-    require(fb.well_conditioned, "forward")
     rng = np.random.default_rng(case.seed + 7)
     dy64 = round_to(rng.standard_normal((case.B, case.H, case.W, rec.d_out(case))) * 2.0 ** dy_exp, case.dtype)
-    gb = exact_and_bounds(case, inputs, dy64)
-    require(gb.well_conditioned, "gradients")
     dy = torch.from_numpy(dy64).to(DTYPES[case.dtype]).to(DEVICE)
+    if reference:
+        model, ok = gradients.model(case, inputs, dy64)
+        model["y"] = (rec.call_reference(case, inputs), model["y"][1])
+    else:
+        model, ok = gradients.model(case, float64_inputs(inputs.x, inputs.params, inputs.pe), dy.double())
+    if drawn:
+        assume(ok)
+    else:
+        assert ok, f"fixed case is ill-conditioned: {case!r}"
     worst = {}
     for backend in ("triton", "torch"):
         leaves = _leaves(case, inputs)
         with tc.small_tiles() if small and backend == "triton" else contextlib.nullcontext():
             y = _call(case, inputs, leaves, backend)
             y.backward(dy)
-        if backend == "triton":
-            ok, ratio, idx, err = compare(to_numpy(y), rec.call_reference(case, inputs), fb.bound)
-            assert ok, f"forward: error {err:.3g} at {idx} is {ratio:.3g} x its bound\n  {case!r}"
-        for name, leaf in leaves.items():
-            got = to_numpy(leaf.grad)
-            assert got.shape == gb.exact[name].shape, f"{backend} d{name}: shape {got.shape}\n  {case!r}"
-            ok, ratio, idx, err = compare(got, gb.exact[name], gb.bound[name])
-            assert ok, (f"{backend} d{name}: |error| = {err:.3g} at {idx} is {ratio:.3g} x its bound "
-                        f"(got {got[idx]!r}, exact {gb.exact[name][idx]!r})\n  {case!r}")
+        got_all = [("y", y.detach())] + [(name, leaf.grad) for name, leaf in leaves.items()]
+        for name, got in got_all:
+            exact, bound = model[name]
+            if reference:
+                got = to_numpy(got)
+            assert tuple(got.shape) == tuple(exact.shape), f"{backend} {name}: shape {tuple(got.shape)}\n  {case!r}"
+            ok, ratio, idx, err = compare(got, exact, bound)
+            what = "forward" if name == "y" else f"d{name}"
+            assert ok, (f"{backend} {what}: |error| = {err:.3g} at {idx} is {ratio:.3g} x its bound "
+                        f"(got {got[idx]!r}, exact {exact[idx]!r})\n  {case!r}")
             if backend == "triton":
                 worst[name] = ratio
     return worst
@@ -644,7 +531,7 @@ def test_round_tf32():
     @triton.jit
     def round_kernel(x, y, N: tl.constexpr):
         o = tl.arange(0, N)
-        tl.store(y + o, tc.round_tf32(tl.load(x + o)))
+        tl.store(y + o, lang.round_tf32(tl.load(x + o)))
 
     bits = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x00000001,
                      0x00001000, 0x3F801000, 0x3F800FFF, 0xBF801000, 0x3F802000, 0, 0x80000000, 0x3EAAAAAB,
@@ -801,7 +688,7 @@ def test_compile_fullgraph_and_export(kind):
 # --------------------------------------------------------------------------- the interpreter's bf16 dot
 
 
-@pytest.mark.xfail(tc.INTERPRET, strict=True,
+@pytest.mark.xfail(env.INTERPRET, strict=True,
                    reason="triton 3.9 interpreter: tl.dot on bfloat16 operands returns garbage (~1e10); the "
                           "kernels upcast bf16 dot operands to float32 under the interpreter (dot_f32)")
 def test_interpreter_bf16_dot_defect():
@@ -891,8 +778,8 @@ def test_tuned_launch_reuses_the_pick_of_its_key(monkeypatch):
 
 
 def test_bf16_dots_are_upcast_only_in_the_interpreter():
-    assert tc.dot_f32(torch.bfloat16) == tc.INTERPRET
-    assert not tc.dot_f32(torch.float16) and not tc.dot_f32(torch.float32)
+    assert env.dot_f32(torch.bfloat16) == env.INTERPRET
+    assert not env.dot_f32(torch.float16) and not env.dot_f32(torch.float32)
 
 
 # --------------------------------------------------------------------------- scripts/gpu_check.py
@@ -928,48 +815,6 @@ def _gpu_check_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-MODEL_CASES = [
-    dict(kind="mlp", dtype="bfloat16", B=2, H=4, G=2, T=23, D=3, block_size=4, stride=3, padding="left", F=7,
-         D_out=5, bias=True, bias2=True, use_pe=True, activation="relu", layout="bthd"),
-    dict(kind="mlp", dtype="float16", B=1, H=2, G=1, T=0, D=2, block_size=3, stride=2, seqlens=(5, 0, 9, 2), F=4,
-         D_out=3, activation="gelu", use_pe=True),
-    dict(kind="mlp", dtype="float32", B=2, H=1, G=1, T=14, D=4, block_size=2, stride=2, F=6, D_out=2, bias=True,
-         activation="silu", x_exp=3),
-    dict(kind="attention_pool", dtype="bfloat16", B=2, H=4, G=2, T=23, D=5, block_size=4, stride=3,
-         padding="left", use_pe=True, w_exp=-2),
-    dict(kind="attention_pool", dtype="float16", B=1, H=3, G=3, T=0, D=3, block_size=5, stride=2,
-         seqlens=(7, 0, 12), padding="valid", use_pe=True),
-]
-
-
-@pytest.mark.parametrize("fixed", range(len(MODEL_CASES)))
-def test_gpu_check_model_equals_the_harness(fixed):
-    """scripts/gpu_check.py holds mlp's and attention_pool's results at NSA
-    sizes to the tolerance model evaluated in torch (float64, the window
-    sums as matmuls): it returns the harness's exact values and bounds
-    (kvcompress/testing/tolerance.py, gradients.py) to float64 rounding."""
-    gc = _gpu_check_module()
-    f = dict(MODEL_CASES[fixed])
-    if f.get("seqlens"):
-        f["T"] = sum(f["seqlens"])
-    case = Case(seed=fixed, **f)
-    rec = RECORDS[case.kind]
-    inputs = make_inputs(case, rec, "cpu")
-    rng = np.random.default_rng(3)
-    g64 = round_to(rng.standard_normal((case.B, case.H, case.W, rec.d_out(case))), case.dtype)
-    dy = torch.from_numpy(g64).to(DTYPES[case.dtype])
-    params = [inputs.params[p.name] for p in rec.params]
-    got, ok = gc.model_bounds(case.kind, inputs.x, params, inputs.pe, dy, L=case.L, S=case.S, padding=case.padding,
-                              seqlens=case.seqlens, activation=case.activation)
-    fb, gb = forward_bound(case, inputs), exact_and_bounds(case, inputs, g64)
-    want = {"y": (rec.call_reference(case, inputs), fb.bound), **{k: (gb.exact[k], gb.bound[k]) for k in gb.exact}}
-    assert ok == (fb.well_conditioned and gb.well_conditioned)
-    assert set(got) == set(want), (sorted(got), sorted(want))
-    for name, (exact, bound) in want.items():
-        np.testing.assert_allclose(to_numpy(got[name][0]), exact, rtol=1e-9, atol=1e-300, err_msg=f"exact {name}")
-        np.testing.assert_allclose(to_numpy(got[name][1]), bound, rtol=1e-9, atol=0, err_msg=f"bound {name}")
 
 
 # --------------------------------------------------------------------------- GPU only
@@ -1042,11 +887,9 @@ def test_compile_inductor_fullgraph(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_nsa_size_against_torch_backend(kind):
     """T = 131072, B = 1, H = 4, D = 128, L = 32, S = 16, bfloat16: forward
-    and every gradient within the derived bound of the torch backend
-    (bilinear kinds); mlp (F = L*D) and attention_pool: both backends
-    within the tolerance model of the exact values, evaluated in float64 on
-    the GPU by scripts/gpu_check.py's model_bounds (which
-    test_gpu_check_model_equals_the_harness checks against the harness)."""
+    and every gradient of both backends within the tolerance model of the
+    exact values, the harness's model (kvcompress/testing/tolerance.py,
+    gradients.py) evaluated in float64 on the GPU; mlp with F = L*D."""
     if kind in BILINEAR:
         case = Case(kind=kind, dtype="bfloat16", B=1, H=4, G=4, T=131072, D=128, block_size=32, stride=16,
                     padding="left", D_out=128, bias=True, use_pe=True, layout="bthd", seed=11)
@@ -1058,8 +901,8 @@ def test_nsa_size_against_torch_backend(kind):
 def check_against_model(kind, x, params, pe, *, L, S, padding, dy=None, activation="relu", backends=("triton",
                                                                                                     "torch")):
     """Forward and every gradient of each backend within the tolerance model
-    (gpu_check.model_bounds, float64 on x's device); returns the Triton
-    backend's outputs and gradients."""
+    (the harness's, float64 on x's device, through gpu_check.harness_model);
+    returns the Triton backend's outputs and gradients."""
     gc = _gpu_check_module()
     extra = {"activation": activation} if kind == "mlp" else {}
     results = {}
@@ -1076,7 +919,7 @@ def check_against_model(kind, x, params, pe, *, L, S, padding, dy=None, activati
                              ).to(y.dtype)
         y.backward(dy)
         results[backend] = (y.detach(), {k: v.grad for k, v in leaves.items()})
-    model, ok = gc.model_bounds(kind, x, params, pe, dy, L=L, S=S, padding=padding, activation=activation)
+    model, ok = gc.harness_model(kind, x, params, pe, dy, L=L, S=S, padding=padding, activation=activation)
     assert ok, "the fixed case must be well conditioned"
     names = {f"p{i}": p.name for i, p in enumerate(RECORDS[kind].params)}
     for backend, (y, grads) in results.items():
@@ -1109,8 +952,8 @@ def test_mlp_small_problem_splits_on_gpu():
 @pytest.mark.parametrize("kind", KINDS)
 def test_past_2_31_elements(kind):
     """x with more than 2**31 elements: the last windows and the last
-    tokens' gradients equal the torch backend on the tail of x (offsets are
-    int64 in the kernels)."""
+    tokens' gradients are within the tolerance model of their exact values,
+    computed on the tail of x (offsets are int64 in the kernels)."""
     D, L, S = 128, 32, 16
     T = 2 ** 31 // D + 4 * S                                   # (1, 1, T, D): 2**31 + 8192 elements
     x = torch.randn(1, 1, T, D, device="cuda", dtype=torch.bfloat16)
@@ -1121,36 +964,18 @@ def test_past_2_31_elements(kind):
     y = fn(x, *params, block_size=L, stride=S, backend="triton")
     W = y.shape[2]
     tail_start = (W - 8) * S                                   # the last 8 windows start here
-    if kind in NONLINEAR:   # the tail within the tolerance model of its exact values
-        dy = torch.zeros_like(y)
-        dy[:, :, -8:] = 1
-        y.backward(dy)
-        x_tail = x.detach()[:, :, tail_start:]
-        gc = _gpu_check_module()
-        model, ok = gc.model_bounds(kind, x_tail, params, None, torch.ones_like(y[:, :, -8:]), L=L, S=S,
-                                    padding="valid")
-        assert ok
-        for name, got in (("y", y[:, :, -8:]), ("x", x.grad[:, :, tail_start:])):
-            exact, bound = model[name]
-            err = (got.double() - exact).abs()
-            assert (err <= bound).all(), f"{name}: worst error / bound {(err / bound).max().item():.3g}"
-        return
-    x_tail = x.detach()[:, :, tail_start:].clone().requires_grad_(True)
-    y_tail = fn(x_tail, *params, block_size=L, stride=S, backend="torch")
+    # the tail within the tolerance model of its exact values: its 8 windows are the last 8 (valid padding),
+    # and the window before them, which also reads the tail's first tokens, has dy = 0
     dy = torch.zeros_like(y)
     dy[:, :, -8:] = 1
     y.backward(dy)
-    y_tail.backward(torch.ones_like(y_tail))
-    # magnitudes: the same computations in float64 on absolute values (see pair_bound)
-    x_abs = x_tail.detach().abs().double().requires_grad_(True)
-    m_y = fn(x_abs, *[None if p is None else p.abs().double() for p in params], block_size=L, stride=S, backend="torch")
-    m_y.backward(torch.ones_like(m_y))
-    C = L // S
-    n_y, n_dx = (L * D + 3, C * D + 2) if kind == "linear" else (L + 3, C + 2)
-    for name, got, want, mag, n in (("y", y[:, :, -8:], y_tail, m_y, n_y),
-                                    ("dx", x.grad[:, :, tail_start:], x_tail.grad, x_abs.grad, n_dx)):
-        err = (got.double() - want.double()).abs()
-        bound = pair_bound("bfloat16", n, mag.detach())
+    x_tail = x.detach()[:, :, tail_start:]
+    model, ok = _gpu_check_module().harness_model(kind, x_tail, params, None, torch.ones_like(y[:, :, -8:]), L=L,
+                                                  S=S, padding="valid")
+    assert ok
+    for name, got in (("y", y[:, :, -8:]), ("x", x.grad[:, :, tail_start:])):
+        exact, bound = model[name]
+        err = (got.double() - exact).abs()
         assert (err <= bound).all(), f"{name}: worst error / bound {(err / bound).max().item():.3g}"
 
 

@@ -31,20 +31,21 @@ pytest.importorskip("triton")
 
 import kvcompress.functional as kf  # noqa: E402
 from kvcompress import backends as kb  # noqa: E402
-from kvcompress.ops import _triton_common as tc  # noqa: E402
-from kvcompress.ops import _triton_pool as tp  # noqa: E402
+from kvcompress.ops import _custom_op as tp  # noqa: E402  (eager_call)
+from kvcompress.ops._triton import env  # noqa: E402
+from kvcompress.ops._triton import launch as tc  # noqa: E402
 from kvcompress.ops.linear import triton_impl as linear_triton  # noqa: E402
+from kvcompress.testing import gradients  # noqa: E402
 from kvcompress.testing.cases import Case, make_inputs  # noqa: E402
-from kvcompress.testing.convert import to_numpy  # noqa: E402
+from kvcompress.testing.convert import round_to, to_numpy  # noqa: E402
 from kvcompress.testing.records import RECORDS  # noqa: E402
 from kvcompress.testing.tolerance import compare  # noqa: E402
-from tests.test_triton import _n_terms, pair_bound  # noqa: E402  (the project's bound between two backends)
 
 KINDS = ("mean_pool", "weighted_pool", "linear")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-if not tc.triton_available():
+if not env.triton_available():
     pytest.skip("Triton can run neither on a GPU nor in its interpreter here", allow_module_level=True)
 
 
@@ -79,16 +80,6 @@ def _run(case, inputs, leaves, backend, dy):
                                pe=leaves.get("pe"), cu_seqlens=inputs.cu_seqlens, backend=backend)
     y.backward(dy)
     return y.detach(), {k: v.grad for k, v in leaves.items() if v.requires_grad}
-
-
-def _magnitudes(case, inputs, dy, *, x_grad=True):
-    """The gradients of the torch backend in float64 on |inputs| and |dy|: the
-    magnitude M of tests/test_triton.py's bound."""
-    src = {"x": inputs.x64, **inputs.params64, "pe": inputs.pe64}
-    leaves = {k: torch.from_numpy(np.abs(v)).to(DEVICE).requires_grad_(k != "x" or x_grad)
-              for k, v in src.items() if v is not None}
-    y, g = _run(case, inputs, leaves, "torch", dy.abs().double())
-    return to_numpy(y), {k: to_numpy(v) for k, v in g.items()}
 
 
 # --------------------------------------------------------------------------- the pooling forward
@@ -204,24 +195,23 @@ def test_linear_column_sum_slots(small):
 
 
 def _check_against_torch(case, *, x_grad=True):
-    """Forward and every gradient asked for: triton against the torch
-    backend within tests/test_triton.py's pair_bound (forward: n = L*D + 3
-    terms; gradients: its _n_terms), magnitudes from float64 on |inputs|."""
+    """Forward and every gradient asked for, of the Triton and the torch
+    backend, against the exact values within the harness's tolerance model
+    (kvcompress/testing/tolerance.py, gradients.py), as tests/test_triton.py
+    checks every kind: the two backends then agree within twice it."""
     rec = RECORDS[case.kind]
     inputs = make_inputs(case, rec, DEVICE)
     rng = np.random.default_rng(case.seed + 7)
-    dy = torch.from_numpy(rng.standard_normal((case.B, case.H, case.W, rec.d_out(case)))).to(inputs.x.dtype)
-    m_y, mags = _magnitudes(case, inputs, dy, x_grad=x_grad)
-    y_t, g_t = _run(case, inputs, _leaves(case, inputs, x_grad=x_grad), "torch", dy)
-    y, g = _run(case, inputs, _leaves(case, inputs, x_grad=x_grad), "triton", dy)
-    n_y = (case.L * case.D if case.kind == "linear" else case.L) + 3
-    ok, ratio, idx, err = compare(to_numpy(y), to_numpy(y_t), pair_bound(case.dtype, n_y, m_y))
-    assert ok, f"forward: {err:.3g} at {idx} is {ratio:.3g} x the bound\n  {case!r}"
-    assert set(g) == set(g_t) == set(mags)
-    for name in g:
-        ok, ratio, idx, err = compare(to_numpy(g[name]), to_numpy(g_t[name]),
-                                      pair_bound(case.dtype, _n_terms(case, name), mags[name]))
-        assert ok, f"d{name}: {err:.3g} at {idx} is {ratio:.3g} x the bound\n  {case!r}"
+    dy64 = round_to(rng.standard_normal((case.B, case.H, case.W, rec.d_out(case))), case.dtype)
+    dy = torch.from_numpy(dy64).to(inputs.x.dtype).to(DEVICE)
+    model, ok = gradients.model(case, inputs, dy64)
+    assert ok, f"fixed case is ill-conditioned: {case!r}"
+    for backend in ("triton", "torch"):
+        y, g = _run(case, inputs, _leaves(case, inputs, x_grad=x_grad), backend, dy)
+        assert set(g) == set(model) - {"y"} - ({"x"} if not x_grad else set())
+        for name, got in [("y", y), *g.items()]:
+            ok, ratio, idx, err = compare(to_numpy(got), *model[name])
+            assert ok, f"{backend} {name}: {err:.3g} at {idx} is {ratio:.3g} x the bound\n  {case!r}"
 
 
 # --------------------------------------------------------------------------- determinism

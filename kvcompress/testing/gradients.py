@@ -4,7 +4,7 @@ kvcompress/testing/tolerance.py carried through the backward pass.
 For a cotangent g (B, H, W, D_out) we compute, in float64 and analytically,
 the exact gradient of sum(y * g) with respect to x, every parameter and pe,
 and for each element the largest error an implementation obeying SPEC
-section 3 may make. ``tests/test_gradients.py`` checks these exact
+section 3 may make. ``tests/test_harness_model.py`` checks these exact
 gradients against central finite differences of the loop reference, so the
 formulas below are verified, not trusted.
 
@@ -41,177 +41,194 @@ Local bounds per kind (u_a: accumulation unit roundoff, u_o: the dtype's):
   roundings: rho = expm1(2 Delta) + (L + 4) u_a + u_o. gz = P g (X - y) then
   carries (2 rho + (L + 8) u_a + 2 u_o) Gz + P |g| e_y with
   Gz = P |g| (|X| + Q), Q = sum_j P |X_j| >= |y|, e_y the forward bound.
+- gated_pool (SPEC 3b; ``gated_pool_exact_and_bounds`` on gathered
+  windows): y = sum_j P_j v_j with P = softmax(s), s = z + bias, so
+  dv_j = P_j g and ds_j = P_j (v_j - y) g (the softmax's Jacobian
+  diag(P) - P P^T applied to v g); ds is dz at the position's token and
+  feature chunk and, summed over windows and the heads of a group, dbias.
+  The same softmax backward as attention_pool (``_softmax_local``), with
+  the logit perturbation of tolerance.py's gated_pool, Delta = 3 u_a A
+  (+ u_o A for io-intermediates), A = max_j (|z_j| + |bias_j|): rho =
+  expm1(2 Delta) + (L + 4) u_a + u_o, dv carries (rho + 2 u_a + (1 + c_o)
+  u_o) P |g| + tiny_a |g| (P^ times g, then stored), ds carries attention's
+  e_gz plus (u_a + c_o u_o) Gz (stored). A token's gradient sums the
+  windows holding it (K = ceil(L / S) + 1; with ``split`` at most one per
+  feature, so this K is generous); dbias sums K = B W H / G terms.
+
+Every function here runs on NumPy arrays and on torch tensors on any device
+(kvcompress/testing/_xp.py): the parameter gradients are contractions over
+windows (einsum), never per-window outer products, so NSA sizes fit a GPU.
 """
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
-
-from . import windows
-from .tolerance import LARGEST, LIPSCHITZ, MAX_LOGIT_DELTA, U64, _units
+from . import _xp
+from .tolerance import LARGEST, LIPSCHITZ, MAX_LOGIT_DELTA, U64, _units, gated_pool_delta, gated_pool_logits
 
 C_O = 3
 ACT_ULPS = 8
 KAPPA = 0.8  # max |act''| for gelu (2 phi(0) = 0.798) and silu (0.5)
 
-_erf = np.vectorize(math.erf, otypes=[np.float64])
-
-
-def _act_prime(name, z):
-    if name == "relu":
-        return (z > 0).astype(np.float64)
-    if name == "gelu":
-        return 0.5 * (1.0 + _erf(z / np.sqrt(2.0))) + z * np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi)
-    s = 0.5 * (1.0 + np.tanh(0.5 * z))   # sigmoid without overflow
-    return s * (1.0 + z * (1.0 - s))
-
 
 def _local(case, inputs, g):
-    """Per-window (exact, bound, magnitude) for "X" (B, H, W, L, D) and each
-    parameter (B, H, W, *param shape without G)."""
-    u_o, u_a, _, _ = _units(case.dtype)
+    """The window-level terms: "X" -> (exact, bound, magnitude), each
+    (B, H, W, L, D), per window; every parameter -> the same three summed
+    over batch and windows per head, (H, *param shape without G): the sums
+    are contractions (einsum), so nothing (B, H, W, *param shape) is built
+    and NSA sizes fit a GPU."""
+    xp = _xp.namespace(inputs.x64)
+    u_o, u_a, _, tiny_a = _units(case.dtype)
     ua = u_a + U64
     kw = dict(seqlens=case.seqlens, **case.window_kwargs())
-    win = windows.gather_windows(inputs.x64, pe=inputs.pe64, **kw)                      # [B, H, W, L, D]
-    win_abs = windows.gather_windows(np.abs(inputs.x64), pe=_abs(inputs.pe64), **kw)
+    win = _xp.gather(inputs.x64, pe=inputs.pe64, **kw)                                   # [B, H, W, L, D]
+    pe_abs = None if inputs.pe64 is None else xp.abs(inputs.pe64)
+    win_abs = _xp.gather(xp.abs(inputs.x64), pe=pe_abs, **kw)
     B, H, W, L, D = win.shape
     p = inputs.params64
-    ag = np.abs(g)                                                                       # [B, H, W, O]
+    ag = xp.abs(g)                                                                       # [B, H, W, O]
     out = {}
-
-    def heads(a):
-        return a[windows.group_of_head(a.shape[0], H)]
-
     if case.kind == "mean_pool":
-        ex = np.broadcast_to(g[:, :, :, None, :] / L, win.shape)
-        mag = np.broadcast_to(ag[:, :, :, None, :] / L, win.shape)
+        ex = xp.broadcast_to(g[:, :, :, None, :] / L, win.shape)
+        mag = xp.broadcast_to(ag[:, :, :, None, :] / L, win.shape)
         out["X"] = (ex, (2 * ua + C_O * u_o) * mag, mag)
     elif case.kind == "weighted_pool":
-        wh = heads(p["weight"])[None, :, None, :, None]                                 # [1, H, 1, L, 1]
-        mag = np.abs(wh) * ag[:, :, :, None, :]
+        wh = _xp.heads(xp, p["weight"], H)[None, :, None, :, None]                       # [1, H, 1, L, 1]
+        mag = xp.abs(wh) * ag[:, :, :, None, :]
         out["X"] = (wh * g[:, :, :, None, :], (ua + C_O * u_o) * mag, mag)
-        ex_w = np.einsum("bhwld,bhwd->bhwl", win, g)
-        mag_w = np.einsum("bhwld,bhwd->bhwl", win_abs, ag)
-        out["weight"] = (ex_w, (D * ua + C_O * u_o) * mag_w, mag_w)
+        mag_w = xp.einsum("bhwld,bhwd->hl", win_abs, ag)
+        out["weight"] = (xp.einsum("bhwld,bhwd->hl", win, g), (D * ua + C_O * u_o) * mag_w, mag_w)
     elif case.kind == "linear":
-        Wh = heads(p["weight"])                                                         # [H, L, D, O]
+        Wh = _xp.heads(xp, p["weight"], H)                                               # [H, L, D, O]
         O = Wh.shape[-1]
-        ex = np.einsum("bhwo,hldo->bhwld", g, Wh)
-        mag = np.einsum("bhwo,hldo->bhwld", ag, np.abs(Wh))
-        out["X"] = (ex, (O * ua + C_O * u_o) * mag, mag)
-        ex_w = win[..., None] * g[:, :, :, None, None, :]                                # [B, H, W, L, D, O]
-        mag_w = win_abs[..., None] * ag[:, :, :, None, None, :]
-        out["weight"] = (ex_w, (ua + C_O * u_o) * mag_w, mag_w)
+        mag = xp.einsum("bhwo,hldo->bhwld", ag, xp.abs(Wh))
+        out["X"] = (xp.einsum("bhwo,hldo->bhwld", g, Wh), (O * ua + C_O * u_o) * mag, mag)
+        mag_w = xp.einsum("bhwld,bhwo->hldo", win_abs, ag)
+        out["weight"] = (xp.einsum("bhwld,bhwo->hldo", win, g), (ua + C_O * u_o) * mag_w, mag_w)
         if p["bias"] is not None:
-            out["bias"] = (g, C_O * u_o * ag, ag)
+            agh = xp.sum(ag, axis=(0, 2))
+            out["bias"] = (xp.sum(g, axis=(0, 2)), C_O * u_o * agh, agh)
     elif case.kind == "mlp":
-        _mlp_local(case, p, win, win_abs, g, ag, u_o, ua, out)
+        _mlp_local(xp, case.activation, p, win, win_abs, g, ag, u_o, ua, out)
     elif case.kind == "attention_pool":
-        _attention_local(case, p["weight"], win, win_abs, g, ag, u_o, ua, out, _units(case.dtype)[3])
+        _attention_local(xp, p["weight"], win, win_abs, g, ag, u_o, ua, out, tiny_a)
     else:
         raise ValueError(case.kind)
     return out
 
 
-def _abs(a):
-    return None if a is None else np.abs(a)
-
-
-def _mlp_local(case, p, win, win_abs, g, ag, u_o, ua, out):
+def _mlp_local(xp, activation, p, win, win_abs, g, ag, u_o, ua, out):
     B, H, W, L, D = win.shape
-    gh_idx = windows.group_of_head(p["w1"].shape[0], H)
-    w1, w2 = p["w1"][gh_idx], p["w2"][gh_idx]                                           # [H, LD, F], [H, F, O]
-    b1 = None if p["b1"] is None else p["b1"][gh_idx][None, :, None, :]
+    w1, w2 = _xp.heads(xp, p["w1"], H), _xp.heads(xp, p["w2"], H)                       # [H, LD, F], [H, F, O]
+    aw1 = xp.abs(w1)
     X, Xa = win.reshape(B, H, W, L * D), win_abs.reshape(B, H, W, L * D)
-    pre = np.einsum("bhwk,hkf->bhwf", X, w1) + (0 if b1 is None else b1)
-    M_p = np.einsum("bhwk,hkf->bhwf", Xa, np.abs(w1)) + (0 if b1 is None else np.abs(b1))
+    pre = _xp.mlp_pre(win, p["w1"], p["b1"])                                             # [B, H, W, F]
+    M_p = _xp.mlp_pre(win_abs, xp.abs(p["w1"]), None if p["b1"] is None else xp.abs(p["b1"]))
     e_p = ((L * D + 2) * ua + u_o) * M_p
     e_h = LIPSCHITZ * e_p + (ACT_ULPS * ua + u_o) * M_p
-    hid = windows.act(case.activation, pre)
-    gh = np.einsum("bhwo,hfo->bhwf", g, w2)
-    Mgh = np.einsum("bhwo,hfo->bhwf", ag, np.abs(w2))
+    hid = _xp.act(xp, activation, pre)
+    gh = xp.einsum("bhwo,hfo->bhwf", g, w2)
+    Mgh = xp.einsum("bhwo,hfo->bhwf", ag, xp.abs(w2))
     e_gh = (w2.shape[-1] + 1) * ua * Mgh
-    d = _act_prime(case.activation, pre)
-    if case.activation == "relu":
-        e_d = (np.abs(pre) <= e_p).astype(np.float64)       # the sign of p^ may differ from p's
+    if activation == "relu":
+        e_d = xp.where(xp.abs(pre) <= e_p, 1.0, 0.0)       # the sign of p^ may differ from p's
     else:
         e_d = KAPPA * e_p + ACT_ULPS * ua * LIPSCHITZ
-    gp = gh * d
+    gp = gh * _xp.act_prime(xp, activation, pre)
     e_gp = LIPSCHITZ * e_gh + Mgh * e_d + (ua + u_o) * LIPSCHITZ * Mgh
-    agp = np.abs(gp)
+    agp, lm = xp.abs(gp), LIPSCHITZ * Mgh
     F = w1.shape[-1]
-    ex_x = np.einsum("bhwf,hkf->bhwk", gp, w1)
-    mag_x = np.einsum("bhwf,hkf->bhwk", agp, np.abs(w1))
-    bnd_x = np.einsum("bhwf,hkf->bhwk", e_gp, np.abs(w1)) + (F * ua + C_O * u_o) * \
-        np.einsum("bhwf,hkf->bhwk", LIPSCHITZ * Mgh, np.abs(w1))
     shape = (B, H, W, L, D)
-    out["X"] = (ex_x.reshape(shape), bnd_x.reshape(shape), mag_x.reshape(shape))
-    ex_w1 = X[..., None] * gp[:, :, :, None, :]                                         # [B, H, W, LD, F]
-    mag_w1 = Xa[..., None] * agp[:, :, :, None, :]
-    bnd_w1 = Xa[..., None] * e_gp[:, :, :, None, :] + (ua + C_O * u_o) * Xa[..., None] * \
-        (LIPSCHITZ * Mgh)[:, :, :, None, :]
-    out["w1"] = (ex_w1, bnd_w1, mag_w1)
+    bnd_x = xp.einsum("bhwf,hkf->bhwk", e_gp, aw1) + (F * ua + C_O * u_o) * xp.einsum("bhwf,hkf->bhwk", lm, aw1)
+    out["X"] = (xp.einsum("bhwf,hkf->bhwk", gp, w1).reshape(shape), bnd_x.reshape(shape),
+                xp.einsum("bhwf,hkf->bhwk", agp, aw1).reshape(shape))
+    out["w1"] = (xp.einsum("bhwk,bhwf->hkf", X, gp),
+                 xp.einsum("bhwk,bhwf->hkf", Xa, e_gp) + (ua + C_O * u_o) * xp.einsum("bhwk,bhwf->hkf", Xa, lm),
+                 xp.einsum("bhwk,bhwf->hkf", Xa, agp))
     if p["b1"] is not None:
-        out["b1"] = (gp, e_gp + C_O * u_o * LIPSCHITZ * Mgh, agp)
-    ah = np.abs(hid)
-    out["w2"] = (hid[..., None] * g[:, :, :, None, :],
-                 e_h[..., None] * ag[:, :, :, None, :] + (ua + C_O * u_o) * M_p[..., None] * ag[:, :, :, None, :],
-                 ah[..., None] * ag[:, :, :, None, :])
+        out["b1"] = (xp.sum(gp, axis=(0, 2)), xp.sum(e_gp + C_O * u_o * lm, axis=(0, 2)), xp.sum(agp, axis=(0, 2)))
+    out["w2"] = (xp.einsum("bhwf,bhwo->hfo", hid, g),
+                 xp.einsum("bhwf,bhwo->hfo", e_h, ag) + (ua + C_O * u_o) * xp.einsum("bhwf,bhwo->hfo", M_p, ag),
+                 xp.einsum("bhwf,bhwo->hfo", xp.abs(hid), ag))
     if p["b2"] is not None:
-        out["b2"] = (g, C_O * u_o * ag, ag)
+        agh = xp.sum(ag, axis=(0, 2))
+        out["b2"] = (xp.sum(g, axis=(0, 2)), C_O * u_o * agh, agh)
 
 
-def _attention_local(case, weight, win, win_abs, g, ag, u_o, ua, out, tiny_a):
-    B, H, W, L, D = win.shape
-    Wh = weight[windows.group_of_head(weight.shape[0], H)]                             # [H, D, D]
-    z = np.einsum("bhwld,hdc->bhwlc", win, Wh)
-    P = np.exp(z - z.max(axis=3, keepdims=True))
-    P = P / P.sum(axis=3, keepdims=True)                                               # [B, H, W, L, D]
-    y = (P * win).sum(axis=3)                                                          # [B, H, W, D]
-    A = np.einsum("bhwld,hdc->bhwlc", win_abs, np.abs(Wh)).max(axis=3)                # [B, H, W, D]
-    delta = ((D + 2) * ua + u_o) * A
-    rho = np.expm1(2 * np.minimum(delta, 50.0)) + (L + 4) * ua + u_o                   # [B, H, W, D]
-    Q = (P * win_abs).sum(axis=3)
+def _softmax_local(xp, P, v, v_abs, g, ag, rho, u_o, ua, tiny_a):
+    """The softmax pooling's backward, shared by attention_pool and
+    gated_pool: y = sum_j P_j v_j per feature; P, v, v_abs (B, H, W, L, C),
+    g, ag (B, H, W, C), rho (B, H, W, C) the relative error of P^. Returns
+    gP = P g and its magnitude, the logit gradient gz = P g (v - y), its
+    magnitude Gz and its error e_gz (module docstring)."""
+    L = v.shape[3]
+    y = xp.sum(P * v, axis=3)                                                          # [B, H, W, C]
+    Q = xp.sum(P * v_abs, axis=3)
     e_y = (rho + L * ua + 2 * u_o) * Q
     gP = P * g[:, :, :, None, :]
     agP = P * ag[:, :, :, None, :]
-    gz = gP * (win - y[:, :, :, None, :])                                              # [B, H, W, L, D]
-    Gz = agP * (win_abs + Q[:, :, :, None, :])
+    gz = gP * (v - y[:, :, :, None, :])                                                # [B, H, W, L, C]
+    Gz = agP * (v_abs + Q[:, :, :, None, :])
     # a softmax weight flushed to zero (tiny_a, see tolerance.py) costs at most
-    # tiny_a |g| (|X| + Q) in gz and tiny_a |g| in the direct term P g
+    # tiny_a |g| (|v| + Q) in gz and tiny_a |g| in the direct term P g
     e_gz = (2 * rho[:, :, :, None, :] + (L + 8) * ua + 2 * u_o) * Gz + agP * e_y[:, :, :, None, :] \
-        + tiny_a * ag[:, :, :, None, :] * (win_abs + Q[:, :, :, None, :])
-    aW = np.abs(Wh)
-    ex_x = gP + np.einsum("bhwlc,hdc->bhwld", gz, Wh)
-    mag_x = agP + np.einsum("bhwlc,hdc->bhwld", np.abs(gz), aW)
+        + tiny_a * ag[:, :, :, None, :] * (v_abs + Q[:, :, :, None, :])
+    return gP, agP, gz, Gz, e_gz
+
+
+def _attention_local(xp, weight, win, win_abs, g, ag, u_o, ua, out, tiny_a):
+    B, H, W, L, D = win.shape
+    Wh = _xp.heads(xp, weight, H)                                                       # [H, D, D]
+    aW = xp.abs(Wh)
+    P = _xp.softmax_positions(_xp.attention_logits(win, weight))                        # [B, H, W, L, D]
+    A = xp.max(xp.einsum("bhwld,hdc->bhwlc", win_abs, aW), axis=3)                      # [B, H, W, D]
+    delta = ((D + 2) * ua + u_o) * A
+    rho = xp.expm1(2 * xp.minimum(delta, 50.0)) + (L + 4) * ua + u_o                    # [B, H, W, D]
+    gP, agP, gz, Gz, e_gz = _softmax_local(xp, P, win, win_abs, g, ag, rho, u_o, ua, tiny_a)
+    ex_x = gP + xp.einsum("bhwlc,hdc->bhwld", gz, Wh)
+    mag_x = agP + xp.einsum("bhwlc,hdc->bhwld", xp.abs(gz), aW)
     bnd_x = (rho[:, :, :, None, :] + ua + u_o) * agP + tiny_a * ag[:, :, :, None, :] \
-        + np.einsum("bhwlc,hdc->bhwld", e_gz, aW) \
-        + ((D + 1) * ua + C_O * u_o) * (agP + np.einsum("bhwlc,hdc->bhwld", Gz, aW))
+        + xp.einsum("bhwlc,hdc->bhwld", e_gz, aW) \
+        + ((D + 1) * ua + C_O * u_o) * (agP + xp.einsum("bhwlc,hdc->bhwld", Gz, aW))
     out["X"] = (ex_x, bnd_x, mag_x)
-    ex_w = np.einsum("bhwld,bhwlc->bhwdc", win, gz)
-    mag_w = np.einsum("bhwld,bhwlc->bhwdc", win_abs, np.abs(gz))
-    bnd_w = np.einsum("bhwld,bhwlc->bhwdc", win_abs, e_gz) + (L * ua + C_O * u_o + u_o) * \
-        np.einsum("bhwld,bhwlc->bhwdc", win_abs, Gz)
-    out["weight"] = (ex_w, bnd_w, mag_w)
+    out["weight"] = (xp.einsum("bhwld,bhwlc->hdc", win, gz),
+                     xp.einsum("bhwld,bhwlc->hdc", win_abs, e_gz) + (L * ua + C_O * u_o + u_o)
+                     * xp.einsum("bhwld,bhwlc->hdc", win_abs, Gz),
+                     xp.einsum("bhwld,bhwlc->hdc", win_abs, xp.abs(gz)))
 
 
 class GradBounds:
     """name -> exact gradient, its bound, and whether the case is well
     conditioned (finite magnitudes below the dtype's overflow, attention
-    logits perturbation <= 1/8)."""
+    logits perturbation <= 1/8). NumPy arrays or torch tensors, as the
+    inputs were."""
 
     def __init__(self, exact, bound, well_conditioned):
         self.exact, self.bound, self.well_conditioned = exact, bound, well_conditioned
 
 
+def sum_of_terms(ex, bn, mag, K, dtype):
+    """(exact, bound) of a gradient element that sums K local terms (their
+    exact values ``ex``, local bounds ``bn`` and magnitudes ``mag``, already
+    summed): the summation adds K (u_a + u_64) times the summed magnitudes
+    (gamma_K), plus the floors of one stored result and K flushed partials."""
+    _, u_a, tiny_o, tiny_a = _units(dtype)
+    return ex, bn + K * (u_a + U64) * mag + tiny_o + K * tiny_a
+
+
+def _overflows(xp, arrays, dtype) -> bool:
+    return not all(xp.all(xp.isfinite(a)) and xp.all(a < LARGEST[dtype] / 8) for a in arrays)
+
+
 def exact_and_bounds(case, inputs, g) -> GradBounds:
     """Exact gradients of sum(y * g) and their bounds, for "x", every
     parameter that is not None, and "pe" when present. g: (B, H, W, D_out)
-    float64, exactly representable in the case's dtype."""
-    u_o, u_a, tiny_o, tiny_a = _units(case.dtype)
-    ua = u_a + U64
+    float64, exactly representable in the case's dtype. inputs: the
+    harness's Inputs, or ``_xp.float64_inputs`` of tensors on any device
+    (g then a float64 tensor on that device)."""
+    xp = _xp.namespace(inputs.x64)
+    u_o, u_a, _, _ = _units(case.dtype)
+    if case.kind == "gated_pool":
+        return _gated_exact_and_bounds(case, inputs, g)
     local = _local(case, inputs, g)
     B, H, W = g.shape[:3]
     G = case.G
@@ -219,33 +236,120 @@ def exact_and_bounds(case, inputs, g) -> GradBounds:
     ex, bn, mag = local.pop("X")
     kw = dict(seqlens=case.seqlens, **case.window_kwargs())
     K = -(-case.L // case.S) + 1                         # windows holding one token, + 1
-    exact["x"] = windows.scatter_windows(ex, case.T, **kw)
-    magnitude["x"] = windows.scatter_windows(mag, case.T, **kw)
-    bound["x"] = windows.scatter_windows(bn, case.T, **kw) + K * ua * windows.scatter_windows(mag, case.T, **kw) \
-        + tiny_o + K * tiny_a
+    magnitude["x"] = _xp.scatter(mag, case.T, **kw)
+    exact["x"], bound["x"] = sum_of_terms(_xp.scatter(ex, case.T, **kw), _xp.scatter(bn, case.T, **kw),
+                                          magnitude["x"], K, case.dtype)
     if inputs.pe64 is not None:
-        K = B * W
-        exact["pe"] = ex.sum(axis=(0, 2))
-        magnitude["pe"] = mag.sum(axis=(0, 2))
-        bound["pe"] = bn.sum(axis=(0, 2)) + K * ua * mag.sum(axis=(0, 2)) + tiny_o + K * tiny_a
-    for name, (ex, bn, mag) in local.items():
-        K = B * W * (H // G)
-
-        def total(a):                                  # [B, H, W, ...] -> [G, ...]
-            s = a.sum(axis=(0, 2))
-            return s.reshape((G, H // G) + s.shape[1:]).sum(axis=1)
-        exact[name] = total(ex)
-        magnitude[name] = total(mag)
-        bound[name] = total(bn) + K * ua * total(mag) + tiny_o + K * tiny_a
+        magnitude["pe"] = xp.sum(mag, axis=(0, 2))
+        exact["pe"], bound["pe"] = sum_of_terms(xp.sum(ex, axis=(0, 2)), xp.sum(bn, axis=(0, 2)), magnitude["pe"],
+                                                B * W, case.dtype)
+    for name, (ex, bn, mag) in local.items():                      # per head -> per group
+        magnitude[name] = _xp.groups(mag, G)
+        exact[name], bound[name] = sum_of_terms(_xp.groups(ex, G), _xp.groups(bn, G), magnitude[name],
+                                                B * W * (H // G), case.dtype)
     # the bound and the gradient's magnitude (sum of |terms|, >= |exact|) below the dtype's overflow, as
     # tolerance.forward_bound requires of the output: a gradient that overflows the dtype has no
     # representable answer to compare against (thorough profile on the GPU, run 10: a float16
     # attention_pool weight gradient of -75999 came back -inf, as any float16 result must)
-    ok = all(np.isfinite(b).all() and (b < LARGEST[case.dtype] / 8).all() for b in bound.values()) \
-        and all(np.isfinite(m).all() and (m < LARGEST[case.dtype] / 8).all() for m in magnitude.values())
+    ok = not _overflows(xp, [*bound.values(), *magnitude.values()], case.dtype)
     if case.kind == "attention_pool" and W * B > 0:
-        win_abs = windows.gather_windows(np.abs(inputs.x64), pe=_abs(inputs.pe64), **kw)
-        Wh = inputs.params64["weight"][windows.group_of_head(G, H)]
-        A = np.einsum("bhwld,hdc->bhwlc", win_abs, np.abs(Wh)).max(axis=3)
-        ok = ok and bool(np.all(((case.D + 2) * u_a + u_o) * A <= MAX_LOGIT_DELTA))
+        win_abs = _xp.gather(xp.abs(inputs.x64), pe=None if inputs.pe64 is None else xp.abs(inputs.pe64), **kw)
+        A = xp.max(_xp.attention_logits(win_abs, xp.abs(inputs.params64["weight"])), axis=3)
+        ok = ok and xp.all(((case.D + 2) * u_a + u_o) * A <= MAX_LOGIT_DELTA)
     return GradBounds(exact, bound, ok)
+
+
+def _gated_exact_and_bounds(case, inputs, g) -> GradBounds:
+    """gated_pool's GradBounds for "x", "z" and "bias" (when present): the
+    per-position terms of ``gated_pool_exact_and_bounds`` carried back to
+    the tokens (through the split's chunk selection, then the adjoint of the
+    window gather) and summed over the windows holding each token."""
+    from .tolerance import gated_windows
+    xp = _xp.namespace(inputs.x64)
+    v, z, valid = gated_windows(case, inputs)
+    gb = gated_pool_exact_and_bounds(v, z, inputs.params64["bias"], valid, g, dtype=case.dtype)
+    kw = dict(seqlens=case.seqlens, **case.window_kwargs())
+    B, H, W, L, Do = v.shape
+    D, T = case.D, case.T
+    K = -(-case.L // case.S) + 1                         # windows holding one token, + 1
+
+    def to_tokens(a):   # (B, H, W, L, D_out) per position -> (B, H, T, D), the adjoint of gated_windows
+        if case.split:
+            C = L // case.S
+            full = xp.zeros((B, H, W, L, C, Do), a)
+            j = xp.arange(L, a)
+            full[:, :, :, j, j // case.S] = a
+            a = full.reshape(B, H, W, L, D)
+        return _xp.scatter(a, T, **kw)
+
+    exact, bound = {}, {}
+    for name, token in (("v", "x"), ("z", "z")):
+        mag = to_tokens(gb.magnitude[name])
+        exact[token], bound[token] = sum_of_terms(to_tokens(gb.exact[name]), to_tokens(gb.bound[name]), mag, K,
+                                                  case.dtype)
+    if "bias" in gb.exact:
+        exact["bias"], bound["bias"] = gb.exact["bias"], gb.bound["bias"]
+    ok = gb.well_conditioned and not _overflows(xp, [*bound.values()], case.dtype)
+    return GradBounds(exact, bound, ok)
+
+
+def model(case, inputs, g):
+    """Everything a check of one call needs: ({"y" | "x" | "pe" | parameter
+    name: (exact, bound)}, well_conditioned), the output's from
+    kvcompress/testing/tolerance.py, the gradients' of sum(y * g) from here.
+    NumPy arrays, or torch tensors on any device (``_xp.float64_inputs``):
+    scripts/gpu_check.py runs it on CUDA tensors at NSA sizes."""
+    from . import tolerance
+    fb = tolerance.forward_bound(case, inputs)
+    gb = exact_and_bounds(case, inputs, g)
+    out = {"y": (tolerance.exact_output(case, inputs), fb.bound)}
+    out.update({k: (gb.exact[k], gb.bound[k]) for k in gb.exact})
+    return out, bool(fb.well_conditioned and gb.well_conditioned)
+
+
+# --------------------------------------------------------------------------- gated_pool (SPEC 3b)
+
+
+def gated_pool_exact_and_bounds(win_v, win_z, bias, valid, g, *, dtype: str, precision: str = "strict") -> GradBounds:
+    """Exact gradients of sum(y * g) for gated_pool on gathered windows, and
+    their bounds (module docstring, gated_pool).
+
+    win_v, win_z: (B, H, W, L, D_out) float64, what each window position
+    reads (``split``'s chunk selected, pads 0); bias: (G, L, D_out) float64
+    or None; valid: (W, L) bool, False at a left pad; g: (B, H, W, D_out)
+    float64; dtype, precision: as ``tolerance.gated_pool_bound``. NumPy or
+    torch, one kind.
+
+    Returns GradBounds with, per window position, "v" and "z" (B, H, W, L,
+    D_out): the local exact gradient and its local bound (not yet summed over
+    the windows holding a token: the caller scatters exact, bound and the
+    magnitude in ``magnitude`` through the adjoint of its gather, then
+    applies ``sum_of_terms`` with K = ceil(L / S) + 1); and "bias" (G, L,
+    D_out), complete (K = B W H / G terms), when bias is not None.
+    ``magnitude`` (an attribute) holds the three magnitudes."""
+    xp = _xp.namespace(win_v)
+    u_o, u_a, _, tiny_a = _units(dtype)
+    ua = u_a + U64
+    B, H, W, L, Do = win_v.shape
+    m = valid[None, None, :, :, None]
+    P = _xp.softmax_positions(gated_pool_logits(win_z, bias, valid))                   # [B, H, W, L, Do]
+    v = xp.where(m, win_v, 0.0)
+    v_abs = xp.abs(v)
+    delta = gated_pool_delta(win_z, bias, valid, dtype=dtype, precision=precision)
+    rho = xp.expm1(2 * xp.minimum(delta, 50.0)) + (L + 4) * ua + u_o                    # [B, H, W, Do]
+    ag = xp.abs(g)
+    gP, agP, gz, Gz, e_gz = _softmax_local(xp, P, v, v_abs, g, ag, rho, u_o, ua, tiny_a)
+    exact = {"v": gP, "z": gz}
+    bound = {"v": (rho[:, :, :, None, :] + 2 * ua + (1 + C_O) * u_o) * agP + tiny_a * ag[:, :, :, None, :],
+             "z": e_gz + (ua + C_O * u_o) * Gz}
+    magnitude = {"v": agP, "z": xp.abs(gz)}
+    if bias is not None:
+        G = bias.shape[0]
+        magnitude["bias"] = _xp.groups(xp.sum(magnitude["z"], axis=(0, 2)), G)
+        exact["bias"], bound["bias"] = sum_of_terms(_xp.groups(xp.sum(gz, axis=(0, 2)), G),
+                                                    _xp.groups(xp.sum(bound["z"], axis=(0, 2)), G),
+                                                    magnitude["bias"], B * W * (H // G), dtype)
+    ok = xp.all(delta <= MAX_LOGIT_DELTA) and not _overflows(xp, [*bound.values(), *magnitude.values()], dtype)
+    gb = GradBounds(exact, bound, ok)
+    gb.magnitude = magnitude
+    return gb

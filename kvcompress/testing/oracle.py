@@ -24,28 +24,16 @@ Independent of the loop reference and of ``windows.py``;
 
 from __future__ import annotations
 
-import math
-
 import kvcompress_reference as reference
 import numpy as np
 
-from . import tolerance
-
-_erf = np.vectorize(math.erf, otypes=[np.float64])
-
-
-def group_of_head(G: int, H: int) -> np.ndarray:
-    """(H,) group index of each head: h // (H // G) (SPEC section 1)."""
-    return np.arange(H) // (H // G)
+from . import _xp, tolerance
+from .windows import group_of_head
 
 
 def act(name: str, z: np.ndarray) -> np.ndarray:
-    """relu (NaN kept), exact-erf gelu, silu, in float64."""
-    if name == "relu":
-        return np.where(z > 0, z, np.where(np.isnan(z), z, 0.0))
-    if name == "gelu":
-        return 0.5 * z * (1.0 + _erf(z / np.sqrt(2.0)))
-    return z * 0.5 * (1.0 + np.tanh(0.5 * z))   # z * sigmoid(z), without overflow
+    """relu (NaN kept), exact-erf gelu, silu, in float64 (``_xp.act``)."""
+    return _xp.act(_xp.namespace(z), name, z)
 
 
 def sequences(T: int, *, block_size: int, stride: int, padding: str, seqlens=None):
@@ -206,12 +194,19 @@ def _abs(a):
     return None if a is None else np.abs(a)
 
 
+# the kinds with a memory-lean form here; gated_pool's windows are gathered
+# (tolerance.gated_windows: at production shapes L / S <= 4)
+LEAN_KINDS = ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool")
+
+
 def evaluate(case, inputs) -> tuple[np.ndarray, tolerance.Bound]:
     """(the exact output (B, H, W, D_out), its ``tolerance.Bound``) for a
     Case (kvcompress.testing.cases) and its Inputs, without gathering
     windows: the same Bound as ``tolerance.forward_bound`` (to float64
     rounding of the magnitudes), at a fraction of its memory."""
     params = list(inputs.params64.values())
+    if case.kind == "gated_pool":   # no lean form: its windows are gathered (L / S <= 4 at production shapes)
+        return tolerance.exact_output(case, inputs), tolerance.forward_bound(case, inputs)
     if case.kind == "attention_pool":
         y, Q, A, sabs = _attention(inputs.x64, params[0], pe=inputs.pe64, seqlens=case.seqlens, terms=True,
                                    **case.window_kwargs())
@@ -226,6 +221,8 @@ def forward_bound(case, inputs) -> tolerance.Bound:
     |biases|; the MLP with relu), see kvcompress/testing/tolerance.py."""
     if case.kind == "attention_pool":
         return evaluate(case, inputs)[1]
+    if case.kind not in LEAN_KINDS:
+        return tolerance.forward_bound(case, inputs)
     params = [_abs(p) for p in inputs.params64.values()]
     M = _call(case, np.abs(inputs.x64), params, _abs(inputs.pe64), activation="relu")
     return tolerance.bound_from(case, M, finite=_finite(inputs))

@@ -53,13 +53,36 @@ Kind-specific terms:
   bfloat16 a rounded logit of size 100 would move P by 40%.
   Cases with Delta > 1/8 are ill-conditioned (the bound says nothing);
   the strategies drop them with ``assume`` instead of loosening anything.
+- gated_pool (SPEC 3b; ``gated_pool_bound`` on gathered windows, v and z
+  the features each position reads): y = sum_j P_j v_j, P = softmax_j(s),
+  s = z + bias, pads s = -inf and v = 0. The logit is one float32 addition
+  of two exact inputs, s^ = (z + bias)(1 + e), |e| <= u_a, so it moves by
+  at most u_a (|z| + |bias|); the max-shift s^ - max s^ is one more
+  rounding of a number of size <= 2 max (|z| + |bias|). Per feature,
+  Delta = 3 (u_a + u_64) A, A = max_j (|z_j| + |bias_j|) over real
+  positions, plus u_o A in the precision class io-intermediates (SPEC 3c:
+  logits stored in the input dtype; the float32 rounding before it is
+  already counted). Then attention_pool's argument word for word: P^ within
+  exp(+-2 Delta) of P, the exp/sum/division 2L + 8 roundings, the output
+  one rounding (c_o = 1: the values are read exactly, there is no x + pe):
+  bound = (expm1(2 Delta) + (2L + 8)(u_a + u_64) + u_o) * Q
+  + tiny_o + (L + sum_j |v_j|) tiny_a, Q = sum_j P_j |v_j|; Delta > 1/8
+  is ill-conditioned. (The output rounding alone may cost u_o |y| <= u_o Q,
+  so a strict float16 kernel can come close to the bound: 0.98 of it in
+  tests/test_harness_model.py's emulation.)
+
+The model is written once for NumPy arrays and torch tensors on any device
+(``_xp.namespace``): the property suite runs it in NumPy, scripts/gpu_check.py
+on the GPU's tensors at NSA sizes (``_xp.float64_inputs``).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from . import windows
+from . import _xp
 
 UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 SMALLEST_SUBNORMAL = {"float64": 2.0 ** -1074, "float32": 2.0 ** -149, "float16": 2.0 ** -24,
@@ -70,6 +93,17 @@ U64 = UNIT_ROUNDOFF["float64"]
 LIPSCHITZ = 1.13
 ACT_ULPS = 8
 MAX_LOGIT_DELTA = 1.0 / 8
+PRECISIONS = ("strict", "io-intermediates")   # SPEC section 3c
+
+
+def _output_roundings(dtype) -> int:
+    """Roundings of gated_pool's output to ``dtype``: one (strict, SPEC 3c),
+    or two for bfloat16 under Triton's CPU interpreter, whose fp32 -> bf16
+    conversion truncates (an error below one ulp, 2 u_o, where rounding to
+    nearest makes at most u_o; pinned by a strict xfail in
+    tests/test_interpreter_defects.py, so the allowance goes when the defect
+    does). The kinds with c_o >= 2 absorb it already."""
+    return 2 if dtype == "bfloat16" and os.environ.get("TRITON_INTERPRET") == "1" else 1
 
 
 def _units(dtype):
@@ -79,54 +113,86 @@ def _units(dtype):
     return u_o, u_a, SMALLEST_SUBNORMAL[dtype], tiny_a
 
 
-def _abs(a):
-    return None if a is None else np.abs(a)
+def _abs(xp, a):
+    return None if a is None else xp.abs(a)
 
 
 def _windows(case, x, pe):
-    return windows.gather_windows(x, pe=pe, seqlens=case.seqlens, **case.window_kwargs())
+    return _xp.gather(x, pe=pe, seqlens=case.seqlens, **case.window_kwargs())
+
+
+def _finite(xp, inputs) -> bool:
+    return all(xp.all(xp.isfinite(a)) for a in [inputs.x64, inputs.pe64, *inputs.params64.values()]
+               if a is not None)
 
 
 class Bound:
     """Per-element bound (same shape as the output), the magnitude it scales,
     and whether the case is well-conditioned enough for the bound to mean
-    anything (no overflow, attention logits perturbation <= 1/8)."""
+    anything (no overflow, attention logits perturbation <= 1/8). The
+    arrays are NumPy arrays or torch tensors, as the inputs were."""
 
     def __init__(self, bound, magnitude, well_conditioned):
         self.bound, self.magnitude, self.well_conditioned = bound, magnitude, well_conditioned
 
 
 # above this many gathered window elements (B * H * W * L * D) the magnitudes
-# come from the memory-lean oracle (kvcompress/testing/oracle.py), which
-# loops over window positions instead of gathering windows; below it, from
-# windows.py as always (tests/test_oracle.py checks that both agree)
+# of NumPy inputs come from the memory-lean oracle (kvcompress/testing/oracle.py),
+# which loops over window positions instead of gathering windows; below it,
+# and for torch tensors (a GPU holds the windows at NSA sizes), from the
+# gathered windows (tests/test_oracle.py checks that both agree)
 LEAN_ABOVE = 2 ** 22
 
 
+def exact_output(case, inputs):
+    """The exact (float64) output (B, H, W, D_out) of ``case`` on ``inputs``
+    (the harness's Inputs, or ``_xp.float64_inputs`` of tensors on any
+    device), from the gathered windows."""
+    if case.kind == "gated_pool":
+        v, z, valid = gated_windows(case, inputs)
+        return gated_pool_exact(v, z, inputs.params64["bias"], valid)
+    win = _windows(case, inputs.x64, inputs.pe64)
+    return _xp.on_windows(case.kind, win, list(inputs.params64.values()), activation=case.activation)
+
+
 def forward_bound(case, inputs) -> Bound:
-    """The allowed |y^ - y| for every output element of ``case``."""
-    if case.B * case.H * case.W * case.L * case.D > LEAN_ABOVE:
+    """The allowed |y^ - y| for every output element of ``case``. inputs:
+    the harness's Inputs, or any object with float64 ``x64``, ``params64``
+    and ``pe64`` (``_xp.float64_inputs``): NumPy arrays, or torch tensors on
+    any device (the Bound's arrays are then tensors on that device)."""
+    xp = _xp.namespace(inputs.x64)
+    if case.kind == "gated_pool":   # gathered windows at every size: L / S <= 4 at production shapes
+        v, z, valid = gated_windows(case, inputs)
+        b = gated_pool_bound(v, z, inputs.params64["bias"], valid, dtype=case.dtype)
+        return Bound(b.bound, b.magnitude, b.well_conditioned and _finite(xp, inputs))
+    if xp.name == "numpy" and case.B * case.H * case.W * case.L * case.D > LEAN_ABOVE:
         from . import oracle
 
         return oracle.forward_bound(case, inputs)
-    p = {k: _abs(v) for k, v in inputs.params64.items()}
-    win_abs = _windows(case, np.abs(inputs.x64), _abs(inputs.pe64))
-    finite = all(np.isfinite(a).all() for a in [inputs.x64, inputs.pe64, *inputs.params64.values()] if a is not None)
-    if case.kind in ("mean_pool", "weighted_pool", "linear"):
-        M = getattr(windows, case.kind)(win_abs, *p.values())
-        return bound_from(case, M, finite=finite)
-    if case.kind == "mlp":
-        return bound_from(case, windows.mlp(win_abs, *p.values(), activation="relu"), finite=finite)
+    p = [_abs(xp, v) for v in inputs.params64.values()]
+    win_abs = _windows(case, xp.abs(inputs.x64), _abs(xp, inputs.pe64))
+    finite = _finite(xp, inputs)
     if case.kind == "attention_pool":
         w = inputs.params64["weight"]
         win = _windows(case, inputs.x64, inputs.pe64)
-        A = windows.attention_logits(win_abs, np.abs(w)).max(axis=3)     # [B, H, W, D]
-        z = windows.attention_logits(win, w)
-        P = np.exp(z - z.max(axis=3, keepdims=True))
-        P = P / P.sum(axis=3, keepdims=True)
-        M = (P * win_abs).sum(axis=3)                                     # Q
-        return bound_from(case, M, finite=finite, max_logit=A, abs_sum=win_abs.sum(axis=3))
-    raise ValueError(f"unknown kind {case.kind!r}")
+        A = xp.max(_xp.attention_logits(win_abs, xp.abs(w)), axis=3)                  # [B, H, W, D]
+        P = _xp.softmax_positions(_xp.attention_logits(win, w))
+        M = xp.sum(P * win_abs, axis=3)                                                 # Q
+        return bound_from(case, M, finite=finite, max_logit=A, abs_sum=xp.sum(win_abs, axis=3))
+    if case.kind not in ("mean_pool", "weighted_pool", "linear", "mlp"):
+        raise ValueError(f"unknown kind {case.kind!r}")
+    return bound_from(case, _xp.on_windows(case.kind, win_abs, p, activation="relu"), finite=finite)
+
+
+def _softmax_bound(M, delta, abs_sum, *, L, dtype, c_o):
+    """The softmax-pooling bound shared by attention_pool and gated_pool (the
+    module docstring): every logit within delta (per feature) of its exact
+    value, 2L + 8 accumulation roundings, c_o roundings to the dtype, the
+    floors; M = Q = sum_j P_j |v_j|, abs_sum = sum_j |v_j|."""
+    xp = _xp.namespace(M)
+    u_o, u_a, tiny_o, tiny_a = _units(dtype)
+    return (xp.expm1(2 * xp.minimum(delta, 50.0)) + (2 * L + 8) * (u_a + U64) + c_o * u_o) * M \
+        + tiny_o + (L + abs_sum) * tiny_a
 
 
 def bound_from(case, M, *, finite: bool, max_logit=None, abs_sum=None) -> Bound:
@@ -134,9 +200,10 @@ def bound_from(case, M, *, finite: bool, max_logit=None, abs_sum=None) -> Bound:
     float64: M (attention_pool: Q = sum_j P_j |X_j|), and for attention_pool
     the largest logit magnitude per feature A = max_j |X_j| @ |W|
     (``max_logit``) and sum_j |X_j| (``abs_sum``). ``finite``: every input
-    is finite. The model of the module docstring, written once for both
-    ways of computing the magnitudes (windows.py here, oracle.py at
-    production sizes)."""
+    is finite. The model of the module docstring, written once for every
+    way of computing the magnitudes (gathered windows here, NumPy or torch;
+    oracle.py at production sizes)."""
+    xp = _xp.namespace(M)
     u_o, u_a, tiny_o, tiny_a = _units(case.dtype)
     L, D = case.L, case.D
     ok = True
@@ -148,16 +215,95 @@ def bound_from(case, M, *, finite: bool, max_logit=None, abs_sum=None) -> Bound:
         bound = ((LIPSCHITZ + 2) * u_o + n * (u_a + U64)) * M + tiny_o + n * tiny_a
     elif case.kind == "attention_pool":
         delta = ((D + 2) * u_a + u_o) * max_logit
-        ok = bool(np.all(delta <= MAX_LOGIT_DELTA))
-        bound = (np.expm1(2 * np.minimum(delta, 50.0)) + (2 * L + 8) * (u_a + U64) + 3 * u_o) * M \
-            + tiny_o + (L + abs_sum) * tiny_a
+        ok = xp.all(delta <= MAX_LOGIT_DELTA)
+        bound = _softmax_bound(M, delta, abs_sum, L=L, dtype=case.dtype, c_o=3)
     else:
         raise ValueError(f"unknown kind {case.kind!r}")
-    ok = ok and finite and bool(np.all(np.isfinite(M))) and bool(np.all(M < LARGEST[case.dtype] / 8))
+    ok = ok and finite and xp.all(xp.isfinite(M)) and xp.all(M < LARGEST[case.dtype] / 8)
     return Bound(bound, M, ok)
 
 
-def x_rounding_bound(case, inputs, x_exact) -> np.ndarray:
+# --------------------------------------------------------------------------- gated_pool (SPEC 3b)
+
+
+def gated_windows(case, inputs):
+    """(win_v, win_z, valid) of a gated_pool case: the values and gate
+    scores each window position reads, (B, H, W, L, D_out) float64 (with
+    ``split``, position j's feature chunk j // S; pads 0), and valid (W, L),
+    False at a left pad. inputs: the harness's Inputs (z is the parameter
+    "z") or ``_xp.float64_inputs``; NumPy or torch."""
+    xp = _xp.namespace(inputs.x64)
+    kw = dict(case.window_kwargs(), seqlens=case.seqlens)
+    _, valid = _xp.window_index(xp, inputs.x64, inputs.x64.shape[2], **kw)
+    v, z = _xp.gather(inputs.x64, **kw), _xp.gather(inputs.params64["z"], **kw)       # [B, H, W, L, D]
+    if case.split:
+        B, H, W, L, D = v.shape
+        C = L // case.S
+        j = xp.arange(L, v)
+        v = v.reshape(B, H, W, L, C, D // C)[:, :, :, j, j // case.S]                # [B, H, W, L, D_out]
+        z = z.reshape(B, H, W, L, C, D // C)[:, :, :, j, j // case.S]
+    return v, z, valid
+
+
+def gated_pool_logits(win_z, bias, valid):
+    """Scores s (B, H, W, L, D_out) = z + bias[g], -inf at pad positions.
+
+    win_z: (B, H, W, L, D_out) float64, the gate scores each window position
+    reads (its feature chunk already selected); bias: (G, L, D_out) float64
+    or None; valid: (W, L) bool, False at a left pad. NumPy or torch."""
+    xp = _xp.namespace(win_z)
+    s = win_z if bias is None else win_z + _xp.heads(xp, bias, win_z.shape[1])[None, :, None]
+    return xp.where(valid[None, None, :, :, None], s, -xp.inf)
+
+
+def gated_pool_exact(win_v, win_z, bias, valid):
+    """The exact output (B, H, W, D_out): sum_j softmax_j(s)[j] v[j]; a pad
+    (v = 0, weight 0) never reads its value."""
+    xp = _xp.namespace(win_v)
+    P = _xp.softmax_positions(gated_pool_logits(win_z, bias, valid))
+    return xp.sum(xp.where(valid[None, None, :, :, None], P * win_v, 0.0), axis=3)
+
+
+def gated_pool_delta(win_z, bias, valid, *, dtype, precision="strict"):
+    """Delta (B, H, W, D_out): the most any computed logit, max-shifted, may
+    differ from the exact one (module docstring, gated_pool)."""
+    xp = _xp.namespace(win_z)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    u_o, u_a, _, _ = _units(dtype)
+    a = xp.abs(win_z) if bias is None else xp.abs(win_z) + xp.abs(_xp.heads(xp, bias, win_z.shape[1]))[None, :, None]
+    A = xp.max(xp.where(valid[None, None, :, :, None], a, 0.0), axis=3)              # [B, H, W, D_out]
+    return (3 * (u_a + U64) + (u_o if precision == "io-intermediates" else 0.0)) * A
+
+
+def gated_pool_bound(win_v, win_z, bias, valid, *, dtype: str, precision: str = "strict") -> Bound:
+    """The allowed |y^ - y| (B, H, W, D_out) of gated_pool on gathered windows.
+
+    win_v, win_z: (B, H, W, L, D_out) float64, the values and gate scores
+    each window position reads (``split``'s feature chunk already selected;
+    pads 0); bias: (G, L, D_out) float64 or None; valid: (W, L) bool, False
+    at a left pad; dtype: the dtype under test (a key of UNIT_ROUNDOFF);
+    precision: "strict" (default) or "io-intermediates" (SPEC 3c: logits
+    may be stored in the dtype). NumPy arrays or torch tensors on any
+    device, all of one kind. Raises ValueError for an unknown precision.
+    The Bound's magnitude is Q = sum_j P_j |v_j|; well_conditioned requires
+    finite inputs, Delta <= 1/8 and Q below the dtype's overflow / 8."""
+    xp = _xp.namespace(win_v)
+    delta = gated_pool_delta(win_z, bias, valid, dtype=dtype, precision=precision)
+    P = _xp.softmax_positions(gated_pool_logits(win_z, bias, valid))
+    av = xp.where(valid[None, None, :, :, None], xp.abs(win_v), 0.0)
+    M = xp.sum(P * av, axis=3)                                                          # Q
+    bound = _softmax_bound(M, delta, xp.sum(av, axis=3), L=win_v.shape[3], dtype=dtype,
+                           c_o=_output_roundings(dtype))
+    finite = all(xp.all(xp.isfinite(a)) for a in (win_v, win_z, bias) if a is not None)
+    ok = finite and xp.all(delta <= MAX_LOGIT_DELTA) and xp.all(xp.isfinite(M)) and xp.all(M < LARGEST[dtype] / 8)
+    return Bound(bound, M, ok)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def x_rounding_bound(case, inputs, x_exact):
     """For the affine kinds (mean_pool, weighted_pool, linear): the most that
     rounding the float64 tokens ``x_exact`` (B, H, T, D) into the case's dtype
     moves each output element (B, H, W, D_out), given the parameters of
@@ -172,22 +318,26 @@ def x_rounding_bound(case, inputs, x_exact) -> np.ndarray:
     errors up to 2**-25, about 2**-10 of themselves (GPU run 20)."""
     if case.kind not in ("mean_pool", "weighted_pool", "linear"):
         raise ValueError(f"x_rounding_bound: {case.kind!r} is not affine in x")
+    xp = _xp.namespace(x_exact)
     u_o, _, tiny_o, _ = _units(case.dtype)
-    params = [None if name == "bias" else _abs(v) for name, v in inputs.params64.items()]
-    dx = _windows(case, u_o * np.abs(x_exact) + tiny_o / 2, None)
-    return getattr(windows, case.kind)(dx, *params)
+    params = [None if name == "bias" else _abs(xp, v) for name, v in inputs.params64.items()]
+    dx = _windows(case, u_o * xp.abs(x_exact) + tiny_o / 2, None)
+    return _xp.on_windows(case.kind, dx, params)
 
 
-def compare(got: np.ndarray, expected: np.ndarray, bound: np.ndarray):
+def compare(got, expected, bound):
     """(passed, worst error / bound, index of the worst element, its error).
 
-    Non-finite outputs where the reference is finite fail with ratio inf."""
+    NumPy arrays or torch tensors (of one kind). Non-finite outputs where
+    the reference is finite fail with ratio inf."""
     if got.shape != expected.shape:
         return False, float("inf"), None, float("inf")
-    if got.size == 0:
+    if int(np.prod(got.shape)) == 0:
         return True, 0.0, None, 0.0
-    err = np.abs(got - expected)
-    err = np.where(np.isfinite(got), err, np.inf)
+    xp = _xp.namespace(got, expected)
+    err = xp.abs(xp.f64(got) - xp.f64(expected))
+    err = xp.where(xp.isfinite(got), err, xp.inf)
     ratio = err / bound
-    i = np.unravel_index(np.argmax(ratio), ratio.shape)
-    return bool(np.all(ratio <= 1.0)), float(ratio[i]), tuple(int(k) for k in i), float(err[i])
+    k = int(ratio.reshape(-1).argmax())
+    i = tuple(int(j) for j in np.unravel_index(k, tuple(ratio.shape)))
+    return xp.all(ratio <= 1.0), float(ratio[i]), i, float(err[i])
