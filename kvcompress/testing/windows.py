@@ -106,3 +106,51 @@ def attention_pool(win, weight):
     p = np.exp(z)
     p = p / p.sum(axis=3, keepdims=True)
     return (p * win).sum(axis=3)
+
+
+def gated_values(win, *, split=False, stride=None):
+    """The features each window position reads (SPEC section 3b):
+    (B, H, W, L, Dx) -> (B, H, W, L, D_out). Without ``split`` every
+    position reads all Dx features (D_out = Dx); with it, position j reads
+    chunk c = j // stride of the C = L // stride chunks of D_out = Dx // C."""
+    if not split:
+        return win
+    B, H, W, L, Dx = win.shape
+    C = L // stride
+    chunks = win.reshape(B, H, W, L, C, Dx // C)                     # [B, H, W, L, C, D_out]
+    j = np.arange(L)
+    return chunks[:, :, :, j, j // stride, :]                        # [B, H, W, L, D_out]
+
+
+def gated_logits(win_z, bias=None, *, valid, split=False, stride=None):
+    """Scores s (B, H, W, L, D_out) of gated_pool: the chunk of z that each
+    position reads, plus bias[g] (G, L, D_out) broadcast over windows; -inf
+    at pad positions (``valid`` (W, L) False), so they weigh 0."""
+    s = gated_values(win_z, split=split, stride=stride)
+    if bias is not None:
+        s = s + bias[group_of_head(bias.shape[0], win_z.shape[1])][None, :, None, :, :]
+    return np.where(valid[None, None, :, :, None], s, -np.inf)
+
+
+def gated_pool(win_x, win_z, bias=None, *, valid, split=False, stride=None):
+    """gated_pool on gathered windows: win_x, win_z (B, H, W, L, Dx) from
+    ``gather_windows`` (no pe), valid (W, L) from ``window_index``, bias
+    (G, L, D_out) or None; ``stride`` is needed only with ``split``.
+    Returns (B, H, W, D_out): sum_j softmax_j(s)[j] * v[j], max-shifted."""
+    v = gated_values(win_x, split=split, stride=stride)               # [B, H, W, L, D_out]
+    s = gated_logits(win_z, bias, valid=valid, split=split, stride=stride)
+    p = np.exp(s - s.max(axis=3, keepdims=True))
+    p = p / p.sum(axis=3, keepdims=True)
+    # a pad's value is 0 and its weight exactly 0; where() keeps a pad's
+    # 0 * v from ever reading v (NaN-free even if a caller's pad were not 0)
+    return np.where(valid[None, None, :, :, None], p * v, 0.0).sum(axis=3)
+
+
+def gated_pool_tokens(x, z, bias=None, *, split=False, block_size, stride, padding, seqlens=None):
+    """gated_pool from tokens, for a harness: x, z (B, H, T, Dx) float64,
+    seqlens the packed sequences' lengths or None. Gathers the windows and
+    their pad mask and calls ``gated_pool``; returns (B, H, W, D_out)."""
+    kw = dict(block_size=block_size, stride=stride, padding=padding, seqlens=seqlens)
+    _, valid = window_index(x.shape[2], **kw)
+    return gated_pool(gather_windows(x, **kw), gather_windows(z, **kw), bias, valid=valid, split=split,
+                      stride=stride)

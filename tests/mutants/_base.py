@@ -293,3 +293,37 @@ def banded_mean_pool(x, *, block_size, stride, padding="valid", pe=None, cu_seql
         y = y + pe.to(acc).mean(1)[None, :, None]
     return finish(y, x, bugs)
 
+
+
+def gated_pool(x, z, bias=None, *, split=False, block_size, stride, padding="valid", cu_seqlens=None,
+               bugs: Bugs = OK, pads_weighted: bool = False, chunk_reversed: bool = False, softmax_dim: int = 3,
+               bias_per_chunk: bool = True):
+    """x, z (B, H, T, Dx), bias (G, L, D_out) or None -> (B, H, W, D_out)
+    (SPEC 3b). ``pads_weighted``: a pad is a zero token (score z = 0 plus
+    its bias) instead of weight 0; ``chunk_reversed``: with split, position j
+    reads chunk C - 1 - j // S; ``softmax_dim``: 3 (positions, correct) or
+    4 (features); ``bias_per_chunk``: False reads bias[g, j mod S] (the
+    first chunk's positions) for every chunk."""
+    L, S = block_size, stride
+    kw = dict(block_size=L, stride=S, padding=padding, pe=None, cu_seqlens=cu_seqlens, bugs=bugs)
+    v, s = gather(x, **kw), gather(z, **kw)                            # [B, H, W, L, Dx]
+    _, valid = window_index(x, block_size=L, stride=S, padding=padding, cu_seqlens=cu_seqlens, bugs=bugs)
+    B, H, W, _, Dx = v.shape
+    if split:
+        C = L // S
+        c = torch.arange(L) // S                                       # [L] chunk of each position
+        if chunk_reversed:
+            c = C - 1 - c
+        j = torch.arange(L)
+        v = v.reshape(B, H, W, L, C, Dx // C)[:, :, :, j, c]           # [B, H, W, L, D_out]
+        s = s.reshape(B, H, W, L, C, Dx // C)[:, :, :, j, c]
+    if bias is not None:
+        bh = heads_of_groups(bias.to(s.dtype), H, bugs)                # [H, L, D_out]
+        if not bias_per_chunk:
+            bh = bh[:, torch.arange(L) % S]
+        s = s + bh[None, :, None]
+    if not pads_weighted:
+        s = s.masked_fill(~valid.to(x.device)[None, None, :, :, None], float("-inf"))
+    p = torch.softmax(s, dim=softmax_dim)
+    y = dot(p.transpose(3, 4), v.transpose(3, 4)[..., None], bugs).squeeze(-1)   # [B, H, W, D_out]
+    return finish(y, x, bugs)
