@@ -36,7 +36,6 @@ import kvcompress_reference as reference
 import numpy as np
 import torch
 
-from kvcompress.testing import windows
 from kvcompress.testing.cases import Inputs
 from kvcompress.testing.convert import round_to, to_numpy
 from kvcompress.testing.gradients import exact_and_bounds
@@ -93,7 +92,9 @@ def _slice(case, sets, first, last, heads=None):
     H = case.H if heads is None else heads
     G = case.G if H == case.H else 1            # narrowed to head 0: its group alone
     sub = case.replace(T=t1 - t0, H=H, G=G, padding=padding, layout="contiguous", seqlens=None)
-    params64 = {k: None if v is None else to_numpy(v[:G]) for k, v in sets.params[0].items()}
+    per_token = {p.name for p in RECORDS[case.kind].params if p.per_token}     # gated_pool's z: cut like x
+    params64 = {k: None if v is None else to_numpy(v[:, :H, t0:t1] if k in per_token else v[:G])
+                for k, v in sets.params[0].items()}
     pe = sets.pe[0]
     inputs = Inputs(x64=to_numpy(sets.x[0][:, :H, t0:t1]), params64=params64,
                     pe64=None if pe is None else to_numpy(pe[:H]), x=None, params=None, pe=None,
@@ -103,8 +104,7 @@ def _slice(case, sets, first, last, heads=None):
 
 def _expected(sub, inputs):
     rec = RECORDS[sub.kind]
-    win = windows.gather_windows(inputs.x64, pe=inputs.pe64, **sub.window_kwargs())
-    return rec.oracle(win, *[inputs.params64[p.name] for p in rec.params], **rec.extra_kwargs(sub))
+    return rec.vectorized(sub, inputs.x64, [inputs.params64[p.name] for p in rec.params], inputs.pe64)
 
 
 def _to64(y) -> np.ndarray:
@@ -198,12 +198,13 @@ class Checker:
         if set(grads) != set(gb.exact):
             raise CheckFailed(f"{who}: gradients of {sorted(grads)}, expected {sorted(gb.exact)}")
         groups = case.G if heads == case.H else 1
+        per_token = {"x"} | {p.name for p in RECORDS[case.kind].params if p.per_token}
         worst = 0.0
         for name, got in grads.items():
             if got is None:
                 raise CheckFailed(f"{who}: no gradient for {name}; not timed")
-            region = {"x": (slice(None), slice(0, heads), slice(0, t1)), "pe": (slice(0, heads),)}.get(
-                name, (slice(0, groups),))
+            region = ((slice(None), slice(0, heads), slice(0, t1)) if name in per_token
+                      else {"pe": (slice(0, heads),)}.get(name, (slice(0, groups),)))
             outside = got.detach().clone()
             outside[region] = 0
             if torch.count_nonzero(outside).item():

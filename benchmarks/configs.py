@@ -3,9 +3,10 @@ bytes) every measured time is divided by.
 
 A configuration is a harness ``Case`` (kvcompress/testing/cases.py: every field
 the property suite draws, fixed here) plus a device and a direction. The
-kind's record (kvcompress/testing/records.py) says which parameters exist and
-their shapes, so a new kind needs a line in ``GROUPS`` and one in
-``flops_per_window``.
+kind's record (kvcompress/kinds.py) says which parameters exist and their
+shapes, its flops per window and the settings it is benchmarked in
+(``bench``: the fields that differ from the NSA setting), so a new kind
+needs no line here.
 
 The NSA setting (arXiv 2502.11089, its experiments: block L = 32, stride S = 16;
 GQA with H = 4 KV heads; head dims 128 and 192) in the seed's windowing
@@ -24,12 +25,6 @@ from kvcompress.testing.records import KINDS, RECORDS
 
 DIRECTIONS = ("fwd", "fwd+bwd")
 SIZES = ("quick", "default", "full")
-
-# Weight groups per kind, chosen to equal the seed module each kind is
-# compared with: ConvLinearCompress and GroupedMLP hold one weight set per
-# head (G = H), AttentionPool one shared (G = 1); weighted_pool has no seed
-# module and follows the per-head networks; mean_pool has no weights.
-GROUPS = {"mean_pool": "1", "weighted_pool": "H", "linear": "H", "mlp": "H", "attention_pool": "1"}
 
 NSA = dict(B=1, H=4, block_size=32, stride=16)
 
@@ -99,23 +94,28 @@ class BenchConfig:
                     layout=c.layout, group=self.group)
 
 
-def nsa_case(kind: str, dtype: str, D: int, T: int, **overrides) -> Case:
-    """The Case of ``kind`` in the NSA setting with head dim D and T tokens.
+def nsa_case(kind: str, dtype: str, D: int, T: int, setting: int = 0, **overrides) -> Case:
+    """The Case of ``kind`` in the NSA setting with head dim D and T tokens,
+    changed by the kind's benchmark setting number ``setting`` (its record's
+    ``bench``) and then by ``overrides``.
 
     D_out = D; mlp: F = L * D (GroupedMLP's and the seed default MLP's
     expand_factor 1), relu, both biases; linear: bias (ConvLinearCompress
-    has one).
+    has one); gated_pool: DeepSeek-V4's settings, bias on.
     """
     rec = RECORDS[kind]
-    H, L = NSA["H"], NSA["block_size"]
-    fields = dict(kind=kind, dtype=dtype, T=T, D=D, G=H if GROUPS[kind] == "H" else 1, padding="left",
-                  use_pe=True, layout="bthd", seed=1234, **NSA)
+    H = NSA["H"]
+    bench = dict(rec.kind.bench[setting])
+    G = H if bench.pop("G") == "H" else 1
+    fields = dict(kind=kind, dtype=dtype, T=T, D=D, G=G, padding="left", use_pe=True, layout="bthd", seed=1234,
+                  **NSA)
+    fields.update(bench)
     if rec.has_dout:
         fields["D_out"] = D
     if rec.has_bias:
         fields["bias"] = True
     if rec.has_hidden:
-        fields.update(F=L * D, bias2=True, activation="relu")
+        fields.update(F=fields["block_size"] * D, bias2=True, activation="relu")
     fields.update(overrides)
     return Case(**fields)
 
@@ -137,8 +137,9 @@ def config_sets(device: str, dtype: str, sizes: str, kinds=KINDS) -> list[BenchC
     out = []
     for i, (D, T) in enumerate(shapes):
         for kind in kinds:
-            for direction in DIRECTIONS:
-                out.append(BenchConfig(nsa_case(kind, dtype, D, T), device, direction))
+            for setting in range(len(RECORDS[kind].kind.bench)):
+                for direction in DIRECTIONS:
+                    out.append(BenchConfig(nsa_case(kind, dtype, D, T, setting), device, direction))
         if "mean_pool" in kinds and i < 2:
             # fla's mean_pooling cuts the sequence into disjoint chunks: the only
             # like-for-like comparison is S == L, where left padding adds nothing.
@@ -168,15 +169,8 @@ def flops_per_window(case: Case) -> int:
     """Flops of the compression of one window of one head (a multiply-add
     counts 2; pe additions, biases, activations and the softmax's
     exp/max/sum are not counted: implementations fold or fuse them)."""
-    L, D = case.L, case.D
-    D_out = RECORDS[case.kind].d_out(case)
-    return {
-        "mean_pool": L * D,                              # L - 1 adds and one scale per feature
-        "weighted_pool": 2 * L * D,
-        "linear": 2 * L * D * D_out,
-        "mlp": 2 * L * D * case.F + 2 * case.F * D_out,
-        "attention_pool": 2 * L * D * D + 2 * L * D,     # logits X @ W, then the weighted sum
-    }[case.kind]
+    rec = RECORDS[case.kind]
+    return rec.kind.flops({"L": case.L, "S": case.S, "D": case.D, "D_out": rec.d_out(case), "F": case.F})
 
 
 def cost(case: Case, direction: str, itemsize: int) -> tuple[int, int]:
@@ -201,5 +195,5 @@ def cost(case: Case, direction: str, itemsize: int) -> tuple[int, int]:
     fwd_flops = c.B * c.H * c.W * flops_per_window(c)
     if direction == "fwd":
         return fwd_flops, (x + pe + p + y) * itemsize
-    factor = 2 if c.kind == "mean_pool" else 3
+    factor = 3 if RECORDS[c.kind].kind.has_weights else 2
     return factor * fwd_flops, (3 * (x + pe + p) + 2 * y) * itemsize

@@ -13,6 +13,11 @@ would pick instead, each made ready for one configuration.
   weighted_pool have no seed module, so the seed's windows are reduced by a
   plain torch mean / einsum. Eager, and under ``torch.compile`` (the whole
   pipeline, dynamic=False: one compile per shape).
+- ``deepseek-v4`` / ``deepseek-v4+compile`` (gated_pool): an eager torch
+  transcription of DeepSeek-V4's compressor pooling (``inference/model.py``,
+  ``Compressor``: scores plus ``ape``, its overlap transform for ratio 4,
+  softmax over the window positions in float32, weighted sum), eager and
+  under ``torch.compile``; our bias mapped to its ``ape`` (SPEC 3b).
 - ``fla``: fla-core's ``mean_pooling`` (CUDA only). Its chunks do not
   overlap and it takes no pe: it is compared only where S == L without pe.
 - ``reference``: the loop reference (reference/), on CPU at the
@@ -264,6 +269,8 @@ class Seed(Entrant):
             return "the seed's windows are left-padded (ZeroPad L - S): compared only with padding='left'"
         if c.T % c.S:
             return "the seed truncates T to a multiple of S: compared only where S divides T"
+        if cfg.kind not in SEED:
+            return f"the seed has no module for {cfg.kind}"
         return SEED[cfg.kind].requires(c)
 
     def prepare(self, cfg, sets, grad):
@@ -310,6 +317,82 @@ class Seed(Entrant):
         torch._dynamo.reset()
         compiled = torch.compile(pipeline, dynamic=False)
         return Prepared(forward=lambda i: compiled(xs[i], pes[i], params[i]), leaves=leaves, to_ours=to_ours,
+                        n_sets=sets.n)
+
+
+# ----------------------------------------------------------------------------- DeepSeek-V4
+
+
+def deepseek_v4_pool(x, z, ape, *, ratio: int, overlap: bool):
+    """DeepSeek-V4's compressor pooling, transcribed in torch from its
+    description (SPEC 3b; its ``inference/model.py``, ``Compressor``):
+    tokens in groups of ``ratio``, scores z + ape, with ``overlap`` (ratio 4)
+    each group also sees the previous group's first half of the features
+    (the first group sees -inf scores and zero values there), softmax over
+    the group's positions in float32, weighted sum of the values.
+
+    x, z: (B, H, T, Dx) (one compressor per (B, H) row; Dx = 2d with overlap,
+    else d); ape: (ratio, Dx). Returns (B, H, T // ratio, d) in x's dtype.
+    """
+    B, H, T, Dx = x.shape
+    n = T // ratio
+    kv = x[:, :, :n * ratio].unflatten(2, (n, ratio)).float()              # [B, H, n, R, Dx]
+    score = z[:, :, :n * ratio].unflatten(2, (n, ratio)).float() + ape.float()
+    if overlap:
+        d = Dx // 2
+        prev_kv = torch.cat([kv.new_zeros(B, H, 1, ratio, d), kv[:, :, :-1, :, :d]], dim=2)
+        prev_s = torch.cat([score.new_full((B, H, 1, ratio, d), float("-inf")), score[:, :, :-1, :, :d]], dim=2)
+        kv = torch.cat([prev_kv, kv[..., d:]], dim=3)                         # [B, H, n, 2R, d]
+        score = torch.cat([prev_s, score[..., d:]], dim=3)
+    return (score.softmax(dim=3) * kv).sum(dim=3).to(x.dtype)               # [B, H, n, d]
+
+
+class DeepSeekV4(Entrant):
+    """gated_pool's peer: DeepSeek-V4's own pooling (transcribed), eager or compiled."""
+
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        self.name = "deepseek-v4+compile" if compiled else "deepseek-v4"
+
+    def label(self, cfg) -> str:
+        return "DeepSeek-V4 Compressor pooling (torch transcription)" + (" under torch.compile" if self.compiled
+                                                                         else "")
+
+    def skip_reason(self, cfg) -> str | None:
+        c = cfg.case
+        if cfg.kind != "gated_pool":
+            return "DeepSeek-V4's pooling is gated_pool's peer only"
+        if c.G != 1 or not c.bias:
+            return "DeepSeek-V4 shares one ape across heads: compared with G = 1 and a bias"
+        csa = c.split and c.L == 2 * c.S and c.padding == "left"
+        hca = not c.split and c.L == c.S
+        if not (csa or hca):
+            return "DeepSeek-V4 compresses with ratio R as L = 2R, S = R, left, split (CSA) or L = S = R (HCA)"
+        return None
+
+    def prepare(self, cfg, sets, grad):
+        c = cfg.case
+        R, overlap = c.S, c.split
+        xs, zs, apes, leaves = [], [], [], []
+        for i in range(sets.n):
+            b = sets.params[i]["bias"][0]                                    # [L, D_out]
+            # SPEC 3b: bias[j, f] = ape[j mod R, (j // R) d + f]
+            ape = b.view(2, R, -1).permute(1, 0, 2).reshape(R, -1) if overlap else b
+            xs.append(_leaf(sets.x[i], grad))
+            zs.append(_leaf(sets.params[i]["z"], grad))
+            apes.append(_leaf(ape.contiguous(), grad))
+            leaves.append([xs[i], zs[i], apes[i]])
+
+        def to_ours(grads):
+            dx, dz, dape = grads
+            db = dape.view(R, 2, -1).permute(1, 0, 2).reshape(2 * R, -1) if overlap else dape
+            return {"x": dx, "z": dz, "bias": db[None]}
+
+        fn = functools.partial(deepseek_v4_pool, ratio=R, overlap=overlap)
+        if self.compiled:
+            torch._dynamo.reset()
+            fn = torch.compile(fn, dynamic=False)
+        return Prepared(forward=lambda i: fn(xs[i], zs[i], apes[i]), leaves=leaves, to_ours=to_ours,
                         n_sets=sets.n)
 
 
@@ -390,9 +473,10 @@ class Reference(Entrant):
 def entrants_for(cfg) -> list[Entrant]:
     """Everything timed in one configuration, kvcompress backends first."""
     out: list[Entrant] = [Backend(b.name) for b in kb.backends(cfg.kind)]
+    peers = [DeepSeekV4(False), DeepSeekV4(True)] if cfg.kind == "gated_pool" else [Seed(False), Seed(True)]
     if cfg.role == "readability":
-        return out + [Seed(False), Reference()]
-    out += [Seed(False), Seed(True)]
+        return out + [peers[0], Reference()]
+    out += peers
     if cfg.role == "nonoverlap":
         out.append(Fla())
     return out

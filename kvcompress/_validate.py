@@ -22,10 +22,10 @@ import numbers
 
 import torch
 
-PADDINGS = ("valid", "left")
+from .kinds import ACTIVATIONS, PADDINGS  # noqa: F401  (re-exported: one list, in the kind records)
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
-ACTIVATIONS = ("relu", "gelu", "silu")
 
 
 def _is_int(v) -> bool:

@@ -5,22 +5,40 @@ A backend registers its callable with one decorator line::
     @register("linear", "torch", devices=("cpu", "cuda"))
     def linear(x, weight, bias=None, *, block_size, stride, padding, pe, cu_seqlens): ...
 
-The callable has the reference's signature (SPEC section 4) and receives
+The callable has the reference's signature (docs/semantics.md) and receives
 arguments that ``kvcompress.functional`` has already validated.
 ``kvcompress.functional`` dispatches through this registry, and the property
 suite parametrizes over every entry, so a registered kernel is verified
 without touching the tests.
+
+Backends are found lazily, on the first look-up of their kind (fla's
+convention): the built-in ones by importing ``kvcompress.ops.<kind>``,
+whose ``__init__`` registers them; another package's through the entry
+point group ``kvcompress.backends``, loaded once on the first look-up of
+any kind. An entry point names a module (or a callable, then called with
+no arguments) that calls ``register``::
+
+    [project.entry-points."kvcompress.backends"]
+    my_kernels = "my_package.kvcompress_backends"
+
+A plug-in that fails to load is reported with a warning naming it, and the
+built-in backends keep working.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 
 import torch
 
-KINDS = ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool")
+from .kinds import KINDS
+
+ENTRY_POINT_GROUP = "kvcompress.backends"
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -97,9 +115,9 @@ def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[to
 
 def backends(kind: str) -> list[Backend]:
     """Every backend registered for ``kind``, highest priority first."""
-    _load_builtin()
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    _load(kind)
     return sorted(_REGISTRY[kind].values(), key=lambda b: -b.priority)
 
 
@@ -111,5 +129,23 @@ def get(kind: str, name: str) -> Backend:
     raise ValueError(f"{kind}: backend must be 'auto' or one of {[b.name for b in backends(kind)]}, got {name!r}")
 
 
-def _load_builtin() -> None:
-    from . import ops  # noqa: F401  (importing registers the built-in backends)
+_LOADED: set[str] = set()
+
+
+def _load(kind: str) -> None:
+    """Register the built-in backends of ``kind`` and, on the first call,
+    every plug-in of the entry point group."""
+    if kind in _LOADED:
+        return
+    first = not _LOADED
+    importlib.import_module(f"{__package__}.ops.{kind}")   # an error leaves the kind unloaded: raised again next time
+    _LOADED.add(kind)
+    if first:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                obj = ep.load()
+                if callable(obj):
+                    obj()
+            except Exception as e:  # a broken plug-in must not take the built-in backends down
+                warnings.warn(f"kvcompress: the backend plug-in {ep.name!r} ({ep.value}) of entry point group "
+                              f"{ENTRY_POINT_GROUP!r} failed to load: {type(e).__name__}: {e}", stacklevel=3)

@@ -34,13 +34,13 @@ from collections import defaultdict
 from pathlib import Path
 
 SUITE = "benchmarks"
-PEER_ORDER = ("seed", "seed+compile", "fla", "reference")
+PEER_ORDER = ("seed", "seed+compile", "deepseek-v4", "deepseek-v4+compile", "fla", "reference")
 
 
 def _checkout() -> Path:
     root = Path(__file__).resolve().parent.parent
-    if not (root / SUITE / "conftest.py").is_file() or not (root / "tests" / "harness").is_dir():
-        raise SystemExit("kvcompress-bench: needs a source checkout of kvcompress (benchmarks/ and tests/ beside the "
+    if not (root / SUITE / "conftest.py").is_file():
+        raise SystemExit("kvcompress-bench: needs a source checkout of kvcompress (benchmarks/ beside the "
                          f"package); none found at {root}. Clone the repository and `pip install -e '.[test]'`.")
     return root
 
@@ -228,7 +228,8 @@ def plot(data: dict, path: Path) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(14, 6), sharey=True)
     names = sorted({e["entrant"] for e in points}, key=lambda n: (n in PEER_ORDER, n))
     colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
-    markers = dict(zip(("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool"), "osD^v"))
+    from .kinds import KINDS_BY_NAME
+    markers = dict(zip(KINDS_BY_NAME, "osD^vPX*"))
     ai = [e["flops"] / e["bytes"] for e in points]
     lo, hi = min(ai) / 2, max(max(ai) * 2, peak / bw * 4)
     for ax, direction in zip(axes, ("fwd", "fwd+bwd")):

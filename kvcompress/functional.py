@@ -1,4 +1,5 @@
-"""The five compressors on torch tensors (SPEC sections 2-4).
+"""The compressors on torch tensors (docs/semantics.md), one function per
+kind of ``kvcompress.kinds``, each validated by its kind's record.
 
 Each function has the reference's signature plus the keyword-only
 ``backend`` ("auto" or a registered name such as "torch"). Shapes use the
@@ -52,8 +53,9 @@ weight and pe.
 from __future__ import annotations
 
 from . import backends as _backends
+from . import kinds as _kinds
 from ._validate import (
-    check_activation,
+    check_choice,
     check_cu_seqlens,
     check_groups,
     check_param,
@@ -64,7 +66,7 @@ from ._validate import (
 )
 from ._windows import _num_windows, compressed_cu_seqlens, num_windows
 
-__all__ = ["attention_pool", "compressed_cu_seqlens", "linear", "mean_pool", "mlp", "num_windows",
+__all__ = ["attention_pool", "compressed_cu_seqlens", "gated_pool", "linear", "mean_pool", "mlp", "num_windows",
            "weighted_pool"]
 
 
@@ -85,6 +87,52 @@ def _common(fn, x, block_size, stride, padding, pe, cu_seqlens, total_windows):
     if total_windows is not None and total_windows != W:
         raise ValueError(f"{fn}: total_windows={total_windows}, but cu_seqlens gives {W} windows")
     return block_size, stride, total_windows, W
+
+
+def _check_kind_args(kind: _kinds.Kind, x, tensors: tuple, options: dict, block_size: int, stride: int) -> int:
+    """Validate the kind's other inputs, options and parameters against its
+    record (kvcompress/kinds.py); returns D_out. Order: inputs, options,
+    the constraints between them, then the parameters in signature order,
+    the first present one fixing G (it must divide H) and each dim a
+    parameter gives (D_out, F) checked against every later one."""
+    fn = kind.name
+    n_in = len(kind.inputs) - 1
+    for name, t in zip(kind.inputs[1:], tensors[:n_in]):
+        check_param(fn, name, t, x, tuple(x.shape))
+    for o in kind.options:
+        v = options[o.name]
+        if o.choices is not None:
+            check_choice(fn, o.name, v, o.choices)
+        elif not isinstance(v, bool):
+            raise TypeError(f"{fn}: {o.name} must be a bool, got {type(v).__name__}")
+    dims = {"L": block_size, "S": stride, "D": x.shape[3]}
+    if kind.check is not None:
+        kind.check(fn, dims, options)
+    if kind.d_out is not None:
+        dims["D_out"] = kind.d_out(dims, options)
+    for p, t in zip(kind.params, tensors[n_in:]):
+        if t is None and p.optional:
+            continue
+        if "G" not in dims and p.shape[0] == "G":
+            dims["G"] = check_groups(fn, p.name, t, x.shape[1])
+        shape = tuple(dims.get(d) if d in dims or "*" not in d else kind.dim(d, dims) for d in p.shape)
+        check_param(fn, p.name, t, x, shape, optional=p.optional)
+        dims.update((d, n) for d, n in zip(p.shape, t.shape) if d not in dims)
+    return dims.get("D_out", x.shape[3])
+
+
+def _call(name, x, tensors, options, *, block_size, stride, padding, pe, cu_seqlens, total_windows, backend):
+    """Validate a call of kind ``name`` by its record, then dispatch it."""
+    kind = _kinds.get(name)
+    if not kind.pe and pe is not None:
+        raise TypeError(f"{name}: takes no pe (got a {type(pe).__name__})")
+    block_size, stride, total_windows, W = _common(name, x, block_size, stride, padding, pe, cu_seqlens,
+                                                   total_windows)
+    d_out = _check_kind_args(kind, x, tensors, options, block_size, stride)
+    kw = dict(block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens, **options)
+    if kind.pe:
+        kw["pe"] = pe
+    return _dispatch(name, backend, total_windows, W, d_out, x, *tensors, **kw)
 
 
 def _no_windows(x, d_out, *tensors):
@@ -112,7 +160,7 @@ def _dispatch(kind, backend, total_windows, W, d_out, x, *args, **kwargs):
             raise ValueError(f"{kind}: backend {backend!r} does not support this call (device {x.device.type}, "
                              f"dtype {x.dtype}; it runs on {b.devices} with {b.dtypes})")
     if W == 0:
-        return _no_windows(x, d_out, *args, kwargs["pe"])
+        return _no_windows(x, d_out, *args, kwargs.get("pe"))
     if total_windows is not None and b.takes_total_windows:
         return b.fn(x, *args, total_windows=total_windows, **kwargs)
     y = b.fn(x, *args, **kwargs)
@@ -127,10 +175,8 @@ def mean_pool(x, *, block_size, stride, padding="valid", pe=None, cu_seqlens=Non
 
     x: (B, H, T, D). Returns (B, H, W, D) in x's dtype.
     """
-    block_size, stride, total_windows, W = _common("mean_pool", x, block_size, stride, padding, pe, cu_seqlens,
-                                                   total_windows)
-    return _dispatch("mean_pool", backend, total_windows, W, x.shape[3], x, block_size=block_size, stride=stride,
-                     padding=padding, pe=pe, cu_seqlens=cu_seqlens)
+    return _call("mean_pool", x, (), {}, block_size=block_size, stride=stride, padding=padding,
+                 pe=pe, cu_seqlens=cu_seqlens, total_windows=total_windows, backend=backend)
 
 
 def weighted_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None, total_windows=None,
@@ -139,12 +185,8 @@ def weighted_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu
 
     x: (B, H, T, D); weight: (G, L). Returns (B, H, W, D) in x's dtype.
     """
-    fn = "weighted_pool"
-    block_size, stride, total_windows, W = _common(fn, x, block_size, stride, padding, pe, cu_seqlens, total_windows)
-    check_groups(fn, "weight", weight, x.shape[1])
-    check_param(fn, "weight", weight, x, (weight.shape[0], block_size))
-    return _dispatch(fn, backend, total_windows, W, x.shape[3], x, weight, block_size=block_size, stride=stride,
-                     padding=padding, pe=pe, cu_seqlens=cu_seqlens)
+    return _call("weighted_pool", x, (weight,), {}, block_size=block_size, stride=stride, padding=padding,
+                 pe=pe, cu_seqlens=cu_seqlens, total_windows=total_windows, backend=backend)
 
 
 def linear(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None,
@@ -154,13 +196,8 @@ def linear(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None
     x: (B, H, T, D); weight: (G, L, D, D_out); bias: (G, D_out) or None.
     Returns (B, H, W, D_out) in x's dtype.
     """
-    fn = "linear"
-    block_size, stride, total_windows, W = _common(fn, x, block_size, stride, padding, pe, cu_seqlens, total_windows)
-    G = check_groups(fn, "weight", weight, x.shape[1])
-    check_param(fn, "weight", weight, x, (G, block_size, x.shape[3], None))
-    check_param(fn, "bias", bias, x, (G, weight.shape[3]), optional=True)
-    return _dispatch(fn, backend, total_windows, W, weight.shape[3], x, weight, bias, block_size=block_size,
-                     stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens)
+    return _call("linear", x, (weight, bias), {}, block_size=block_size, stride=stride, padding=padding,
+                 pe=pe, cu_seqlens=cu_seqlens, total_windows=total_windows, backend=backend)
 
 
 def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="valid", pe=None, cu_seqlens=None,
@@ -172,17 +209,8 @@ def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="va
     b2: (G, D_out) or None; activation: "relu" (default), "gelu" (exact erf
     form) or "silu". Returns (B, H, W, D_out) in x's dtype.
     """
-    fn = "mlp"
-    block_size, stride, total_windows, W = _common(fn, x, block_size, stride, padding, pe, cu_seqlens, total_windows)
-    check_activation(fn, activation)
-    G = check_groups(fn, "w1", w1, x.shape[1])
-    check_param(fn, "w1", w1, x, (G, block_size * x.shape[3], None))
-    F = w1.shape[2]
-    check_param(fn, "b1", b1, x, (G, F), optional=True)
-    check_param(fn, "w2", w2, x, (G, F, None))
-    check_param(fn, "b2", b2, x, (G, w2.shape[2]), optional=True)
-    return _dispatch(fn, backend, total_windows, W, w2.shape[2], x, w1, b1, w2, b2, activation=activation,
-                     block_size=block_size, stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens)
+    return _call("mlp", x, (w1, b1, w2, b2), {"activation": activation}, block_size=block_size, stride=stride,
+                 padding=padding, pe=pe, cu_seqlens=cu_seqlens, total_windows=total_windows, backend=backend)
 
 
 def attention_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None, total_windows=None,
@@ -196,11 +224,28 @@ def attention_pool(x, weight, *, block_size, stride, padding="valid", pe=None, c
     NaN; a logit beyond it may make its window's output NaN
     (docs/semantics.md, "Numerics").
     """
-    fn = "attention_pool"
-    block_size, stride, total_windows, W = _common(fn, x, block_size, stride, padding, pe, cu_seqlens, total_windows)
-    G = check_groups(fn, "weight", weight, x.shape[1])
-    check_param(fn, "weight", weight, x, (G, x.shape[3], x.shape[3]))
-    return _dispatch(fn, backend, total_windows, W, x.shape[3], x, weight, block_size=block_size, stride=stride,
-                     padding=padding, pe=pe, cu_seqlens=cu_seqlens)
+    return _call("attention_pool", x, (weight,), {}, block_size=block_size, stride=stride, padding=padding,
+                 pe=pe, cu_seqlens=cu_seqlens, total_windows=total_windows, backend=backend)
 
 
+def gated_pool(x, z, bias=None, *, split=False, block_size, stride, padding="valid", cu_seqlens=None,
+               total_windows=None, backend="auto"):
+    """Gated pooling, DeepSeek-V4's compressor core (docs/semantics.md,
+    "gated_pool"): one softmax over window positions per feature of the gate
+    scores plus a position bias, pooling the values.
+
+    Window position j reads feature chunk c = j // S with ``split`` (else
+    0); s[j, f] = z[t, c*D_out + f] + bias[g, j, f], a pad position has
+    weight 0; y[f] = sum_j softmax_j(s[:, f])[j] * x[t, c*D_out + f].
+
+    x (values), z (gate scores): (B, H, T, D), any strides; bias:
+    (G, L, D_out) or None; split (bool, default False): C = L / S chunks
+    (S must divide L and C must divide D), D_out = D / C; without it
+    D_out = D. No pe (the bias takes its place). Returns (B, H, W, D_out)
+    in x's dtype. DeepSeek-V4: CSA (ratio R = 4) is block_size = 2R,
+    stride = R, padding "left", split=True, bias[g, j, f] =
+    ape[j mod R, (j // R) d + f]; HCA (R = 128) is block_size = stride = R,
+    padding "valid", bias = ape.
+    """
+    return _call("gated_pool", x, (z, bias), {"split": split}, block_size=block_size, stride=stride,
+                 padding=padding, pe=None, cu_seqlens=cu_seqlens, total_windows=total_windows, backend=backend)

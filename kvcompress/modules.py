@@ -29,12 +29,12 @@ from torch import nn
 
 from . import backends as _backends
 from . import functional as kf
+from . import kinds as _kinds
 from ._validate import ACTIVATIONS, FLOAT_DTYPES, check_activation, check_choice, check_int, check_window_args
 
 __all__ = ["AttentionPool", "Compressor", "ConvLinearCompress", "GroupedMLP", "SingleProjection"]
 
-KINDS = _backends.KINDS
-POOL_KINDS = ("mean_pool", "weighted_pool", "attention_pool")   # D_out = D, no bias
+KINDS = _kinds.KINDS
 
 
 def _check_pos_int(fn: str, name: str, v) -> int:
@@ -326,9 +326,14 @@ class Compressor(nn.Module):
     x (B, H, T, D): ``forward(x, cu_seqlens=None)`` is
     ``kvcompress.functional.<kind>(x, <parameters>, block_size=..., stride=...,
     padding=..., pe=self.pe, cu_seqlens=cu_seqlens, backend=...)``.
+    A kind with more per-token inputs takes them after x:
+    ``forward(x, z, cu_seqlens=None)`` for gated_pool.
+
+    Everything kind-specific comes from the kind's record (kvcompress/kinds.py).
 
     Args:
-        kind: "mean_pool", "weighted_pool", "linear", "mlp" or "attention_pool".
+        kind: one of ``kvcompress.kinds.KINDS`` ("mean_pool",
+            "weighted_pool", "linear", "mlp", "attention_pool", ...).
         heads (int >= 1): H of the input (KV heads).
         dim_head (int >= 1): D of the input.
         block_size (int >= 1): L, tokens per window.
@@ -336,61 +341,73 @@ class Compressor(nn.Module):
         padding: "valid" (default) or "left" (see kvcompress.functional).
         groups (int >= 1 dividing heads, default 1): G, weight sets; head h
             uses set h // (heads // groups). No effect on mean_pool (no weights).
-        dim_out (int >= 1 or None): D_out of linear and mlp (default
-            dim_head). The pooling kinds output D: None or dim_head only.
+        dim_out (int >= 1 or None): D_out of the kinds whose parameters
+            give it (linear, mlp; default dim_head). Other kinds output the
+            D_out they fix (dim_head; gated_pool with split dim_head / C):
+            None or that value only.
         hidden (int >= 1 or None): F of mlp (default block_size * dim_head,
             the seed's expand_factor 1). Other kinds: None only.
         activation: "relu" (default), "gelu" or "silu", for mlp. Other
             kinds: "relu" (the default) only.
-        bias (bool, default True): linear's bias, mlp's b1 and b2. No
-            effect on the pooling kinds (they have no bias).
+        bias (bool, default True): the optional parameters (linear's bias,
+            mlp's b1 and b2, gated_pool's position bias). No effect on the
+            kinds without one.
         pos_emb (bool, default False): a learnable intra-block position
-            embedding ``pe`` (H, L, D) added to every window position.
+            embedding ``pe`` (H, L, D) added to every window position
+            (not for gated_pool, whose bias takes its place).
         backend: "auto" (default) or a backend registered for the kind.
         device, dtype: of the parameters (dtype a floating dtype).
+        **options: the kind's other options (gated_pool's ``split``,
+            default False).
 
     Parameters, named like the functional arguments (absent ones are not
     attributes; a disabled bias or pe is None):
         weighted_pool: weight (G, L).    linear: weight (G, L, D, D_out),
         bias (G, D_out).    mlp: w1 (G, L*D, F), b1 (G, F), w2 (G, F,
         D_out), b2 (G, D_out).    attention_pool: weight (G, D, D).
-        Any kind with pos_emb: pe (H, L, D).
+        gated_pool: bias (G, L, D_out).
+        Any kind that takes pe, with pos_emb: pe (H, L, D).
 
-    Initialisation (``reset_parameters``):
+    Initialisation (``reset_parameters``, from each parameter's ``init``):
         weighted_pool: weight = 1/L, so it starts as mean_pool.
         attention_pool: weight = 0: every logit is 0, the softmax is
             uniform and it starts as mean_pool (a stable start: no
-            position is preferred before training says so).
+            position is preferred before training says so). gated_pool:
+            bias = 0 (the gate scores alone decide at start).
         linear: weight and bias ~ U(-1/sqrt(L*D), 1/sqrt(L*D)), nn.Linear's
             rule with fan_in = L*D.
         mlp: w1, b1 ~ U(-1/sqrt(L*D), 1/sqrt(L*D)); w2, b2 ~ U(-1/sqrt(F),
             1/sqrt(F)) (nn.Linear's rule per layer).
         pe = 0 (like the seed's intra-block positions): no effect at start.
 
-    forward(x, cu_seqlens=None): x (B, H, T, D) with H == heads and
-    D == dim_head, of the parameters' dtype and device; cu_seqlens as in
-    kvcompress.functional. Returns (B, H, W, D_out) in x's dtype.
+    forward(x, *inputs, cu_seqlens=None): x (B, H, T, D) with H == heads and
+    D == dim_head, of the parameters' dtype and device; the kind's other
+    inputs of x's shape; cu_seqlens as in kvcompress.functional. Returns
+    (B, H, W, D_out) in x's dtype.
 
     Errors (the rule of kvcompress.functional): the constructor raises
     TypeError naming the argument for a size that is not an integer (bool
     and float included), a kind, padding, activation or backend that is not
-    a str, a non-bool bias or pos_emb, or a non-float dtype; ValueError for
-    an unknown kind, a size < 1, a stride outside [1, block_size], an
-    unknown padding/activation/backend, groups not dividing heads, or
-    dim_out, hidden or activation given (other than their defaults) to a
-    kind that does not use it. forward raises ValueError for an x of
-    the wrong rank, heads or head dim, or on another device than the
-    parameters; TypeError for a non-tensor x or one of another dtype than
-    the parameters; and whatever kvcompress.functional raises (e.g. bad
+    a str, a non-bool bias or pos_emb, an option the kind does not take, or
+    a non-float dtype; ValueError for an unknown kind, a size < 1, a stride
+    outside [1, block_size], an unknown padding/activation/backend, groups
+    not dividing heads, dim_out, hidden, activation or pos_emb given (other
+    than their defaults) to a kind that does not use it, or the kind's own
+    constraints (gated_pool's split: stride divides block_size, C divides
+    dim_head). forward raises ValueError for an x of the wrong rank, heads
+    or head dim, or on another device than the parameters; TypeError for a
+    non-tensor x or one of another dtype than the parameters, or a wrong
+    number of inputs; and whatever kvcompress.functional raises (e.g. bad
     cu_seqlens).
     """
 
     def __init__(self, kind, *, heads, dim_head, block_size, stride, padding="valid", groups=1, dim_out=None,
                  hidden=None, activation="relu", bias=True, pos_emb=False, backend="auto", device=None,
-                 dtype=None):
+                 dtype=None, **options):
         super().__init__()
         fn = "Compressor"
         check_choice(fn, "kind", kind, KINDS)
+        rec = _kinds.get(kind)
         heads = _check_pos_int(fn, "heads", heads)
         dim_head = _check_pos_int(fn, "dim_head", dim_head)
         block_size, stride = check_window_args(fn, block_size, stride, padding)
@@ -399,83 +416,99 @@ class Compressor(nn.Module):
             raise ValueError(f"{fn}: groups must divide heads={heads}, got groups={groups}")
         if dim_out is not None:
             dim_out = _check_pos_int(fn, "dim_out", dim_out)
-        if kind in POOL_KINDS:
-            if dim_out is not None and dim_out != dim_head:
-                raise ValueError(f"{fn}: dim_out applies to linear and mlp; {kind} outputs dim_head={dim_head}, "
-                                 f"got dim_out={dim_out!r}")
-            dim_out = dim_head
-        elif dim_out is None:
-            dim_out = dim_head
-        if kind == "mlp":
-            hidden = block_size * dim_head if hidden is None else _check_pos_int(fn, "hidden", hidden)
+        unknown = sorted(set(options) - set(rec.option_names) - {"activation"})
+        if unknown:
+            raise TypeError(f"{fn}: {kind} takes no option {unknown} (its options: {list(rec.option_names)})")
+        opts = {**rec.defaults, **options}
+        if "activation" in rec.option_names:
             check_activation(fn, activation)
+            opts["activation"] = activation
         else:
-            if hidden is not None:
-                raise ValueError(f"{fn}: hidden applies to mlp only, got hidden={hidden!r} for {kind}")
             check_choice(fn, "activation", activation, ACTIVATIONS)
             if activation != "relu":
-                raise ValueError(f"{fn}: activation applies to mlp only (one of {ACTIVATIONS}), got "
-                                 f"activation={activation!r} for {kind}")
+                raise ValueError(f"{fn}: activation applies to {_kinds_with_option('activation')} only (one of "
+                                 f"{ACTIVATIONS}), got activation={activation!r} for {kind}")
+        for o in rec.options:
+            if o.choices is not None:
+                check_choice(fn, o.name, opts[o.name], o.choices)
+            elif not isinstance(opts[o.name], bool):
+                raise TypeError(f"{fn}: {o.name} must be a bool, got {type(opts[o.name]).__name__}")
+        dims = {"G": groups, "L": block_size, "S": stride, "D": dim_head}
+        if rec.check is not None:
+            rec.check(fn, dims, opts)
+        if "D_out" in rec.free_dims:
+            dims["D_out"] = dim_head if dim_out is None else dim_out
+        else:
+            fixed = rec.d_out(dims, opts) if rec.d_out is not None else dim_head
+            if dim_out is not None and dim_out != fixed:
+                raise ValueError(f"{fn}: dim_out applies to {_kinds_with_free('D_out')}; {kind} outputs "
+                                 f"dim_head={dim_head}" + ("" if fixed == dim_head else f" / C = {fixed}")
+                                 + f", got dim_out={dim_out!r}")
+            dims["D_out"] = fixed
+        if "F" in rec.free_dims:
+            dims["F"] = block_size * dim_head if hidden is None else _check_pos_int(fn, "hidden", hidden)
+        elif hidden is not None:
+            raise ValueError(f"{fn}: hidden applies to {_kinds_with_free('F')} only, got hidden={hidden!r} for "
+                             f"{kind}")
         if not isinstance(bias, bool):
             raise TypeError(f"{fn}: bias must be a bool, got {type(bias).__name__}")
         if not isinstance(pos_emb, bool):
             raise TypeError(f"{fn}: pos_emb must be a bool, got {type(pos_emb).__name__}")
+        if pos_emb and not rec.pe:
+            raise ValueError(f"{fn}: {kind} takes no position embedding, got pos_emb=True")
         backend = _check_backend(fn, kind, backend)
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"{fn}: dtype must be None or one of {FLOAT_DTYPES}, got {dtype!r}")
 
-        self.kind, self.heads, self.dim_head, self.dim_out = kind, heads, dim_head, dim_out
+        self.kind, self.heads, self.dim_head, self.dim_out = kind, heads, dim_head, dims["D_out"]
         self.block_size, self.stride, self.padding, self.groups = block_size, stride, padding, groups
-        self.hidden = hidden if kind == "mlp" else None
+        self.hidden = dims.get("F")
         self.activation = activation
-        self.has_bias = bias and kind in ("linear", "mlp")
+        self.options = {k: v for k, v in opts.items() if k != "activation"}
+        self.has_bias = bias and any(p.optional for p in rec.params)
         self.pos_emb, self.backend = pos_emb, backend
+        self._dims = dims          # plain ints: the module pickles (the record holds functions; looked up by name)
 
         fk = dict(device=device, dtype=dtype)
-        G, L, D, O = groups, block_size, dim_head, dim_out
-
-        def param(name, *shape, enabled=True):
+        for p in rec.params:
             # a disabled one is registered as None, nn.Linear's convention for bias
-            self.register_parameter(name, nn.Parameter(torch.empty(shape, **fk)) if enabled else None)
-
-        if kind in ("weighted_pool", "attention_pool"):
-            param("weight", *((G, L) if kind == "weighted_pool" else (G, D, D)))
-        elif kind == "linear":
-            param("weight", G, L, D, O)
-            param("bias", G, O, enabled=bias)
-        elif kind == "mlp":
-            param("w1", G, L * D, hidden)
-            param("b1", G, hidden, enabled=bias)
-            param("w2", G, hidden, O)
-            param("b2", G, O, enabled=bias)
-        param("pe", heads, L, D, enabled=pos_emb)
+            on = bias or not p.optional
+            self.register_parameter(p.name, nn.Parameter(torch.empty(rec.shape(p, dims), **fk)) if on else None)
+        self.register_parameter("pe", nn.Parameter(torch.empty(heads, block_size, dim_head, **fk))
+                                if pos_emb else None)
         self.reset_parameters()
+
+    @property
+    def _record(self) -> _kinds.Kind:
+        return _kinds.get(self.kind)
 
     def reset_parameters(self) -> None:
         """Re-initialise every parameter as the class docstring says."""
-        L, D = self.block_size, self.dim_head
+        rec, dims = self._record, self._dims
         with torch.no_grad():
-            if self.kind == "weighted_pool":
-                self.weight.fill_(1.0 / L)
-            elif self.kind == "attention_pool":
-                self.weight.zero_()
-            elif self.kind == "linear":
-                bound = 1.0 / math.sqrt(L * D)
-                self.weight.uniform_(-bound, bound)
-                if self.bias is not None:
-                    self.bias.uniform_(-bound, bound)
-            elif self.kind == "mlp":
-                for w, b, fan_in in ((self.w1, self.b1, L * D), (self.w2, self.b2, self.hidden)):
-                    bound = 1.0 / math.sqrt(fan_in)
-                    w.uniform_(-bound, bound)
-                    if b is not None:
-                        b.uniform_(-bound, bound)
+            for p in rec.params:
+                t = getattr(self, p.name)
+                if t is None:
+                    continue
+                if p.init == "mean":
+                    t.fill_(1.0 / self.block_size)
+                elif p.init == "zeros":
+                    t.zero_()
+                else:
+                    bound = 1.0 / math.sqrt(rec.dim(p.fan_in, dims))
+                    t.uniform_(-bound, bound)
             if self.pe is not None:
                 self.pe.zero_()
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, H, T, D) -> (B, H, W, D_out); see the class docstring."""
+    def forward(self, x: torch.Tensor, *inputs, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, H, T, D) [, the kind's other inputs] -> (B, H, W, D_out); see the class docstring."""
         fn = "Compressor"
+        rec = self._record
+        n_more = len(rec.inputs) - 1
+        if len(inputs) == n_more + 1 and cu_seqlens is None:   # forward(x, cu_seqlens) positionally
+            *inputs, cu_seqlens = inputs
+        if len(inputs) != n_more:
+            raise TypeError(f"{fn}: {self.kind} takes the inputs {rec.inputs}, got {1 + len(inputs)} tensors")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{fn}: x must be a torch.Tensor of shape (B, H, T, D), got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.heads or x.shape[3] != self.dim_head:
@@ -486,28 +519,41 @@ class Compressor(nn.Module):
             raise TypeError(f"{fn}: x must have the parameters' dtype {p.dtype}, got {x.dtype}")
         if p is not None and x.device != p.device:
             raise ValueError(f"{fn}: x must be on the parameters' device {p.device}, got {x.device}")
-        kw = dict(block_size=self.block_size, stride=self.stride, padding=self.padding, pe=self.pe,
-                  cu_seqlens=cu_seqlens, backend=self.backend)
-        if self.kind == "mean_pool":
-            return kf.mean_pool(x, **kw)
-        if self.kind == "weighted_pool":
-            return kf.weighted_pool(x, self.weight, **kw)
-        if self.kind == "linear":
-            return kf.linear(x, self.weight, self.bias, **kw)
-        if self.kind == "mlp":
-            return kf.mlp(x, self.w1, self.b1, self.w2, self.b2, activation=self.activation, **kw)
-        return kf.attention_pool(x, self.weight, **kw)
+        kw = dict(block_size=self.block_size, stride=self.stride, padding=self.padding, cu_seqlens=cu_seqlens,
+                  backend=self.backend, **self.options)
+        if rec.pe:
+            kw["pe"] = self.pe
+        if "activation" in rec.option_names:
+            kw["activation"] = self.activation
+        params = [getattr(self, q.name) for q in rec.params]
+        return getattr(kf, self.kind)(x, *inputs, *params, **kw)
 
     def extra_repr(self) -> str:
+        rec = self._record
         parts = [repr(self.kind), f"heads={self.heads}", f"dim_head={self.dim_head}",
                  f"block_size={self.block_size}", f"stride={self.stride}", f"padding={self.padding!r}"]
-        if self.kind != "mean_pool":
+        if rec.has_weights:
             parts.append(f"groups={self.groups}")
-        if self.kind in ("linear", "mlp"):
+        if "D_out" in rec.free_dims:
             parts.append(f"dim_out={self.dim_out}")
-        if self.kind == "mlp":
-            parts += [f"hidden={self.hidden}", f"activation={self.activation!r}"]
-        if self.kind in ("linear", "mlp"):
+        if "F" in rec.free_dims:
+            parts.append(f"hidden={self.hidden}")
+        if "activation" in rec.option_names:
+            parts.append(f"activation={self.activation!r}")
+        parts += [f"{k}={v!r}" for k, v in self.options.items()]
+        if any(p.optional for p in rec.params):
             parts.append(f"bias={self.has_bias}")
-        parts += [f"pos_emb={self.pos_emb}", f"backend={self.backend!r}"]
+        if rec.pe:
+            parts.append(f"pos_emb={self.pos_emb}")
+        parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
+
+
+def _kinds_with_free(dim: str) -> str:
+    names = [k for k in KINDS if dim in _kinds.get(k).free_dims]
+    return " and ".join(names) if len(names) <= 2 else ", ".join(names)
+
+
+def _kinds_with_option(option: str) -> str:
+    names = [k for k in KINDS if option in _kinds.get(k).option_names]
+    return " and ".join(names)

@@ -37,11 +37,11 @@ import torch
 
 from . import backends as _backends
 from . import functional as _functional
+from . import kinds as _kinds
 from ._validate import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     _is_int,
-    check_activation,
     check_choice,
     check_int,
     check_pe,
@@ -51,9 +51,9 @@ from ._windows import _num_windows_tensor, num_windows
 
 __all__ = ["StepOutput", "StreamState", "StreamingCompressor", "init_state", "reset", "step"]
 
-# keyword arguments of a kind that a step forwards to kvcompress.functional;
-# block_size, stride, padding and cu_seqlens come from the state
-KIND_KWARGS = {"mean_pool": (), "weighted_pool": (), "linear": (), "mlp": ("activation",), "attention_pool": ()}
+# a kind's keyword arguments that a step forwards to kvcompress.functional are
+# its record's options (kvcompress/kinds.py); block_size, stride, padding and
+# cu_seqlens come from the state
 _STATE_TENSORS = ("pending", "n_tokens", "n_windows")
 
 
@@ -74,6 +74,10 @@ class StreamState:
         ``num_windows(n_tokens, block_size, stride, padding)``.
     block_size, stride (int, 1 <= stride <= block_size), padding ("valid"
         or "left"): the windowing, fixed for the life of the state.
+    fill: one float per per-token input of the kind (the state keeps the
+        inputs side by side along D): the value of a left pad token
+        (default (0.0,): a zero token; gated_pool's (0.0, -inf): value 0,
+        score -inf, i.e. weight 0). ``init_state(..., kind=)`` sets it.
 
     All tensors live on one device. The state is immutable: ``step`` and
     ``reset`` return new states. Build one with ``init_state``; move it with
@@ -91,6 +95,7 @@ class StreamState:
     block_size: int
     stride: int
     padding: str
+    fill: tuple[float, ...] = (0.0,)
 
     def __post_init__(self):
         fn = "StreamState"
@@ -105,6 +110,12 @@ class StreamState:
         if p.dim() != 4 or p.shape[1] != self.block_size - 1 or p.shape[2] < 1 or p.shape[3] < 1:
             raise ValueError(f"{fn}: pending must have shape (N, L-1={self.block_size - 1}, H >= 1, D >= 1), "
                              f"got {tuple(p.shape)}")
+        fill = self.fill
+        if (not isinstance(fill, (tuple, list)) or not fill or not all(isinstance(v, (int, float)) for v in fill)
+                or p.shape[3] % len(fill)):
+            raise ValueError(f"{fn}: fill must be a non-empty tuple of floats whose length divides D={p.shape[3]}, "
+                             f"got {fill!r}")
+        object.__setattr__(self, "fill", tuple(float(v) for v in fill))
         for name in ("n_tokens", "n_windows"):
             t = getattr(self, name)
             if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
@@ -148,12 +159,12 @@ class StreamState:
     def to(self, device, *, non_blocking: bool = False) -> StreamState:
         """The same state with every tensor on ``device`` (str or torch.device)."""
         return StreamState(*(getattr(self, n).to(device, non_blocking=non_blocking) for n in _STATE_TENSORS),
-                           self.block_size, self.stride, self.padding)
+                           self.block_size, self.stride, self.padding, self.fill)
 
     def state_dict(self) -> dict:
         """Tensors and windowing as a plain dict (``torch.load(..., weights_only=True)`` reads it back)."""
         d = {n: getattr(self, n) for n in _STATE_TENSORS}
-        d.update(block_size=self.block_size, stride=self.stride, padding=self.padding)
+        d.update(block_size=self.block_size, stride=self.stride, padding=self.padding, fill=self.fill)
         return d
 
     @classmethod
@@ -172,7 +183,7 @@ class StreamState:
         missing = [k for k in keys if k not in d]
         if missing:
             raise ValueError(f"{fn}: the dict lacks {missing}; it must have the keys {list(keys)}")
-        state = cls(**{k: d[k] for k in keys})
+        state = cls(**{k: d[k] for k in keys}, fill=tuple(d.get("fill", (0.0,))))
         n_tok = state.n_tokens
         expected = _num_windows_tensor(n_tok, state.block_size, state.stride, state.padding)
         if bool((n_tok < 0).any()) or not torch.equal(state.n_windows, expected):
@@ -195,14 +206,28 @@ class StepOutput(NamedTuple):
     state: StreamState
 
 
+def _fresh(shape, fill, dtype, device, pad: int) -> torch.Tensor:
+    """Pending tokens (N, L-1, H, D) of fresh streams: the first ``pad`` hold
+    the pad value of each input (``fill``, side by side along D), the rest 0."""
+    pending = torch.zeros(shape, dtype=dtype, device=device)
+    if pad and any(v != 0.0 for v in fill):
+        per = shape[3] // len(fill)
+        pending[:, :pad] = torch.tensor(fill, dtype=dtype, device=device).repeat_interleave(per)   # [D]
+    return pending
+
+
 def init_state(num_streams: int, heads: int, dim: int, *, block_size: int, stride: int, padding: str = "valid",
-               dtype: torch.dtype = torch.float32, device=None) -> StreamState:
+               dtype: torch.dtype = torch.float32, device=None, kind: str | None = None) -> StreamState:
     """A state of ``num_streams`` fresh streams.
 
-    num_streams (N >= 0), heads (H >= 1), dim (D >= 1): ints. block_size,
-    stride, padding: as in kvcompress.functional. dtype: the token dtype
-    (default float32). device: default the current default device.
-    With padding="left" every stream starts holding L - S zero tokens.
+    num_streams (N >= 0), heads (H >= 1), dim (D >= 1): ints; a kind with
+    several per-token inputs keeps them side by side (gated_pool: dim =
+    2 * D, x then z). block_size, stride, padding: as in
+    kvcompress.functional. dtype: the token dtype (default float32).
+    device: default the current default device. kind: the kind the state
+    serves (default None: any kind whose pads are zero tokens); it sets
+    the pad value (gated_pool's scores -inf).
+    With padding="left" every stream starts holding L - S pad tokens.
     Raises TypeError for a size, block_size or stride that is not an
     integer (bool and float included), a non-str padding or a non-float
     dtype; ValueError for a size or windowing out of range.
@@ -213,9 +238,14 @@ def init_state(num_streams: int, heads: int, dim: int, *, block_size: int, strid
     block_size, stride = check_window_args(fn, block_size, stride, padding)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{fn}: dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    fill = (0.0,) if kind is None else _kinds.get(check_choice(fn, "kind", kind, _kinds.KINDS)).pad_fill
+    if dim % len(fill):
+        raise ValueError(f"{fn}: {kind} keeps {len(fill)} inputs side by side, so dim must be a multiple of "
+                         f"{len(fill)}, got {dim}")
     zeros = torch.zeros(num_streams, dtype=torch.int64, device=device)
-    pending = torch.zeros(num_streams, block_size - 1, heads, dim, dtype=dtype, device=device)
-    return StreamState(pending, zeros, zeros.clone(), block_size, stride, padding)
+    pending = _fresh((num_streams, block_size - 1, heads, dim), fill, dtype, device,
+                     _pad_tokens(block_size, stride, padding))
+    return StreamState(pending, zeros, zeros.clone(), block_size, stride, padding, fill)
 
 
 def _stream_mask(fn: str, streams, n: int) -> list[bool]:
@@ -258,28 +288,38 @@ def reset(state: StreamState, streams) -> StreamState:
     if not isinstance(state, StreamState):
         raise TypeError(f"{fn}: state must be a StreamState, got {type(state).__name__}")
     mask = torch.tensor(_stream_mask(fn, streams, state.num_streams), dtype=torch.bool).to(state.device)  # [N]
-    pending = torch.where(mask[:, None, None, None], torch.zeros((), dtype=state.dtype, device=state.device),
-                          state.pending)
+    fresh = _fresh((1, *state.pending.shape[1:]), state.fill, state.dtype, state.device,
+                   state.pad_tokens)                                                # [1, L-1, H, D]
+    pending = torch.where(mask[:, None, None, None], fresh, state.pending)           # [N, L-1, H, D]
     zero = torch.zeros((), dtype=torch.int64, device=state.device)
     return StreamState(pending, torch.where(mask, zero, state.n_tokens), torch.where(mask, zero, state.n_windows),
-                       state.block_size, state.stride, state.padding)
+                       state.block_size, state.stride, state.padding, state.fill)
 
 
-def _check_step_args(fn, kind, state, x, cu_new, pe, backend, kind_kwargs) -> None:
-    """Everything a step can check without reading device values."""
-    check_choice(fn, "kind", kind, tuple(KIND_KWARGS))
+def _check_step_args(fn, kind, state, x, cu_new, pe, backend, kind_kwargs, more=()) -> None:
+    """Everything a step can check without reading device values. ``more``:
+    the kind's per-token inputs after x (gated_pool's z)."""
+    check_choice(fn, "kind", kind, _kinds.KINDS)
     if not isinstance(state, StreamState):
         raise TypeError(f"{fn}: state must be a StreamState (see init_state), got {type(state).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: x must be a torch.Tensor (1, H, T_new, D), got {type(x).__name__}")
-    H, D = state.heads, state.dim
-    if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != H or x.shape[3] != D:
-        raise ValueError(f"{fn}: x must have shape (1, H={H}, T_new, D={D}) (the new tokens of all streams, "
-                         f"packed), got {tuple(x.shape)}")
-    if x.dtype != state.dtype:
-        raise TypeError(f"{fn}: x must have the state's dtype {state.dtype}, got {x.dtype}")
-    if x.device != state.device:
-        raise ValueError(f"{fn}: x must be on the state's device {state.device}, got {x.device}")
+    inputs = _kinds.get(kind).inputs
+    if state.dim % len(inputs):
+        raise ValueError(f"{fn}: {kind} keeps its inputs {inputs} side by side in the state, so init_state's dim "
+                         f"must be {len(inputs)} * D; got a state of dim {state.dim}")
+    if state.padding == "left" and state.fill != _kinds.get(kind).pad_fill:
+        raise ValueError(f"{fn}: state holds left pads of value {state.fill}, but {kind} pads with "
+                         f"{_kinds.get(kind).pad_fill}: make the state with init_state(..., kind={kind!r})")
+    H, D = state.heads, state.dim // len(inputs)
+    for name, t in zip(inputs, (x, *more)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor (1, H, T_new, D), got {type(t).__name__}")
+        if t.dim() != 4 or t.shape[0] != 1 or t.shape[1] != H or t.shape[3] != D or t.shape[2] != x.shape[2]:
+            raise ValueError(f"{fn}: {name} must have shape (1, H={H}, T_new, D={D}) (the new tokens of all "
+                             f"streams, packed), got {tuple(t.shape)}")
+        if t.dtype != state.dtype:
+            raise TypeError(f"{fn}: {name} must have the state's dtype {state.dtype}, got {t.dtype}")
+        if t.device != state.device:
+            raise ValueError(f"{fn}: {name} must be on the state's device {state.device}, got {t.device}")
     if not isinstance(cu_new, torch.Tensor):
         raise TypeError(f"{fn}: cu_new must be a torch.Tensor of int32/int64 offsets, got {type(cu_new).__name__}")
     if cu_new.dtype not in INDEX_DTYPES:
@@ -290,14 +330,18 @@ def _check_step_args(fn, kind, state, x, cu_new, pe, backend, kind_kwargs) -> No
                          f"plus one, got {tuple(cu_new.shape)}")
     if cu_new.device != x.device:
         raise ValueError(f"{fn}: cu_new must be on x's device {x.device}, got {cu_new.device}")
-    allowed = KIND_KWARGS[kind]
-    extra = [k for k in kind_kwargs if k not in allowed]
+    rec = _kinds.get(kind)
+    extra = [k for k in kind_kwargs if k not in rec.option_names]
     if extra:
-        raise TypeError(f"{fn}: {kind} takes no keyword arguments {extra} here (allowed: {list(allowed)}; "
+        raise TypeError(f"{fn}: {kind} takes no keyword arguments {extra} here (allowed: {list(rec.option_names)}; "
                         f"block_size, stride, padding and cu_seqlens come from the state and cu_new)")
-    if "activation" in kind_kwargs:
-        check_activation(fn, kind_kwargs["activation"])
-    check_pe(fn, pe, x, state.block_size)
+    for o in rec.options:
+        if o.name in kind_kwargs and o.choices is not None:
+            check_choice(fn, o.name, kind_kwargs[o.name], o.choices)
+    if rec.pe:
+        check_pe(fn, pe, x, state.block_size)
+    elif pe is not None:
+        raise TypeError(f"{fn}: {kind} takes no pe (got a {type(pe).__name__})")
     if not isinstance(backend, str):
         raise TypeError(f"{fn}: backend must be a str, 'auto' or a backend name, got {type(backend).__name__}")
     if backend != "auto":
@@ -333,21 +377,24 @@ def step(kind: str, state: StreamState, x: torch.Tensor, cu_new: torch.Tensor, *
          backend: str = "auto", **kind_kwargs) -> StepOutput:
     """Feed new tokens to N streams; return what they complete and the new state.
 
-    kind: one of "mean_pool", "weighted_pool", "linear", "mlp",
-        "attention_pool".
-    state: the StreamState (N streams, H heads, D dims, dtype, device).
+    kind: one of ``kvcompress.kinds.KINDS``.
+    state: the StreamState (N streams, H heads, D dims, dtype, device). A
+        kind with several per-token inputs (gated_pool: x and z) keeps them
+        side by side: its state has dim n_inputs * D.
     x: (1, H, T_new, D), state's dtype and device, any strides: the new
         tokens of all streams packed in stream order (the cu_seqlens
         convention of kvcompress.functional).
     cu_new: (N+1,) int32/int64 on x's device, 0 = cu_new[0] <= ... <=
         cu_new[N] = T_new; stream k receives x[:, :, cu_new[k]:cu_new[k+1]]
         (zero tokens allowed).
-    *params: the kind's parameters, positional as in kvcompress.functional
-        (linear: weight, bias; mlp: w1, b1, w2, b2; ...), x's dtype/device.
+    *params: the kind's other inputs (gated_pool's z, shaped like x) and
+        parameters, positional as in kvcompress.functional (linear: weight,
+        bias; mlp: w1, b1, w2, b2; gated_pool: z, bias), x's dtype/device.
     pe: (H, L, D) or None, default None; added at window position j as in
         the full pass (pad zeros of padding="left" included).
     backend: "auto" (default) or a registered backend name.
-    **kind_kwargs: mlp's ``activation`` (default "relu").
+    **kind_kwargs: the kind's options (mlp's ``activation``, gated_pool's
+        ``split``).
 
     Returns StepOutput(y, cu_y, state): y (1, H, W_new, D_out) the newly
     completed compressed tokens packed in stream order, cu_y (N+1,) their
@@ -363,7 +410,13 @@ def step(kind: str, state: StreamState, x: torch.Tensor, cu_new: torch.Tensor, *
     as is kvcompress.functional's reading of cu_seqlens).
     """
     fn = "step"
-    _check_step_args(fn, kind, state, x, cu_new, pe, backend, kind_kwargs)
+    n_more = len(_kinds.get(kind).inputs) - 1 if kind in _kinds.KINDS else 0
+    if len(params) < n_more:
+        raise TypeError(f"{fn}: {kind} takes the inputs {_kinds.get(kind).inputs} before its parameters")
+    more, params = params[:n_more], params[n_more:]
+    _check_step_args(fn, kind, state, x, cu_new, pe, backend, kind_kwargs, more)
+    if more:   # the state keeps a kind's inputs side by side: (1, H, T_new, n_in * D)
+        x = torch.cat([x, *more], dim=3)
     N, L, S, H, D = state.num_streams, state.block_size, state.stride, state.heads, state.dim
     C, T_new = L - 1, x.shape[2]
     vals = torch.cat([state.n_tokens, state.n_windows, cu_new.to(torch.int64)]).tolist()
@@ -395,8 +448,11 @@ def step(kind: str, state: StreamState, x: torch.Tensor, cu_new: torch.Tensor, *
     _copy_segments(x_cat, flat, xt, out_first, [k * C for k in range(N)], [pk if u else 0 for pk, u in zip(p, used)],
                    cu[:-1], [u - pk if u else 0 for pk, u in zip(p, used)], device)
     cu_cat = torch.tensor([0] + ends, dtype=torch.int64, device=device)
-    y = getattr(_functional, kind)(x_cat.permute(1, 0, 2).unsqueeze(0), *params, block_size=L, stride=S,
-                                   padding="valid", pe=pe, cu_seqlens=cu_cat, backend=backend, **kind_kwargs)
+    x_in = x_cat.permute(1, 0, 2).unsqueeze(0).split(D // (n_more + 1), dim=3)   # n_in x [1, H, U, D]
+    if _kinds.get(kind).pe:
+        kind_kwargs = dict(kind_kwargs, pe=pe)
+    y = getattr(_functional, kind)(*x_in, *params, block_size=L, stride=S, padding="valid", cu_seqlens=cu_cat,
+                                   backend=backend, **kind_kwargs)
 
     # what the next window needs: tokens keep[k] .. c[k] of pending + new
     a = [min(kk, pk) for kk, pk in zip(keep, p)]                # first pending token kept
@@ -408,7 +464,7 @@ def step(kind: str, state: StreamState, x: torch.Tensor, cu_new: torch.Tensor, *
     counts = torch.tensor([[t + nk for t, nk in zip(n_tok, n)], [v + wk for v, wk in zip(n_win, w)]],
                           dtype=torch.int64).to(device)                              # [2, N]
     cu_y = torch.tensor([0] + list(accumulate(w)), dtype=cu_new.dtype, device=device)
-    new_state = StreamState(pending, counts[0].contiguous(), counts[1].contiguous(), L, S, state.padding)
+    new_state = StreamState(pending, counts[0].contiguous(), counts[1].contiguous(), L, S, state.padding, state.fill)
     return StepOutput(y, cu_y, new_state)
 
 
@@ -416,12 +472,16 @@ class StreamingCompressor:
     """A kind, its parameters and a StreamState, stepped together.
 
     kind: as in ``step``. *params: the kind's parameters (positional, as
-    in kvcompress.functional). state: a StreamState (``init_state``).
-    pe: (H, L, D) or None. backend: "auto" or a backend name.
-    **kind_kwargs: mlp's ``activation``.
+    in kvcompress.functional, without its per-token inputs: gated_pool's
+    bias only). state: a StreamState (``init_state``; gated_pool's with
+    kind="gated_pool"). pe: (H, L, D) or None. backend: "auto" or a backend
+    name. **kind_kwargs: the kind's options (mlp's ``activation``,
+    gated_pool's ``split``).
 
-    ``step(x, cu_new)`` returns (y, cu_y) and replaces ``self.state`` only
-    when the step succeeded: after an error the state is the one before.
+    ``step(x, cu_new, *inputs)`` (gated_pool: ``step(x, cu_new, z)``, z the
+    new gate scores shaped like x) returns (y, cu_y) and replaces
+    ``self.state`` only when the step succeeded: after an error the state
+    is the one before.
     ``reset(streams)`` starts the chosen streams over (all when None).
     Raises TypeError naming ``state`` when it is not a StreamState.
     """
@@ -429,13 +489,19 @@ class StreamingCompressor:
     def __init__(self, kind: str, *params, state: StreamState, pe=None, backend: str = "auto", **kind_kwargs):
         if not isinstance(state, StreamState):
             raise TypeError(f"StreamingCompressor: state must be a StreamState, got {type(state).__name__}")
-        check_choice("StreamingCompressor", "kind", kind, tuple(KIND_KWARGS))
+        check_choice("StreamingCompressor", "kind", kind, _kinds.KINDS)
         self.kind, self.params, self.state = kind, params, state
         self.pe, self.backend, self.kind_kwargs = pe, backend, kind_kwargs
 
-    def step(self, x: torch.Tensor, cu_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y (1, H, W_new, D_out), cu_y (N+1,)) for new tokens x (1, H, T_new, D) at offsets cu_new (N+1,)."""
-        out = step(self.kind, self.state, x, cu_new, *self.params, pe=self.pe, backend=self.backend,
+    def step(self, x: torch.Tensor, cu_new: torch.Tensor, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y (1, H, W_new, D_out), cu_y (N+1,)) for new tokens x (1, H, T_new, D) at offsets cu_new (N+1,);
+        ``inputs``: the kind's other per-token inputs of this step (gated_pool's z), shaped like x."""
+        n_more = len(_kinds.get(self.kind).inputs) - 1
+        if len(inputs) != n_more:
+            raise TypeError(f"StreamingCompressor.step: {self.kind} takes the inputs {_kinds.get(self.kind).inputs} "
+                            f"(x, cu_new{', ' if n_more else ''}{', '.join(_kinds.get(self.kind).inputs[1:])}): "
+                            f"the new tokens of each, got {len(inputs)} after cu_new")
+        out = step(self.kind, self.state, x, cu_new, *inputs, *self.params, pe=self.pe, backend=self.backend,
                    **self.kind_kwargs)
         self.state = out.state
         return out.y, out.cu_y

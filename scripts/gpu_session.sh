@@ -32,6 +32,8 @@
 #   hostprof  scripts/host_profile.py: where the host time of a call goes (cProfile, tiny inputs)
 #   peers     scripts/verify_peers.py: the public kernels' adapters through the suite (sources in .peers/, wheels in .whl/)
 #   production  the production-shape tier (test_production.py) for every backend on CUDA, ci profile
+#   pytest    python3 -m pytest $PYTEST_ARGS [-k "$PYTEST_K"] (-q -p no:cacheprovider, on XDIST workers), untuned
+#             launches: any selection
 #   perf      scripts/gpu_perf.py: linear and the pools, CUDA-graph and eager times, per-kernel profile, host time
 #             (docs/triton-perf.md); LABEL=name names the run (compare saved runs with gpu_perf.py --compare)
 # The other property-suite phases run pytest-xdist with XDIST workers (default 8) when it is importable: on a GPU
@@ -102,6 +104,8 @@ for arg in "$@"; do
         production) KVCOMPRESS_TRITON_AUTOTUNE=0 run production 420 python3 -m pytest \
                    kvcompress/testing/properties/test_production.py -q -p no:cacheprovider --kvcompress-profile ci \
                    --kvcompress-report "$OUT/production.json" --hypothesis-show-statistics "${XD[@]}" ;;
+        pytest) KVCOMPRESS_TRITON_AUTOTUNE=0 run pytest 400 python3 -m pytest ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} \
+                   -q -p no:cacheprovider "${XD[@]}" ;;
         hostprof) run hostprof 240 python3 scripts/host_profile.py --calls 1000 --out "$OUT" ;;
         perf) run perf 400 python3 scripts/gpu_perf.py --label "${LABEL:-this}" --out "$OUT/perf.json" ;;
         bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench${BENCH_TAG:-}" ${BENCH_ARGS:-} ;;

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvcompress.testing import windows
 from kvcompress.testing.cases import make_inputs
 from kvcompress.testing.records import KINDS, RECORDS
 from kvcompress.testing.strategies import cases
@@ -25,8 +24,7 @@ def test_loop_reference_matches_vectorized_formulation(kind, data):
     rec = RECORDS[kind]
     inputs = make_inputs(case, rec)
     loop = rec.call_reference(case, inputs)
-    win = windows.gather_windows(inputs.x64, pe=inputs.pe64, seqlens=case.seqlens, **case.window_kwargs())
-    vec = rec.oracle(win, *rec.args(inputs, torch_side=False), **rec.extra_kwargs(case))
+    vec = rec.vectorized(case, inputs.x64, rec.args(inputs, torch_side=False), inputs.pe64, case.seqlens)
     np.testing.assert_allclose(loop, vec, rtol=1e-12, atol=1e-12, err_msg=repr(case))
 
 

@@ -23,8 +23,19 @@ parameters, then a chunking of every stream's tokens into steps):
 - test_reset: reset streams start over, the others continue.
 - test_state_round_trip: torch.save/torch.load of state_dict() and .to()
   keep the state, and streaming continues bit for bit.
+- test_left_pads_of_weight_zero_stream_as_the_full_pass, for the kinds
+  whose left pads are not zero tokens (gated_pool: score -inf): the streams
+  equal the full pass where a zero-score pad would not.
+- test_state_pads_follow_the_kind: init_state(..., kind=), reset and
+  state_dict keep such pads; a state made without kind= is refused with
+  padding="left".
 - test_bad_input_*: clear errors, raised before any backend runs, and the
   state unchanged after them.
+
+What a kind takes comes from its record (kvcompress/kinds.py,
+kvcompress/testing/records.py): its per-token inputs (gated_pool's z, kept
+side by side with x in the state and sliced with x's tokens), the value of
+its left pads (gated_pool's scores -inf), whether it takes pe, its options.
 """
 
 from __future__ import annotations
@@ -42,9 +53,10 @@ from hypothesis import assume, event, given, note
 from hypothesis import strategies as st
 from kvcompress_reference import streaming as rs
 
+import kvcompress.functional as kf
 import kvcompress.streaming as ks
 from kvcompress.testing.cases import Case, make_inputs, place, with_x
-from kvcompress.testing.convert import DTYPES, NUMPY_DTYPES, to_numpy
+from kvcompress.testing.convert import DTYPES, NUMPY_DTYPES, round_to, to_numpy
 from kvcompress.testing.impls import arm_tripwire, builtin_impls
 from kvcompress.testing.records import KINDS, RECORDS
 from kvcompress.testing.strategies import cases
@@ -130,14 +142,49 @@ def _starts(case):
     return [0, *accumulate(case.seqlens)]
 
 
+def _tokens64(case, inputs) -> list[np.ndarray]:
+    """The float64 values of the kind's per-token inputs, x first (gated_pool: x, z)."""
+    return [inputs.x64] + [inputs.params64[p.name] for p in RECORDS[case.kind].params if p.per_token]
+
+
+def _weights(case, inputs, *, torch_side: bool = True) -> list:
+    """The positional arguments after the per-token inputs: the kind's parameters."""
+    src = inputs.params if torch_side else inputs.params64
+    return [src[p.name] for p in RECORDS[case.kind].params if not p.per_token]
+
+
+def _pe(case, pe) -> dict:
+    """pe as a keyword, for the kinds that take it."""
+    return {"pe": pe} if RECORDS[case.kind].kind.pe else {}
+
+
+def _n_in(kind) -> int:
+    """How many per-token inputs the kind keeps side by side in a state."""
+    return len(RECORDS[kind].kind.inputs)
+
+
+def _zero_pads(kind) -> bool:
+    """Whether the kind's left pads are zero tokens (not gated_pool's: scores -inf)."""
+    return all(v == 0.0 for v in RECORDS[kind].kind.pad_fill)
+
+
 def _step_x(case, inputs, chunk, device):
-    """The packed new tokens of one step (float64 values, case dtype and layout) and cu_new."""
+    """The packed new tokens of one step, for each per-token input (x first):
+    float64 values, the same in the case's dtype and layout; and cu_new."""
     starts = _starts(case)
-    parts = [inputs.x64[:, :, starts[k] + a: starts[k] + b] for k, (a, b) in enumerate(chunk)]
-    x64 = np.concatenate(parts, axis=2) if parts else inputs.x64[:, :, :0]
+    vals64, vals = [], []
+    for v64 in _tokens64(case, inputs):
+        parts = [v64[:, :, starts[k] + a: starts[k] + b] for k, (a, b) in enumerate(chunk)]
+        vals64.append(np.concatenate(parts, axis=2) if parts else v64[:, :, :0])
+        vals.append(place(vals64[-1], DTYPES[case.dtype], device, case.layout))
     cu = [0, *accumulate(b - a for a, b in chunk)]
-    x = place(x64, DTYPES[case.dtype], device, case.layout)
-    return x64, x, torch.tensor(cu, dtype=getattr(torch, case.cu_dtype), device=device)
+    return vals64, vals, torch.tensor(cu, dtype=getattr(torch, case.cu_dtype), device=device)
+
+
+def _init_state(case, device, **kw):
+    """Fresh streams for the case's kind: its inputs side by side, its pads."""
+    return ks.init_state(len(case.seqlens), case.H, _n_in(case.kind) * case.D, block_size=case.L, stride=case.S,
+                         padding=case.padding, dtype=DTYPES[case.dtype], device=device, kind=case.kind, **kw)
 
 
 def _snapshot(state):
@@ -167,16 +214,16 @@ def _run_stream(impl, case, inputs, steps, *, state=None):
     rec, device = RECORDS[case.kind], impl.device
     N, L, S = len(case.seqlens), case.L, case.S
     if state is None:
-        state = ks.init_state(N, case.H, case.D, block_size=L, stride=S, padding=case.padding,
-                              dtype=DTYPES[case.dtype], device=device)
+        state = _init_state(case, device)
     outs = [[] for _ in range(N)]
     cu_ys = []
     starts = _starts(case)
+    fill, tokens64 = rec.kind.pad_fill, _tokens64(case, inputs)
     for s, chunk in enumerate(steps):
-        _, x, cu_new = _step_x(case, inputs, chunk, device)
+        _, xs, cu_new = _step_x(case, inputs, chunk, device)
         before = _snapshot(state)
-        y, cu_y, new = ks.step(case.kind, state, x, cu_new, *rec.args(inputs), pe=inputs.pe, backend=impl.name,
-                               **rec.extra_kwargs(case))
+        y, cu_y, new = ks.step(case.kind, state, xs[0], cu_new, *xs[1:], *_weights(case, inputs),
+                               **_pe(case, inputs.pe), backend=impl.name, **rec.extra_kwargs(case))
         where = f"step {s} of {steps}\n  {case!r}"
         assert _same_state(state, before), f"step modified its input state; {where}"
         assert y.dtype == DTYPES[case.dtype] and y.device.type == device and y.shape[:2] == (1, case.H), where
@@ -197,11 +244,14 @@ def _run_stream(impl, case, inputs, steps, *, state=None):
             assert new.n_tokens[k].item() == b, where
             assert new.n_windows[k].item() == reference.num_windows(b, L, S, case.padding), where
             # the state holds the last n_pending tokens of the (left-padded)
-            # sequence, at most L - 1 of them, and zeros after them
+            # sequence, at most L - 1 of them, and zeros after them; each
+            # token is the kind's inputs side by side, a pad the kind's fill
             assert 0 <= n_pend[k] <= L - 1, f"stream {k} holds {n_pend[k]} > L - 1 tokens; {where}"
             pad = L - S if case.padding == "left" else 0
-            seq = np.concatenate([np.zeros((case.H, pad, case.D)), inputs.x64[0, :, starts[k]:starts[k] + b]], 1)
-            held = to_numpy(new.pending[k]).transpose(1, 0, 2)               # [H, L-1, D]
+            seq = np.concatenate([np.concatenate([np.full((case.H, pad, case.D), f),
+                                                  v64[0, :, starts[k]:starts[k] + b]], 1)
+                                  for f, v64 in zip(fill, tokens64)], 2)             # [H, pad + b, n_in*D]
+            held = to_numpy(new.pending[k]).transpose(1, 0, 2)               # [H, L-1, n_in*D]
             np.testing.assert_array_equal(held[:, :n_pend[k]], seq[:, seq.shape[1] - n_pend[k]:], err_msg=where)
             np.testing.assert_array_equal(held[:, n_pend[k]:], 0.0, err_msg=where)
             if a == b:
@@ -259,13 +309,14 @@ def test_stream_matches_reference_streaming(builtin, dtype, data):
     case, inputs, bound, steps = _draw(data, builtin.kind, dtype, max_dim=6, max_windows=3, **builtin.limits)
     rec = RECORDS[case.kind]
     outs, _, cu_ys = _run_stream(builtin, case, inputs, steps)
-    ref_state = rs.init_state(len(case.seqlens), case.H, case.D, block_size=case.L, stride=case.S,
-                              padding=case.padding, dtype=np.float64)
+    ref_state = rs.init_state(len(case.seqlens), case.H, _n_in(case.kind) * case.D, block_size=case.L,
+                              stride=case.S, padding=case.padding, dtype=np.float64, kind=case.kind)
     ref_outs = []
     for s, chunk in enumerate(steps):
-        x64, _, cu_new = _step_x(case, inputs, chunk, "cpu")
-        y, cu_y, ref_state = rs.step(case.kind, ref_state, x64, cu_new.numpy(), *rec.args(inputs, torch_side=False),
-                                     pe=inputs.pe64, **rec.extra_kwargs(case))
+        xs64, _, cu_new = _step_x(case, inputs, chunk, "cpu")
+        y, cu_y, ref_state = rs.step(case.kind, ref_state, xs64[0], cu_new.numpy(), *xs64[1:],
+                                     *_weights(case, inputs, torch_side=False), **_pe(case, inputs.pe64),
+                                     **rec.extra_kwargs(case))
         assert cu_y.tolist() == cu_ys[s], f"step {s}: offsets {cu_ys[s]} != reference {cu_y.tolist()}\n  {case!r}"
         ref_outs.append([y[:, :, cu_y[k]:cu_y[k + 1]] for k in range(len(chunk))])
     per_stream = [np.concatenate([r[k] for r in ref_outs], axis=2) for k in range(len(case.seqlens))]
@@ -282,16 +333,17 @@ def test_reference_streaming_equals_reference_full_pass(kind, data):
     case, inputs, _, steps = _draw(data, kind, dtype, device="cpu", max_dim=6, max_windows=3)
     rec, nd = RECORDS[kind], NUMPY_DTYPES[dtype]
     cast = {k: None if v is None else v.astype(nd) for k, v in inputs.params64.items()}
-    pe = None if inputs.pe64 is None else inputs.pe64.astype(nd)
-    full = rec.reference(inputs.x64.astype(nd), *cast.values(), **case.window_kwargs(), pe=pe,
+    weights = [cast[p.name] for p in rec.params if not p.per_token]
+    pe = _pe(case, None if inputs.pe64 is None else inputs.pe64.astype(nd))
+    full = rec.reference(inputs.x64.astype(nd), *cast.values(), **case.window_kwargs(), **pe,
                          cu_seqlens=inputs.cu64, **rec.extra_kwargs(case))
-    state = rs.init_state(len(case.seqlens), case.H, case.D, block_size=case.L, stride=case.S, padding=case.padding,
-                          dtype=nd)
+    state = rs.init_state(len(case.seqlens), case.H, _n_in(kind) * case.D, block_size=case.L, stride=case.S,
+                          padding=case.padding, dtype=nd, kind=kind)
     per_stream = [[] for _ in case.seqlens]
     for chunk in steps:
-        x64, _, cu_new = _step_x(case, inputs, chunk, "cpu")
-        y, cu_y, new = rs.step(kind, state, x64.astype(nd), cu_new.numpy(), *cast.values(), pe=pe,
-                               **rec.extra_kwargs(case))
+        xs64, _, cu_new = _step_x(case, inputs, chunk, "cpu")
+        xs = [v.astype(nd) for v in xs64]
+        y, cu_y, new = rs.step(kind, state, xs[0], cu_new.numpy(), *xs[1:], *weights, **pe, **rec.extra_kwargs(case))
         for k, (a, b) in enumerate(chunk):
             assert cu_y[k + 1] - cu_y[k] == _emitted_between(a, b, case), f"stream {k}\n  {case!r}"
             assert len(new.pending[k]) <= case.L - 1 and new.n_tokens[k] == b, f"stream {k}\n  {case!r}"
@@ -308,8 +360,11 @@ def _sub_case(case, inputs, spans, device):
     starts = _starts(case)
     lens = tuple(e - f for f, e in spans)
     sub = case.replace(seqlens=lens, T=sum(lens))
-    parts = [inputs.x64[:, :, s + f:s + e] for s, (f, e) in zip(starts, spans)]
-    return sub, with_x(sub, inputs, np.concatenate(parts, axis=2) if parts else inputs.x64[:, :, :0], device)
+
+    def take(v64):   # the spans of a per-token input, packed (x and z alike)
+        parts = [v64[:, :, s + f:s + e] for s, (f, e) in zip(starts, spans)]
+        return np.concatenate(parts, axis=2) if parts else v64[:, :, :0]
+    return sub, with_x(sub, inputs, take(inputs.x64), device, tokens=take)
 
 
 @pytest.mark.parametrize("builtin", IMPLS, ids=IMPL_IDS)
@@ -329,8 +384,7 @@ def test_reset(builtin, data):
     outs1, state, _ = _run_stream(builtin, before, before_inputs,
                                   data.draw(chunkings(before.seqlens, max_steps=3), label="steps_before"))
     after_reset = ks.reset(state, streams)
-    fresh = ks.init_state(N, case.H, case.D, block_size=case.L, stride=case.S, padding=case.padding,
-                          dtype=DTYPES[dtype], device=dev)
+    fresh = _init_state(case, dev)
     for k in range(N):
         src = fresh if k in chosen else state
         assert torch.equal(after_reset.pending[k], src.pending[k]) and after_reset.n_tokens[k] == src.n_tokens[k] \
@@ -378,6 +432,97 @@ def test_state_round_trip(builtin, data):
             np.testing.assert_array_equal(a, b, err_msg=f"stream {k} continued from the {what} state\n  {case!r}")
 
 
+# ---------------------------------------------------------------- gated_pool's pads
+
+# the kinds whose left pads are not zero tokens (gated_pool: value 0, score -inf)
+FILL_IMPLS = [i for i in IMPLS if not _zero_pads(i.kind)]
+
+
+@pytest.mark.parametrize("builtin", FILL_IMPLS, ids=[i.id for i in FILL_IMPLS])
+@given(data=st.data())
+def test_left_pads_of_weight_zero_stream_as_the_full_pass(builtin, data):
+    """DeepSeek-V4's CSA windowing (L = 2S, padding="left", with and without
+    split): a fresh stream holds L - S pads of score -inf, so what the streams
+    emit equals the full pass for every chunking, sequences shorter than the
+    pad included. The gate scores are far below 0, where a pad of score 0
+    would take nearly all the weight: the full pass is checked to differ from
+    zero-score pads, so this test tells the two apart."""
+    rec = RECORDS[builtin.kind]
+    dtype = "float32" if "float32" in builtin.dtypes else builtin.dtypes[0]
+    seqlens = (0, 1, 2, 3, 8)
+    split = data.draw(st.booleans(), label="split")
+    case = Case(kind=builtin.kind, dtype=dtype, B=1, H=2, G=2, T=sum(seqlens), D=4, block_size=4, stride=2,
+                padding="left", seqlens=seqlens, bias=True, split=split, layout="bthd", seed=11)
+    shift = round_to(np.full(1, -20.0), dtype)[0]      # scores near -20 (rounded again after the shift)
+    inputs = make_inputs(case, rec, builtin.device)
+    inputs = with_x(case, inputs, inputs.x64, builtin.device, tokens=lambda z: round_to(z + shift, dtype))
+    bound = forward_bound(case, inputs)
+    assert bound.well_conditioned
+    full = to_numpy(rec.call(builtin.fn, case, inputs))
+    steps = data.draw(chunkings(seqlens), label="steps")
+    outs, _, _ = _run_stream(builtin, case, inputs, steps)
+    _assert_equal_or_within(_packed(outs, case), full, _two_impls(bound.bound), builtin.batch_invariant,
+                            f"{builtin.id} streamed with left pads vs the full pass, steps {steps}", case)
+    # pads of score 0 instead (the tokens explicitly padded with zeros, "valid" windows): far off
+    pad, starts = case.L - case.S, _starts(case)
+    padded = [np.concatenate([np.concatenate([np.zeros((1, case.H, pad, case.D)), v64[:, :, a:b]], 2)
+                              for a, b in zip(starts, starts[1:])], 2) for v64 in _tokens64(case, inputs)]
+    zero_case = case.replace(padding="valid", seqlens=tuple(m + pad for m in seqlens),
+                             T=sum(seqlens) + pad * len(seqlens))
+    zero_pads = to_numpy(rec.call(builtin.fn, zero_case, with_x(zero_case, inputs, padded[0], builtin.device,
+                                                                tokens=lambda z: padded[1])))
+    assert zero_pads.shape == full.shape and np.abs(zero_pads - full).max() > 0.1
+
+
+def test_state_pads_follow_the_kind():
+    """A kind whose left pads are not zero tokens (gated_pool: value 0,
+    score -inf, side by side in the state): init_state(..., kind=) holds
+    them, reset restores them, state_dict keeps the fill, in the runtime and
+    in the reference. init_state without kind= holds zero pads: such a kind
+    refuses it with padding="left"; with padding="valid" there are no pads,
+    and it streams as the state made with kind=."""
+    kinds = [k for k in KINDS if not _zero_pads(k)]
+    assert "gated_pool" in kinds
+    for kind in kinds:
+        n_in, D = _n_in(kind), 3
+        torch.manual_seed(0)
+        xs = [torch.randn(1, 2, 7, D) for _ in range(n_in)]
+        cu = torch.tensor([0, 2, 7])
+        weights = [None] * sum(1 for p in RECORDS[kind].params if not p.per_token)
+        match = re.escape(f"make the state with init_state(..., kind={kind!r})")
+        ref_match = re.escape(f"make it with init_state(..., kind={kind!r})")
+        with pytest.raises(ValueError, match=match):
+            ks.step(kind, ks.init_state(2, 2, n_in * D, block_size=4, stride=2, padding="left"), xs[0], cu,
+                    *xs[1:], *weights)
+        with pytest.raises(ValueError, match=ref_match):
+            rs.step(kind, rs.init_state(2, 2, n_in * D, block_size=4, stride=2, padding="left"), xs[0].numpy(),
+                    cu.numpy(), *(t.numpy() for t in xs[1:]), *weights)
+        outs = []
+        for make in ({}, {"kind": kind}):
+            state = ks.init_state(2, 2, n_in * D, block_size=4, stride=2, padding="valid", **make)
+            for chunk in (cu, torch.tensor([0, 5, 7])):     # twice the tokens: windows from pending ones too
+                y, cu_y, state = ks.step(kind, state, xs[0], chunk, *xs[1:], *weights)
+                outs.append((make, y, cu_y))
+        for (_, y1, cu1), (_, y2, cu2) in zip(outs[:2], outs[2:]):
+            assert y1.shape[2] > 0 and torch.equal(y1, y2) and torch.equal(cu1, cu2), kind
+
+        fill = torch.tensor(RECORDS[kind].kind.pad_fill).repeat_interleave(D)           # [n_in*D]
+        state = ks.init_state(2, 2, n_in * D, block_size=4, stride=2, padding="left", kind=kind)
+        assert state.fill == RECORDS[kind].kind.pad_fill
+        assert torch.equal(state.pending[:, :2], fill.expand(2, 2, 2, -1)) and not state.pending[:, 2:].any()
+        stepped = ks.step(kind, state, xs[0], cu, *xs[1:], *weights).state
+        assert not torch.equal(stepped.pending[1], state.pending[1])
+        again = ks.reset(stepped, [1])
+        assert torch.equal(again.pending[1], state.pending[1]) and torch.equal(again.pending[0], stepped.pending[0])
+        assert ks.StreamState.from_state_dict(again.state_dict()).fill == state.fill
+        ref = rs.init_state(2, 2, n_in * D, block_size=4, stride=2, padding="left", dtype=np.float32, kind=kind)
+        assert all(np.array_equal(t, np.broadcast_to(fill.numpy(), (2, n_in * D))) for p in ref.pending for t in p)
+        ref_stepped = rs.step(kind, ref, xs[0].numpy(), cu.numpy(), *(t.numpy() for t in xs[1:]), *weights)[2]
+        ref_again = rs.reset(ref_stepped, [1])
+        assert len(ref_again.pending[1]) == 2 and all(np.array_equal(a, b) for a, b in zip(ref_again.pending[1],
+                                                                                          ref.pending[1]))
+
+
 # ---------------------------------------------------------------- bad input
 
 @pytest.fixture
@@ -389,19 +534,22 @@ def tripwire(monkeypatch):
 def _valid_step(kind):
     """A state of 3 streams (H=4, G=2, D=3, L=4, S=2, left padding) that
     received 5, 0 and 3 tokens, and valid step arguments giving them 2, 0
-    and 5 new tokens."""
+    and 5 new tokens (params: the kind's other per-token inputs, then its
+    parameters; pe where the kind takes it)."""
     rec = RECORDS[kind]
     case = Case(kind=kind, dtype="float32", B=1, H=4, G=2, T=7, D=3, block_size=4, stride=2, padding="left",
-                seqlens=(2, 0, 5), D_out=5, F=6, use_pe=True, bias=True, bias2=True)
+                seqlens=(2, 0, 5), D_out=5, F=6, use_pe=rec.kind.pe, bias=True, bias2=True)
     inputs = make_inputs(case, rec, "cpu")
     n_tokens = torch.tensor([5, 0, 3])
     n_windows = torch.tensor([reference.num_windows(int(t), 4, 2, "left") for t in n_tokens])   # [2, 0, 1]
-    pending = torch.zeros(3, 3, 4, 3)       # n_pending = n_tokens + (L - S) - n_windows * S = [3, 2, 3]
+    # the kind's inputs side by side: n_pending = n_tokens + (L - S) - n_windows * S = [3, 2, 3]
+    pending = torch.zeros(3, 3, 4, _n_in(kind) * 3)
     pending[0, :3] = 1.0
-    pending[2, :3] = 2.0                    # (stream 1 holds its two pad zeros)
-    state = ks.StreamState(pending, n_tokens, n_windows, 4, 2, "left")
+    pending[2, :3] = 2.0
+    pending[1, :2] = torch.tensor(rec.kind.pad_fill).repeat_interleave(3)    # stream 1 holds its two pads
+    state = ks.StreamState(pending, n_tokens, n_windows, 4, 2, "left", rec.kind.pad_fill)
     return dict(kind=kind, state=state, x=inputs.x, cu_new=inputs.cu_seqlens, params=rec.args(inputs),
-                kw=dict(pe=inputs.pe, **rec.extra_kwargs(case)))
+                kw=dict(**_pe(case, inputs.pe), **rec.extra_kwargs(case)))
 
 
 def _call_step(a):
@@ -419,7 +567,8 @@ def _kw(**kw):
 STEP_ERRORS = [
     ("kind", _set("kind", lambda k: "max_pool"), ValueError, "kind must be one of"),
     ("state not a StreamState", _set("state", lambda s: s.state_dict()), TypeError, "state must be a StreamState"),
-    ("state counters", _set("state", lambda s: ks.StreamState(s.pending, s.n_tokens, s.n_windows + 1, 4, 2, "left")),
+    ("state counters", _set("state", lambda s: ks.StreamState(s.pending, s.n_tokens, s.n_windows + 1, 4, 2, "left",
+                                                              s.fill)),
      ValueError, "state is inconsistent"),
     ("x not a tensor", _set("x", lambda x: x.numpy()), TypeError, "x must be a torch.Tensor"),
     ("x 3-D", _set("x", lambda x: x[0]), ValueError, r"x must have shape \(1, H=4, T_new, D=3\)"),
@@ -436,8 +585,6 @@ STEP_ERRORS = [
     ("cu_new not from 0", _set("cu_new", lambda c: c + 1), ValueError, "non-decreasing from 0 to T_new=7"),
     ("cu_new short of T", _set("cu_new", lambda c: torch.tensor([0, 2, 2, 6])), ValueError, "to T_new=7"),
     ("cu_new decreasing", _set("cu_new", lambda c: torch.tensor([0, 5, 2, 7])), ValueError, "non-decreasing"),
-    ("pe shape", lambda a: a["kw"].update(pe=a["kw"]["pe"][:, :3]), ValueError, r"pe must have shape \(4, 4, 3\)"),
-    ("pe dtype", lambda a: a["kw"].update(pe=a["kw"]["pe"].double()), TypeError, "pe must have x's dtype"),
     ("block_size given", _kw(block_size=4), TypeError, "takes no keyword arguments"),
     ("cu_seqlens given", _kw(cu_seqlens=torch.tensor([0, 7])), TypeError, "come from the state"),
     ("backend", _kw(backend="cuda-magic"), ValueError, "backend must be 'auto' or one of"),
@@ -454,8 +601,55 @@ PARAM_ERRORS = {
     "mlp": [("activation", _kw(activation="tanh"), ValueError, "activation must be one of")],
     "attention_pool": [("weight shape", lambda a: a.__setitem__("params", [a["params"][0][:, :2]]), ValueError,
                         r"weight must have shape \(2, 3, 3\)")],
+    "gated_pool": [("bias shape", lambda a: a["params"].__setitem__(1, a["params"][1][:, :3]), ValueError,
+                    r"bias must have shape \(2, 4, 3\)"),
+                   ("bias dtype", lambda a: a["params"].__setitem__(1, a["params"][1].double()), TypeError,
+                    "bias must have x's dtype"),
+                   ("split not a bool", _kw(split=1), TypeError, "split must be a bool, got int"),
+                   ("split chunks", _kw(split=True), ValueError, "split needs C = block_size / stride = 2 to divide")],
 }
-ERROR_CASES = [(kind, *e) for kind in KINDS for e in STEP_ERRORS + PARAM_ERRORS.get(kind, [])]
+# pe: checked for the kinds that take it, refused by the others
+PE_ERRORS = [
+    ("pe shape", lambda a: a["kw"].update(pe=a["kw"]["pe"][:, :3]), ValueError, r"pe must have shape \(4, 4, 3\)"),
+    ("pe dtype", lambda a: a["kw"].update(pe=a["kw"]["pe"].double()), TypeError, "pe must have x's dtype"),
+]
+NO_PE_ERRORS = [("pe given", _kw(pe=torch.zeros(4, 4, 3)), TypeError, "takes no pe")]
+# a kind's other per-token inputs (gated_pool's z) are checked like x
+MORE_INPUT_ERRORS = [
+    ("{name} missing", lambda a: a.__setitem__("params", []), TypeError, r"takes the inputs \('x', '{name}'"),
+    ("{name} not a tensor", lambda a: a["params"].__setitem__(0, a["params"][0].numpy()), TypeError,
+     "{name} must be a torch.Tensor"),
+    ("{name} dim", lambda a: a["params"].__setitem__(0, a["params"][0][..., :2]), ValueError,
+     r"{name} must have shape \(1, H=4, T_new, D=3\)"),
+    ("{name} tokens", lambda a: a["params"].__setitem__(0, a["params"][0][:, :, :6]), ValueError,
+     r"{name} must have shape \(1, H=4, T_new, D=3\) \(the new tokens of all streams, packed\), got \(1, 4, 6, 3\)"),
+    ("{name} dtype", lambda a: a["params"].__setitem__(0, a["params"][0].double()), TypeError,
+     "{name} must have the state's dtype torch.float32"),
+    ("{name} device", lambda a: a["params"].__setitem__(0, a["params"][0].to("meta")), ValueError,
+     "{name} must be on the state's device"),
+    ("state of other dim", _set("state", lambda s: ks.init_state(3, 4, s.dim + 1, block_size=4, stride=2,
+                                                                 padding="left")),
+     ValueError, "side by side in the state, so init_state's dim must be"),
+]
+# a kind whose left pads are not zero tokens refuses a state made without kind=
+PAD_FILL_ERRORS = [
+    ("state without kind", _set("state", lambda s: ks.init_state(3, 4, s.dim, block_size=4, stride=2,
+                                                                 padding="left")),
+     ValueError, r"state holds left pads of value \(0.0,\), but {kind} pads with"),
+]
+
+
+def _kind_errors(kind):
+    rec = RECORDS[kind].kind
+    out = list(STEP_ERRORS) + (PE_ERRORS if rec.pe else NO_PE_ERRORS)
+    if len(rec.inputs) > 1:    # the first other input (the rows mutate params[0])
+        out += [(w.format(name=rec.inputs[1]), m, e, p.format(name=rec.inputs[1])) for w, m, e, p in MORE_INPUT_ERRORS]
+    if not _zero_pads(kind):
+        out += [(w, m, e, p.format(kind=kind)) for w, m, e, p in PAD_FILL_ERRORS]
+    return out + PARAM_ERRORS.get(kind, [])
+
+
+ERROR_CASES = [(kind, *e) for kind in KINDS for e in _kind_errors(kind)]
 
 
 @pytest.mark.parametrize("kind, what, mutate, exc, match", ERROR_CASES,
@@ -471,10 +665,12 @@ def test_bad_input_step(tripwire, kind, what, mutate, exc, match):
     if a["kind"] in KINDS and a["state"] is state:
         # the stateful wrapper keeps its state too (it refuses a bad kind or
         # state when built: test_bad_input_state)
-        comp = ks.StreamingCompressor(a["kind"], *a["params"], state=state, **a["kw"])
+        n_more = len(RECORDS[a["kind"]].kind.inputs) - 1      # gated_pool's z goes to each step
+        params = list(a["params"])
         with pytest.raises(exc, match=match):
-            comp.step(a["x"], a["cu_new"])
-        assert comp.state is state and _same_state(state, snap), f"{what}: the wrapper's state changed"
+            comp = ks.StreamingCompressor(a["kind"], *params[n_more:], state=state, **a["kw"])
+            comp.step(a["x"], a["cu_new"], *params[:n_more])
+        assert _same_state(state, snap), f"{what}: the wrapper's state changed"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -538,6 +734,23 @@ def test_wrapper_equals_functional_step():
     comp.reset([1])
     assert torch.equal(comp.state.pending[1], torch.zeros_like(comp.state.pending[1]))
     assert comp.state.n_tokens[1] == 0 and comp.state.n_pending[1] == 2    # L - S pad zeros
+
+
+def test_wrapper_streams_gated_pool_with_z_per_step():
+    """gated_pool through StreamingCompressor: bias at construction, each
+    step's gate scores z with its tokens; equal to the full pass."""
+    H, D, L, S = 2, 4, 4, 2
+    g = torch.Generator().manual_seed(3)
+    x, z = (torch.randn(1, H, 11, D, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(1, L, D // 2, generator=g, dtype=torch.float64)
+    state = ks.init_state(1, H, 2 * D, block_size=L, stride=S, padding="left", dtype=torch.float64,
+                          kind="gated_pool")
+    comp = ks.StreamingCompressor("gated_pool", bias, state=state, split=True)
+    ys = [comp.step(x[:, :, a:b], torch.tensor([0, b - a]), z[:, :, a:b])[0] for a, b in ((0, 3), (3, 4), (4, 11))]
+    full = kf.gated_pool(x, z, bias, split=True, block_size=L, stride=S, padding="left")
+    assert torch.equal(torch.cat(ys, 2), full)
+    with pytest.raises(TypeError, match="takes the inputs"):
+        comp.step(x[:, :, :1], torch.tensor([0, 1]))
 
 
 def test_docs_example():

@@ -24,8 +24,7 @@ def _valid(kind):
                 use_pe=True, bias=True, bias2=True, seqlens=(4, 5))
     inputs = make_inputs(case, RECORDS[kind])
     args = [inputs.x, *RECORDS[kind].args(inputs)]
-    kw = dict(case.window_kwargs(), pe=inputs.pe, cu_seqlens=inputs.cu_seqlens, **RECORDS[kind].extra_kwargs(case))
-    return args, kw
+    return args, RECORDS[kind].kwargs(case, inputs.pe, inputs.cu_seqlens)
 
 
 def _call(kind, args, kw):
@@ -67,8 +66,12 @@ COMMON = [
 ]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("what, mutate, exc, match", COMMON, ids=[c[0] for c in COMMON])
+# pe's rows only for the kinds that take pe
+COMMON_CASES = [(kind, *c) for kind in KINDS for c in COMMON if RECORDS[kind].kind.pe or not c[0].startswith("pe ")]
+
+
+@pytest.mark.parametrize("kind, what, mutate, exc, match", COMMON_CASES,
+                         ids=[f"{c[1]}-{c[0]}" for c in COMMON_CASES])
 def test_common_arguments(kind, what, mutate, exc, match):
     args, kw = _valid(kind)
     mutate(args, kw)
@@ -220,12 +223,16 @@ def test_no_window_returns_empty_without_a_backend(kind, L, packed):
 def test_no_window_output_is_attached_to_autograd(monkeypatch, kind, padding):
     monkeypatch.undo()                     # the real backends: compare with them
     args, kw = _valid(kind)
-    x = args[0][:, :, :1].detach().requires_grad_()    # T = 1 < S: no window either way
-    leaves = [x] + [a.detach().requires_grad_() if a is not None else None for a in args[1:]]
-    kw.update(cu_seqlens=None, pe=kw["pe"].detach().requires_grad_(), padding=padding)
+    per_token = [p.per_token for p in RECORDS[kind].params]
+    # T = 1 < S: no window either way (gated_pool's z cut like x)
+    leaves = [a if a is None else (a[:, :, :1] if i == 0 or per_token[i - 1] else a).detach().requires_grad_()
+              for i, a in enumerate(args)]
+    kw.update(cu_seqlens=None, padding=padding)
+    if "pe" in kw:
+        kw["pe"] = kw["pe"].detach().requires_grad_()
     y = _call(kind, leaves, kw)
     assert y.shape[2] == 0 and y.requires_grad
-    ts = [t for t in leaves + [kw["pe"]] if t is not None]
+    ts = [t for t in leaves + [kw.get("pe")] if t is not None]
     grads = torch.autograd.grad(y.sum(), ts)
     assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, ts))
 

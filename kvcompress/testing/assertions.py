@@ -76,7 +76,7 @@ def assert_matches_reference(kind: str, actual: torch.Tensor | Callable, x: torc
     """Assert that one call of an implementation of ``kind`` equals the loop
     reference within the tolerance model (docs/semantics.md, "Tolerance").
 
-    kind: "mean_pool", "weighted_pool", "linear", "mlp" or "attention_pool".
+    kind: one of ``kvcompress.kinds.KINDS``.
     actual: the implementation's output (B, H, W, D_out), or the
     implementation itself (a callable with the reference signature), which
     is then called on the inputs (needed for ``check_grad``).

@@ -40,6 +40,7 @@ class Case:
     bias: bool = False      # linear bias / mlp b1
     bias2: bool = False     # mlp b2
     activation: str = "relu"
+    split: bool = False     # gated_pool: position j reads feature chunk j // S
     layout: str = "contiguous"
     params_contiguous: bool = True
     seed: int = 0
@@ -126,6 +127,9 @@ def make_inputs(case: Case, record, device: str = "cpu") -> Inputs:
     x = place(x64, dt, device, case.layout)
     params = {k: None if v is None else _param_tensor(v, dt, device, case.params_contiguous)
               for k, v in params64.items()}
+    for spec in record.params:   # per-token inputs (gated_pool's z) are laid out like x
+        if spec.per_token:
+            params[spec.name] = place(params64[spec.name], dt, device, case.layout)
     pe = None if pe64 is None else torch.from_numpy(pe64).to(dt).to(device)
     cu = cu64 = None
     if case.seqlens is not None:
@@ -134,11 +138,24 @@ def make_inputs(case: Case, record, device: str = "cpu") -> Inputs:
     return Inputs(x64, params64, pe64, x, params, pe, cu, cu64)
 
 
-def with_x(case: Case, inputs: Inputs, x64: np.ndarray, device: str = "cpu") -> Inputs:
+def with_x(case: Case, inputs: Inputs, x64: np.ndarray, device: str = "cpu", *, tokens=None) -> Inputs:
     """The same parameters with other token values (and the case's seqlens):
-    x64 float64 (B, H, T, D), rounded to the case's dtype and placed in its layout."""
+    x64 float64 (B, H, T, D), rounded to the case's dtype and placed in its layout.
+
+    tokens: None (the kind's other per-token inputs, gated_pool's z, keep
+    their values), or a function applied to each of them, (B, H, T, D) ->
+    (B', H', T', D), when x64 is x's tokens rearranged the same way (a slice,
+    a padding): x and z then stay token for token together."""
     x64 = round_to(x64, case.dtype) if np.isfinite(x64).all() else x64
     x = place(x64, DTYPES[case.dtype], device, case.layout)
+    from .records import RECORDS
+    per_token = [p.name for p in RECORDS[case.kind].params if p.per_token]
+    if per_token:
+        params64, params = dict(inputs.params64), dict(inputs.params)
+        for k in per_token:
+            v64 = params64[k] if tokens is None else tokens(params64[k])
+            params64[k], params[k] = v64, place(v64, DTYPES[case.dtype], device, case.layout)
+        inputs = dataclasses.replace(inputs, params64=params64, params=params)
     cu = cu64 = None
     if case.seqlens is not None:
         cu64 = np.concatenate([[0], np.cumsum(case.seqlens, dtype=np.int64)])

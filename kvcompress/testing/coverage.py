@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .domain import FULL, Domain
+from kvcompress import kinds as _kinds
+
+from .domain import FULL, PADDINGS, Domain
 
 REQUIRED = ("padding=valid", "padding=left", "pe=on", "pe=off", "groups>1", "layout=bthd", "layout=sliced",
             "packed", "windows>0")
@@ -21,17 +23,21 @@ _examples: dict[tuple[str, str], int] = defaultdict(int)
 _required: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
-def required(domain: Domain) -> tuple[str, ...]:
-    """The promised features that lie inside ``domain``."""
-    out = [f"padding={p}" for p in ("valid", "left") if p in domain.paddings]
-    out += ["pe=on", "pe=off"] if domain.pe else ["pe=off"]
+def required(domain: Domain, kind: str | None = None) -> tuple[str, ...]:
+    """The promised features that lie inside ``domain`` (and ``kind``: pe
+    only where the kind takes pe; each bool option on and off)."""
+    rec = None if kind is None else _kinds.KINDS_BY_NAME.get(kind)
+    out = [f"padding={p}" for p in PADDINGS if p in domain.paddings]
+    out += ["pe=on", "pe=off"] if domain.pe and (rec is None or rec.pe) else ["pe=off"]
+    if rec is not None:
+        out += [f"{o.name}={v}" for o in rec.options if o.choices is None for v in ("on", "off")]
     if domain.groups == "any":
         out.append("groups>1")
     out += [f"layout={v}" for v in ("bthd", "sliced") if v in domain.layouts]
     if "packed" in domain.inputs:
         out.append("packed")
     out.append("windows>0")
-    return tuple(f for f in REQUIRED if f in out)
+    return tuple(f for f in REQUIRED if f in out) + tuple(f for f in out if f not in REQUIRED)
 
 
 def features(case) -> list[str]:
@@ -42,6 +48,9 @@ def features(case) -> list[str]:
         out.append("packed")
     if case.W > 0 and case.B > 0:
         out.append("windows>0")
+    rec = _kinds.KINDS_BY_NAME.get(case.kind)
+    if rec is not None:
+        out += [f"{o.name}={'on' if getattr(case, o.name) else 'off'}" for o in rec.options if o.choices is None]
     return out
 
 
@@ -49,7 +58,7 @@ def record(impl_id: str, dtype: str, case, domain: Domain = FULL) -> None:
     key = (impl_id, dtype)
     _examples[key] += 1
     _seen[key].update(features(case))
-    _required[key] = required(domain)
+    _required[key] = required(domain, case.kind)
 
 
 def export() -> list[list]:

@@ -25,9 +25,9 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-PADDINGS = ("valid", "left")
+from kvcompress.kinds import ACTIVATIONS, PADDINGS  # noqa: F401  (stdlib only: no torch at start-up)
+
 DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
-ACTIVATIONS = ("relu", "gelu", "silu")
 LAYOUTS = ("contiguous", "bthd", "sliced")
 GROUPS = ("any", "per_head", "shared")
 STRIDES = ("any", "divides", "equal")

@@ -76,7 +76,9 @@ def _tensors(kind: str) -> dict:
     case = _case(kind)
     rec = RECORDS[kind]
     inputs = make_inputs(case, rec)
-    out = dict(x=inputs.x, cu_seqlens=inputs.cu_seqlens, pe=inputs.pe)
+    out = dict(x=inputs.x, cu_seqlens=inputs.cu_seqlens)
+    if rec.kind.pe:
+        out["pe"] = inputs.pe
     out.update({p.name: inputs.params[p.name] for p in rec.params})
     return out
 
@@ -88,8 +90,7 @@ def _param_names(kind: str) -> list[str]:
 def _functional_valid(kind: str) -> dict:
     a = _tensors(kind)
     a.update(block_size=4, stride=2, padding="valid", total_windows=None, backend="auto")
-    if kind == "mlp":
-        a["activation"] = "relu"
+    a.update(RECORDS[kind].kind.defaults)
     return a
 
 
@@ -104,8 +105,12 @@ def _module_valid(kind: str) -> dict:
     t = _tensors(kind)
     a = dict(kind=kind, heads=4, dim_head=3, block_size=4, stride=2, padding="valid", groups=2, pos_emb=True,
              backend="auto", dtype=torch.float32, activation="relu", x=t["x"], cu_seqlens=t["cu_seqlens"])
-    a.update(dim_out=5, bias=True) if kind in ("linear", "mlp") else a.update(dim_out=None)
-    a["hidden"] = 6 if kind == "mlp" else None
+    rec = RECORDS[kind]
+    a.update(dim_out=5 if rec.has_dout else None, hidden=6 if rec.has_hidden else None, pos_emb=rec.kind.pe)
+    if rec.has_bias:
+        a["bias"] = True
+    a.update({k: v for k, v in rec.kind.defaults.items() if k != "activation"})
+    a.update({p.name: t[p.name] for p in rec.params if p.per_token})
     return a
 
 
@@ -113,16 +118,20 @@ def _module_call(kind: str, a: dict):
     from kvcompress.modules import Compressor
     a = dict(a)
     x, cu = a.pop("x"), a.pop("cu_seqlens")
-    return Compressor(a.pop("kind"), **a)(x, cu_seqlens=cu)
+    more = [a.pop(p.name) for p in RECORDS[kind].params if p.per_token]
+    return Compressor(a.pop("kind"), **a)(x, *more, cu_seqlens=cu)
 
 
 def _stream_valid(kind: str) -> dict:
     t = _tensors(kind)
-    a = dict(kind=kind, num_streams=2, heads=4, dim=3, block_size=4, stride=2, padding="valid", state=None,
-             x=t["x"], cu_seqlens=t["cu_seqlens"], pe=t["pe"], backend="auto")
+    rec = RECORDS[kind]
+    # the state keeps a kind's per-token inputs side by side: dim = n_inputs * D
+    a = dict(kind=kind, num_streams=2, heads=4, dim=3 * len(rec.kind.inputs), block_size=4, stride=2,
+             padding="valid", state=None, x=t["x"], cu_seqlens=t["cu_seqlens"], backend="auto")
+    if rec.kind.pe:
+        a["pe"] = t["pe"]
     a.update({n: t[n] for n in _param_names(kind)})
-    if kind == "mlp":
-        a["activation"] = "relu"
+    a.update(rec.kind.defaults)
     return a
 
 
@@ -150,7 +159,8 @@ def _stream_call(kind: str, a: dict):
 def _wrapper_call(kind: str, a: dict):
     import kvcompress.streaming as ks
     k, state, x, cu, params, kw = _stream_parts(kind, a)
-    return ks.StreamingCompressor(k, *params, state=state, **kw).step(x, cu)
+    n_more = sum(p.per_token for p in RECORDS[kind].params)   # gated_pool's z: given to each step
+    return ks.StreamingCompressor(k, *params[n_more:], state=state, **kw).step(x, cu, *params[:n_more])
 
 
 SEED_MODULES = {"ConvLinearCompress": "linear", "SingleProjection": "linear", "AttentionPool": "attention_pool",
@@ -272,15 +282,16 @@ X_ERRORS = [
     ErrorInput("x not a tensor", "x", _set("x", lambda x: x.numpy()), TypeError, "x must be a torch.Tensor"),
     ErrorInput("x 3-D", "x", _set("x", lambda x: x[0]), ValueError, "x must have"),
     ErrorInput("x integer", "x", _set("x", lambda x: x.long()), TypeError, "x must have .*dtype"),
-    # functional checks pe (x's dtype, x's device) before anything else names x
-    ErrorInput("x another float dtype", "x", _set("x", _other_float), TypeError, "(x|pe) must have .*dtype"),
+    # functional checks pe (x's dtype, x's device) before anything else names x; gated_pool's z is
+    # checked against x (it must have x's dtype and shape)
+    ErrorInput("x another float dtype", "x", _set("x", _other_float), TypeError, "(x|pe|z) must have .*dtype"),
     ErrorInput("x on another device", "x", _set("x", lambda x: x.to("meta")), ValueError,
                "must be on (x's|the parameters'|the state's) device"),
     ErrorInput("x batch 2 with packed sequences", "x", _set("x", lambda x: x.expand(2, -1, -1, -1)), ValueError,
                r"batch 1|x must have shape \(1,"),
-    ErrorInput("x other heads", "x", _set("x", lambda x: x[:, :2]), ValueError, r"(pe|x) must have shape"),
+    ErrorInput("x other heads", "x", _set("x", lambda x: x[:, :2]), ValueError, r"(pe|x|z) must have shape"),
     ErrorInput("x other length than cu_seqlens", "x", _set("x", lambda x: x[:, :, :8]), ValueError,
-               "from 0 to T(_new)?=8"),
+               r"from 0 to T(_new)?=8|z must have shape \(1, H=4, T_new"),
 ]
 
 WINDOW_ERRORS = [
@@ -359,6 +370,12 @@ CHOICE_ERRORS = [
 ]
 
 
+def _with_split_stride(stride):
+    def corrupt(a):
+        a["split"], a["stride"] = True, stride
+    return corrupt
+
+
 def _param(kind, name, what, value, exc, match):
     """A parameter tensor of ``kind``, where the caller passes it (not Compressor, whose bias is a bool)."""
     return ErrorInput(f"{name} {what}", name, _set(name, value), exc, match, kinds=(kind,),
@@ -393,9 +410,27 @@ PARAM_ERRORS = [
            "must divide H=4, got G=8"),
     _param("attention_pool", "weight", "0-d", lambda w: w[0, 0, 0], ValueError, "weight must have a first dim"),
     _param("attention_pool", "weight", "device", lambda w: w.to("meta"), ValueError, "weight must be on x's device"),
+    _param("gated_pool", "z", "shape", lambda z: z[..., :2], ValueError, "z must have shape"),
+    _param("gated_pool", "z", "dtype", _other_float, TypeError, "z must have (x's|the state's) dtype"),
+    _param("gated_pool", "z", "not a tensor", lambda z: z.numpy(), TypeError, "z must be a torch.Tensor"),
+    _param("gated_pool", "bias", "shape", lambda b: b[:, :3], ValueError, r"bias must have shape \(2, 4, 3\)"),
+    _param("gated_pool", "bias", "groups", lambda b: torch.zeros(3, 4, 3), ValueError, "must divide H=4, got G=3"),
+]
+
+GATED_ERRORS = [
+    ErrorInput("split not a bool", "split", _set("split", 1), TypeError, "split must be a bool",
+               kinds=("gated_pool",)),
+    # L = 4, S = 2: C = 2 chunks of D / 2 features, and D = 3
+    ErrorInput("split with C not dividing D", "split", _set("split", True), ValueError,
+               "split needs C = block_size / stride = 2 to divide x's D=3", kinds=("gated_pool",)),
+    ErrorInput("split with S not dividing L", "split", _with_split_stride(3), ValueError,
+               "split needs stride to divide block_size", kinds=("gated_pool",)),
+    ErrorInput("pos_emb on gated_pool", "pos_emb", _set("pos_emb", True), ValueError,
+               "gated_pool takes no position embedding", kinds=("gated_pool",), entries=("Compressor",)),
 ]
 
 _MODULE = ("Compressor",)
+_NOT_MLP = ("mean_pool", "weighted_pool", "linear", "attention_pool", "gated_pool")
 MODULE_ERRORS = [
     *_ints("heads", lo=1, what=">= 1", entries=_MODULE + ("step", "StreamingCompressor")),
     *_ints("dim_head", lo=1, what=">= 1", entries=_MODULE),
@@ -408,19 +443,17 @@ MODULE_ERRORS = [
                entries=_MODULE),
     ErrorInput("dim_out on a pooling kind", "dim_out", _set("dim_out", 5), ValueError,
                "dim_out applies to linear and mlp", entries=_MODULE,
-               kinds=("mean_pool", "weighted_pool", "attention_pool")),
+               kinds=("mean_pool", "weighted_pool", "attention_pool", "gated_pool")),
     ErrorInput("hidden 0", "hidden", _set("hidden", 0), ValueError, "hidden must be an int >= 1", entries=_MODULE,
                kinds=("mlp",)),
     ErrorInput("hidden float", "hidden", _set("hidden", 6.0), TypeError, "hidden must be an int >= 1",
                entries=_MODULE, kinds=("mlp",)),
     ErrorInput("hidden on another kind", "hidden", _set("hidden", 6), ValueError, "hidden applies to mlp only",
-               entries=_MODULE, kinds=("mean_pool", "weighted_pool", "linear", "attention_pool")),
+               entries=_MODULE, kinds=_NOT_MLP),
     ErrorInput("activation on another kind", "activation", _set("activation", "gelu"), ValueError,
-               "activation applies to mlp only", entries=_MODULE,
-               kinds=("mean_pool", "weighted_pool", "linear", "attention_pool")),
+               "activation applies to mlp only", entries=_MODULE, kinds=_NOT_MLP),
     ErrorInput("activation not a str on another kind", "activation", _set("activation", None), TypeError,
-               "activation must be a str", entries=_MODULE,
-               kinds=("mean_pool", "weighted_pool", "linear", "attention_pool")),
+               "activation must be a str", entries=_MODULE, kinds=_NOT_MLP),
     ErrorInput("bias not a bool", "bias", _set("bias", 1), TypeError, "bias must be a bool", entries=_MODULE),
     ErrorInput("pos_emb not a bool", "pos_emb", _set("pos_emb", "yes"), TypeError, "pos_emb must be a bool",
                entries=_MODULE),
@@ -473,7 +506,7 @@ SEED_ERRORS = [
 
 ERROR_INPUTS: tuple[ErrorInput, ...] = tuple(
     X_ERRORS + WINDOW_ERRORS + PE_ERRORS + CU_ERRORS + TOTAL_WINDOWS_ERRORS + CHOICE_ERRORS + PARAM_ERRORS
-    + MODULE_ERRORS + STREAM_ERRORS + SEED_ERRORS)
+    + GATED_ERRORS + MODULE_ERRORS + STREAM_ERRORS + SEED_ERRORS)
 
 
 def cases() -> list[tuple[EntryPoint, str, ErrorInput]]:

@@ -115,7 +115,7 @@ def _dims(options, multiple, cap):
 def _per_token_work(kind, D, C, F, L, S):
     """Multiply-adds per token and head of one pass (see Budget.work)."""
     per_window_position = {"mean_pool": D, "weighted_pool": D, "linear": D * C, "mlp": D * F,
-                           "attention_pool": D * D}[kind]
+                           "attention_pool": D * D, "gated_pool": 2 * D}[kind]
     return max(1, per_window_position * L // S + (F * C if kind == "mlp" else 0))
 
 
@@ -174,7 +174,8 @@ def production_cases(draw, *, kind: str, dtype: str, device: str = "cpu", domain
         F = draw(st.integers(min(16, max_f), max_f), label="F")
     C = {"linear": D_out, "mlp": D_out, "attention_pool": D}.get(kind, 1)
     per_token = _per_token_work(kind, D, C, F, L, S)
-    per_group = {"linear": L * D * D_out, "mlp": L * D * F, "attention_pool": D * D, "weighted_pool": L}.get(kind, 0)
+    per_group = {"linear": L * D * D_out, "mlp": L * D * F, "attention_pool": D * D, "weighted_pool": L,
+                 "gated_pool": L * D}.get(kind, 0)
 
     # the long sequence: past 4096 tokens and 256 windows most of the time
     rows = min(bud.elements // D, bud.work // per_token)       # B * H * T within budget
@@ -227,7 +228,11 @@ def production_cases(draw, *, kind: str, dtype: str, device: str = "cpu", domain
 
     fields = dict(kind=kind, dtype=dtype, B=B, H=H, G=G, T=T, D=D, block_size=L, stride=S, padding=padding,
                   seqlens=seqlens, cu_dtype=cu_dtype, D_out=D_out if rec.has_dout else 1, F=F)
-    fields["use_pe"] = draw(st.booleans(), label="pe") if domain.pe else False
+    fields["use_pe"] = draw(st.booleans(), label="pe") if domain.pe and rec.kind.pe else False
+    if "split" in rec.kind.option_names:   # S | L and C = L / S | D (block sizes and dims are powers of two here)
+        C = L // S
+        # always drawn: a conditional draw would make the feasible strides the "larger" examples to shrink from
+        fields["split"] = draw(st.booleans(), label="split") and L % S == 0 and D % C == 0
     if rec.has_bias:
         fields["bias"] = draw(st.booleans(), label="bias") if domain.bias else False
     if rec.has_hidden:

@@ -11,7 +11,11 @@ prints which choice made it.
 
 from __future__ import annotations
 
+import math
+
 from hypothesis import strategies as st
+
+from kvcompress.kinds import ACTIVATIONS, PADDINGS
 
 from .cases import LAYOUTS, Case
 from .domain import FULL, Domain
@@ -22,8 +26,6 @@ from .records import RECORDS
 X_EXP = {"float64": (-60, 60), "float32": (-40, 40), "float16": (-16, 6), "bfloat16": (-40, 40)}
 W_EXP = {"float64": (-20, 20), "float32": (-12, 12), "float16": (-6, 3), "bfloat16": (-12, 12)}
 LOGIT_EXP = (-10, 3)
-PADDINGS = ("valid", "left")
-ACTIVATIONS = ("relu", "gelu", "silu")
 
 
 def seq_lengths(L: int, S: int, padding: str, max_windows: int, *, min_windows: int = 0) -> st.SearchStrategy[int]:
@@ -64,10 +66,18 @@ def cases(draw, *, kind: str, dtype: str, max_batch: int = 3, max_heads: int = 6
         L = draw(st.integers(1, max_block), label="block_size")
     else:
         L = draw(st.sampled_from(options or domain.block_sizes[:1]), label="block_size")
+    # gated_pool's split needs S | L and C = L / S dividing D: drawn first,
+    # then S among the divisors of L (C = 1 only when L has no other)
+    split = "split" in rec.kind.option_names and draw(st.booleans(), label="split")
     if domain.strides == "any":
-        S = draw(st.integers(1, L), label="stride")
+        if split:
+            S = draw(st.sampled_from([s for s in range(1, L + 1) if L % s == 0 and (s < L or L == 1)]),
+                     label="stride")
+        else:
+            S = draw(st.integers(1, L), label="stride")
     else:
         S = draw(st.sampled_from(domain.stride_options(L)), label="stride")
+        split = split and L % S == 0
     padding = draw(st.sampled_from(tuple(p for p in paddings if p in domain.paddings)), label="padding")
     if domain.groups == "any":
         G = draw(st.integers(1, max_heads), label="groups")
@@ -77,7 +87,11 @@ def cases(draw, *, kind: str, dtype: str, max_batch: int = 3, max_heads: int = 6
         G = H if domain.groups == "per_head" else 1
     m = domain.head_dim_multiple
     dims = st.integers(1, max_dim) if m == 1 else st.integers(1, max(1, max_dim // m)).map(lambda k: k * m)
-    D = draw(dims, label="D")
+    if split:   # D a multiple of C (and of the domain's multiple)
+        m_split = math.lcm(m, L // S)
+        D = draw(st.integers(1, max(1, max(max_dim, m_split) // m_split)).map(lambda k: k * m_split), label="D")
+    else:
+        D = draw(dims, label="D")
     if packed is not None:
         is_packed = packed
     elif len(domain.inputs) == 2:
@@ -101,7 +115,9 @@ def cases(draw, *, kind: str, dtype: str, max_batch: int = 3, max_heads: int = 6
         T = draw(lengths, label="T")
     fields = dict(kind=kind, dtype=dtype, B=B, H=H, G=G, T=T, D=D, block_size=L, stride=S, padding=padding,
                   seqlens=seqlens, cu_dtype=cu_dtype)
-    fields["use_pe"] = draw(st.booleans(), label="pe") if domain.pe else False
+    fields["use_pe"] = draw(st.booleans(), label="pe") if domain.pe and rec.kind.pe else False
+    if "split" in rec.kind.option_names:
+        fields["split"] = split
     if rec.has_dout:
         fields["D_out"] = D if domain.d_out_equals_d else draw(dims, label="D_out")
     if rec.has_bias:
@@ -117,7 +133,11 @@ def cases(draw, *, kind: str, dtype: str, max_batch: int = 3, max_heads: int = 6
     fields["seed"] = draw(st.integers(0, 2 ** 32 - 1), label="seed")
     if magnitudes:
         fields["x_exp"] = draw(st.integers(*X_EXP[dtype]), label="x_exp")
-        if kind == "attention_pool":
+        if kind == "gated_pool":
+            # gate scores z and the bias are logits: their scale decides
+            # conditioning, as attention_pool's logits do
+            fields["w_exp"] = draw(st.integers(*LOGIT_EXP), label="logit_exp")
+        elif kind == "attention_pool":
             # the logits' scale, not the weights', decides conditioning: keep
             # |x| @ |W| near 2**logit_exp so few cases fail the 1/8 test
             lo, hi = W_EXP[dtype]

@@ -50,8 +50,7 @@ def _leaves(rec, inputs):
 
 def _call(rec, impl, case, inputs, leaves):
     params = [leaves.get(p.name) if inputs.params[p.name] is not None else None for p in rec.params]
-    kw = dict(case.window_kwargs(), pe=leaves.get("pe"), cu_seqlens=inputs.cu_seqlens, **rec.extra_kwargs(case))
-    return impl.fn(leaves["x"], *params, **kw)
+    return impl.fn(leaves["x"], *params, **rec.kwargs(case, leaves.get("pe"), inputs.cu_seqlens))
 
 
 @differentiable

@@ -148,6 +148,9 @@ def _left_padded(case, inputs, device):
     return new, with_x(new, inputs, x, device)
 
 
+# a kind whose pads are not zero tokens (gated_pool: a pad has weight 0, a
+# zero token does not) has nothing to compare here
+@for_kinds(*(k for k, r in RECORDS.items() if r.zero_pads))
 @requires(lambda d: set(d.paddings) == {"valid", "left"}, "both paddings")
 @property_settings()
 @given(data=st.data())
@@ -176,7 +179,8 @@ def test_packed_equals_one_by_one(impl, dtype, data):
     parts, bounds, start = [], [], 0
     for n in case.seqlens:
         one = case.replace(seqlens=None, T=n)
-        one_inputs = with_x(one, inputs, inputs.x64[:, :, start:start + n], impl.device)
+        one_inputs = with_x(one, inputs, inputs.x64[:, :, start:start + n], impl.device,
+                            tokens=lambda v, a=start, b=start + n: v[:, :, a:b])
         parts.append(_run(impl, one, one_inputs))
         bounds.append(forward_bound(one, one_inputs).bound)
         start += n
