@@ -144,7 +144,8 @@ def _check_split(fn: str, dims: dict, options: dict) -> None:
             raise ValueError(f"{fn}: split needs stride to divide block_size (C = L / S chunks), got "
                              f"block_size={L}, stride={S}")
         if D % (L // S) != 0:
-            raise ValueError(f"{fn}: split needs C = block_size / stride = {L // S} to divide x's D={D}")
+            raise ValueError(f"{fn}: split needs C = block_size / stride = {L // S} to divide the head dim D={D} "
+                             f"(x's D; Compressor's dim_head)")
 
 
 KINDS_BY_NAME: dict[str, Kind] = {k.name: k for k in (

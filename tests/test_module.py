@@ -373,7 +373,7 @@ CTOR_ERRORS = [
     ("split stride", dict(kind="gated_pool", split=True, stride=3), ValueError,
      r"split needs stride to divide block_size \(C = L / S chunks\), got block_size=4, stride=3"),
     ("split chunks", dict(kind="gated_pool", split=True), ValueError,
-     "split needs C = block_size / stride = 2 to divide x's D=3"),
+     "split needs C = block_size / stride = 2 to divide the head dim D=3"),
     ("split non-gated", dict(kind="linear", split=True), TypeError, "linear takes no option ['split']"),
     ("option unknown", dict(kind="gated_pool", ratio=4), TypeError, "gated_pool takes no option ['ratio']"),
     ("dim_out gated_pool", dict(kind="gated_pool", dim_out=5), ValueError,

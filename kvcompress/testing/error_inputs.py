@@ -422,7 +422,7 @@ GATED_ERRORS = [
                kinds=("gated_pool",)),
     # L = 4, S = 2: C = 2 chunks of D / 2 features, and D = 3
     ErrorInput("split with C not dividing D", "split", _set("split", True), ValueError,
-               "split needs C = block_size / stride = 2 to divide x's D=3", kinds=("gated_pool",)),
+               "split needs C = block_size / stride = 2 to divide the head dim D=3", kinds=("gated_pool",)),
     ErrorInput("split with S not dividing L", "split", _with_split_stride(3), ValueError,
                "split needs stride to divide block_size", kinds=("gated_pool",)),
     ErrorInput("pos_emb on gated_pool", "pos_emb", _set("pos_emb", True), ValueError,
