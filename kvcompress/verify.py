@@ -80,33 +80,31 @@ class _Collector:
     def pytest_collection_modifyitems(self, session, config, items):
         self.total = len(items)
 
-    def pytest_runtest_makereport(self, item, call):
-        if call.when != "call" and not (call.when == "setup" and call.excinfo is not None):
+    def pytest_runtest_logreport(self, report):
+        """Read the plugin's "kvcompress" tag of each property's report
+        (kvcompress/testing/plugin.py): in this process, or on
+        pytest-xdist's controller for reports from its workers."""
+        if report.when != "call" and not (report.when == "setup" and not report.passed):
             return
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        impl = params.get("impl")
-        if not hasattr(impl, "id"):   # not an impl test, or pytest's NOTSET for an empty impl parameter set
+        tag = next((v for k, v in report.user_properties if k == "kvcompress"), None)
+        if tag is None:       # not an implementation's property
             return
-        if getattr(impl, "emulated", False):
-            self.emulated.add(impl.id)
-        dtype = params.get("dtype", "*")   # "*": a property run once for all dtypes (gradcheck: float64)
-        prop = item.originalname if hasattr(item, "originalname") else item.name
-        self.domains[impl.id] = impl.domain.describe()
-        known = item.get_closest_marker("xfail") is not None
-        if call.excinfo is not None and call.excinfo.errisinstance(__import__("pytest").xfail.Exception):
-            known = True
-        if call.excinfo is None:
-            outcome = "unexpectedly passed" if known else "passed"
-        elif call.excinfo.errisinstance(__import__("pytest").skip.Exception):
+        impl_id, dtype, prop = tag["impl"], tag["dtype"], tag["property"]
+        if tag["emulated"]:
+            self.emulated.add(impl_id)
+        self.domains[impl_id] = tag["domain"]
+        if hasattr(report, "wasxfail"):     # --xfails-file (or pytest.xfail()): a known failure
+            outcome = "known failure" if report.skipped else "unexpectedly passed"
+        elif report.skipped:
             outcome = "skipped"
-        elif known:
-            outcome = "known failure"
+        elif report.passed:
+            outcome = "passed"
         else:
             outcome = "failed"
-            self.failures.append(item.nodeid)
-        prev = self.outcomes[(impl.id, dtype)].get(prop)
+            self.failures.append(report.nodeid)
+        prev = self.outcomes[(impl_id, dtype)].get(prop)
         if prev not in ("failed", "skipped"):
-            self.outcomes[(impl.id, dtype)][prop] = outcome
+            self.outcomes[(impl_id, dtype)][prop] = outcome
 
     def pytest_runtest_logfinish(self, nodeid, location):
         self.done += 1
@@ -251,6 +249,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default=None, help="Hypothesis profile name (dev, ci, thorough)")
     ap.add_argument("--json", dest="json_path", default=None, help="write the report as JSON here")
     ap.add_argument("--pytest-args", default="", help="extra arguments for pytest, one string")
+    ap.add_argument("-n", "--workers", default=None, metavar="N",
+                    help="run each session on N pytest-xdist workers (an int or 'auto'; the test extra has xdist)")
     ap.add_argument("--_session", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -290,8 +290,9 @@ def main(argv=None) -> int:
                              ("--xfails-file", args.xfails_file), ("-k", args.keyword)):
                 if val:
                     cmd += [opt, val]
-            if args.pytest_args:
-                cmd += ["--pytest-args", args.pytest_args]
+            extra = args.pytest_args + ("" if args.workers is None else f" -n {args.workers}")
+            if extra.strip():
+                cmd.append(f"--pytest-args={extra.strip()}")   # one token: the value may start with "-"
             rc = subprocess.run(cmd).returncode
             if rc in (int(pytest.ExitCode.USAGE_ERROR), int(pytest.ExitCode.INTERNAL_ERROR)) or not os.path.exists(out):
                 sys.stderr.write(f"kvcompress-verify: the pytest session stopped with exit code {rc}\n")

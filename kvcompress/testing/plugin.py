@@ -301,6 +301,20 @@ def kvcompress_rerun(request) -> str:
 
 # -- reporting -------------------------------------------------------------------
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Tag each report of a property with what it checked (implementation
+    id, dtype, property, whether the implementation is emulated, its
+    domain), as a ``user_properties`` entry "kvcompress": the report carries
+    it to pytest-xdist's controller, where kvcompress-verify reads it."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    impl = params.get("impl")
+    if hasattr(impl, "id") and not any(k == "kvcompress" for k, _ in item.user_properties):
+        item.user_properties.append(("kvcompress", {
+            "impl": impl.id, "dtype": params.get("dtype", "*"), "emulated": bool(getattr(impl, "emulated", False)),
+            "property": getattr(item, "originalname", item.name), "domain": impl.domain.describe()}))
+
+
 def pytest_report_header(config):
     if getattr(config, "_kvcompress_impls", None) is None:
         return None
