@@ -115,7 +115,8 @@ def _check_kind_args(kind: _kinds.Kind, x, tensors: tuple, options: dict, block_
             continue
         if "G" not in dims and p.shape[0] == "G":
             dims["G"] = check_groups(fn, p.name, t, x.shape[1])
-        shape = tuple(dims.get(d) if d in dims or "*" not in d else kind.dim(d, dims) for d in p.shape)
+        # a product ("L*D") of known dims, a known dim, or None: a dim this parameter is the first to give
+        shape = tuple(kind.dim(d, dims) if "*" in d else dims.get(d) for d in p.shape)
         check_param(fn, p.name, t, x, shape, optional=p.optional)
         dims.update((d, n) for d, n in zip(p.shape, t.shape) if d not in dims)
     return dims.get("D_out", x.shape[3])

@@ -667,10 +667,10 @@ def test_bad_input_step(tripwire, kind, what, mutate, exc, match):
         # state when built: test_bad_input_state)
         n_more = len(RECORDS[a["kind"]].kind.inputs) - 1      # gated_pool's z goes to each step
         params = list(a["params"])
+        comp = ks.StreamingCompressor(a["kind"], *params[n_more:], state=state, **a["kw"])
         with pytest.raises(exc, match=match):
-            comp = ks.StreamingCompressor(a["kind"], *params[n_more:], state=state, **a["kw"])
             comp.step(a["x"], a["cu_new"], *params[:n_more])
-        assert _same_state(state, snap), f"{what}: the wrapper's state changed"
+        assert comp.state is state and _same_state(state, snap), f"{what}: the wrapper's state changed"
 
 
 @pytest.mark.parametrize("kind", KINDS)
