@@ -36,7 +36,7 @@ from importlib.metadata import entry_points
 
 import torch
 
-from .kinds import KINDS
+from .kinds import KINDS, PRECISION_CLASSES
 
 ENTRY_POINT_GROUP = "kvcompress.backends"
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -60,6 +60,10 @@ class Backend:
     rows); the property suite checks the promise, and streaming is then
     bit-exact against the full pass. BLAS-backed paths cannot promise it:
     the library picks its summation order by matrix shape.
+    precision: the precision class it meets (SPEC 3c, docs/semantics.md
+    "Numerics"): "strict" (only the output and each gradient rounded to the
+    input dtype) or "io-intermediates" (also the intermediates SPEC 3c
+    names); the property suite holds it to that class's bound.
     """
 
     kind: str
@@ -74,6 +78,7 @@ class Backend:
     batch_invariant: bool = False
     emulated_devices: tuple[str, ...] = ()
     takes_total_windows: bool = False
+    precision: str = "strict"
 
     def accepts_auto(self, x: torch.Tensor, *args, **kwargs) -> bool:
         """Whether backend="auto" may pick this backend for the call."""
@@ -95,10 +100,14 @@ def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[to
              supports: Callable[..., bool] | None = None,
              auto_devices: tuple[str, ...] | None = None,
              batch_invariant: bool = False,
-             emulated_devices: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Decorator: register ``fn`` as backend ``name`` of ``kind``."""
+             emulated_devices: tuple[str, ...] = (),
+             precision: str = "strict") -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as backend ``name`` of ``kind`` (the
+    fields of ``Backend``)."""
     if kind not in KINDS:
         raise ValueError(f"register: kind must be one of {KINDS}, got {kind!r}")
+    if precision not in PRECISION_CLASSES:
+        raise ValueError(f"register: precision must be one of {PRECISION_CLASSES}, got {precision!r}")
 
     def deco(fn: Callable) -> Callable:
         if name in _REGISTRY[kind]:
@@ -107,7 +116,7 @@ def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[to
                                         available or (lambda: True), supports,
                                         None if auto_devices is None else tuple(auto_devices), batch_invariant,
                                         tuple(emulated_devices),
-                                        "total_windows" in inspect.signature(fn).parameters)
+                                        "total_windows" in inspect.signature(fn).parameters, precision)
         return fn
 
     return deco

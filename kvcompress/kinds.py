@@ -20,8 +20,6 @@ A record says what the kind takes and gives:
 - ``d_out``: D_out from the other dims where the kind fixes it (None: a
   parameter's shape gives it), and ``check``: the constraints between
   arguments that shapes alone cannot say;
-- ``precision``: the precision class its built-in backends meet
-  (docs/semantics.md, "Precision classes");
 - ``flops``: the flops of one window of one head (a multiply-add counts
   2; biases, activations and a softmax's exp/max/sum are not counted), and
   ``bench``: the settings it is benchmarked in, each the fields that differ
@@ -45,6 +43,7 @@ from dataclasses import dataclass
 
 PADDINGS = ("valid", "left")
 ACTIVATIONS = ("relu", "gelu", "silu")
+# SPEC 3c; each backend declares the class it meets (kvcompress.backends.register)
 PRECISION_CLASSES = ("strict", "io-intermediates")
 DIM_LETTERS = ("G", "L", "D", "D_out", "F")
 
@@ -91,7 +90,6 @@ class Kind:
     pe: bool = True
     d_out: Callable[[dict, dict], int] | None = None
     check: Callable[[str, dict, dict], None] | None = None
-    precision: str = "strict"
     pad_fill: tuple[float, ...] = (0.0,)
     flops: Callable[[dict], int] = lambda d: 2 * d["L"] * d["D"]
     bench: tuple[dict, ...] = ({"G": "H"},)

@@ -144,8 +144,13 @@ def _matrix(collector, stats):
         props = {("matches_reference" if p == "test_matches_reference" else p): v for p, v in props.items()}
         if not any(p.startswith("test_gradients") for p in props) and "forward only" in domain:
             props["gradients"] = "not differentiable (declared forward only)"
+        strict = max(conf.get("worst_strict_ratio", float("inf")), grads.get("worst_strict_ratio", 0.0))
         rows.append({
             "kind": kind, "backend": name, "dtype": dtype, "domain": domain, "examples": n,
+            # the tightest precision class (SPEC 3c) every checked example met, forward and gradients
+            "precision_met": ("strict" if n and strict <= 1.0 else "io-intermediates"),
+            "worst_error_over_strict_tolerance": conf.get("worst_strict_ratio", float("nan")),
+            "worst_rms_ratio": conf.get("worst_rms_ratio"),
             "worst_error_over_tolerance": conf.get("worst_ratio", float("nan")),
             "worst_gradient_error_over_tolerance": grads.get("worst_ratio", float("nan")) if grads else None,
             "first_failure_example": conf.get("first_failure"),
@@ -159,10 +164,10 @@ def _matrix(collector, stats):
 def _print(rows, machine, seconds, profile, out=sys.stdout):
     out.write(f"\nkvcompress-verify on {machine}, Hypothesis profile '{profile}', {seconds:.0f} s\n\n")
     head = (f"{'kind':<15}{'backend':<24}{'dtype':<10}{'examples':>9}{'err/tol':>9}{'grad err/tol':>13}"
-            f"{'ms/ex':>8}{'ref ms/ex':>10}  result")
+            f"{'rms':>7}{'class':>8}{'ms/ex':>8}{'ref ms/ex':>10}  result")
     out.write(head + "\n" + "-" * len(head) + "\n")
     for r in rows:
-        g = r["worst_gradient_error_over_tolerance"]
+        g, rms = r["worst_gradient_error_over_tolerance"], r["worst_rms_ratio"]
         props = r["properties"]
         failed = [p for p, v in props.items() if v not in PASSING]
         notes = [f"{v}: {p}" for p, v in props.items() if v in ("known failure", "unexpectedly passed")]
@@ -172,8 +177,13 @@ def _print(rows, machine, seconds, profile, out=sys.stdout):
                                                                    else p for p in failed)
         out.write(f"{r['kind']:<15}{r['backend'][:23]:<24}{r['dtype']:<10}{r['examples']:>9}"
                   f"{r['worst_error_over_tolerance']:>9.3f}{'-' if g is None else f'{g:.3f}':>13}"
+                  f"{'-' if rms is None else f'{rms:.3f}':>7}"
+                  f"{(r['precision_met'] if r['passed'] else '-').replace('io-intermediates', 'io'):>8}"
                   f"{r['ms_per_example']:>8.2f}{r['reference_ms_per_example']:>10.2f}  "
                   + verdict + ("" if not notes else "  [" + "; ".join(notes) + "]") + "\n")
+    out.write("\nerr/tol: worst error over the bound of the implementation's precision class (SPEC 3c); rms: the "
+              "RMS quality check (float16/bfloat16, strict class; <= 1); class: the tightest class every example "
+              "met (strict, or io = io-intermediates)\n")
     domains = sorted({(f"{r['kind']}-{r['backend']}", r["domain"]) for r in rows if r["domain"] != "full"})
     if domains:
         out.write("\ndeclared domains (properties ran only inside them):\n")

@@ -107,7 +107,7 @@ def call(kind, backend, x, params, pe, *, L, S, padding, cu=None, activation="re
 # --------------------------------------------------------------------------- (a) correctness
 
 
-def harness_model(kind, x, params, pe, dy, *, L, S, padding, seqlens=None, activation="relu"):
+def harness_model(kind, x, params, pe, dy, *, L, S, padding, seqlens=None, activation="relu", precision="strict"):
     """The exact float64 output and gradients of sum(y * dy) and the bound the
     tolerance model grants each element: ({"y" | "x" | "pe" | param name:
     (exact, bound)}, well_conditioned). No model of its own: the harness's
@@ -115,7 +115,8 @@ def harness_model(kind, x, params, pe, dy, *, L, S, padding, seqlens=None, activ
     (float64 on the GPU at NSA sizes), given a Case that describes them.
 
     x (B, H, T, D), params (in signature order), pe and dy in the dtype under
-    test, on any device; seqlens: the packed sequences' lengths (B = 1)."""
+    test, on any device; seqlens: the packed sequences' lengths (B = 1);
+    precision: the class (SPEC 3c) the implementation is held to."""
     import torch
 
     from kvcompress.testing import gradients
@@ -131,7 +132,7 @@ def harness_model(kind, x, params, pe, dy, *, L, S, padding, seqlens=None, activ
                 activation=activation)
     assert [p.name for p in RECORDS[kind].params] == PARAM_NAMES[kind]
     with torch.no_grad():
-        return gradients.model(case, float64_inputs(x, named, pe), dy.double())
+        return gradients.model(case, float64_inputs(x, named, pe), dy.double(), precision)
 
 
 def check(kind, case):
@@ -177,18 +178,22 @@ def check(kind, case):
         ratio = float((err / bound).max()) if err.numel() else 0.0
         return ratio if finite else float("inf")
 
-    # the exact values and the harness's tolerance model, on the device
-    model, ok = harness_model(kind, x, params, pe, dy, L=L, S=S, padding=padding, seqlens=seqlens,
-                              activation=activation)
-    out["well_conditioned"] = ok
-    out["ok"] &= ok
+    # the exact values and the harness's tolerance model, on the device: each backend held to its class
+    from kvcompress import backends as kb
+    classes = {b: kb.get(kind, b).precision for b in ("triton", "torch")}
+    models = {}
+    for precision in set(classes.values()):
+        models[precision], ok = harness_model(kind, x, params, pe, dy, L=L, S=S, padding=padding,
+                                              seqlens=seqlens, activation=activation, precision=precision)
+        out["well_conditioned"] = out.get("well_conditioned", True) and ok
+        out["ok"] &= ok
+    out["precision"] = classes
     out["torch_ratios"] = {}
     for key, got, ref in [("y", y_tr, y_to)] + [(k, g_tr[k], g_to[k]) for k in g_tr]:
-        exact, bound = model[key]
-        out["ratios"][key] = judge(got, exact, bound)
-        out["torch_ratios"][key] = judge(ref, exact, bound)
+        out["ratios"][key] = judge(got, *models[classes["triton"]][key])
+        out["torch_ratios"][key] = judge(ref, *models[classes["torch"]][key])
         out["ok"] &= out["ratios"][key] <= 1.0
-    del model
+    del models
     return out
 
 

@@ -29,6 +29,9 @@
 #   bench     kvcompress-bench (tables and roofline plot); BENCH_ARGS adds options (e.g. "--kinds mlp
 #             --deadline 450"), BENCH_TAG suffixes the output folder
 #   streambench  decode-step latency (benchmarks/test_bench_streaming.py), bfloat16 on the GPU
+#   precision scripts/precision_table.py at T = PRECISION_T (16384): error against the bound per kind, dtype and
+#             tensor, "before" from the tree unpacked in .head/before (git archive REV kvcompress benchmarks), then
+#             this tree (issue 13's table)
 #   hostprof  scripts/host_profile.py: where the host time of a call goes (cProfile, tiny inputs)
 #   peers     scripts/verify_peers.py: the public kernels' adapters through the suite (sources in .peers/, wheels in .whl/)
 #   production  the production-shape tier (test_production.py) for every backend on CUDA, ci profile
@@ -106,6 +109,10 @@ for arg in "$@"; do
                    --kvcompress-report "$OUT/production.json" --hypothesis-show-statistics "${XD[@]}" ;;
         pytest) KVCOMPRESS_TRITON_AUTOTUNE=0 run pytest 400 python3 -m pytest ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} \
                    -q -p no:cacheprovider "${XD[@]}" ;;
+        precision) run precision 300 bash -c 'T=${PRECISION_T:-16384}; \
+                   PYTHONPATH=.head/before:$PYTHONPATH python3 scripts/precision_table.py --T $T --label before \
+                   --out "$OUT/precision_before.json"; python3 scripts/precision_table.py --T $T --label after \
+                   --out "$OUT/precision_after.json"' ;;
         hostprof) run hostprof 240 python3 scripts/host_profile.py --calls 1000 --out "$OUT" ;;
         perf) run perf 400 python3 scripts/gpu_perf.py --label "${LABEL:-this}" --out "$OUT/perf.json" ;;
         bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench${BENCH_TAG:-}" ${BENCH_ARGS:-} ;;

@@ -184,17 +184,25 @@ def check_gradients(case: Case, *, dy_exp: int = 0, small: bool = False, drawn: 
     rng = np.random.default_rng(case.seed + 7)
     dy64 = round_to(rng.standard_normal((case.B, case.H, case.W, rec.d_out(case))) * 2.0 ** dy_exp, case.dtype)
     dy = torch.from_numpy(dy64).to(DTYPES[case.dtype]).to(DEVICE)
-    if reference:
-        model, ok = gradients.model(case, inputs, dy64)
-        model["y"] = (rec.call_reference(case, inputs), model["y"][1])
-    else:
-        model, ok = gradients.model(case, float64_inputs(inputs.x, inputs.params, inputs.pe), dy.double())
-    if drawn:
-        assume(ok)
-    else:
-        assert ok, f"fixed case is ill-conditioned: {case!r}"
+    models = {}
+
+    def model_of(precision):   # each backend is held to its precision class (SPEC 3c)
+        if precision not in models:
+            if reference:
+                model, ok = gradients.model(case, inputs, dy64, precision)
+                model["y"] = (rec.call_reference(case, inputs), model["y"][1])
+            else:
+                model, ok = gradients.model(case, float64_inputs(inputs.x, inputs.params, inputs.pe), dy.double(),
+                                            precision)
+            if drawn:
+                assume(ok)
+            else:
+                assert ok, f"fixed case is ill-conditioned: {case!r}"
+            models[precision] = model
+        return models[precision]
     worst = {}
     for backend in ("triton", "torch"):
+        model = model_of(kb.get(case.kind, backend).precision)
         leaves = _leaves(case, inputs)
         with tc.small_tiles() if small and backend == "triton" else contextlib.nullcontext():
             y = _call(case, inputs, leaves, backend)
@@ -498,15 +506,18 @@ def test_dx_phases_spread_only_for_small_problems(monkeypatch):
 
 
 def test_attention_pool_statistics_stored_or_recomputed():
-    """The forward stores the per-window log-sum-exp only when autograd needs
-    it, and y is the same bits either way; a backward given no statistics
+    """The forward stores the per-window log-sum-exp and the unrounded output
+    only when autograd needs them, and y is the same bits either way; a backward given no statistics
     (the op called without them) recomputes them and returns the same bits."""
     x, (w,), pe, cu = _small_args("attention_pool", DEVICE, grad=False)
     op = torch.ops.kvcompress.attention_pool_triton
     y1, lse1 = op(x, w, pe, None, 4, 2, "left", -1, True)
     y0, lse0 = op(x, w, pe, None, 4, 2, "left", -1, False)
-    assert torch.equal(y0, y1) and lse0.numel() == 0 and lse1.shape == y1.shape and lse1.dtype == torch.float32
-    assert torch.isfinite(lse1).all()
+    B, H, W, D = y1.shape
+    assert torch.equal(y0, y1) and lse0.numel() == 0 and lse1.shape == (B, H, W, 2, D)
+    assert lse1.dtype == torch.float32 and torch.isfinite(lse1).all()
+    # [..., 1, :] is the output unrounded, which the backward reads (y rounded to x's dtype is y1)
+    assert torch.equal(lse1[:, :, :, 1].to(y1.dtype), y1)
     dy = torch.randn_like(y1)
     bwd = torch.ops.kvcompress.attention_pool_triton_bwd
     stored = bwd(dy, y1, lse1, x, w, pe, None, 4, 2, "left", True, True, True)
@@ -560,7 +571,8 @@ def test_strided_x_is_never_copied(kind, layout, monkeypatch):
     """x seen through transpose(1, 2) (or every other token of a larger
     tensor) reaches every kernel as itself: same storage, offset and strides;
     and the profiler's allocation record of forward + backward holds exactly
-    one allocation as large as x: its gradient."""
+    one allocation as large as x: its gradient (and attention_pool's saved
+    statistics, by their size)."""
     case = Case(kind=kind, dtype="float16", B=2, H=3, G=3, T=40, D=8, block_size=4, stride=2, D_out=4,
                 layout=layout, use_pe=True, bias=True, seed=1, F=6, bias2=True)
     rec = RECORDS[kind]
@@ -588,7 +600,11 @@ def test_strided_x_is_never_copied(kind, layout, monkeypatch):
         assert (t.untyped_storage().data_ptr(), t.storage_offset(), t.stride()) == \
             (x.untyped_storage().data_ptr(), x.storage_offset(), x.stride())
     if DEVICE == "cpu":
-        big = [(e.name, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage >= x_bytes]
+        # attention_pool's forward keeps its statistics for the backward, (B, H, W, 2, D) float32: 8 bytes
+        # an output element, more than this float16 x at stride 2, and no copy of it: named by its size
+        stats = case.B * case.H * case.W * 2 * case.D * 4 if kind == "attention_pool" else None
+        big = [(e.name, e.self_cpu_memory_usage) for e in prof.events()
+               if e.self_cpu_memory_usage >= x_bytes and e.self_cpu_memory_usage != stats]
         assert len(big) == 1, f"allocations as large as x ({x_bytes} bytes): {big}; only dx may be one"
 
 
@@ -842,6 +858,18 @@ def _nsa_inputs(kind, *, B=1, H=4, T=131072, D=128, L=32, S=16, dtype=torch.bflo
     return x, params, pe
 
 
+def _weak_io_attention(kind, precision):
+    """attention_pool's io-intermediates bound at NSA sizes in bfloat16: logits
+    of size ~30 rounded to bfloat16 may move the softmax by more than the
+    model's conditioning limit (Delta > 1/8), which the property suite's
+    draws avoid with ``assume``. The bound (P^ within exp(+-2 Delta) of P)
+    holds for every Delta, only weakly, so a fixed case still checks against
+    it. The Triton backend is io-intermediates for its backward's rounded
+    logit gradient only (docs/semantics.md); a strict backward would restore
+    a sharp check here (issue 13's closing note)."""
+    return kind == "attention_pool" and precision == "io-intermediates"
+
+
 @pytest.mark.gpu
 @GPU
 @pytest.mark.parametrize("kind", KINDS)
@@ -919,10 +947,12 @@ def check_against_model(kind, x, params, pe, *, L, S, padding, dy=None, activati
                              ).to(y.dtype)
         y.backward(dy)
         results[backend] = (y.detach(), {k: v.grad for k, v in leaves.items()})
-    model, ok = gc.harness_model(kind, x, params, pe, dy, L=L, S=S, padding=padding, activation=activation)
-    assert ok, "the fixed case must be well conditioned"
     names = {f"p{i}": p.name for i, p in enumerate(RECORDS[kind].params)}
-    for backend, (y, grads) in results.items():
+    for backend, (y, grads) in results.items():   # each backend held to its precision class (SPEC 3c)
+        precision = kb.get(kind, backend).precision
+        model, ok = gc.harness_model(kind, x, params, pe, dy, L=L, S=S, padding=padding, activation=activation,
+                                     precision=precision)
+        assert ok or _weak_io_attention(kind, precision), "the fixed case must be well conditioned"
         for key, got in [("y", y)] + [(names.get(k, k), g) for k, g in grads.items()]:
             exact, bound = model[key]
             err = (got.double() - exact).abs()
@@ -970,9 +1000,10 @@ def test_past_2_31_elements(kind):
     dy[:, :, -8:] = 1
     y.backward(dy)
     x_tail = x.detach()[:, :, tail_start:]
+    precision = kb.get(kind, "triton").precision
     model, ok = _gpu_check_module().harness_model(kind, x_tail, params, None, torch.ones_like(y[:, :, -8:]), L=L,
-                                                  S=S, padding="valid")
-    assert ok
+                                                  S=S, padding="valid", precision=precision)
+    assert ok or _weak_io_attention(kind, precision)
     for name, got in (("y", y[:, :, -8:]), ("x", x.grad[:, :, tail_start:])):
         exact, bound = model[name]
         err = (got.double() - exact).abs()
@@ -1024,3 +1055,31 @@ def test_new_lengths_reuse_compiled_kernels(kind):
     for T in (4256, 4301):
         step(T)
         assert compiled() == first, f"T={T} compiled {compiled() - first} new kernel variant(s)"
+
+
+def test_attention_pool_backward_reads_the_unrounded_output():
+    """Issue 13's H200 case: bfloat16, D = 1, L = 3, tokens up to 53, weight
+    -3.05, logits near 160 (one position takes the whole softmax). The
+    backward formed v - y from y rounded to bfloat16 (ulp 0.25 at 53), so
+    d(weight) came back -0.357 where the truth is ~1e-6. It now reads the
+    forward's unrounded float32 y, and every gradient is within the strict
+    class's bound, which is well conditioned here (the logits are float32:
+    Delta = 3 u_a * 160); the io-intermediates bound is not (a logit of 160
+    rounded to bfloat16 moves the softmax arbitrarily), so this pins the
+    part of the backward both classes forbid: a reused output in the dtype."""
+    dt = torch.bfloat16
+    x = torch.tensor([-52.5, -50.0, 53.0, -51.0], dtype=dt, device=DEVICE).view(1, 1, 4, 1)
+    w = torch.tensor([-3.05], dtype=dt, device=DEVICE).view(1, 1, 1)
+    case = Case(kind="attention_pool", dtype="bfloat16", B=1, H=1, G=1, T=4, D=1, block_size=3, stride=1,
+                padding="valid")
+    dy = torch.tensor([1.0, -0.75], dtype=dt, device=DEVICE).view(1, 1, 2, 1)
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    y = kf.attention_pool(xg, wg, block_size=3, stride=1, padding="valid", backend="triton")
+    y.backward(dy)
+    inputs = float64_inputs(x, {"weight": w})
+    gb = gradients.exact_and_bounds(case, inputs, dy.double(), "strict")
+    assert gb.well_conditioned
+    assert not gradients.exact_and_bounds(case, inputs, dy.double(), "io-intermediates").well_conditioned
+    for name, got in (("x", xg.grad), ("weight", wg.grad)):
+        ok, ratio, idx, err = compare(got.double(), gb.exact[name], gb.bound[name])
+        assert ok, f"d{name}: |error| {err:.3g} is {ratio:.3g} x its bound (got {got}, exact {gb.exact[name]})"

@@ -190,6 +190,9 @@ def kernel_op(name: str, *, inputs: str, grads: Mapping[str, str], saved: Sequen
     torch.library.register_autograd(name, backward_rule, setup_context=setup_context)
 
     def fn_forward(ctx, *values):
+        # the outputs after y are statistics for the backward, never differentiated: no zero gradients
+        # of their size are built for them (attention_pool's are twice its output)
+        ctx.set_materialize_grads(False)
         output, ctx.state = forward(**dict(zip(names, values)))
         keep(ctx, values, output if len(outputs) > 1 else (output,))
         return output

@@ -25,7 +25,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from kvcompress.kinds import ACTIVATIONS, PADDINGS  # noqa: F401  (stdlib only: no torch at start-up)
+from kvcompress.kinds import ACTIVATIONS, PADDINGS, PRECISION_CLASSES  # noqa: F401  (stdlib only: no torch at start-up)
 
 DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
 LAYOUTS = ("contiguous", "bthd", "sliced")
@@ -64,6 +64,14 @@ class Domain:
     - differentiable: the outputs support autograd (gradients are checked);
       False: forward only, no gradient property runs.
     - max_batch, max_heads, max_tokens, max_dim, max_hidden: size caps (None: none).
+    - precision: the precision class promised (SPEC 3c, docs/semantics.md
+      "Numerics"): "io-intermediates" (the default, the loosest the
+      contract allows: x + pe, the MLP hidden layer, attention logits and
+      probabilities, their gradients and each window's share of a gradient
+      may each be rounded once to the input dtype) or "strict" (only the
+      output and each gradient). The properties hold the
+      implementation to its class's bound; the matrix reports the tightest
+      class it met.
     """
 
     paddings: tuple[str, ...] = PADDINGS
@@ -86,6 +94,7 @@ class Domain:
     max_tokens: int | None = None
     max_dim: int | None = None
     max_hidden: int | None = None
+    precision: str = "io-intermediates"
 
     def __post_init__(self):
         def subset(name, allowed):
@@ -117,6 +126,8 @@ class Domain:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"Domain.{name} must be None or an integer >= 1, got {v!r}")
+        if self.precision not in PRECISION_CLASSES:
+            raise ValueError(f"Domain.precision must be one of {PRECISION_CLASSES}, got {self.precision!r}")
         if self.max_dim is not None and self.max_dim < self.head_dim_multiple:
             raise ValueError(f"Domain.max_dim={self.max_dim} is below head_dim_multiple={self.head_dim_multiple}")
 

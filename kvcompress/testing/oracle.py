@@ -199,30 +199,35 @@ def _abs(a):
 LEAN_KINDS = ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool")
 
 
-def evaluate(case, inputs) -> tuple[np.ndarray, tolerance.Bound]:
-    """(the exact output (B, H, W, D_out), its ``tolerance.Bound``) for a
-    Case (kvcompress.testing.cases) and its Inputs, without gathering
-    windows: the same Bound as ``tolerance.forward_bound`` (to float64
-    rounding of the magnitudes), at a fraction of its memory."""
+def evaluate(case, inputs, precision: str = "strict") -> tuple[np.ndarray, tolerance.Bound]:
+    """(the exact output (B, H, W, D_out), its ``tolerance.Bound`` for a
+    kernel of class ``precision``) for a Case (kvcompress.testing.cases) and
+    its Inputs, without gathering windows: the same Bound as
+    ``tolerance.forward_bound`` (to float64 rounding of the magnitudes), at a
+    fraction of its memory."""
     params = list(inputs.params64.values())
     if case.kind == "gated_pool":   # no lean form: its windows are gathered (L / S <= 4 at production shapes)
-        return tolerance.exact_output(case, inputs), tolerance.forward_bound(case, inputs)
+        return tolerance.exact_output(case, inputs), tolerance.forward_bound(case, inputs, precision)
     if case.kind == "attention_pool":
         y, Q, A, sabs = _attention(inputs.x64, params[0], pe=inputs.pe64, seqlens=case.seqlens, terms=True,
                                    **case.window_kwargs())
-        return y, tolerance.bound_from(case, Q, finite=_finite(inputs), max_logit=A, abs_sum=sabs)
+        return y, tolerance.bound_from(case, Q, y=y, finite=_finite(inputs), max_logit=A, abs_sum=sabs,
+                                       precision=precision)
     y = _call(case, inputs.x64, params, inputs.pe64)
-    return y, forward_bound(case, inputs)
+    return y, _bound(case, inputs, y, precision)
 
 
-def forward_bound(case, inputs) -> tolerance.Bound:
-    """``tolerance.forward_bound(case, inputs)``, memory-lean: the magnitude
-    is the same computation on absolute values (|x| + |pe|, |weights|,
-    |biases|; the MLP with relu), see kvcompress/testing/tolerance.py."""
-    if case.kind == "attention_pool":
-        return evaluate(case, inputs)[1]
-    if case.kind not in LEAN_KINDS:
-        return tolerance.forward_bound(case, inputs)
+def _bound(case, inputs, y, precision):
     params = [_abs(p) for p in inputs.params64.values()]
     M = _call(case, np.abs(inputs.x64), params, _abs(inputs.pe64), activation="relu")
-    return tolerance.bound_from(case, M, finite=_finite(inputs))
+    return tolerance.bound_from(case, M, y=y, finite=_finite(inputs), precision=precision)
+
+
+def forward_bound(case, inputs, precision: str = "strict") -> tolerance.Bound:
+    """``tolerance.forward_bound(case, inputs, precision)``, memory-lean: the
+    magnitude is the same computation on absolute values (|x| + |pe|,
+    |weights|, |biases|; the MLP with relu), see
+    kvcompress/testing/tolerance.py."""
+    if case.kind not in LEAN_KINDS or case.kind == "attention_pool":
+        return evaluate(case, inputs, precision)[1]
+    return _bound(case, inputs, _call(case, inputs.x64, list(inputs.params64.values()), inputs.pe64), precision)

@@ -7,18 +7,23 @@ element, the a-priori rounding-error bound of any implementation that obeys
 SPEC section 3 (accumulate in at least float32, i.e. unit roundoff u_a;
 store in the input dtype, unit roundoff u_o):
 
-    |y^ - y| <= bound = (c_o * u_o + n * (u_a + u_64)) * M + floor
+    |y^ - y| <= bound = c u_o |y| + (1 + c u_o) inner + tiny_o,
+    inner = (n (u_a + u_64) + c_i u_o) M + floors
 
+- The output's own rounding is relative to the output, u_o |y^| <= u_o
+  (|y| + inner): c = 1 (2 for bfloat16 under Triton's CPU interpreter,
+  ``output_roundings``). In float16/bfloat16 this term dominates a correct
+  kernel's error, so the bound is a few ulps of the output itself.
 - M is the magnitude of the computation: the same computation on absolute
   values (|x| + |pe|, |weights|, |biases|), computed in float64.
   For a sum of n products, the classic bound is gamma_n * sum |a_k b_k|
   with gamma_n ~ n u (Higham, Accuracy and Stability, eq. 3.5).
 - n is the number of roundings in the longest accumulation chain; u_64 is
   added because the reference itself computes in float64.
-- c_o counts the roundings to the storage dtype the implementation may make:
-  the output itself, x + pe if it adds them in the input dtype, and for the
-  kinds with an intermediate (the MLP hidden layer, the attention
-  probabilities) that intermediate too.
+- c_i counts the intermediates rounded to the storage dtype, by precision
+  class (SPEC 3c, docs/semantics.md "Numerics"): 0 in ``strict``; in
+  ``io-intermediates`` x + pe (when there is pe), the MLP hidden layer, the
+  attention probabilities (and logits, through Delta below), each once.
 - floor: underflow. Rounding the output into the dtype's subnormal range
   adds at most its smallest subnormal; every accumulation-precision
   operation may flush a subnormal result to zero (GPUs run float32 math
@@ -34,25 +39,30 @@ storage dtype in a short sum, or that accumulates in half precision, shows.
 Kind-specific terms:
 
 - mean_pool, weighted_pool, linear: n = L (pools) or L*D (linear), plus 3
-  for bias, the folded pe term and the division of the mean; c_o = 2.
-- mlp: p = flat(X) @ w1 + b1 carries (n1 u_a + u_o) * M_p with
-  n1 = L*D + 2 and M_p = |flat X| @ |w1| + |b1|. The activation is
-  lambda-Lipschitz (relu 1, silu 1.0998, gelu 1.1289; we use 1.13) and is
-  evaluated to c_act = 8 ulps of u_a; the hidden may be stored in the input
-  dtype (u_o); since |act(p)| <= |p|, every term is bounded by
+  for bias, the folded pe term and the division of the mean; io: c_i = 1
+  with pe.
+- mlp: p = flat(X) @ w1 + b1 carries n1 u_a M_p (io with pe: + u_o M_p,
+  x + pe rounded) with n1 = L*D + 2 and M_p = |flat X| @ |w1| + |b1|. The
+  activation is lambda-Lipschitz (relu 1, silu 1.0998, gelu 1.1289; we use
+  1.13) and is evaluated to c_act = 8 ulps of u_a; io stores the hidden in
+  the input dtype (u_o); since |act(p)| <= |p|, every term is bounded by
   M = (|flat X| @ |w1| + |b1|) @ |w2| + |b2|, the MLP on absolute values
-  with relu. Altogether n = 1.13 * n1 + 8 + F + 2, c_o = 1.13 + 2.
+  with relu. Altogether n = 1.13 * n1 + 8 + F + 2; io: c_i = 1 + 1.13 (1 + [pe])
+  (the hidden layer, and before the activation p and x + pe, stored).
+  (M is ~sqrt(L*D) times the real hidden layer's size: the worst case is
+  loose here, and the RMS check of quality.py carries the load.)
 - attention_pool: logits z = X @ W carry at most
-  Delta = ((D + 2) u_a + u_o) * max_j A_j, A = |X| @ |W| (per feature).
-  Perturbing logits by at most Delta moves every softmax weight by a factor
-  within exp(+-2 Delta), so |P^ - P| <= expm1(2 Delta) P. With the value
-  rounding, the exp/sum/division (2L + 8 roundings) and the output:
-  bound = (expm1(2 Delta) + (2L + 8)(u_a + u_64) + 3 u_o) * Q,
-  Q = sum_j P_j |X_j| (the softmax-weighted magnitude). Logits are never
-  stored in the input dtype: SPEC requires float32 accumulation, and in
-  bfloat16 a rounded logit of size 100 would move P by 40%.
-  Cases with Delta > 1/8 are ill-conditioned (the bound says nothing);
-  the strategies drop them with ``assume`` instead of loosening anything.
+  Delta = ((D + 2) u_a + c_z u_o) * max_j A_j, A = |X| @ |W| (per
+  feature), c_z = 0 in strict, 1 + [pe] in io (the logits stored, x + pe
+  rounded before them). Perturbing logits by at most Delta moves every
+  softmax weight by a factor within exp(+-2 Delta), so |P^ - P| <=
+  expm1(2 Delta) P. With the exp/sum/division (2L + 8 roundings), in io the
+  probabilities and the values x + pe stored (c_i = 1 + [pe]), and the
+  output: inner = (expm1(2 Delta) + (2L + 8)(u_a + u_64) + c_i u_o) * Q,
+  Q = sum_j P_j |X_j| (the softmax-weighted magnitude). In bfloat16 a
+  rounded logit of size 100 moves P by 40%: cases with Delta > 1/8 are
+  ill-conditioned (the bound says nothing), and the strategies drop them
+  with ``assume`` instead of loosening anything.
 - gated_pool (SPEC 3b; ``gated_pool_bound`` on gathered windows, v and z
   the features each position reads): y = sum_j P_j v_j, P = softmax_j(s),
   s = z + bias, pads s = -inf and v = 0. The logit is one float32 addition
@@ -60,16 +70,12 @@ Kind-specific terms:
   at most u_a (|z| + |bias|); the max-shift s^ - max s^ is one more
   rounding of a number of size <= 2 max (|z| + |bias|). Per feature,
   Delta = 3 (u_a + u_64) A, A = max_j (|z_j| + |bias_j|) over real
-  positions, plus u_o A in the precision class io-intermediates (SPEC 3c:
-  logits stored in the input dtype; the float32 rounding before it is
-  already counted). Then attention_pool's argument word for word: P^ within
-  exp(+-2 Delta) of P, the exp/sum/division 2L + 8 roundings, the output
-  one rounding (c_o = 1: the values are read exactly, there is no x + pe):
-  bound = (expm1(2 Delta) + (2L + 8)(u_a + u_64) + u_o) * Q
-  + tiny_o + (L + sum_j |v_j|) tiny_a, Q = sum_j P_j |v_j|; Delta > 1/8
-  is ill-conditioned. (The output rounding alone may cost u_o |y| <= u_o Q,
-  so a strict float16 kernel can come close to the bound: 0.98 of it in
-  tests/test_harness_model.py's emulation.)
+  positions, plus u_o A in io-intermediates (logits stored in the input
+  dtype; the float32 rounding before it is already counted). Then
+  attention_pool's argument word for word, the values read exactly (no x +
+  pe): inner = (expm1(2 Delta) + (2L + 8)(u_a + u_64) + [io] u_o) * Q
+  + (L + sum_j |v_j|) tiny_a, Q = sum_j P_j |v_j|; Delta > 1/8 is
+  ill-conditioned.
 
 The model is written once for NumPy arrays and torch tensors on any device
 (``_xp.namespace``): the property suite runs it in NumPy, scripts/gpu_check.py
@@ -96,7 +102,7 @@ MAX_LOGIT_DELTA = 1.0 / 8
 PRECISIONS = ("strict", "io-intermediates")   # SPEC section 3c
 
 
-def _output_roundings(dtype) -> int:
+def output_roundings(dtype) -> int:
     """Roundings of gated_pool's output to ``dtype``: one (strict, SPEC 3c),
     or two for bfloat16 under Triton's CPU interpreter, whose fp32 -> bf16
     conversion truncates (an error below one ulp, 2 u_o, where rounding to
@@ -130,10 +136,17 @@ class Bound:
     """Per-element bound (same shape as the output), the magnitude it scales,
     and whether the case is well-conditioned enough for the bound to mean
     anything (no overflow, attention logits perturbation <= 1/8). The
-    arrays are NumPy arrays or torch tensors, as the inputs were."""
+    arrays are NumPy arrays or torch tensors, as the inputs were.
 
-    def __init__(self, bound, magnitude, well_conditioned):
+    ``inner`` (same shape): the part of the bound before the output's own
+    rounding (accumulation, and under io-intermediates the stored
+    intermediates), bound = c u_o |y| + (1 + c u_o) inner + tiny_o; ``chain``:
+    the number of roundings it counts along the longest chain (the RMS
+    quality check, kvcompress/testing/quality.py, scales it by 1/sqrt(chain))."""
+
+    def __init__(self, bound, magnitude, well_conditioned, inner=None, chain=1.0):
         self.bound, self.magnitude, self.well_conditioned = bound, magnitude, well_conditioned
+        self.inner, self.chain = inner, chain
 
 
 # above this many gathered window elements (B * H * W * L * D) the magnitudes
@@ -155,20 +168,28 @@ def exact_output(case, inputs):
     return _xp.on_windows(case.kind, win, list(inputs.params64.values()), activation=case.activation)
 
 
-def forward_bound(case, inputs) -> Bound:
-    """The allowed |y^ - y| for every output element of ``case``. inputs:
-    the harness's Inputs, or any object with float64 ``x64``, ``params64``
-    and ``pe64`` (``_xp.float64_inputs``): NumPy arrays, or torch tensors on
-    any device (the Bound's arrays are then tensors on that device)."""
+def _check_precision(precision):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def forward_bound(case, inputs, precision: str = "strict") -> Bound:
+    """The allowed |y^ - y| for every output element of ``case`` by a kernel
+    of class ``precision`` ("strict" or "io-intermediates", SPEC 3c).
+    inputs: the harness's Inputs, or any object with float64 ``x64``,
+    ``params64`` and ``pe64`` (``_xp.float64_inputs``): NumPy arrays, or
+    torch tensors on any device (the Bound's arrays are then tensors on that
+    device). Raises ValueError for an unknown precision."""
+    _check_precision(precision)
     xp = _xp.namespace(inputs.x64)
     if case.kind == "gated_pool":   # gathered windows at every size: L / S <= 4 at production shapes
         v, z, valid = gated_windows(case, inputs)
-        b = gated_pool_bound(v, z, inputs.params64["bias"], valid, dtype=case.dtype)
-        return Bound(b.bound, b.magnitude, b.well_conditioned and _finite(xp, inputs))
+        b = gated_pool_bound(v, z, inputs.params64["bias"], valid, dtype=case.dtype, precision=precision)
+        return Bound(b.bound, b.magnitude, b.well_conditioned and _finite(xp, inputs), b.inner, b.chain)
     if xp.name == "numpy" and case.B * case.H * case.W * case.L * case.D > LEAN_ABOVE:
         from . import oracle
 
-        return oracle.forward_bound(case, inputs)
+        return oracle.forward_bound(case, inputs, precision)
     p = [_abs(xp, v) for v in inputs.params64.values()]
     win_abs = _windows(case, xp.abs(inputs.x64), _abs(xp, inputs.pe64))
     finite = _finite(xp, inputs)
@@ -178,49 +199,67 @@ def forward_bound(case, inputs) -> Bound:
         A = xp.max(_xp.attention_logits(win_abs, xp.abs(w)), axis=3)                  # [B, H, W, D]
         P = _xp.softmax_positions(_xp.attention_logits(win, w))
         M = xp.sum(P * win_abs, axis=3)                                                 # Q
-        return bound_from(case, M, finite=finite, max_logit=A, abs_sum=xp.sum(win_abs, axis=3))
+        y = xp.sum(P * win, axis=3)
+        return bound_from(case, M, y=y, finite=finite, max_logit=A, abs_sum=xp.sum(win_abs, axis=3),
+                          precision=precision)
     if case.kind not in ("mean_pool", "weighted_pool", "linear", "mlp"):
         raise ValueError(f"unknown kind {case.kind!r}")
-    return bound_from(case, _xp.on_windows(case.kind, win_abs, p, activation="relu"), finite=finite)
+    y = _xp.on_windows(case.kind, _windows(case, inputs.x64, inputs.pe64), list(inputs.params64.values()),
+                       activation=case.activation)
+    return bound_from(case, _xp.on_windows(case.kind, win_abs, p, activation="relu"), y=y, finite=finite,
+                      precision=precision)
 
 
-def _softmax_bound(M, delta, abs_sum, *, L, dtype, c_o):
+def _softmax_bound(M, y, delta, abs_sum, *, L, dtype, c_v, c_out=1):
     """The softmax-pooling bound shared by attention_pool and gated_pool (the
     module docstring): every logit within delta (per feature) of its exact
-    value, 2L + 8 accumulation roundings, c_o roundings to the dtype, the
-    floors; M = Q = sum_j P_j |v_j|, abs_sum = sum_j |v_j|."""
+    value, 2L + 8 accumulation roundings, c_v roundings of the terms P_j v_j
+    (io-intermediates: the probabilities stored in the dtype, and x + pe
+    when there is pe), the output rounded c_out times, the floors; M = Q = sum_j P_j |v_j|, y the exact output,
+    abs_sum = sum_j |v_j|."""
     xp = _xp.namespace(M)
     u_o, u_a, tiny_o, tiny_a = _units(dtype)
-    return (xp.expm1(2 * xp.minimum(delta, 50.0)) + (2 * L + 8) * (u_a + U64) + c_o * u_o) * M \
-        + tiny_o + (L + abs_sum) * tiny_a
+    inner = (xp.expm1(2 * xp.minimum(delta, 50.0)) + (2 * L + 8) * (u_a + U64) + c_v * u_o) * M \
+        + (L + abs_sum) * tiny_a
+    return c_out * u_o * xp.abs(y) + (1 + c_out * u_o) * inner + tiny_o, inner
 
 
-def bound_from(case, M, *, finite: bool, max_logit=None, abs_sum=None) -> Bound:
+def bound_from(case, M, *, y, finite: bool, max_logit=None, abs_sum=None, precision: str = "strict") -> Bound:
     """The Bound of ``case`` from its magnitudes, all (B, H, W, D_out)
-    float64: M (attention_pool: Q = sum_j P_j |X_j|), and for attention_pool
-    the largest logit magnitude per feature A = max_j |X_j| @ |W|
-    (``max_logit``) and sum_j |X_j| (``abs_sum``). ``finite``: every input
-    is finite. The model of the module docstring, written once for every
-    way of computing the magnitudes (gathered windows here, NumPy or torch;
+    float64: M (attention_pool: Q = sum_j P_j |X_j|), the exact output y,
+    and for attention_pool the largest logit magnitude per feature A =
+    max_j |X_j| @ |W| (``max_logit``) and sum_j |X_j| (``abs_sum``).
+    ``finite``: every input is finite. precision: the kernel's class (SPEC
+    3c). The model of the module docstring, written once for every way of
+    computing the magnitudes (gathered windows here, NumPy or torch;
     oracle.py at production sizes)."""
+    _check_precision(precision)
     xp = _xp.namespace(M)
     u_o, u_a, tiny_o, tiny_a = _units(case.dtype)
+    io = precision == "io-intermediates"
+    xpe = io and case.use_pe          # x + pe stored in the dtype
+    c_out = output_roundings(case.dtype)
     L, D = case.L, case.D
     ok = True
     if case.kind in ("mean_pool", "weighted_pool", "linear"):
-        n = (L * D if case.kind == "linear" else L) + 3
-        bound = (2 * u_o + n * (u_a + U64)) * M + tiny_o + n * tiny_a
+        n = chain = (L * D if case.kind == "linear" else L) + 3
+        inner = (n * (u_a + U64) + xpe * u_o) * M + n * tiny_a
+        bound = c_out * u_o * xp.abs(y) + (1 + c_out * u_o) * inner + tiny_o
     elif case.kind == "mlp":
-        n = LIPSCHITZ * (L * D + 2) + ACT_ULPS + case.F + 2
-        bound = ((LIPSCHITZ + 2) * u_o + n * (u_a + U64)) * M + tiny_o + n * tiny_a
+        n = chain = LIPSCHITZ * (L * D + 2) + ACT_ULPS + case.F + 2
+        # io: x + pe (with pe) and the pre-activation, through the activation, and the hidden layer stored
+        inner = (n * (u_a + U64) + (LIPSCHITZ * (xpe + io) + io) * u_o) * M + n * tiny_a
+        bound = c_out * u_o * xp.abs(y) + (1 + c_out * u_o) * inner + tiny_o
     elif case.kind == "attention_pool":
-        delta = ((D + 2) * u_a + u_o) * max_logit
+        delta = ((D + 2) * (u_a + U64) + (io + xpe) * u_o) * max_logit
         ok = xp.all(delta <= MAX_LOGIT_DELTA)
-        bound = _softmax_bound(M, delta, abs_sum, L=L, dtype=case.dtype, c_o=3)
+        # io-intermediates: the values x + pe (with pe) and the probabilities stored in the dtype
+        bound, inner = _softmax_bound(M, y, delta, abs_sum, L=L, dtype=case.dtype, c_v=xpe + io, c_out=c_out)
+        chain = D + 2 + 2 * L + 8
     else:
         raise ValueError(f"unknown kind {case.kind!r}")
     ok = ok and finite and xp.all(xp.isfinite(M)) and xp.all(M < LARGEST[case.dtype] / 8)
-    return Bound(bound, M, ok)
+    return Bound(bound, M, ok, inner, chain)
 
 
 # --------------------------------------------------------------------------- gated_pool (SPEC 3b)
@@ -291,13 +330,16 @@ def gated_pool_bound(win_v, win_z, bias, valid, *, dtype: str, precision: str = 
     xp = _xp.namespace(win_v)
     delta = gated_pool_delta(win_z, bias, valid, dtype=dtype, precision=precision)
     P = _xp.softmax_positions(gated_pool_logits(win_z, bias, valid))
-    av = xp.where(valid[None, None, :, :, None], xp.abs(win_v), 0.0)
+    m = valid[None, None, :, :, None]
+    av = xp.where(m, xp.abs(win_v), 0.0)
     M = xp.sum(P * av, axis=3)                                                          # Q
-    bound = _softmax_bound(M, delta, xp.sum(av, axis=3), L=win_v.shape[3], dtype=dtype,
-                           c_o=_output_roundings(dtype))
+    y = xp.sum(xp.where(m, P * win_v, 0.0), axis=3)
+    bound, inner = _softmax_bound(M, y, delta, xp.sum(av, axis=3), L=win_v.shape[3], dtype=dtype,
+                                  c_v=int(precision == "io-intermediates"),   # the probabilities stored
+                                  c_out=output_roundings(dtype))
     finite = all(xp.all(xp.isfinite(a)) for a in (win_v, win_z, bias) if a is not None)
     ok = finite and xp.all(delta <= MAX_LOGIT_DELTA) and xp.all(xp.isfinite(M)) and xp.all(M < LARGEST[dtype] / 8)
-    return Bound(bound, M, ok)
+    return Bound(bound, M, ok, inner, 2 * win_v.shape[3] + 11)
 
 
 # --------------------------------------------------------------------------- helpers

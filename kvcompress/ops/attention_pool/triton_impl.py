@@ -11,7 +11,11 @@ TRITON_INTERPRET=1, never picked by "auto" there).
   row) keeps an online softmax state (max, sum, weighted sum); the C states
   of a window are merged at the end by shifting rows (as the pools'
   partial sums). With autograd, the per-window log-sum-exp (B, H, W, D)
-  float32 is stored for the backward (FlashAttention's LSE).
+  float32 is stored for the backward (FlashAttention's LSE), beside the
+  output unrounded (float32): the backward's v - y must not read the output
+  rounded to the input dtype (SPEC 3c, strict and io-intermediates alike:
+  in bfloat16 a rounded y of size 50 moves v - y by 0.1 where the exact
+  difference may be 1e-6, GPU run of issue 13).
 - Backward (``attention_pool_bwd_kernel``): gathered per token like the
   pools: recompute the token's logits, P = exp(z - lse) for each window
   holding it, dz = P dy (v - y); dx = sum P dy + (sum dz) @ W^T, written
@@ -64,7 +68,7 @@ from .._triton.plan import WINDOW_INPUTS, WINDOW_SAVED, backward_plan, seq_plan,
 
 
 @jit_kernel
-def attention_pool_fwd_kernel(x, w, cpe, pe, y, lse, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
+def attention_pool_fwd_kernel(x, w, cpe, pe, y, lse, y32, cu, ccu, cq, N, N_STEPS, T, W, NQ, L, S, PRE,
                               sxb, sxh, sxt, sxd, swg, swd, swc, sph, spj, spd, syb, syh, syw, syd,
                               slb, slh, slw, sld, H, HG, D, C, WORK,
                               C_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -72,7 +76,8 @@ def attention_pool_fwd_kernel(x, w, cpe, pe, y, lse, cu, ccu, cq, N, N_STEPS, T,
                               HAS_LSE: tl.constexpr, DOT_F32: tl.constexpr):
     """y[w, c] = sum_j softmax_j(z[:, c]) v[j, c] for the windows a tile of
     BLOCK_K chunk rows completes, features [i_c*BLOCK_C, +BLOCK_C); lse[w, c]
-    = log-sum-exp of the logits (HAS_LSE). Grid (tiles, feature blocks, B*H).
+    = log-sum-exp of the logits and y32[w, c] = y unrounded (HAS_LSE; y32 has
+    lse's strides). Grid (tiles, feature blocks, B*H).
 
     Phase r: the tile's tokens t = t_base + r [BLOCK_K, BLOCK_D] (BLOCK_D >= D,
     loaded once) give z = x @ W[g][:, block] (float32 accumulation, never
@@ -145,8 +150,9 @@ def attention_pool_fwd_kernel(x, w, cpe, pe, y, lse, cu, ccu, cq, N, N_STEPS, T,
     p_y = y + i_b.to(tl.int64) * syb + i_h.to(tl.int64) * syh + o_row * syw + o_c[None, :] * syd
     tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_y[:, None] & m_c[None, :])
     if HAS_LSE:
-        p_l = lse + i_b.to(tl.int64) * slb + i_h.to(tl.int64) * slh + o_row * slw + o_c[None, :] * sld
-        tl.store(p_l, b_mx + tl.log(b_lt), mask=m_y[:, None] & m_c[None, :])
+        o_l = i_b.to(tl.int64) * slb + i_h.to(tl.int64) * slh + o_row * slw + o_c[None, :] * sld
+        tl.store(lse + o_l, b_mx + tl.log(b_lt), mask=m_y[:, None] & m_c[None, :])
+        tl.store(y32 + o_l, b_y, mask=m_y[:, None] & m_c[None, :])
 
 
 @jit_kernel
@@ -426,24 +432,29 @@ def _pe_logits(pe, weight, H):
 
 
 def _forward(x, weight, pe, plan, need_lse):
+    """(y (B, H, W, D) in x's dtype, stats): stats (B, H, W, 2, D) float32,
+    [..., 0, :] the log-sum-exp and [..., 1, :] y unrounded, if need_lse,
+    else (0,)."""
     B, H, T, D = x.shape
     G = weight.shape[0]
     y = empty((B, H, plan.W, D), dtype=x.dtype, device=x.device)
-    lse = empty((B, H, plan.W, D), dtype=torch.float32, device=x.device) if need_lse else x.new_empty(0)
+    stats = empty((B, H, plan.W, 2, D), dtype=torch.float32, device=x.device) if need_lse else x.new_empty(0)
     if y.numel() == 0:
-        return y, lse
+        return y, stats
+    lse, y32 = (stats[:, :, :, 0], stats[:, :, :, 1]) if need_lse else (None, None)
     cpe = _pe_logits(pe, weight, H) if pe is not None else None
     rows = plan.NQ if plan.varlen else plan.W
     BD = max(16, next_pow2(D))
     _FWD(lambda meta: (cdiv(rows, meta["BLOCK_K"] - plan.C + 1), cdiv(D, meta["BLOCK_C"]), B * H),
          *kernel_args(attention_pool_fwd_kernel, x=x, w=weight, cpe=cpe if cpe is not None else x,
-                      pe=pe if pe is not None else x, y=y, lse=lse if need_lse else y, **plan.seq_kwargs(),
+                      pe=pe if pe is not None else x, y=y, lse=lse if need_lse else y,
+                      y32=y32 if need_lse else y, **plan.seq_kwargs(),
                       **strides("sx", x, "bhtd"), **strides("sw", weight, "gdc"), **strides("sp", pe, "hjd"),
                       **strides("sy", y, "bhwd"), **strides("sl", lse if need_lse else None, "bhwd"), H=H, HG=H // G,
                       D=D, C=plan.C, WORK=size_class(B * H * plan.NQ)),
          C_PAD=plan.C_PAD, BLOCK_D=BD, IS_VARLEN=plan.varlen, HAS_PE=pe is not None,
          HAS_LSE=need_lse, DOT_F32=dot_f32(x.dtype))
-    return y, lse
+    return y, stats
 
 
 def bwd_programs(nq: int, rows: int, sms: int) -> int:
@@ -454,7 +465,8 @@ def bwd_programs(nq: int, rows: int, sms: int) -> int:
     return max(1, min(cdiv(nq, 16), cdiv(2 * sms, max(rows, 1))))
 
 
-def _backward(dy, y, lse, x, weight, pe, plan, need_x, need_w, need_pe):
+def _backward(dy, y, stats, x, weight, pe, plan, need_x, need_w, need_pe):
+    """stats: ``_forward``'s (empty: recomputed here); y, the rounded output, is not read."""
     B, H, T, D = x.shape
     G = weight.shape[0]
     HG = H // G
@@ -463,8 +475,9 @@ def _backward(dy, y, lse, x, weight, pe, plan, need_x, need_w, need_pe):
     dx = empty_like(x) if need_x else x.new_empty(0)
     dw = x.new_empty(0)
     dpe = x.new_empty(0)
-    if y.numel() > 0 and lse.numel() == 0:   # the forward ran without autograd: recompute the statistics
-        y, lse = _forward(x, weight, pe, plan, True)
+    if stats.dim() != 5:   # the forward ran without autograd: recompute the statistics (empty if y is)
+        stats = _forward(x, weight, pe, plan, True)[1]
+    lse, y = stats[:, :, :, 0], stats[:, :, :, 1]         # y: the output unrounded, float32
     cpe = _pe_logits(pe, weight, H) if pe is not None else None
     bb = bwd_blocks(D, x.dtype)
     need_pe_sums = pe is not None and (need_pe or need_w)
@@ -534,29 +547,31 @@ def _op_forward(x, weight, pe, cu_seqlens, block_size, stride, padding, total_wi
     return _forward(x, weight, pe, plan, need_lse), plan
 
 
-def _op_backward(dy, y, lse, x, weight, pe, cu_seqlens, block_size, stride, padding, need_x, need_w, need_pe,
+def _op_backward(dy, y, stats, x, weight, pe, cu_seqlens, block_size, stride, padding, need_x, need_w, need_pe,
                  state):
     plan = backward_plan(state, dy, x, cu_seqlens, block_size, stride, padding)
-    return _backward(dy, y, lse, x, weight, pe, plan, need_x, need_w, need_pe)
+    return _backward(dy, y, stats, x, weight, pe, plan, need_x, need_w, need_pe)
 
 
 def _fake(x, cu_seqlens, block_size, stride, padding, total_windows, need_lse, **_):
     y = window_fake(x, x.shape[3], cu_seqlens=cu_seqlens, block_size=block_size, stride=stride, padding=padding,
                     total_windows=total_windows)
-    return y, (x.new_empty(y.shape, dtype=torch.float32) if need_lse else x.new_empty(0))
+    B, H, W, D = y.shape
+    return y, (x.new_empty((B, H, W, 2, D), dtype=torch.float32) if need_lse else x.new_empty(0))
 
 
 # x (B, H, T, D) any strides, weight (G, D, D), pe (H, L, D) or None -> (y (B, H, W, D) contiguous,
-# lse (B, H, W, D) float32 if need_lse else (0,)); a backward given an empty lse recomputes it
+# stats (B, H, W, 2, D) float32 (log-sum-exp, y unrounded) if need_lse else (0,)); a backward given empty
+# stats recomputes them
 _attention_pool = kernel_op(
     "kvcompress::attention_pool_triton",
     inputs=f"Tensor x, Tensor weight, Tensor? pe, {WINDOW_INPUTS}, SymInt total_windows, bool need_lse",
-    outputs=("y", "lse"), grads={"x": "need_x", "weight": "need_w", "pe": "need_pe"},
-    saved=("y", "lse", "x", "weight", "pe", *WINDOW_SAVED), forward=_op_forward, fake=_fake, backward=_op_backward)
+    outputs=("y", "stats"), grads={"x": "need_x", "weight": "need_w", "pe": "need_pe"},
+    saved=("y", "stats", "x", "weight", "pe", *WINDOW_SAVED), forward=_op_forward, fake=_fake, backward=_op_backward)
 
 
 @register("attention_pool", "triton", devices=DEVICES, dtypes=DTYPES, priority=10, available=triton_available,
-          supports=supports_call, auto_devices=("cuda",), emulated_devices=("cpu",))
+          supports=supports_call, auto_devices=("cuda",), emulated_devices=("cpu",), precision="io-intermediates")
 def attention_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None,
                    total_windows=None):
     """Attention pooling (one softmax over window positions per feature),
@@ -568,8 +583,11 @@ def attention_pool(x, weight, *, block_size, stride, padding="valid", pe=None, c
     or None. total_windows: with cu_seqlens, the packed output size if known
     (no device read then), default None. Returns (B, H, W, D) in x's dtype.
     Differentiable in x, weight and pe; when one of them requires grad the
-    forward also stores the per-window log-sum-exp (B, H, W, D) float32.
-    Logits are float32 (IEEE dots for float32), never rounded to x's dtype.
+    forward also stores the per-window log-sum-exp and the output unrounded,
+    (B, H, W, 2, D) float32. Logits are float32 (IEEE dots for float32),
+    never rounded to x's dtype. Precision class (SPEC 3c) io-intermediates:
+    the backward rounds the logit gradient to x's dtype (float16: tf32) as
+    the operand of its tensor-core dots (docs/semantics.md).
 
     Raises TypeError/ValueError for a malformed total_windows.
     """

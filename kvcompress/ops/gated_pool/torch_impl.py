@@ -54,9 +54,11 @@ def gated_pool(x, z, bias=None, *, split=False, block_size, stride, padding="val
     tok, real = window_tokens(layout)                                   # [W, L]
     chunk = torch.div(torch.arange(L, device=x.device), S, rounding_mode="floor") if split \
         else torch.zeros(L, dtype=torch.int64, device=x.device)         # [L] feature chunk of each position
-    # one advanced index over (token, chunk): [B, H, W, L, Do], any strides of x and z
-    v = x.unflatten(3, (C, Do))[:, :, tok, chunk].to(acc)
-    s = z.unflatten(3, (C, Do))[:, :, tok, chunk].to(acc)
+    # one advanced index over (token, chunk): [B, H, W, L, Do], any strides of x and z. Cast first, then
+    # gather: the gather's backward sums the windows holding a token, which must happen in float32 (cast
+    # after the gather, autograd would round each window's share to x's dtype and sum them there)
+    v = x.to(acc).unflatten(3, (C, Do))[:, :, tok, chunk]
+    s = z.to(acc).unflatten(3, (C, Do))[:, :, tok, chunk]
     if bias is not None:
         s = s + per_head(bias.to(acc), H)[None, :, None]                # [1, H, 1, L, Do]
     pad = ~real[None, None, :, :, None]

@@ -530,7 +530,7 @@ _mlp = kernel_op("kvcompress::mlp_triton",
 
 
 @register("mlp", "triton", devices=DEVICES, dtypes=DTYPES, priority=10, available=triton_available,
-          supports=supports_call, auto_devices=("cuda",), emulated_devices=("cpu",))
+          supports=supports_call, auto_devices=("cuda",), emulated_devices=("cpu",), precision="io-intermediates")
 def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="valid", pe=None, cu_seqlens=None,
         total_windows=None):
     """Per-window two-layer MLP, Triton kernels (arguments already validated by
@@ -544,6 +544,9 @@ def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="va
     device read then), default None. Returns (B, H, W, D_out) in x's dtype.
     Differentiable in x, w1, b1, w2, b2 and pe. The hidden layer never
     reaches device memory in the forward; float32 dots are IEEE (never tf32).
+    Precision class (SPEC 3c) io-intermediates: the hidden layer and its
+    gradient are rounded to x's dtype (float16: tf32) as operands of the
+    second tensor-core dot (docs/semantics.md).
 
     Raises TypeError/ValueError for a malformed total_windows, ValueError for
     an unknown activation.

@@ -39,10 +39,9 @@ G == 1, which ``kvcompress.functional.mlp`` covers.
 Precision: the seed computes in the input dtype with torch's ops (float32
 accumulation inside each matmul or conv), and stores every intermediate in
 the input dtype: x + pe, the MLP hidden layer and the attention logits
-(SPEC's "io-intermediates" class). Our tolerance model allows the first two
-but not rounded logits, so ``attention_pool`` in float16/bfloat16 may fail
-on large logits: a precision difference the report should show (keep it in
-an ``--xfails-file`` if it does), not one for the domain to hide.
+(SPEC 3c's "io-intermediates" class, the default of a Domain, which these
+adapters keep; kvcompress-verify's class column says whether a kernel also
+met "strict").
 """
 
 from __future__ import annotations

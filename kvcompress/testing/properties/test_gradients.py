@@ -2,8 +2,8 @@
 
 - every differentiable implementation (its domain says so; the default):
   its gradients equal the exact float64 gradients within the backward
-  tolerance model (kvcompress/testing/gradients.py), in every dtype it
-  supports. A non-empty output that does not require grad fails: an
+  tolerance model (kvcompress/testing/gradients.py) of its precision class
+  (SPEC 3c, ``Domain.precision``), in every dtype it supports. A non-empty output that does not require grad fails: an
   implementation whose outputs are differentiable in some calls and not in
   others is broken, and a forward-only kernel says so in its domain
   (``Domain(differentiable=False)``), which the matrix then shows;
@@ -62,7 +62,8 @@ def test_gradients_match_exact(impl, dtype, data):
     inputs = make_inputs(case, rec, impl.device)
     rng = np.random.default_rng(case.seed + 7)
     g64 = round_to(rng.standard_normal((case.B, case.H, case.W, rec.d_out(case))), dtype)
-    gb = exact_and_bounds(case, inputs, g64)
+    precision = impl.domain.precision
+    gb = exact_and_bounds(case, inputs, g64, precision)
     assume(gb.well_conditioned)
     leaves = _leaves(rec, inputs)
     y = _call(rec, impl, case, inputs, leaves)
@@ -76,7 +77,8 @@ def test_gradients_match_exact(impl, dtype, data):
     g = torch.from_numpy(g64).to(y.dtype).to(y.device)
     grads = torch.autograd.grad(y, list(leaves.values()), g, allow_unused=True)
     k = report.key("gradients", impl.id, dtype)
-    worst = 0.0
+    worst = worst_strict = 0.0
+    strict_bounds = gb.bound if precision == "strict" else exact_and_bounds(case, inputs, g64).bound
     for (name, leaf), got in zip(leaves.items(), grads):
         got64 = np.zeros(leaf.shape) if got is None else to_numpy(got)
         assert got is None or got.dtype == leaf.dtype, f"{impl.id}: grad of {name} has dtype {got.dtype}"
@@ -86,13 +88,14 @@ def test_gradients_match_exact(impl, dtype, data):
         if ratio.size:
             i = np.unravel_index(np.argmax(ratio), ratio.shape)
             worst = max(worst, float(ratio[i]))
+            worst_strict = max(worst_strict, float(np.max(err / strict_bounds[name])))
             note(f"d/d{name}: worst error/bound {ratio[i]:.3g} at {i}")
             if ratio[i] > 1:
                 report.observe(k, ratio=float(ratio[i]), failed=True)
             assert ratio[i] <= 1, (f"{impl.id}: gradient of {name} in {dtype}: |error| {err[i]:.3g} at {i} is "
                                    f"{ratio[i]:.3g} times its bound {bound[i]:.3g} (got {got64[i]!r}, exact "
                                    f"{exact[i]!r})\n  {case!r}")
-    report.observe(k, ratio=worst)
+    report.observe(k, ratio=worst, strict_ratio=worst_strict)
 
 
 # gradcheck and gradgradcheck perturb every input element twice over: a

@@ -41,7 +41,7 @@ def _run(impl, case, inputs):
 def _draw(data, impl, dtype, **kw):
     case = data.draw(cases(kind=impl.kind, dtype=dtype, **{**impl.limits, **kw}), label="case")
     inputs = make_inputs(case, RECORDS[impl.kind], impl.device)
-    assume(forward_bound(case, inputs).well_conditioned)
+    assume(forward_bound(case, inputs, impl.domain.precision).well_conditioned)
     return case, inputs
 
 
@@ -120,7 +120,7 @@ def test_affine_in_x(impl, dtype, data):
     x2 = with_x(case, inputs, rng.standard_normal(inputs.x64.shape) * 2.0 ** case.x_exp, impl.device)
     x3_exact = a * inputs.x64 + (1 - a) * x2.x64
     x3 = with_x(case, inputs, x3_exact, impl.device)
-    bounds = [forward_bound(case, i) for i in (inputs, x2, x3)]
+    bounds = [forward_bound(case, i, impl.domain.precision) for i in (inputs, x2, x3)]
     assume(all(b.well_conditioned for b in bounds))
     report.checked()
     y1, y2, y3 = (_run(impl, case, i) for i in (inputs, x2, x3))
@@ -157,7 +157,8 @@ def _left_padded(case, inputs, device):
 def test_left_padding_is_valid_on_padded_input(impl, dtype, data):
     case, inputs = _draw(data, impl, dtype, paddings=("left",))
     valid_case, valid_inputs = _left_padded(case, inputs, impl.device)
-    b_left, b_valid = forward_bound(case, inputs), forward_bound(valid_case, valid_inputs)
+    b_left, b_valid = (forward_bound(case, inputs, impl.domain.precision),
+                      forward_bound(valid_case, valid_inputs, impl.domain.precision))
     assume(b_left.well_conditioned and b_valid.well_conditioned)
     report.checked()
     y_left, y_valid = _run(impl, case, inputs), _run(impl, valid_case, valid_inputs)
@@ -172,7 +173,7 @@ def test_left_padding_is_valid_on_padded_input(impl, dtype, data):
 @given(data=st.data())
 def test_packed_equals_one_by_one(impl, dtype, data):
     case, inputs = _draw(data, impl, dtype, packed=True)
-    b_packed = forward_bound(case, inputs)
+    b_packed = forward_bound(case, inputs, impl.domain.precision)
     assume(b_packed.well_conditioned)
     report.checked()
     y_packed = _run(impl, case, inputs)
@@ -182,7 +183,7 @@ def test_packed_equals_one_by_one(impl, dtype, data):
         one_inputs = with_x(one, inputs, inputs.x64[:, :, start:start + n], impl.device,
                             tokens=lambda v, a=start, b=start + n: v[:, :, a:b])
         parts.append(_run(impl, one, one_inputs))
-        bounds.append(forward_bound(one, one_inputs).bound)
+        bounds.append(forward_bound(one, one_inputs, impl.domain.precision).bound)
         start += n
     y_one = np.concatenate(parts, axis=2) if parts else y_packed[:, :, :0]
     assert y_one.shape == y_packed.shape, f"{impl.id}: {y_packed.shape} != {y_one.shape}\n  {case!r}"

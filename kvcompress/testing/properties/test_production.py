@@ -24,7 +24,7 @@ import pytest
 from hypothesis import Phase, assume, event, given, note, settings
 from hypothesis import strategies as st
 
-from kvcompress.testing import oracle, report
+from kvcompress.testing import oracle, quality, report
 from kvcompress.testing.assertions import check_output_form
 from kvcompress.testing.cases import make_inputs
 from kvcompress.testing.convert import to_numpy
@@ -92,7 +92,7 @@ def test_matches_reference_at_production_shapes(impl, dtype, data, kvcompress_re
     t = {}
     inputs = make_inputs(case, rec, impl.device)
     with report.timed(t, "reference"):
-        expected, b = oracle.evaluate(case, inputs)
+        expected, b = oracle.evaluate(case, inputs, impl.domain.precision)
     assume(b.well_conditioned)
     for r in regimes(case):
         event(r)
@@ -106,7 +106,12 @@ def test_matches_reference_at_production_shapes(impl, dtype, data, kvcompress_re
     check_output_form(impl, case, got, dtype, k)
     got64 = to_numpy(got)
     ok, ratio, idx, err = compare(got64, expected, b.bound)
-    report.observe(k, ratio=ratio, impl_seconds=t["impl"], reference_seconds=t["reference"], failed=not ok)
-    note(f"{case!r}\nworst error / bound = {ratio:.3g}; crosses {regimes(case)}")
+    rms = quality.rms_ratio(case, inputs, got64, expected, b) if quality.applies(dtype, impl.domain.precision) else None
+    report.observe(k, ratio=ratio, rms_ratio=rms, impl_seconds=t["impl"], reference_seconds=t["reference"],
+                   failed=not ok or (rms is not None and rms > 1))
+    note(f"{case!r}\nworst error / bound = {ratio:.3g}; RMS ratio {rms}; crosses {regimes(case)}")
     assert ok, describe_failure(impl, case, inputs, got64, expected, b, ratio, idx, err, kvcompress_rerun)
+    assert rms is None or rms <= 1, (f"{impl.id} in {dtype} at production shapes is within its worst-case bound but "
+                                     f"fails the RMS quality check (kvcompress/testing/quality.py): {rms:.3g}\n"
+                                     f"  {case!r}\n  rerun: {kvcompress_rerun}")
     assert np.isfinite(expected).all()
