@@ -38,8 +38,20 @@ NAN = "NaN leaks across windows"
 # issue 12 item 4: what only production shapes reach (a second feature tile,
 # a later block of windows, long token offsets)
 TILE = "tile boundary"
+# issue 13 item 4: backward bugs, the forward exactly right and the gradient
+# wrong (tests/mutants/_base.py's backward_only): only a gradient property sees them
+GRAD_OVERLAP = "backward: overlapping windows"      # dx of a token held by several windows lost or doubled
+GRAD_HALF = "backward: half-precision accumulation"  # a weight gradient summed over windows in x's dtype
+GRAD_SPLIT_K = "backward: split-K partials"         # a weight gradient from the first partial only
+GRAD_PE_PADS = "backward: pe on pads"               # dpe skips the pad positions
+GRAD_TILE = "backward: tile boundary"               # dx of a second feature tile lost
+GRAD_LAYOUT = "backward: weight layout"             # a weight read transposed in the backward only
+GRAD_GROUPS = "backward: group reduction"           # a parameter gradient not summed over a group's heads
+GRAD_CHUNK = "backward: split chunk"                # dz of one split chunk lost
+BACKWARD_CLASSES = (GRAD_OVERLAP, GRAD_HALF, GRAD_SPLIT_K, GRAD_PE_PADS, GRAD_TILE, GRAD_LAYOUT, GRAD_GROUPS,
+                    GRAD_CHUNK)
 BUG_CLASSES = (WINDOW, PADDING, WINDOW_COUNT, PE, GROUPS, FLATTEN, BIAS_ACT, SOFTMAX, HALF, DTYPE, MIXING,
-               CONTIGUOUS, PACKED, NAN, TILE)
+               CONTIGUOUS, PACKED, NAN, TILE, *BACKWARD_CLASSES)
 # beyond the issue's list
 WEIGHT_LAYOUT = "weight layout"
 
@@ -47,12 +59,15 @@ WEIGHT_LAYOUT = "weight layout"
 @dataclass(frozen=True)
 class Mutant:
     """kind (one of KINDS), name (the callable's name in tests.mutants.<kind>),
-    bug_class (one of BUG_CLASSES or WEIGHT_LAYOUT), fn (the callable)."""
+    bug_class (one of BUG_CLASSES or WEIGHT_LAYOUT), fn (the callable),
+    survives (empty, or why no property can kill it yet: a known survivor,
+    which tests/test_mutants.py requires to survive)."""
 
     kind: str
     name: str
     bug_class: str
     fn: Callable
+    survives: str = ""
 
     @property
     def target(self) -> str:
@@ -68,10 +83,13 @@ class Mutant:
 _REGISTRY: dict[str, Mutant] = {}
 
 
-def mutant(bug_class: str) -> Callable[[Callable], Callable]:
+def mutant(bug_class: str, *, survives: str = "") -> Callable[[Callable], Callable]:
     """Decorator: register the function as a mutant of its module's kind.
 
-    bug_class: one of BUG_CLASSES or WEIGHT_LAYOUT. Raises ValueError for
+    bug_class: one of BUG_CLASSES or WEIGHT_LAYOUT. survives: for a bug that
+    no property can reach yet, what the suite lacks (the self-test then
+    requires it to survive and reports it as an expected failure, so a
+    property that starts killing it is noticed). Raises ValueError for
     another class, a module outside tests.mutants.<kind>, a missing
     docstring or a name registered twice."""
     if bug_class not in (*BUG_CLASSES, WEIGHT_LAYOUT):
@@ -86,7 +104,7 @@ def mutant(bug_class: str) -> Callable[[Callable], Callable]:
         key = f"{kind}:{fn.__name__}"
         if key in _REGISTRY:
             raise ValueError(f"mutant: {key} is registered twice")
-        _REGISTRY[key] = Mutant(kind, fn.__name__, bug_class, fn)
+        _REGISTRY[key] = Mutant(kind, fn.__name__, bug_class, fn, survives)
         return fn
 
     return deco

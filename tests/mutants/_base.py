@@ -1,4 +1,4 @@
-"""A plain, explicit torch implementation of the five kinds with bug knobs.
+"""A plain, explicit torch implementation of the six kinds with bug knobs.
 
 With every knob at its default (``Bugs()``), the functions here are a correct
 implementation: windows are gathered by index from x (B, H, T, D) into
@@ -12,6 +12,13 @@ zero (a masked load with ``other=0``), so a wrong window start reads zeros or
 a neighbour's tokens instead of crashing, as a Triton or CUDA kernel would.
 Everything is differentiable, so a gradient property judges a mutant by its
 values too, not by an autograd error.
+
+Backward bugs (gradient knobs of ``Bugs``, ``linear``'s ``dx_weight_row_major``,
+``gated_pool``'s ``z_grad_chunk``) rewire the graph without changing a value
+(``torch.where(m, t, t.detach())``: the same value, no gradient where m is
+False); ``backward_only`` returns the bug-free forward bit for bit and sends
+the cotangent through the rewired graph, so only a gradient property can see
+them.
 """
 
 from __future__ import annotations
@@ -47,6 +54,16 @@ class Bugs:
     windows from index ``block`` on in a sequence start ``shift`` tokens
     late), ``max_offset`` (tokens at offset >= max_offset in their sequence
     read as zeros).
+    Backward only (value-preserving rewirings, used through ``backward_only``):
+    ``dx_overlap`` ("last": a token's dx comes only from the last window
+    holding it; "double": a token held by several windows gets each of their
+    contributions twice), ``dpe_on_pad`` (False: pe's gradient skips pad
+    positions), ``dx_feature_tile`` (x's features d >= tile get no gradient),
+    ``param_grad`` (a weight's gradient over the windows, ``window_param``:
+    "first_half" only from the first half of the B * W windows, "half"
+    summed over them in x's dtype, one rounding per window),
+    ``param_grad_first_head`` (a group's parameter gradient only from the
+    first head of the group).
     """
 
     start_shift: int = 0
@@ -65,9 +82,90 @@ class Bugs:
     feature_tile: int | None = None
     late_windows: tuple[int, int] | None = None
     max_offset: int | None = None
+    dx_overlap: str | None = None
+    dpe_on_pad: bool = True
+    dx_feature_tile: int | None = None
+    param_grad: str | None = None
+    param_grad_first_head: bool = False
 
 
 OK = Bugs()
+
+
+class _GradFrom(torch.autograd.Function):
+    """y's values; the cotangent goes to y_grad's graph (same shape and dtype)."""
+
+    @staticmethod
+    def forward(ctx, y, y_grad):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g
+
+
+def backward_only(fn: Callable, buggy: dict, *args, **kwargs) -> torch.Tensor:
+    """fn(*args, **kwargs) bit for bit, with the gradient of
+    fn(*args, **kwargs, **buggy) (a backward kernel with a bug under a right
+    forward kernel). The buggy graph is built only when a gradient can flow."""
+    with torch.no_grad():
+        y = fn(*args, **kwargs)
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return y
+    return _GradFrom.apply(y, fn(*args, **kwargs, **buggy))
+
+
+def grad_where(keep: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """t's values; its gradient only where ``keep`` (broadcast to t) holds."""
+    return torch.where(keep, t, t.detach())
+
+
+class _SumInDtype(torch.autograd.Function):
+    """w (H, *P) -> (B, H, W, *P), expanded; its gradient sums the B * W
+    window terms one at a time in ``dtype``, rounding at every term."""
+
+    @staticmethod
+    def forward(ctx, w, B, W, dtype):
+        ctx.dtype = dtype
+        return w[None, :, None].expand(B, -1, W, *w.shape[1:]).clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        acc = torch.zeros(g.shape[1:2] + g.shape[3:], dtype=ctx.dtype, device=g.device)   # [H, *P]
+        for b in range(g.shape[0]):
+            for w in range(g.shape[2]):
+                acc = acc + g[b, :, w].to(ctx.dtype)
+        return acc.to(g.dtype), None, None, None
+
+
+def window_param(wh: torch.Tensor, B: int, W: int, x: torch.Tensor, bugs: Bugs) -> torch.Tensor:
+    """A weight of every head, wh (H, *P), as seen by every window: (1, H, 1, *P),
+    or (B, H, W, *P) under ``param_grad`` (its gradient is then a sum over
+    the windows that goes wrong)."""
+    if bugs.param_grad is None:
+        return wh[None, :, None]
+    if bugs.param_grad == "half":
+        return _SumInDtype.apply(wh, B, W, x.dtype)
+    assert bugs.param_grad == "first_half", bugs.param_grad
+    per = wh[None, :, None].expand(B, -1, W, *wh.shape[1:])
+    first = torch.arange(B * W, device=wh.device).reshape(B, 1, W) < -(-B * W // 2)    # [B, 1, W]
+    return grad_where(first.reshape(B, 1, W, *[1] * (wh.dim() - 1)), per)
+
+
+def _overlap_grad(win, idx, valid, T, mode):
+    """win (B, H, W, L, D) gathered at tokens idx (W, L): its gradient per
+    ``Bugs.dx_overlap``, its values unchanged."""
+    t = torch.where(valid, idx, T).to(win.device)                               # [W, L]; T: a pad
+    w = torch.arange(idx.shape[0], device=win.device)[:, None].expand_as(t)     # [W, L]
+    if mode == "last":
+        last = torch.full((T + 1,), -1, dtype=torch.long, device=win.device)
+        last = last.scatter_reduce(0, t.flatten(), w.flatten(), reduce="amax")   # last window holding each token
+        return grad_where((w == last[t])[..., None], win)
+    assert mode == "double", mode
+    held = torch.bincount(t.flatten(), minlength=T + 1)                          # windows holding each token
+    shared = ((held[t] > 1) & valid.to(win.device))[..., None]                  # [W, L, 1]
+    return win + torch.where(shared, win - win.detach(), torch.zeros_like(win))
 
 
 def num_windows(n: int, L: int, S: int, padding: str) -> int:
@@ -128,15 +226,22 @@ def gather(x, *, block_size, stride, padding, pe, cu_seqlens, bugs: Bugs, with_p
     if bugs.feature_tile is not None and D > bugs.feature_tile:
         # a feature-tile loop whose load pointer never advances past tile 0
         x = x[..., torch.arange(D, device=x.device) % bugs.feature_tile]
+    if bugs.dx_feature_tile is not None and D > bugs.dx_feature_tile:
+        # a dx kernel whose feature-tile loop stops after the first tile
+        x = grad_where(torch.arange(D, device=x.device) < bugs.dx_feature_tile, x)
     acc = acc_dtype(x, bugs)
     idx, valid = window_index(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                               bugs=bugs)
     idx, valid = idx.to(x.device), valid.to(x.device)
     xz = torch.cat([x.to(acc), x.new_zeros(B, H, 1, D, dtype=acc)], dim=2)   # [B, H, T+1, D]; token T is 0
     win = xz[:, :, torch.where(valid, idx, T)]                                 # [B, H, W, L, D]
+    if bugs.dx_overlap is not None:
+        win = _overlap_grad(win, idx, valid, T, bugs.dx_overlap)
     if pe is not None and with_pe:
         p = pe.to(acc).flip(1) if bugs.pe_reversed else pe.to(acc)             # [H, L, D]
         p = p[None, :, None]                                                   # [1, H, 1, L, D]
+        if not bugs.dpe_on_pad:
+            p = grad_where(valid[None, None, :, :, None], p)                   # [1, H, W, L, D]
         win = win + (p if bugs.pe_on_pad else p * valid[None, None, :, :, None])
     return win
 
@@ -144,7 +249,12 @@ def gather(x, *, block_size, stride, padding, pe, cu_seqlens, bugs: Bugs, with_p
 def heads_of_groups(w: torch.Tensor, H: int, bugs: Bugs) -> torch.Tensor:
     """(G, ...) -> (H, ...): the weight set of every head."""
     G = w.shape[0]
-    return w[torch.tensor([bugs.group_of_head(h, H, G) for h in range(H)], dtype=torch.long, device=w.device)]
+    g = [bugs.group_of_head(h, H, G) for h in range(H)]
+    wh = w[torch.tensor(g, dtype=torch.long, device=w.device)]
+    if bugs.param_grad_first_head:
+        first = torch.tensor([g.index(gh) == h for h, gh in enumerate(g)], device=w.device)   # [H]
+        wh = grad_where(first.reshape(H, *[1] * (w.dim() - 1)), wh)
+    return wh
 
 
 def finish(y: torch.Tensor, x: torch.Tensor, bugs: Bugs) -> torch.Tensor:
@@ -169,7 +279,7 @@ def dot(a: torch.Tensor, b: torch.Tensor, bugs: Bugs) -> torch.Tensor:
     return y
 
 
-# ---- the five kinds, each with the reference signature plus ``bugs`` ----
+# ---- the kinds, each with the reference signature plus ``bugs`` ----
 
 def mean_pool(x, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None, bugs: Bugs = OK,
               divide_by_real_tokens: bool = False):
@@ -201,16 +311,26 @@ def weighted_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu
 
 
 def linear(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None,
-           bugs: Bugs = OK, bias_per_position: bool = False, flip_kernel: bool = False):
+           bugs: Bugs = OK, bias_per_position: bool = False, flip_kernel: bool = False,
+           dx_weight_row_major: bool = False):
     """x (B, H, T, D), weight (G, L, D, D_out), bias (G, D_out) or None ->
     (B, H, W, D_out). ``bias_per_position``: bias added once per window
-    position; ``flip_kernel``: weight[g, L-1-j] (convolution, not correlation)."""
+    position; ``flip_kernel``: weight[g, L-1-j] (convolution, not correlation);
+    ``dx_weight_row_major`` (backward only): x's gradient multiplies g by
+    weight[g, j]'s memory read as a row-major (D_out, D) matrix instead of
+    by weight[g, j]^T."""
     win = gather(x, block_size=block_size, stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens, bugs=bugs)
     B, H, W, L, D = win.shape
     wh = heads_of_groups(weight.to(win.dtype), H, bugs)              # [H, L, D, D_out]
     if flip_kernel:
         wh = wh.flip(1)
-    y = dot(win.reshape(B, H, W, L * D), wh.reshape(1, H, 1, L * D, -1), bugs)   # [B, H, W, D_out]
+    flat = win.reshape(B, H, W, L * D)
+    y = dot(flat, window_param(wh.reshape(H, L * D, -1), B, W, x, bugs), bugs)   # [B, H, W, D_out]
+    if dx_weight_row_major:
+        # same values; x's gradient through W read as (L, D_out, D), W's through the right product
+        wv = wh.detach().reshape(H, L, -1, D).transpose(2, 3).reshape(1, H, 1, L * D, -1)
+        yv = dot(flat, wv, bugs)
+        y = dot(flat.detach(), wh.reshape(1, H, 1, L * D, -1), bugs) + (yv - yv.detach())
     if bias is not None:
         bh = heads_of_groups(bias.to(win.dtype), H, bugs)[None, :, None]         # [1, H, 1, D_out]
         y = y + (L if bias_per_position else 1) * bh
@@ -241,7 +361,7 @@ def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="va
     B, H, W, L, D = win.shape
     flat = (win.transpose(3, 4) if feature_major else win).reshape(B, H, W, L * D)   # [B, H, W, L*D]
     acc = win.dtype
-    pre = dot(flat, heads_of_groups(w1.to(acc), H, bugs)[None, :, None], bugs)      # [B, H, W, F]
+    pre = dot(flat, window_param(heads_of_groups(w1.to(acc), H, bugs), B, W, x, bugs), bugs)   # [B, H, W, F]
     if b1 is not None:
         pre = pre + heads_of_groups(b1.to(acc), H, bugs)[None, :, None]
     act = {**ACTIVATIONS, **(activations or {})}[activation]
@@ -269,11 +389,11 @@ def attention_pool(x, weight, *, block_size, stride, padding="valid", pe=None, c
     kw = dict(block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens, bugs=bugs)
     win = gather(x, pe=pe, **kw)                                       # [B, H, W, L, D], pe added
     values = win if bugs.pe_in_values else gather(x, pe=pe, with_pe=False, **kw)
-    H = win.shape[1]
+    B, H, W = win.shape[:3]
     wh = heads_of_groups(weight.to(win.dtype), H, bugs)               # [H, D, D]
     if transpose_weight:
         wh = wh.transpose(1, 2)
-    z = dot(win, wh[None, :, None, None], bugs)                         # [B, H, W, L, D]
+    z = dot(win, window_param(wh, B, W, x, bugs)[:, :, :, None], bugs)   # [B, H, W, L, D]
     p = (_softmax_shifted if shift else _softmax_unshifted)(z, softmax_dim)
     y = (p.to(values.dtype) * values).sum(3)                           # [B, H, W, D]
     return finish(y, x, bugs)
@@ -297,13 +417,15 @@ def banded_mean_pool(x, *, block_size, stride, padding="valid", pe=None, cu_seql
 
 def gated_pool(x, z, bias=None, *, split=False, block_size, stride, padding="valid", cu_seqlens=None,
                bugs: Bugs = OK, pads_weighted: bool = False, chunk_reversed: bool = False, softmax_dim: int = 3,
-               bias_per_chunk: bool = True):
+               bias_per_chunk: bool = True, z_grad_chunk: int | None = None):
     """x, z (B, H, T, Dx), bias (G, L, D_out) or None -> (B, H, W, D_out)
     (SPEC 3b). ``pads_weighted``: a pad is a zero token (score z = 0 plus
     its bias) instead of weight 0; ``chunk_reversed``: with split, position j
     reads chunk C - 1 - j // S; ``softmax_dim``: 3 (positions, correct) or
     4 (features); ``bias_per_chunk``: False reads bias[g, j mod S] (the
-    first chunk's positions) for every chunk."""
+    first chunk's positions) for every chunk; ``z_grad_chunk`` (backward
+    only): with split, the positions of this chunk (mod C) send no gradient
+    to z."""
     L, S = block_size, stride
     kw = dict(block_size=L, stride=S, padding=padding, pe=None, cu_seqlens=cu_seqlens, bugs=bugs)
     v, s = gather(x, **kw), gather(z, **kw)                            # [B, H, W, L, Dx]
@@ -317,6 +439,8 @@ def gated_pool(x, z, bias=None, *, split=False, block_size, stride, padding="val
         j = torch.arange(L)
         v = v.reshape(B, H, W, L, C, Dx // C)[:, :, :, j, c]           # [B, H, W, L, D_out]
         s = s.reshape(B, H, W, L, C, Dx // C)[:, :, :, j, c]
+        if z_grad_chunk is not None:
+            s = grad_where((c != z_grad_chunk % C).to(s.device)[:, None], s)
     if bias is not None:
         bh = heads_of_groups(bias.to(s.dtype), H, bugs)                # [H, L, D_out]
         if not bias_per_chunk:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import HALF, PACKED, PE, SOFTMAX, TILE, WEIGHT_LAYOUT, WINDOW_COUNT, mutant
-from ._base import Bugs
+from . import GRAD_OVERLAP, GRAD_SPLIT_K, HALF, PACKED, PE, SOFTMAX, TILE, WEIGHT_LAYOUT, WINDOW_COUNT, mutant
+from ._base import Bugs, backward_only
 from ._base import attention_pool as _attention_pool
 
 
@@ -103,3 +103,25 @@ def long_offset_zeroed(x, weight, *, block_size, stride, padding="valid", pe=Non
     without an error, and every shorter sequence is right."""
     return _attention_pool(x, weight, block_size=block_size, stride=stride, padding=padding, pe=pe,
                            cu_seqlens=cu_seqlens, bugs=Bugs(max_offset=4096))
+
+
+@mutant(GRAD_SPLIT_K)
+def weight_grad_first_split_only(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """weight's gradient comes only from the first half of the B * W windows.
+
+    A split-K dW kernel: two programs each reduce X^T dZ over half of the
+    windows into a partial, and the final reduction adds only partial 0.
+    Right when B * W == 1."""
+    return backward_only(_attention_pool, dict(bugs=Bugs(param_grad="first_half")), x, weight,
+                         block_size=block_size, stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens)
+
+
+@mutant(GRAD_OVERLAP)
+def dx_last_window_wins(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """A token's gradient comes only from the last window that holds it.
+
+    A dx kernel with one program per window that stores its part where it
+    must add it: with overlapping windows (S < L) the last writer wins.
+    Right when S == L."""
+    return backward_only(_attention_pool, dict(bugs=Bugs(dx_overlap="last")), x, weight, block_size=block_size,
+                         stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens)

@@ -3,8 +3,21 @@
 
 from __future__ import annotations
 
-from . import BIAS_ACT, FLATTEN, GROUPS, HALF, PACKED, PADDING, SOFTMAX, TILE, WINDOW_COUNT, mutant
-from ._base import Bugs
+from . import (
+    BIAS_ACT,
+    FLATTEN,
+    GRAD_CHUNK,
+    GRAD_GROUPS,
+    GROUPS,
+    HALF,
+    PACKED,
+    PADDING,
+    SOFTMAX,
+    TILE,
+    WINDOW_COUNT,
+    mutant,
+)
+from ._base import Bugs, backward_only
 from ._base import gated_pool as _gated_pool
 
 
@@ -104,3 +117,27 @@ def long_offset_zeroed(x, z, bias=None, *, split=False, block_size, stride, padd
     sequence's length; every shorter sequence is right."""
     return _gated_pool(x, z, bias, split=split, block_size=block_size, stride=stride, padding=padding,
                        cu_seqlens=cu_seqlens, bugs=Bugs(max_offset=4096))
+
+
+@mutant(GRAD_GROUPS)
+def bias_grad_first_head_only(x, z, bias=None, *, split=False, block_size, stride, padding="valid",
+                              cu_seqlens=None):
+    """bias's gradient comes only from the first head of each group.
+
+    A dbias kernel with one program per group that reduces the scores'
+    gradient of head g * (H // G) only, without its loop over the group's
+    H / G heads. Right when G == H."""
+    return backward_only(_gated_pool, dict(bugs=Bugs(param_grad_first_head=True)), x, z, bias, split=split,
+                         block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens)
+
+
+@mutant(GRAD_CHUNK)
+def z_grad_missing_last_chunk(x, z, bias=None, *, split=False, block_size, stride, padding="valid",
+                              cu_seqlens=None):
+    """With split, the positions of the last feature chunk send no gradient to z.
+
+    The backward of DeepSeek-V4's overlap transform storing dz for the
+    previous group's half of a window (features [0, d)) and not for the
+    current group's (features [d, 2d)). Right without split."""
+    return backward_only(_gated_pool, dict(z_grad_chunk=-1), x, z, bias, split=split, block_size=block_size,
+                         stride=stride, padding=padding, cu_seqlens=cu_seqlens)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import BIAS_ACT, CONTIGUOUS, HALF, PE, TILE, WEIGHT_LAYOUT, WINDOW, mutant
-from ._base import Bugs
+from . import BIAS_ACT, CONTIGUOUS, GRAD_HALF, GRAD_LAYOUT, GRAD_TILE, HALF, PE, TILE, WEIGHT_LAYOUT, WINDOW, mutant
+from ._base import Bugs, backward_only
 from ._base import linear as _linear
 
 
@@ -88,3 +88,43 @@ def second_feature_tile(x, weight, bias=None, *, block_size, stride, padding="va
     the small-shape properties draw."""
     return _linear(x, weight, bias, block_size=block_size, stride=stride, padding=padding, pe=pe,
                    cu_seqlens=cu_seqlens, bugs=Bugs(feature_tile=64))
+
+
+@mutant(GRAD_HALF)
+def weight_grad_half_accumulate(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None,
+                                cu_seqlens=None):
+    """The weight's gradient is summed over the windows in x's dtype, one rounding per window.
+
+    A dW kernel that reduces each window's X^T g in float32 but carries the
+    sum over windows and batch in a buffer of the weight's dtype (``dw +=``
+    into a bfloat16/float16 tensor, or atomics into it): exact in float32
+    and float64, off by many ulps in half precision."""
+    return backward_only(_linear, dict(bugs=Bugs(param_grad="half")), x, weight, bias, block_size=block_size,
+                         stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens)
+
+
+@mutant(GRAD_LAYOUT)
+def dx_weight_read_row_major(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None,
+                             cu_seqlens=None):
+    """x's gradient multiplies g by weight[g, j]'s memory read as a row-major (D_out, D) matrix, not by weight[g, j]^T.
+
+    dX = g W^T in a kernel that loads the W^T tile at offsets ``o * D + d``
+    (W^T's shape with row-major strides) instead of ``d * D_out + o`` (W's
+    strides swapped): with D == D_out it multiplies by W instead of W^T,
+    otherwise by a reshuffle of W. The forward and dW are right; right
+    when D == 1 or D_out == 1."""
+    return backward_only(_linear, dict(dx_weight_row_major=True), x, weight, bias, block_size=block_size,
+                         stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens)
+
+
+@mutant(GRAD_TILE, survives="the gradient property draws D <= 5 and the production tier "
+                           "(test_production.py, D >= 64) checks only the forward")
+def dx_second_feature_tile_lost(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None,
+                                cu_seqlens=None):
+    """Input features d >= 64 get no gradient (dx is zero there).
+
+    A dx kernel that tiles D in BLOCK_D = 64 and launches one program per
+    feature tile with a grid computed as if D <= BLOCK_D: exact whenever
+    D <= 64, which is every head dim the gradient property draws."""
+    return backward_only(_linear, dict(bugs=Bugs(dx_feature_tile=64)), x, weight, bias, block_size=block_size,
+                         stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens)

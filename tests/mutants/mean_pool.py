@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import HALF, MIXING, NAN, PADDING, WINDOW_COUNT, mutant
-from ._base import Bugs
+from . import GRAD_OVERLAP, GRAD_PE_PADS, HALF, MIXING, NAN, PADDING, WINDOW_COUNT, mutant
+from ._base import Bugs, backward_only
 from ._base import banded_mean_pool as _banded
 from ._base import mean_pool as _mean_pool
 
@@ -79,3 +79,27 @@ def half_accumulate(x, *, block_size, stride, padding="valid", pe=None, cu_seqle
     float32/float64, a few ulps off in float16/bfloat16."""
     return _mean_pool(x, block_size=block_size, stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens,
                       bugs=Bugs(half_accumulate=True))
+
+
+@mutant(GRAD_PE_PADS)
+def pe_grad_skips_pads(x, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """pe's gradient skips the left-pad positions; the forward adds pe there, as it must.
+
+    A backward kernel that accumulates dpe[h, j] in its loop over the
+    window's tokens under x's load mask: a pad is no token of x, so its
+    position's contribution to dpe is never added, although a pad token is
+    pe[h, j] in the forward (SPEC section 2)."""
+    return backward_only(_mean_pool, dict(bugs=Bugs(dpe_on_pad=False)), x, block_size=block_size, stride=stride,
+                         padding=padding, pe=pe, cu_seqlens=cu_seqlens)
+
+
+@mutant(GRAD_OVERLAP)
+def dx_doubled_on_overlaps(x, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """A token held by several windows gets each of their gradients twice.
+
+    A dx kernel with one program per window adding its part atomically,
+    with the fix-up pass for the tokens that neighbouring windows share
+    (written for a store-only version) left enabled: every shared token's
+    contributions are added again. Right when S == L (no token is shared)."""
+    return backward_only(_mean_pool, dict(bugs=Bugs(dx_overlap="double")), x, block_size=block_size,
+                         stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens)

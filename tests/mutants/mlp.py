@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import BIAS_ACT, FLATTEN, GROUPS, mutant
-from ._base import WRONG_ACTIVATIONS, Bugs
+from . import BIAS_ACT, FLATTEN, GRAD_SPLIT_K, GROUPS, mutant
+from ._base import WRONG_ACTIVATIONS, Bugs, backward_only
 from ._base import mlp as _mlp
 
 
@@ -70,3 +70,15 @@ def group_modulo(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, pa
     contiguous groups): right when G == 1 or G == H."""
     return _mlp(x, w1, b1, w2, b2, activation=activation, block_size=block_size, stride=stride, padding=padding,
                 pe=pe, cu_seqlens=cu_seqlens, bugs=Bugs(group_of_head=lambda h, H, G: h % G))
+
+
+@mutant(GRAD_SPLIT_K)
+def w1_grad_first_split_only(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="valid",
+                             pe=None, cu_seqlens=None):
+    """w1's gradient comes only from the first half of the B * W windows.
+
+    A split-K dW1 kernel: two programs each reduce half of the windows into
+    a partial, and the final reduction adds only partial 0 (the second
+    partial's buffer never read). Right when B * W == 1."""
+    return backward_only(_mlp, dict(bugs=Bugs(param_grad="first_half")), x, w1, b1, w2, b2, activation=activation,
+                         block_size=block_size, stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import DTYPE, GROUPS, PACKED, PE, TILE, WINDOW, mutant
-from ._base import Bugs
+from . import DTYPE, GRAD_OVERLAP, GROUPS, PACKED, PE, TILE, WINDOW, mutant
+from ._base import Bugs, backward_only
 from ._base import weighted_pool as _weighted_pool
 
 
@@ -80,3 +80,14 @@ def later_window_block_off_by_one(x, weight, *, block_size, stride, padding="val
     sequence has, is right."""
     return _weighted_pool(x, weight, block_size=block_size, stride=stride, padding=padding, pe=pe,
                           cu_seqlens=cu_seqlens, bugs=Bugs(late_windows=(256, 1)))
+
+
+@mutant(GRAD_OVERLAP)
+def dx_last_window_wins(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """A token's gradient comes only from the last window that holds it.
+
+    A dx kernel with one program per window that stores (``tl.store``) its
+    part where it must add it (``tl.atomic_add``): with overlapping windows
+    (S < L) the last writer wins. Right when S == L."""
+    return backward_only(_weighted_pool, dict(bugs=Bugs(dx_overlap="last")), x, weight, block_size=block_size,
+                         stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens)
