@@ -128,7 +128,8 @@ def chunkings(draw, seqlens: tuple[int, ...], *, max_steps: int = 6):
 def _draw(data, kind, dtype, device=DEVICE, **kw):
     case = data.draw(cases(kind=kind, dtype=dtype, **{**SIZES, **kw}), label="case")
     inputs = make_inputs(case, RECORDS[kind], device)
-    bound = forward_bound(case, inputs)
+    domain = kw.get("domain")                      # the backend's, from its limits: held to its precision class
+    bound = forward_bound(case, inputs, "strict" if domain is None else domain.precision)
     assume(bound.well_conditioned)
     steps = data.draw(chunkings(case.seqlens), label="steps")
     note(f"steps (per stream: first, end token) = {steps}")
@@ -402,7 +403,8 @@ def test_reset(builtin, data):
     outs2, _, _ = _run_stream(builtin, seen, seen_inputs, steps2, state=after_reset)
     got = [o2 if k in chosen else np.concatenate([o1, o2], axis=2) for k, (o1, o2) in enumerate(zip(outs1, outs2))]
     full = to_numpy(RECORDS[case.kind].call(builtin.fn, seen, seen_inputs))
-    _assert_equal_or_within(_packed(got, case), full, _two_impls(forward_bound(seen, seen_inputs).bound),
+    bound = forward_bound(seen, seen_inputs, builtin.domain.precision).bound
+    _assert_equal_or_within(_packed(got, case), full, _two_impls(bound),
                             builtin.batch_invariant, f"{builtin.id} after resetting {chosen}", case)
 
 
@@ -456,7 +458,7 @@ def test_left_pads_of_weight_zero_stream_as_the_full_pass(builtin, data):
     shift = round_to(np.full(1, -20.0), dtype)[0]      # scores near -20 (rounded again after the shift)
     inputs = make_inputs(case, rec, builtin.device)
     inputs = with_x(case, inputs, inputs.x64, builtin.device, tokens=lambda z: round_to(z + shift, dtype))
-    bound = forward_bound(case, inputs)
+    bound = forward_bound(case, inputs, builtin.domain.precision)
     assert bound.well_conditioned
     full = to_numpy(rec.call(builtin.fn, case, inputs))
     steps = data.draw(chunkings(seqlens), label="steps")

@@ -134,7 +134,8 @@ def builtin_impls(device: str | None = None) -> list[Impl]:
             if device in b.devices and b.available():
                 dtypes = tuple(n for n in DTYPE_NAMES if DTYPES[n] in b.dtypes)
                 out.append(Impl(kind, b.name, functools.partial(getattr(kf, kind), backend=b.name), device, dtypes,
-                                batch_invariant=b.batch_invariant, emulated=emulated))
+                                batch_invariant=b.batch_invariant, emulated=emulated,
+                                domain=Domain(precision=b.precision)))
     return out
 
 
