@@ -18,7 +18,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvcompress.kinds import KINDS  # the library's kinds: a kind without mutants fails test_mutants
+from kvcompress.kinds import KINDS
+from kvcompress.testing.domain import declare_domain  # the library's kinds: a kind without mutants fails test_mutants
 
 # the bug classes of issue 3 item 5, each covered by at least one mutant
 WINDOW = "window start or stride"
@@ -83,6 +84,15 @@ class Mutant:
 _REGISTRY: dict[str, Mutant] = {}
 
 
+def strict(fn: Callable) -> Callable:
+    """Declare ``fn`` of the ``strict`` precision class (SPEC 3c): the
+    controls and mutants compute in float32 and round once
+    (tests/mutants/_base.py), so the suite holds them to the strict bound
+    and the RMS check, not to the io-intermediates default of a
+    contributor's kernel."""
+    return declare_domain(precision="strict")(fn)
+
+
 def mutant(bug_class: str, *, survives: str = "") -> Callable[[Callable], Callable]:
     """Decorator: register the function as a mutant of its module's kind.
 
@@ -105,7 +115,7 @@ def mutant(bug_class: str, *, survives: str = "") -> Callable[[Callable], Callab
         if key in _REGISTRY:
             raise ValueError(f"mutant: {key} is registered twice")
         _REGISTRY[key] = Mutant(kind, fn.__name__, bug_class, fn, survives)
-        return fn
+        return strict(fn)
 
     return deco
 

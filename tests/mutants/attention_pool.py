@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from . import GRAD_OVERLAP, GRAD_SPLIT_K, HALF, PACKED, PE, SOFTMAX, TILE, WEIGHT_LAYOUT, WINDOW_COUNT, mutant
+from . import GRAD_OVERLAP, GRAD_SPLIT_K, HALF, PACKED, PE, SOFTMAX, TILE, WEIGHT_LAYOUT, WINDOW_COUNT, mutant, strict
 from ._base import Bugs, backward_only
 from ._base import attention_pool as _attention_pool
 
 
+@strict
 def control(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
     """The bug-free base implementation (tests/mutants/_base.py); must pass."""
     return _attention_pool(x, weight, block_size=block_size, stride=stride, padding=padding, pe=pe,

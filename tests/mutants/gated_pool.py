@@ -16,11 +16,13 @@ from . import (
     TILE,
     WINDOW_COUNT,
     mutant,
+    strict,
 )
 from ._base import Bugs, backward_only
 from ._base import gated_pool as _gated_pool
 
 
+@strict
 def control(x, z, bias=None, *, split=False, block_size, stride, padding="valid", cu_seqlens=None):
     """The bug-free base implementation (tests/mutants/_base.py); must pass."""
     return _gated_pool(x, z, bias, split=split, block_size=block_size, stride=stride, padding=padding,

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
-from . import BIAS_ACT, CONTIGUOUS, GRAD_HALF, GRAD_LAYOUT, GRAD_TILE, HALF, PE, TILE, WEIGHT_LAYOUT, WINDOW, mutant
+from . import (
+    BIAS_ACT,
+    CONTIGUOUS,
+    GRAD_HALF,
+    GRAD_LAYOUT,
+    GRAD_TILE,
+    HALF,
+    PE,
+    TILE,
+    WEIGHT_LAYOUT,
+    WINDOW,
+    mutant,
+    strict,
+)
 from ._base import Bugs, backward_only
 from ._base import linear as _linear
 
 
+@strict
 def control(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
     """The bug-free base implementation (tests/mutants/_base.py); must pass."""
     return _linear(x, weight, bias, block_size=block_size, stride=stride, padding=padding, pe=pe,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from . import GRAD_OVERLAP, GRAD_PE_PADS, HALF, MIXING, NAN, PADDING, WINDOW_COUNT, mutant
+from . import GRAD_OVERLAP, GRAD_PE_PADS, HALF, MIXING, NAN, PADDING, WINDOW_COUNT, mutant, strict
 from ._base import Bugs, backward_only
 from ._base import banded_mean_pool as _banded
 from ._base import mean_pool as _mean_pool
 
 
+@strict
 def control(x, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
     """The bug-free base implementation (tests/mutants/_base.py); must pass."""
     return _mean_pool(x, block_size=block_size, stride=stride, padding=padding, pe=pe, cu_seqlens=cu_seqlens)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from . import BIAS_ACT, FLATTEN, GRAD_SPLIT_K, GROUPS, mutant
+from . import BIAS_ACT, FLATTEN, GRAD_SPLIT_K, GROUPS, mutant, strict
 from ._base import WRONG_ACTIVATIONS, Bugs, backward_only
 from ._base import mlp as _mlp
 
 
+@strict
 def control(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="valid", pe=None,
             cu_seqlens=None):
     """The bug-free base implementation (tests/mutants/_base.py); must pass."""

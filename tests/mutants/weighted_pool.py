@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from . import DTYPE, GRAD_OVERLAP, GROUPS, PACKED, PE, TILE, WINDOW, mutant
+from . import DTYPE, GRAD_OVERLAP, GROUPS, PACKED, PE, TILE, WINDOW, mutant, strict
 from ._base import Bugs, backward_only
 from ._base import weighted_pool as _weighted_pool
 
 
+@strict
 def control(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
     """The bug-free base implementation (tests/mutants/_base.py); must pass."""
     return _weighted_pool(x, weight, block_size=block_size, stride=stride, padding=padding, pe=pe,
