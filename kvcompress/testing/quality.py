@@ -119,3 +119,19 @@ def rms_ratio(case, inputs, got, exact, bound) -> float:
         return (float(xp.sum(v * v)) / n) ** 0.5
     allowed = TIE * rms(e) + ORDER * rms(a) + 2 * u_a * rms(bound.magnitude) + tiny_o
     return rms(err) / allowed
+
+
+def check(impl, case, inputs, got, exact, bound) -> float | None:
+    """The RMS quality ratio of ``impl``'s output on ``case`` when the check
+    applies to its precision class and dtype (``applies``), else None; the
+    properties assert it is at most 1 (``failure`` words the message)."""
+    if not applies(case.dtype, impl.domain.precision):
+        return None
+    return rms_ratio(case, inputs, got, exact, bound)
+
+
+def failure(impl, case, rms: float, where: str = "") -> str:
+    """The assertion message of a failed RMS check (``where``: the regime)."""
+    return (f"{impl.id} in {case.dtype}{where} is within its worst-case bound but fails the RMS quality check "
+            f"(kvcompress/testing/quality.py): RMS error {rms:.3g} times what a strict kernel (float32 accumulation, "
+            f"output rounded once) may show; half-precision accumulation looks like this.\n  {case!r}")

@@ -3,9 +3,9 @@
 - every differentiable implementation (its domain says so; the default):
   its gradients equal the exact float64 gradients within the backward
   tolerance model (kvcompress/testing/gradients.py) of its precision class
-  (SPEC 3c, ``Domain.precision``), in every dtype it supports. A non-empty output that does not require grad fails: an
-  implementation whose outputs are differentiable in some calls and not in
-  others is broken, and a forward-only kernel says so in its domain
+  (SPEC 3c, ``Domain.precision``), in every dtype it supports. A non-empty
+  output that does not require grad fails: an implementation whose outputs
+  are differentiable in some calls and not in others is broken, and a forward-only kernel says so in its domain
   (``Domain(differentiable=False)``), which the matrix then shows;
 - torch.autograd.gradcheck and gradgradcheck in float64, where the
   implementation supports float64.

@@ -106,12 +106,11 @@ def test_matches_reference_at_production_shapes(impl, dtype, data, kvcompress_re
     check_output_form(impl, case, got, dtype, k)
     got64 = to_numpy(got)
     ok, ratio, idx, err = compare(got64, expected, b.bound)
-    rms = quality.rms_ratio(case, inputs, got64, expected, b) if quality.applies(dtype, impl.domain.precision) else None
+    rms = quality.check(impl, case, inputs, got64, expected, b)
     report.observe(k, ratio=ratio, rms_ratio=rms, impl_seconds=t["impl"], reference_seconds=t["reference"],
                    failed=not ok or (rms is not None and rms > 1))
     note(f"{case!r}\nworst error / bound = {ratio:.3g}; RMS ratio {rms}; crosses {regimes(case)}")
     assert ok, describe_failure(impl, case, inputs, got64, expected, b, ratio, idx, err, kvcompress_rerun)
-    assert rms is None or rms <= 1, (f"{impl.id} in {dtype} at production shapes is within its worst-case bound but "
-                                     f"fails the RMS quality check (kvcompress/testing/quality.py): {rms:.3g}\n"
-                                     f"  {case!r}\n  rerun: {kvcompress_rerun}")
+    assert rms is None or rms <= 1, quality.failure(impl, case, rms, " at production shapes") + \
+        f"\n  rerun: {kvcompress_rerun}"
     assert np.isfinite(expected).all()

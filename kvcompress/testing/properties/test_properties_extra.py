@@ -99,14 +99,13 @@ def test_matches_reference_in_realistic_regime(impl, dtype, data):
     assert got.dtype == DTYPES[dtype], f"{impl.id}: output dtype {got.dtype}, expected {DTYPES[dtype]}\n  {case!r}"
     got64 = to_numpy(got)
     ok, ratio, idx, err = compare(got64, expected, b.bound)
-    rms = quality.rms_ratio(case, inputs, got64, expected, b) if quality.applies(dtype, impl.domain.precision) else None
+    rms = quality.check(impl, case, inputs, got64, expected, b)
     report.observe(k, ratio=ratio, rms_ratio=rms, failed=not ok or (rms is not None and rms > 1))
     note(f"offsets {offset}, {weight_offset}; worst error / bound = {ratio:.3g}; RMS ratio {rms}")
     assert ok, (f"{impl.id} differs from the reference in {dtype} (tokens N({offset}, 1), weights "
                 f"N({weight_offset}, 1) / sqrt(fan_in)): |error| = {err:.3g} at "
                 f"(b, h, w, c) = {idx}, {ratio:.3g} times its bound {b.bound[idx]:.3g} (got {got64[idx]!r}, "
                 f"expected {expected[idx]!r})\n  {case!r}")
-    assert rms is None or rms <= 1, (f"{impl.id} in {dtype} (tokens N({offset}, 1), weights N({weight_offset}, 1) "
-                                     f"/ sqrt(fan_in)) fails the RMS quality check (kvcompress/testing/quality.py): "
-                                     f"{rms:.3g}: half-precision accumulation looks like this\n  {case!r}")
+    assert rms is None or rms <= 1, quality.failure(
+        impl, case, rms, f" (tokens N({offset}, 1), weights N({weight_offset}, 1) / sqrt(fan_in))")
     assert np.isfinite(expected).all()
