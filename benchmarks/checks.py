@@ -14,11 +14,15 @@ with the exact answer under the project's tolerance model:
   (they are the valid windows of that slice).
 - gradients (fwd+bwd): the backward of the same call with a cotangent that
   is zero except on the first windows (and, for large per-window
-  gradients, the first head only: see ``grad_scope``). Every gradient (x,
-  pe, each parameter) is then that of this slice alone, compared with
+  gradients, the first head only: see ``grad_scope``), then again with one
+  zero except on the last windows. Every gradient (x, pe, each parameter)
+  is then that of one slice alone, compared with
   kvcompress/testing/gradients.py (exact float64 gradients and their derived
   bounds); every gradient element outside the slice must be exactly 0
-  (each of its contributions is 0 times a finite value).
+  (each of its contributions is 0 times a finite value). The last windows
+  are there for the parameter gradients: a kernel that reduces them over
+  the windows in parts (split-K) and loses a later part is right on the
+  first windows alone (tests/mutants/mlp.py's w1_grad_first_split_only).
 
 Two windows overlap (L - S tokens) and the first one holds the left
 padding, so the head checks see overlap and padding; the tail checks see
@@ -119,7 +123,7 @@ class Checker:
     def __init__(self):
         self._head: dict = {}
         self._tail: dict = {}
-        self._grad: dict = {}
+        self._grads: dict = {}
 
     def _head_forward(self, case, sets):
         key = case.replace(T=0)
@@ -169,32 +173,47 @@ class Checker:
                     f"not timed")
         return worst
 
-    def _head_grad(self, case, sets):
-        key = case.replace(T=0)
-        if key not in self._grad:
-            n, heads = grad_scope(case)
-            sub, inputs, (_, t1) = _slice(case, sets, 0, n, heads)
-            rng = np.random.default_rng(case.seed + 7)
-            g64 = round_to(rng.standard_normal((case.B, heads, n, sets.d_out)), case.dtype)
-            self._grad.clear()              # the exact mlp gradients are large: keep one configuration's
-            self._grad[key] = (n, heads, t1, g64, exact_and_bounds(sub, inputs, g64))
-        return self._grad[key]
+    def grad_parts(self, case) -> list[str]:
+        """The gradient checks of ``case``, in order: "first" and, when the
+        last windows are others, "last"."""
+        n, _ = grad_scope(case)
+        return ["first", "last"] if case.W > n else ["first"]
 
-    def cotangent(self, case, sets) -> torch.Tensor:
+    def _grad(self, case, sets, part: str):
+        """(first window, windows, heads, token range, cotangent, GradBounds)
+        of the gradient check ``part``; the first windows' depend on the
+        configuration only, the last windows' on T too."""
+        if part not in ("first", "last"):
+            raise ValueError(f"part must be 'first' or 'last', got {part!r}")
+        n, heads = grad_scope(case)
+        key = case.replace(T=0) if part == "first" else case
+        cache = self._grads.setdefault(part, {})
+        if key not in cache:
+            w0 = 0 if part == "first" else case.W - n
+            sub, inputs, tokens = _slice(case, sets, w0, w0 + n, heads)
+            rng = np.random.default_rng(case.seed + (7 if part == "first" else 8))
+            g64 = round_to(rng.standard_normal((case.B, heads, n, sets.d_out)), case.dtype)
+            cache.clear()                   # the exact mlp gradients are large: keep one configuration's
+            cache[key] = (w0, n, heads, tokens, g64, exact_and_bounds(sub, inputs, g64))
+        return cache[key]
+
+    def cotangent(self, case, sets, part: str = "first") -> torch.Tensor:
         """(B, H, W, D_out) in the case's dtype: zero except on the windows and
-        heads of ``grad_scope(case)``."""
-        n, heads, _, g64, _ = self._head_grad(case, sets)
+        heads of ``grad_scope(case)``, the first ones or the last ones."""
+        w0, n, heads, _, g64, _ = self._grad(case, sets, part)
         g = torch.zeros((case.B, case.H, case.W, sets.d_out), dtype=sets.dtype, device=sets.device)
-        g[:, :heads, :n] = torch.from_numpy(g64).to(sets.dtype).to(sets.device)
+        g[:, :heads, w0:w0 + n] = torch.from_numpy(g64).to(sets.dtype).to(sets.device)
         return g
 
-    def gradients(self, case, sets, grads: dict, who: str) -> float:
-        """Compare gradients of sum(y * cotangent(case, sets)) (name -> tensor
-        in the record's layout: "x", "pe" and each parameter) with the exact
-        ones. Returns the worst error / bound; raises CheckFailed."""
-        n, heads, t1, _, gb = self._head_grad(case, sets)
+    def gradients(self, case, sets, grads: dict, who: str, part: str = "first") -> float:
+        """Compare gradients of sum(y * cotangent(case, sets, part)) (name ->
+        tensor in the record's layout: "x", "pe" and each parameter) with the
+        exact ones. Returns the worst error / bound; raises CheckFailed."""
+        w0, n, heads, (t0, t1), _, gb = self._grad(case, sets, part)
+        where = f"the {part} windows ({w0}..{w0 + n - 1})"
         if not gb.well_conditioned:
-            raise CheckFailed(f"{who}: the gradient check is ill-conditioned under the tolerance model ({case!r})")
+            raise CheckFailed(f"{who}: the gradient check of {where} is ill-conditioned under the tolerance model "
+                              f"({case!r})")
         if set(grads) != set(gb.exact):
             raise CheckFailed(f"{who}: gradients of {sorted(grads)}, expected {sorted(gb.exact)}")
         groups = case.G if heads == case.H else 1
@@ -203,13 +222,13 @@ class Checker:
         for name, got in grads.items():
             if got is None:
                 raise CheckFailed(f"{who}: no gradient for {name}; not timed")
-            region = ((slice(None), slice(0, heads), slice(0, t1)) if name in per_token
+            region = ((slice(None), slice(0, heads), slice(t0, t1)) if name in per_token
                       else {"pe": (slice(0, heads),)}.get(name, (slice(0, groups),)))
             outside = got.detach().clone()
             outside[region] = 0
             if torch.count_nonzero(outside).item():
                 raise CheckFailed(f"{who}: the gradient of {name} is nonzero outside {region}, where every "
-                                  f"contribution has a zero cotangent; not timed")
+                                  f"contribution has a zero cotangent ({where}); not timed")
             got64 = to_numpy(got[region])
             exact, bound = gb.exact[name], gb.bound[name]
             if got64.shape != exact.shape:
@@ -221,6 +240,6 @@ class Checker:
                 i = np.unravel_index(np.argmax(ratio), ratio.shape)
                 worst = max(worst, float(ratio[i]))
                 if ratio[i] > 1:
-                    raise CheckFailed(f"{who}: the gradient of {name} is wrong: |error| {err[i]:.3g} at {i} is "
-                                      f"{ratio[i]:.3g} times its bound {bound[i]:.3g} ({case!r}); not timed")
+                    raise CheckFailed(f"{who}: the gradient of {name} is wrong on {where}: |error| {err[i]:.3g} at "
+                                      f"{i} is {ratio[i]:.3g} times its bound {bound[i]:.3g} ({case!r}); not timed")
         return worst

@@ -15,7 +15,7 @@ on the first windows; these tests show that this loses nothing.
   1.5 times its bound, in the first or in the last windows, fails.
 - test_gate_rejects_wrong_gradients: one parameter-gradient element moved by
   1.5 times its bound fails; a nonzero x gradient outside the checked
-  tokens fails.
+  tokens fails; both for the first windows' cotangent and the last's.
 """
 
 from __future__ import annotations
@@ -77,13 +77,16 @@ def _gate(fn, case, sets) -> tuple[bool, bool]:
         fwd = True
     except CheckFailed:
         fwd = False
-    grads = torch.autograd.grad(y, [leaves[n] for n in names], checker.cotangent(case, sets), allow_unused=True)
-    got = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)}
-    try:
-        checker.gradients(case, sets, got, "impl")
-        bwd = True
-    except CheckFailed:
-        bwd = False
+    bwd = True
+    parts = checker.grad_parts(case)
+    for i, part in enumerate(parts):
+        grads = torch.autograd.grad(y, [leaves[n] for n in names], checker.cotangent(case, sets, part),
+                                    allow_unused=True, retain_graph=i + 1 < len(parts))
+        got = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)}
+        try:
+            checker.gradients(case, sets, got, "impl", part)
+        except CheckFailed:
+            bwd = False
     return fwd, bwd
 
 
@@ -156,7 +159,7 @@ def test_gate_rejects_wrong_gradients():
     checker = Checker()
     grads = dict(zip(names, torch.autograd.grad(y, [leaves[n] for n in names], checker.cotangent(case, sets))))
     assert checker.gradients(case, sets, grads, "torch") <= 1.0
-    *_, gb = checker._head_grad(case, sets)
+    *_, gb = checker._grad(case, sets, "first")
     wrong = dict(grads, weight=grads["weight"].clone())
     wrong["weight"][0, 2, 1, 1] = float(gb.exact["weight"][0, 2, 1, 1] + 1.5 * gb.bound["weight"][0, 2, 1, 1])
     with pytest.raises(CheckFailed, match="gradient of weight is wrong"):
@@ -165,3 +168,18 @@ def test_gate_rejects_wrong_gradients():
     wrong["x"][0, 0, -1, 0] = 1e-30
     with pytest.raises(CheckFailed, match="nonzero outside"):
         checker.gradients(case, sets, wrong, "torch")
+    # the last windows' check: right gradients pass, and the first tokens are now outside its slice
+    assert checker.grad_parts(case) == ["first", "last"]
+    g = checker.cotangent(case, sets, "last")
+    assert torch.count_nonzero(g[:, :, :-2]).item() == 0 and torch.count_nonzero(g[:, :, -2:]).item()
+    grads = dict(zip(names, torch.autograd.grad(_call(kf.linear, case, sets, leaves), [leaves[n] for n in names], g)))
+    assert checker.gradients(case, sets, grads, "torch", "last") <= 1.0
+    wrong = dict(grads, x=grads["x"].clone())
+    wrong["x"][0, 0, 0, 0] = 1e-30
+    with pytest.raises(CheckFailed, match="nonzero outside.*last windows"):
+        checker.gradients(case, sets, wrong, "torch", "last")
+    *_, gb = checker._grad(case, sets, "last")
+    wrong = dict(grads, weight=grads["weight"].clone())
+    wrong["weight"][0, 1, 0, 0] = float(gb.exact["weight"][0, 1, 0, 0] - 1.5 * gb.bound["weight"][0, 1, 0, 0])
+    with pytest.raises(CheckFailed, match="gradient of weight is wrong on the last windows"):
+        checker.gradients(case, sets, wrong, "torch", "last")
