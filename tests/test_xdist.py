@@ -103,7 +103,7 @@ def test_the_merged_report_and_table_equal_one_process(tmp_path):
 
 # -- a consumer's property: coverage over workers, --dist each --------------------------
 
-# required features of this kernel: padding=valid, padding=left, pe=off, windows>0
+# required features of this kernel: padding=valid, padding=left, pe=off, windows>0, windows=0
 KERNEL = """
     import kvcompress.functional as kf
     from kvcompress.testing import declare_domain

@@ -44,10 +44,12 @@ class Impl:
     @property
     def limits(self) -> dict:
         """Extra arguments for the strategies: the domain, and for an
-        emulated kernel (which costs per program and per op) small cases."""
+        emulated kernel (which costs per program and per op) small cases:
+        B, H <= 2, but for H = 4 with G = 2 (the grouping where h // (H // G)
+        is not h % G), which comes with one batch row (B * H <= 4)."""
         out = dict(domain=self.domain)
         if self.emulated:
-            out.update(max_batch=2, max_heads=2)
+            out.update(max_batch=2, max_heads=2, max_grouped_heads=4, max_rows=4)
         return out
 
     @property
