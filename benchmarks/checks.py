@@ -36,14 +36,13 @@ configuration and cached.
 
 from __future__ import annotations
 
-import kvcompress_reference as reference
 import numpy as np
 import torch
 
-from kvcompress.testing.cases import Inputs
 from kvcompress.testing.convert import round_to, to_numpy
 from kvcompress.testing.gradients import exact_and_bounds
 from kvcompress.testing.records import RECORDS
+from kvcompress.testing.slices import token_range, window_slice
 from kvcompress.testing.tolerance import compare, forward_bound
 
 HEAD_WINDOWS = 2
@@ -57,16 +56,6 @@ MAX_GRAD_ELEMENTS = 1 << 24
 
 class CheckFailed(AssertionError):
     """An entrant's result is outside the tolerance model: it is not timed."""
-
-
-def token_range(case, first: int, last: int) -> tuple[int, int, str]:
-    """The tokens [t0, t1) that windows first..last-1 read, and the padding
-    under which exactly those windows are the windows of x[t0:t1]."""
-    start = reference.window_start(first, case.L, case.S, case.padding)
-    end = reference.window_start(last - 1, case.L, case.S, case.padding) + case.L
-    if start >= 0:
-        return start, end, "valid"
-    return 0, end, "left"   # only left padding starts before token 0, and only from window 0
 
 
 def head_tokens(case) -> int:
@@ -92,18 +81,9 @@ def _slice(case, sets, first, last, heads=None):
     """The Case and Inputs of the tokens that windows first..last-1 read
     (of the first ``heads`` heads and their weight groups, if given), and
     where those tokens lie in x."""
-    t0, t1, padding = token_range(case, first, last)
-    H = case.H if heads is None else heads
-    G = case.G if H == case.H else 1            # narrowed to head 0: its group alone
-    sub = case.replace(T=t1 - t0, H=H, G=G, padding=padding, layout="contiguous", seqlens=None)
-    per_token = {p.name for p in RECORDS[case.kind].params if p.per_token}     # gated_pool's z: cut like x
-    params64 = {k: None if v is None else to_numpy(v[:, :H, t0:t1] if k in per_token else v[:G])
-                for k, v in sets.params[0].items()}
-    pe = sets.pe[0]
-    inputs = Inputs(x64=to_numpy(sets.x[0][:, :H, t0:t1]), params64=params64,
-                    pe64=None if pe is None else to_numpy(pe[:H]), x=None, params=None, pe=None,
-                    cu_seqlens=None, cu64=None)
-    return sub, inputs, (t0, t1)
+    ws = window_slice(case, sets.x[0], sets.params[0], sets.pe[0], first=first, last=last,
+                      heads=None if heads is None else range(heads))
+    return ws.case, ws.inputs, ws.tokens
 
 
 def _expected(sub, inputs):
