@@ -180,8 +180,11 @@ def run_case(backend, *, padding, split, L, S, groups, transposed, packed, dtype
     x, z, bias = make(B=B, H=H, T=T, Dx=Dx, L=L, Do=Do, groups=groups, transposed=transposed, dtype=dtype,
                       seed=seed)
     cu = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32) if packed else None
-    kw = dict(split=split, block_size=L, stride=S, padding=padding, cu_seqlens=cu)
-    y = BACKENDS[backend](x, z, bias, **kw)
+    # the Triton backend on a GPU: the same CPU leaves, moved there and back (differentiably), so the oracle,
+    # the bounds and the gradients below stay on the CPU; under the interpreter everything is on the CPU
+    dev = "cuda" if backend == "triton" and not INTERPRET else "cpu"
+    kw = dict(split=split, block_size=L, stride=S, padding=padding, cu_seqlens=None if cu is None else cu.to(dev))
+    y = BACKENDS[backend](*(None if t is None else t.to(dev) for t in (x, z, bias)), **kw).cpu()
     ref = oracle(x.detach(), z.detach(), None if bias is None else bias.detach(), split=split, L=L, S=S,
                  padding=padding, seqlens=seqlens)
     W = ref.shape[2]
