@@ -25,6 +25,12 @@ from .records import KINDS  # noqa: E402
 DTYPE_NAMES = tuple(DTYPES)
 
 
+# the strategies' size caps for an emulated kernel (Triton's interpreter costs
+# per program and per op): B, H <= 2, but H = 4 with G = 2 (the grouping where
+# h // (H // G) is not h % G), with one batch row (B * H <= 4)
+EMULATED_LIMITS = dict(max_batch=2, max_heads=2, max_grouped_heads=4, max_rows=4)
+
+
 @dataclass(frozen=True)
 class Impl:
     """kind, a display name, the callable (reference signature, torch
@@ -49,7 +55,7 @@ class Impl:
         is not h % G), which comes with one batch row (B * H <= 4)."""
         out = dict(domain=self.domain)
         if self.emulated:
-            out.update(max_batch=2, max_heads=2, max_grouped_heads=4, max_rows=4)
+            out.update(EMULATED_LIMITS)
         return out
 
     @property
