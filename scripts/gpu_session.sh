@@ -37,6 +37,8 @@
 #   production  the production-shape tier (test_production.py) for every backend on CUDA, ci profile
 #   pytest    python3 -m pytest $PYTEST_ARGS [-k "$PYTEST_K"] (-q -p no:cacheprovider, on XDIST workers), untuned
 #             launches: any selection
+#   mlpprobe  scripts/mlp_gemm_probe.py: mlp through cuBLAS (windows copied once) against the Triton kernel and the
+#             seed eager and compiled, bf16 at the NSA shape, with the matmul floor (issue 14.1)
 #   perf      scripts/gpu_perf.py: linear and the pools, CUDA-graph and eager times, per-kernel profile, host time
 #             (docs/triton-perf.md); LABEL=name names the run (compare saved runs with gpu_perf.py --compare)
 # The other property-suite phases run pytest-xdist with XDIST workers (default 8) when it is importable: on a GPU
@@ -114,6 +116,7 @@ for arg in "$@"; do
                    --out "$OUT/precision_before.json"; python3 scripts/precision_table.py --T $T --label after \
                    --out "$OUT/precision_after.json"' ;;
         hostprof) run hostprof 240 python3 scripts/host_profile.py --calls 1000 --out "$OUT" ;;
+        mlpprobe) run mlpprobe 300 python3 scripts/mlp_gemm_probe.py --out "$OUT/mlp_probe.json" ;;
         perf) run perf 400 python3 scripts/gpu_perf.py --label "${LABEL:-this}" --out "$OUT/perf.json" ;;
         bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench${BENCH_TAG:-}" ${BENCH_ARGS:-} ;;
         streambench) run streambench 300 python3 -m pytest benchmarks/test_bench_streaming.py --benchmark-only -q \
