@@ -24,13 +24,13 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("backends", "functional", "modules", "streaming", "testing")
+_SUBMODULES = ("backends", "decode", "functional", "modules", "streaming", "testing")
 _NAMES = {"compressed_cu_seqlens": "_windows", "num_windows": "_windows", "AttentionPool": "modules",
           "Compressor": "modules", "ConvLinearCompress": "modules", "GroupedMLP": "modules",
           "SingleProjection": "modules"}
 
 __all__ = ["AttentionPool", "Compressor", "ConvLinearCompress", "GroupedMLP", "SingleProjection", "backends",
-           "compressed_cu_seqlens", "functional", "modules", "num_windows", "streaming"]
+           "compressed_cu_seqlens", "decode", "functional", "modules", "num_windows", "streaming"]
 
 
 def __getattr__(name: str):

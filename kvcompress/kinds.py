@@ -125,7 +125,8 @@ class Kind:
 
     def dim(self, expr: str, dims: dict) -> int:
         """The value of a dim name or product ("L*D") under ``dims``."""
-        return math.prod(int(dims[d]) if not d.isdigit() else int(d) for d in expr.split("*"))
+        # a list, not a generator: torch.compile (dynamo) traces math.prod of a list only
+        return math.prod([int(dims[d]) if not d.isdigit() else int(d) for d in expr.split("*")])
 
     def shape(self, param: Param, dims: dict) -> tuple[int, ...]:
         """A parameter's shape under ``dims`` ({letter: int})."""

@@ -37,7 +37,8 @@ def chunk(t: torch.Tensor, c: int, *, R: int, S: int, L: int) -> torch.Tensor:
     G, n, D = t.shape
     assert t.stride(2) == 1 and t.stride(1) == D and n >= (R - 1) * S + L, "chunk: not a stream"
     Sc = min(S, L - c * S)
-    return t.as_strided((G, R, Sc, D), (t.stride(0), S * D, D, 1), t.storage_offset() + c * S * D)
+    # unfold of a slice, not as_strided with the storage offset: torch.compile cannot trace storage_offset()
+    return t[:, c * S: c * S + (R - 1) * S + Sc].unfold(1, Sc, S).transpose(2, 3)
 
 
 def _num_chunks(L: int, S: int) -> int:
