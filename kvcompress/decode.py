@@ -44,6 +44,7 @@ from . import functional as _functional
 from . import kinds as _kinds
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, _is_int, check_choice, check_int, check_pe, check_window_args
 from ._windows import _num_windows_tensor
+from .streaming import _pad_tokens
 
 __all__ = ["DecodeCache", "decode_step", "last_tokens"]
 
@@ -132,7 +133,7 @@ class DecodeCache:
     @property
     def pad_tokens(self) -> int:
         """L - S with padding="left" (the pads a fresh stream holds), else 0."""
-        return self.block_size - self.stride if self.padding == "left" else 0
+        return _pad_tokens(self.block_size, self.stride, self.padding)
 
     def __repr__(self) -> str:
         return (f"DecodeCache({self.kind!r}, max_streams={self.max_streams}, heads={self.heads}, dim={self.dim}, "
@@ -177,16 +178,9 @@ class DecodeCache:
             raise ValueError(f"{fn}: a tail needs n_tokens, the prompt lengths (n,)")
         L, H, D = self.block_size, self.heads, self.dim
         for name, t in zip(self.inputs, tail):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{fn}: {name} must be a torch.Tensor (n, H, T_tail, D), got {type(t).__name__}")
-            if t.dim() != 4 or t.shape[0] != n or t.shape[1] != H or t.shape[3] != D or t.shape[2] < L - 1 \
-                    or t.shape != tail[0].shape:
-                raise ValueError(f"{fn}: {name} must have shape (n={n}, H={H}, T_tail >= L - 1 = {L - 1}, D={D}) "
-                                 f"(the prompts' last tokens), got {tuple(t.shape)}")
-            if t.dtype != self.dtype:
-                raise TypeError(f"{fn}: {name} must have the cache's dtype {self.dtype}, got {t.dtype}")
-            if t.device != self.device:
-                raise ValueError(f"{fn}: {name} must be on the cache's device {self.device}, got {t.device}")
+            _check_tensor(fn, name, t, self, f"(n={n}, H={H}, T_tail >= L - 1 = {L - 1}, D={D}) (the prompts' "
+                          f"last tokens)", lambda t: t.dim() == 4 and t.shape[0] == n and t.shape[1] == H
+                          and t.shape[3] == D and t.shape[2] >= L - 1 and t.shape == tail[0].shape)
         P = self._lengths(fn, n_tokens, n)
         T_tail = tail[0].shape[2] if tail else 0
         rows = self._rows(P, torch.cat(tail, 3) if len(tail) > 1 else tail[0] if tail else None, T_tail)
@@ -286,6 +280,20 @@ class DecodeCache:
         self.active.copy_(torch.where(mask, flag, self.active))
 
 
+def _check_tensor(fn: str, name: str, t, cache: DecodeCache, shape: str, shape_ok) -> None:
+    """A token tensor for ``cache``: a tensor (TypeError), of the described
+    ``shape`` (``shape_ok(t)``, else ValueError), of the cache's dtype
+    (TypeError) and device (ValueError)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor {shape}, got {type(t).__name__}")
+    if not shape_ok(t):
+        raise ValueError(f"{fn}: {name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != cache.dtype:
+        raise TypeError(f"{fn}: {name} must have the cache's dtype {cache.dtype}, got {t.dtype}")
+    if t.device != cache.device:
+        raise ValueError(f"{fn}: {name} must be on the cache's device {cache.device}, got {t.device}")
+
+
 def last_tokens(x: torch.Tensor, cu_seqlens: torch.Tensor, count: int) -> torch.Tensor:
     """The last ``count`` tokens of each packed sequence, right-aligned: a
     prefill's hand-off to ``DecodeCache.add``.
@@ -326,15 +334,8 @@ def _check_step_args(fn, kind, cache, new, pe, backend, kind_kwargs) -> None:
     rec = _kinds.get(kind)
     shape = (cache.max_streams, cache.heads, cache.dim)
     for name, t in zip(rec.inputs, new):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor (N_max, H, D) = {shape}, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{fn}: {name} must have shape (N_max, H, D) = {shape} (one new token per stream), "
-                             f"got {tuple(t.shape)}")
-        if t.dtype != cache.dtype:
-            raise TypeError(f"{fn}: {name} must have the cache's dtype {cache.dtype}, got {t.dtype}")
-        if t.device != cache.device:
-            raise ValueError(f"{fn}: {name} must be on the cache's device {cache.device}, got {t.device}")
+        _check_tensor(fn, name, t, cache, f"(N_max, H, D) = {shape} (one new token per stream)",
+                      lambda t: tuple(t.shape) == shape)
     extra = [k for k in kind_kwargs if k not in rec.option_names]
     if extra:
         raise TypeError(f"{fn}: {kind} takes no keyword arguments {extra} here (allowed: {list(rec.option_names)}; "

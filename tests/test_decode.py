@@ -34,9 +34,6 @@ Properties:
 
 from __future__ import annotations
 
-import pathlib
-import re
-
 import numpy as np
 import pytest
 import torch
@@ -52,6 +49,7 @@ from kvcompress.testing.convert import DTYPES, to_numpy
 from kvcompress.testing.records import KINDS, RECORDS
 from kvcompress.testing.strategies import cases
 from kvcompress.testing.tolerance import forward_bound
+from tests._docs import run_doc_examples
 
 DTYPE_CHOICES = ("float32", "float64", "bfloat16")
 
@@ -424,9 +422,4 @@ def test_bad_input_add():
 
 def test_docs_example():
     """The example in docs/decoding.md runs and its assertions hold."""
-    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "decoding.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "docs/decoding.md has no python example"
-    for code in blocks:
-        torch.manual_seed(0)
-        exec(compile(code, "docs/decoding.md", "exec"), {})
+    run_doc_examples("decoding.md")

@@ -41,7 +41,6 @@ its left pads (gated_pool's scores -inf), whether it takes pe, its options.
 from __future__ import annotations
 
 import io
-import pathlib
 import re
 from itertools import accumulate
 
@@ -61,6 +60,7 @@ from kvcompress.testing.impls import arm_tripwire, builtin_impls
 from kvcompress.testing.records import KINDS, RECORDS
 from kvcompress.testing.strategies import cases
 from kvcompress.testing.tolerance import forward_bound
+from tests._docs import run_doc_examples
 
 # Bit-exact against the full pass where the backend declares itself
 # batch-invariant (kvcompress.backends.Backend.batch_invariant; the torch
@@ -757,9 +757,4 @@ def test_wrapper_streams_gated_pool_with_z_per_step():
 
 def test_docs_example():
     """The example in docs/streaming.md runs and its assertions hold."""
-    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "streaming.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "docs/streaming.md has no python example"
-    for code in blocks:
-        torch.manual_seed(0)
-        exec(compile(code, "docs/streaming.md", "exec"), {})
+    run_doc_examples("streaming.md")

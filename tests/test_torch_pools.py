@@ -21,27 +21,15 @@ import kvcompress.functional as kf
 from kvcompress._windows import StreamLayout
 from kvcompress.ops import _torch_common as tc
 from kvcompress.ops import _torch_windows as tw
+from tests.test_torch_chunks import CASES as CHUNK_CASES
 
 F64 = torch.float64
 
-# (B, H, G, T, D, L, S, padding, cu_seqlens)
-CASES = {
-    "left": (1, 2, 2, 40, 3, 8, 4, "left", None),
-    "valid": (1, 2, 2, 40, 3, 8, 4, "valid", None),
-    "G=1": (1, 3, 1, 21, 2, 6, 3, "left", None),
-    "1<G<H": (1, 4, 2, 19, 2, 4, 2, "valid", None),
-    "B>1, T%S!=0": (3, 2, 1, 23, 2, 6, 2, "left", None),
-    "S=L": (2, 2, 2, 17, 3, 4, 4, "valid", None),
-    "S does not divide L": (2, 2, 1, 26, 3, 7, 3, "left", None),
-    "S does not divide L, valid": (1, 4, 2, 25, 2, 5, 2, "valid", None),
-    "S=1": (1, 2, 1, 12, 2, 3, 1, "left", None),
-    "packed, left": (1, 4, 2, 30, 2, 6, 3, "left", [0, 7, 7, 20, 30]),
-    "packed, valid": (1, 2, 1, 30, 3, 4, 2, "valid", [0, 3, 15, 30]),
-    "W=0": (2, 2, 1, 5, 2, 8, 4, "valid", None),
-    "W=0 packed": (1, 2, 2, 9, 2, 8, 4, "valid", [0, 4, 9]),
-    "W=1": (2, 4, 2, 8, 2, 8, 4, "valid", None),
-    "W=1 left": (1, 2, 1, 4, 3, 8, 4, "left", None),
-}
+# (B, H, G, T, D, L, S, padding, cu_seqlens): test_torch_chunks' layouts (S divides L), and S that does not
+CASES = {**CHUNK_CASES,
+         "S does not divide L": (2, 2, 1, 26, 3, 7, 3, "left", None),
+         "S does not divide L, valid": (1, 4, 2, 25, 2, 5, 2, "valid", None),
+         "S=1": (1, 2, 1, 12, 2, 3, 1, "left", None)}
 KINDS = ("attention_pool", "weighted_pool")
 
 
