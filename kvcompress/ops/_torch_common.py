@@ -156,7 +156,7 @@ class _ChunkSum(torch.autograd.Function):
             y.baddbmm_(chunks[:, c: c + R], wc[:, c])            # accumulates in y's dtype (the accumulation dtype)
         const = _head_constant(w, pe, bias)                       # [G, Hg or 1, O]
         if const is not None and R > 0:
-            y.view(G, const.shape[1], -1, O).add_(const[:, :, None])
+            y.view(G, const.shape[1], R // const.shape[1], O).add_(const[:, :, None])  # R // ..., not -1: O may be 0
         return y
 
     @staticmethod
@@ -176,7 +176,7 @@ class _ChunkSum(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
             # one product for all C blocks: part[:, r, c] is the gradient of
             # window r's chunk c, which is stream chunk r + c
-            part = torch.bmm(gy_pe, w.reshape(G, L * D, O).mT).view(G, -1, C, S * D)   # [G, R (+ Hg), C, S*D]
+            part = torch.bmm(gy_pe, w.reshape(G, L * D, O).mT).view(G, gy_pe.shape[1], C, S * D)   # [G, R (+Hg), C, SD]
             if ctx.needs_input_grad[0] and R == 0:
                 g_stream = gy.new_zeros(G, n, D)
             elif ctx.needs_input_grad[0]:
@@ -240,4 +240,4 @@ def window_sum(layout: StreamLayout, stream: torch.Tensor, w: torch.Tensor,
     if const is None or layout.R == 0:
         return y
     G, O = y.shape[0], y.shape[2]
-    return (y.view(G, const.shape[1], -1, O) + const[:, :, None]).view(G, layout.R, O)
+    return (y.view(G, const.shape[1], layout.R // const.shape[1], O) + const[:, :, None]).view(G, layout.R, O)

@@ -239,7 +239,7 @@ def attention_pool_sum(layout: StreamLayout, stream: torch.Tensor, w: torch.Tens
     (G, n, D), w (G, D, D), pe (H, L, D) or None, all in the stream's
     dtype -> (G, R, D)."""
     G, Hg, L = layout.G, layout.Hg, layout.L
-    pe = None if pe is None else pe.view(G, Hg, L, -1)
+    pe = None if pe is None else pe.view(G, Hg, L, pe.shape[-1])
     keep = None                                                    # every row a returned window
     if layout.windows.numel() != layout.Np:
         keep = torch.zeros(layout.Np, dtype=torch.bool, device=stream.device)
