@@ -1,4 +1,5 @@
-"""Decode-step latency: kvcompress.streaming against recompressing the prefix.
+"""Decode-step latency: kvcompress.streaming and kvcompress.decode against
+recompressing the prefix.
 
 NSA sizes: N = 64 streams, H = 4 KV heads, D = 128, L = 32, S = 16,
 padding="left" (the seed's), one weight set per head; bfloat16 on CUDA,
@@ -10,12 +11,18 @@ token per step:
   PREFIX / S - 1 of every stream, the worst step;
 - ``idle``: the next token completes no window (S - 1 of every S steps);
 - ``recompress``: the baseline, ``kvcompress.functional`` over the whole
-  prefix of all streams, of which only the last window is new.
+  prefix of all streams, of which only the last window is new;
+- ``fixed``: ``kvcompress.decode.decode_step`` on a ``DecodeCache`` handed
+  the same prefixes (docs/decoding.md): fixed shapes, no host read, the
+  same work whether a stream emits or not (each round is the next decoding
+  step of the same cache; eager, where the GPU's CUDA-graph replay of it is
+  issue 15's work).
 
 Correctness is checked before anything is timed: the emitting step's
 tokens equal the recompression's last windows (bit for bit where
 the torch backend declares itself batch-invariant, else within the tolerance
-model), and the idle step emits nothing. CI runs this file with
+model), and the idle step emits nothing; the fixed step's first call emits
+for every stream, the same tokens as the streaming step's (the same rule). CI runs this file with
 ``--benchmark-disable`` (each callable once, correctness only); timings
 come from ``python -m pytest benchmarks/test_bench_streaming.py --benchmark-only``.
 
@@ -32,6 +39,7 @@ import numpy as np
 import pytest
 import torch
 
+import kvcompress.decode as kd
 import kvcompress.functional as kf
 import kvcompress.streaming as ks
 from kvcompress import backends as kb
@@ -80,6 +88,15 @@ class Setup:
         self.emitted = self.step(self.before_emit, self.emit_x, self.cu_one)
         self.before_idle = self.emitted.state
         self.idle_x = self.token(PREFIX)
+        self.prefill, self.cu_prefill = prefill, cu
+
+    def decode_cache(self):
+        """A DecodeCache of the N streams, handed the PREFIX - 1 token prefixes."""
+        cache = kd.DecodeCache(self.kind, N, H, D, block_size=L, stride=S, padding=PADDING, dtype=DTYPE,
+                               device=DEVICE)
+        cache.add(torch.arange(N, device=DEVICE), kd.last_tokens(self.prefill, self.cu_prefill, L - 1),
+                  n_tokens=torch.full((N,), PREFIX - 1, device=DEVICE))
+        return cache
 
     def token(self, t):
         """Token t of every stream, packed: (1, H, N, D), a strided view."""
@@ -95,7 +112,8 @@ class Setup:
     def check_emitted(self):
         """Check the emitting step against one recompression of the prefix, once."""
         if not getattr(self, "checked", False):
-            _check_emitted(self, self.recompress(PREFIX))
+            self.full = self.recompress(PREFIX)          # kept for the fixed step's check
+            _check_emitted(self, self.full)
             self.checked = True
 
 
@@ -110,10 +128,12 @@ def setup(kind):
     return _SETUPS[kind]
 
 
-def _check_emitted(s: Setup, full):
-    """The emitting step's tokens against the recompression's last windows."""
-    y, cu_y = s.emitted.y, s.emitted.cu_y                       # [1, H, N, D_out], [N+1]
-    assert cu_y.tolist() == list(range(N + 1)), "every stream must emit exactly one window"
+def _check_emitted(s: Setup, full, y=None):
+    """The emitting step's tokens (the streaming step's, or ``y`` (1, H, N,
+    D_out)) against the recompression's last windows."""
+    if y is None:
+        y, cu_y = s.emitted.y, s.emitted.cu_y                   # [1, H, N, D_out], [N+1]
+        assert cu_y.tolist() == list(range(N + 1)), "every stream must emit exactly one window"
     last = full[:, :, -1].transpose(0, 1).unsqueeze(0)          # [1, H, N, D_out]
     if kb.get(s.kind, "torch").batch_invariant:
         assert torch.equal(y, last), f"{s.kind}: streamed != recompressed, not bit for bit"
@@ -173,3 +193,22 @@ def test_recompress_prefix(benchmark, kind, setup):
     # each round recompresses N * PREFIX tokens: a few rounds suffice
     full = benchmark.pedantic(run, rounds=3, warmup_rounds=1)
     assert full.shape == (N, H, PREFIX // S, setup.emitted.y.shape[3])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_fixed_step(benchmark, kind, setup):
+    cache = setup.decode_cache()
+    x_new = setup.x[:, :, PREFIX - 1]                            # [N, H, D]: token PREFIX - 1 of every stream
+    y, emitted = kd.decode_step(kind, cache, x_new, *setup.params)
+    assert bool(emitted.all()), "token PREFIX - 1 completes a window of every stream"
+    setup.check_emitted()
+    _check_emitted(setup, setup.full, y.transpose(0, 1).unsqueeze(0))
+    benchmark.group = f"{kind}: one token for {N} streams"
+    x_next = setup.x[:, :, PREFIX]
+
+    def run():   # the cache's next steps: the fixed step costs the same whether a stream emits or not
+        out = kd.decode_step(kind, cache, x_next, *setup.params)
+        _sync()
+        return out
+
+    benchmark(run)
