@@ -77,13 +77,13 @@ def _kw(case, inputs) -> dict:
     return kw
 
 
-def _as_streams(form: str, idx: list[int], N: int):
+def _as_streams(form: str, idx: list[int], N: int, device="cpu"):
     """Stream indices in one of the accepted forms."""
     if form == "list":
         return list(idx)
     if form == "tensor":
-        return torch.tensor(idx, dtype=torch.int32)
-    return torch.tensor([k in idx for k in range(N)], dtype=torch.bool)
+        return torch.tensor(idx, dtype=torch.int32, device=device)
+    return torch.tensor([k in idx for k in range(N)], dtype=torch.bool, device=device)
 
 
 @st.composite
@@ -119,14 +119,18 @@ def _schedule(seqlens, plan):
     return out
 
 
-def _run(case, inputs, N_max, plan, forms, extra_tail, *, compiled=None):
-    """Drive the cache; returns per stream the decoded windows (list of
-    (H, D_out) float64 arrays) after its last (re)start, and checks every
-    step's emission, zero rows and counters."""
+def _run(case, inputs, N_max, plan, forms, extra_tail, *, compiled=None, device="cpu", backend="torch"):
+    """Drive the cache (on ``device``, steps through ``backend``); returns per
+    stream the decoded windows (list of (H, D_out) float64 arrays) after its
+    last (re)start, and checks every step's emission, zero rows and counters."""
     kind, L, S, H, D = case.kind, case.L, case.S, case.H, case.D
-    toks = _tokens(case, inputs)
+    dev = torch.device(device)
+    toks = [t.to(dev) for t in _tokens(case, inputs)]
+    params = [p.to(dev) if isinstance(p, torch.Tensor) else p for p in _params(case, inputs)]
+    kw = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in _kw(case, inputs).items()}
     starts = np.concatenate([[0], np.cumsum(case.seqlens)])
-    cache = DecodeCache(kind, N_max, H, D, block_size=L, stride=S, padding=case.padding, dtype=DTYPES[case.dtype])
+    cache = DecodeCache(kind, N_max, H, D, block_size=L, stride=S, padding=case.padding, dtype=DTYPES[case.dtype],
+                        device=dev)
     sched = _schedule(case.seqlens, plan)
     n_steps = max((s[-1][0] + 1 for s in sched if s), default=0) + 1
     outs = [[] for _ in plan]
@@ -136,25 +140,25 @@ def _run(case, inputs, N_max, plan, forms, extra_tail, *, compiled=None):
         fresh = [k for k, p in enumerate(plan) if p["start"] == s and p["prefill"] is None]
         pre = [k for k, p in enumerate(plan) if p["start"] == s and p["prefill"] is not None]
         if fresh:
-            cache.add(_as_streams(forms[0], [plan[k]["slot"] for k in fresh], N_max))
+            cache.add(_as_streams(forms[0], [plan[k]["slot"] for k in fresh], N_max, dev))
         if pre:
             P = [plan[k]["prefill"] for k in pre]
-            cu = torch.tensor([0, *np.cumsum(P)])
+            cu = torch.tensor([0, *np.cumsum(P)], device=dev)
             packed = [torch.cat([t[:, :, starts[k]:starts[k] + p] for k, p in zip(pre, P)], 2) for t in toks]
             tails = [last_tokens(t, cu, L - 1 + extra_tail) for t in packed]         # [n, H, T_tail, D]
             slots = [plan[k]["slot"] for k in pre]
             if forms[1] == "mask":   # rows in slot order, (N_max, ...)
                 order = sorted(range(len(pre)), key=lambda i: slots[i])
                 full_tails = [t.new_zeros((N_max, *t.shape[1:])) for t in tails]
-                lengths = torch.zeros(N_max, dtype=torch.int64)
+                lengths = torch.zeros(N_max, dtype=torch.int64, device=dev)
                 for i in order:
                     for ft, t in zip(full_tails, tails):
                         ft[slots[i]] = t[i]
                     lengths[slots[i]] = P[i]
-                cache.add(_as_streams("mask", slots, N_max), *full_tails, n_tokens=lengths)
+                cache.add(_as_streams("mask", slots, N_max, dev), *full_tails, n_tokens=lengths)
             else:
-                cache.add(_as_streams(forms[1], slots, N_max), *tails,
-                          n_tokens=P if forms[1] == "list" else torch.tensor(P))
+                cache.add(_as_streams(forms[1], slots, N_max, dev), *tails,
+                          n_tokens=P if forms[1] == "list" else torch.tensor(P, device=dev))
         # this step's token of every stream that has one; NaN in every other row
         new = [t.new_full((N_max, H, D), float("nan")) for t in toks]
         live = {}
@@ -168,9 +172,10 @@ def _run(case, inputs, N_max, plan, forms, extra_tail, *, compiled=None):
         done = [plan[k]["slot"] for k, sch in enumerate(sched)
                 if k not in live and (sch[-1][0] == s - 1 if sch else plan[k]["start"] == s)]
         if done:
-            cache.remove(_as_streams(forms[2], done, N_max))
+            cache.remove(_as_streams(forms[2], done, N_max, dev))
         before = cache.n_windows.clone()
-        y, emitted = step(kind, cache, *new, *_params(case, inputs), backend="torch", **_kw(case, inputs))
+        y, emitted = step(kind, cache, *new, *params, backend=backend, **kw)
+        y, emitted = y.cpu(), emitted.cpu()
         assert y.dtype == DTYPES[case.dtype] and tuple(y.shape) == (N_max, H, RECORDS[kind].d_out(case))
         assert emitted.dtype == torch.bool and tuple(emitted.shape) == (N_max,)
         expect = torch.zeros(N_max, dtype=torch.bool)
@@ -178,17 +183,18 @@ def _run(case, inputs, N_max, plan, forms, extra_tail, *, compiled=None):
             expect[plan[k]["slot"]] = _emits(t, L, S, case.padding)
         assert torch.equal(emitted, expect), f"step {s}: emitted {emitted.tolist()} != {expect.tolist()}"
         assert (y[~emitted] == 0).all(), f"step {s}: a row without a window is not 0"
-        assert torch.equal(cache.n_windows - before, emitted.long())
+        n_tokens, n_windows = cache.n_tokens.cpu(), cache.n_windows.cpu()
+        assert torch.equal(n_windows - before.cpu(), emitted.long())
         for k, t in live.items():
             slot = plan[k]["slot"]
-            assert cache.n_tokens[slot] == t + 1 and cache.n_windows[slot] == _num_windows(t + 1, L, S, case.padding)
+            assert n_tokens[slot] == t + 1 and n_windows[slot] == _num_windows(t + 1, L, S, case.padding)
             if emitted[slot]:
                 outs[k].append(to_numpy(y[slot]))
         # resets: after r tokens the stream starts over, its earlier windows are checked below, then dropped
         for k, p in enumerate(plan):
             if p["reset"] and s == p["start"] + p["reset"] - 1:
                 outs[k] = [("reset", list(outs[k]))]
-                cache.reset(_as_streams(forms[0], [p["slot"]], N_max))
+                cache.reset(_as_streams(forms[0], [p["slot"]], N_max, dev))
     return outs, cache
 
 
@@ -210,13 +216,15 @@ def test_decode_equals_full_pass(kind, data):
     _check_against_full_pass(case, inputs, plan, outs, bound)
 
 
-def _check_against_full_pass(case, inputs, plan, outs, bound, *, events=True):
+def _check_against_full_pass(case, inputs, plan, outs, bound, *, events=True, exact=None):
     """Every stream's decoded windows (before a reset, and since its last
-    start) are the full pass's windows of its sequence: bit for bit on a
-    batch-invariant backend, else within twice the tolerance bound."""
+    start) are the full pass's windows of its sequence (the torch backend's,
+    on the CPU): bit for bit on a batch-invariant backend (``exact``: by
+    default the torch backend's promise), else within twice the tolerance
+    bound."""
     kind, L, S = case.kind, case.L, case.S
     full = to_numpy(RECORDS[kind].call(getattr(kf, kind), case, inputs, backend="torch"))   # [1, H, W, D_out]
-    exact = backends.get(kind, "torch").batch_invariant
+    exact = backends.get(kind, "torch").batch_invariant if exact is None else exact
     tol = np.broadcast_to(2 * bound.bound, full.shape)[0]                                 # [H, W, D_out]
     w0 = 0
     for k, (n, p) in enumerate(zip(case.seqlens, plan)):
@@ -251,21 +259,25 @@ _COMPILE = {k: dict(L=5, S=2) for k in KINDS} | {"gated_pool": dict(L=4, S=2, sp
 _COMPILE_EXACT = ("mean_pool", "weighted_pool", "linear")
 
 
-def _compile_case(kind):
+def _compile_case(kind, dtype="float32"):
     from kvcompress.testing.cases import Case
     c = _COMPILE[kind]
-    case = Case(kind, "float32", B=1, H=2, G=2, T=23, D=4, block_size=c["L"], stride=c["S"], padding="left",
+    case = Case(kind, dtype, B=1, H=2, G=2, T=23, D=4, block_size=c["L"], stride=c["S"], padding="left",
                 seqlens=(11, 0, 12), use_pe=RECORDS[kind].kind.pe, D_out=3, F=5, bias=True, split=c.get("split", False),
                 seed=7)
     return case, make_inputs(case, RECORDS[kind])
+
+
+# three streams in four slots: one reset mid-way, one starting a step late, one from a prefill
+_PLAN = [dict(slot=2, start=0, prefill=None, reset=4), dict(slot=0, start=1, prefill=None, reset=None),
+         dict(slot=3, start=0, prefill=5, reset=None)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_compiled_step_equals_eager(kind):
     torch._dynamo.reset()
     case, inputs = _compile_case(kind)
-    plan = [dict(slot=2, start=0, prefill=None, reset=4), dict(slot=0, start=1, prefill=None, reset=None),
-            dict(slot=3, start=0, prefill=5, reset=None)]
+    plan = _PLAN
     compiled = torch.compile(decode_step, fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         got, cache_c = _run(case, inputs, 4, plan, ["tensor", "list", "mask"], 0, compiled=compiled)
@@ -302,6 +314,92 @@ def test_cache_methods_compile():
         assert torch.equal(getattr(caches[0], name), getattr(caches[1], name)), name
     assert caches[0].n_tokens.tolist() == [7, 0, 3, 0] and caches[0].n_windows.tolist() == [3, 0, 1, 0]
     assert caches[0].active.tolist() == [True, True, True, False]
+
+
+# ---------------------------------------------------------------- GPU
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_backends(kind) -> list[str]:
+    return [b.name for b in backends.backends(kind) if "cuda" in b.devices]
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_on_gpu_equals_full_pass(kind, dtype):
+    """Every backend registered for CUDA, driven through the CPU property's
+    plan (reset, late start, prefill hand-off; indices as tensors, lists and
+    masks on the device): the decoded windows are the full pass's (the torch
+    backend on the CPU) within twice the looser bound of the two classes."""
+    case, inputs = _compile_case(kind, dtype)
+    for name in _cuda_backends(kind):
+        got, _ = _run(case, inputs, 4, _PLAN, ["tensor", "list", "mask"], 0, device="cuda", backend=name)
+        assert sum(len(g) for g in got) > 0
+        bound = forward_bound(case, inputs, backends.get(kind, name).precision)
+        _check_against_full_pass(case, inputs, _PLAN, got, bound, events=False, exact=False)
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("kind", KINDS)
+def test_step_replayed_from_a_cuda_graph(kind):
+    """One decode step captured in a CUDA graph, replayed step after step
+    (new tokens copied into the captured input, streams added and removed
+    between replays with device masks), equals the eager step on a twin
+    cache bit for bit: outputs, emitted masks, rings and counters; and no
+    eager step synchronises (``torch.cuda.set_sync_debug_mode("error")``
+    raises on any synchronising call)."""
+    case, inputs = _compile_case(kind, "bfloat16")
+    N, H, D, L, S, n_steps = 4, case.H, case.D, case.L, case.S, 3 * case.L
+    dev = torch.device("cuda")
+    params = [p.to(dev) if isinstance(p, torch.Tensor) else p for p in _params(case, inputs)]
+    kw = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in _kw(case, inputs).items()}
+    n_in = len(RECORDS[kind].kind.inputs)
+    gen = torch.Generator(device=dev).manual_seed(3)
+    tokens = torch.randn(n_steps, n_in, N, H, D, device=dev, generator=gen).to(torch.bfloat16)
+    for name in _cuda_backends(kind):
+        def make():
+            c = DecodeCache(kind, N, H, D, block_size=L, stride=S, padding="left", dtype=torch.bfloat16, device=dev)
+            c.add(torch.tensor([0, 1, 2], device=dev))             # slot 3 starts later
+            return c
+
+        graphed, eager, scratch = make(), make(), make()
+        static = [torch.zeros(N, H, D, dtype=torch.bfloat16, device=dev) for _ in range(n_in)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                             # compile and warm up outside the capture
+            decode_step(kind, scratch, *static, *params, backend=name, **kw)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_g, e_g = decode_step(kind, graphed, *static, *params, backend=name, **kw)
+        joins = torch.tensor([False, False, False, True], device=dev)
+        leaves = torch.tensor([True, False, False, False], device=dev)
+        emitted = 0
+        for t in range(n_steps):
+            if t == L // 2:
+                for c in (graphed, eager):
+                    c.add(joins)
+            if t == 2 * L:
+                for c in (graphed, eager):
+                    c.remove(leaves)
+            for dst, src in zip(static, tokens[t]):
+                dst.copy_(src)
+            graph.replay()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                y_e, e_e = decode_step(kind, eager, *tokens[t], *params, backend=name, **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert torch.equal(e_g, e_e), f"{name}, step {t}: emitted masks differ"
+            assert torch.equal(y_g, y_e), f"{name}, step {t}: replayed output differs from eager"
+            emitted += int(e_e.sum())
+        for a in ("ring", "n_tokens", "n_windows", "active"):
+            assert torch.equal(getattr(graphed, a), getattr(eager, a)), f"{name}: cache.{a} differs"
+        assert emitted >= 3 * (n_steps // S) - 2, f"{name}: only {emitted} windows emitted"
 
 
 def test_no_host_reads(monkeypatch):

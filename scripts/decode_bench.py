@@ -1,0 +1,184 @@
+"""Issue 15's latency table: one decode step of ``kvcompress.decode`` for N
+streams, eager and replayed from a CUDA graph, next to recompressing the
+prefixes from scratch, every kind and every CUDA backend, in one process.
+
+Shape (NSA): H = 4 KV heads, D = 128, L = 32, S = 16, padding "left",
+bfloat16, one weight set per head (mlp: F = L * D; gated_pool: no split,
+D_out = D); every stream holds a PREFIX - 1 token prompt (default 4096 - 1)
+handed over with ``DecodeCache.add`` and receives one token per step (a
+window completes every S-th step; the step does the same work either way).
+
+- ``eager``: wall time per step of R back-to-back steps, synchronised once
+  at the end (host and device overlap as in a decoding loop: the larger of
+  the two), median of 5 such loops;
+- ``graph``: the same step captured once in a CUDA graph, R replays;
+- ``recompress``: ``kvcompress.functional`` over all N prefixes of PREFIX
+  tokens (the windows a step would otherwise recompute), the default
+  backend, ``triton.testing.do_bench`` median;
+- ``sync_free``: the eager step under ``torch.cuda.set_sync_debug_mode("error")``;
+- ``graph_equals_eager``: from two identical caches, the replayed step's
+  output, mask and cache equal the eager step's bit for bit.
+
+Usage (CUDA machine): python scripts/decode_bench.py [--streams 1,8,64,256]
+[--kinds ...] [--out decode.json] [--md decode.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import kvcompress.functional as kf
+from kvcompress import backends, kinds
+from kvcompress.decode import DecodeCache, decode_step
+
+H, D, L, S = 4, 128, 32, 16
+DT = torch.bfloat16
+
+
+def _params(kind, gen):
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(DT)
+
+    F = L * D
+    return {"mean_pool": lambda: [], "weighted_pool": lambda: [rnd(H, L, scale=1 / L)],
+            "linear": lambda: [rnd(H, L, D, D, scale=(L * D) ** -0.5), rnd(H, D)],
+            "mlp": lambda: [rnd(H, L * D, F, scale=(L * D) ** -0.5), rnd(H, F), rnd(H, F, D, scale=F ** -0.5),
+                            rnd(H, D)],
+            "attention_pool": lambda: [rnd(H, D, D, scale=D ** -0.5)],
+            "gated_pool": lambda: [rnd(H, L, D)]}[kind]()
+
+
+def _cache(kind, N, prefix, gen):
+    n_in = len(kinds.get(kind).inputs)
+    c = DecodeCache(kind, N, H, D, block_size=L, stride=S, padding="left", dtype=DT, device="cuda")
+    tails = [torch.randn(N, H, L - 1, D, device="cuda", generator=gen).to(DT) for _ in range(n_in)]
+    c.add(torch.arange(N, device="cuda"), *tails, n_tokens=torch.full((N,), prefix - 1, device="cuda"))
+    return c
+
+
+def _clone(c: DecodeCache) -> DecodeCache:
+    new = DecodeCache(c.kind, c.max_streams, c.heads, c.dim, block_size=c.block_size, stride=c.stride,
+                      padding=c.padding, dtype=c.dtype, device=c.device)
+    for a in ("ring", "n_tokens", "n_windows", "active"):
+        getattr(new, a).copy_(getattr(c, a))
+    return new
+
+
+def _loop_us(fn, R):
+    """Median over 5 loops of R calls, synchronised at each loop's end: us per call."""
+    out = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(R):
+            fn()
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - t0) / R * 1e6)
+    return statistics.median(out)
+
+
+def one(kind, N, backend, prefix, R, gen):
+    rec = kinds.get(kind)
+    params = _params(kind, gen)
+    kw = {"pe": torch.randn(H, L, D, device="cuda", generator=gen).to(DT)} if rec.pe else {}
+    n_in = len(rec.inputs)
+    tok = [torch.randn(N, H, D, device="cuda", generator=gen).to(DT) for _ in range(n_in)]
+    r = {"kind": kind, "N": N, "backend": backend}
+
+    def step(c):
+        return decode_step(kind, c, *tok, *params, backend=backend, **kw)
+
+    cache = _cache(kind, N, prefix, gen)
+    for _ in range(3):
+        step(cache)                                    # compile, warm up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(cache)
+        r["sync_free"] = True
+    except RuntimeError as e:
+        r["sync_free"] = f"{str(e)[:200]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    r["eager_us"] = _loop_us(lambda: step(cache), R)
+
+    graphed, twin = _clone(cache), _clone(cache)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg, eg = step(graphed)
+    g.replay()
+    ye, ee = step(twin)
+    r["graph_equals_eager"] = bool(torch.equal(yg, ye) and torch.equal(eg, ee) and all(
+        torch.equal(getattr(graphed, a), getattr(twin, a)) for a in ("ring", "n_tokens", "n_windows")))
+    r["graph_us"] = _loop_us(g.replay, R)
+    del g
+    return r
+
+
+def recompress_us(kind, N, prefix, gen):
+    import triton
+
+    rec = kinds.get(kind)
+    params = _params(kind, gen)
+    kw = {"pe": torch.randn(H, L, D, device="cuda", generator=gen).to(DT)} if rec.pe else {}
+    xs = [torch.randn(N, H, prefix, D, device="cuda", generator=gen).to(DT) for _ in rec.inputs]
+    fn = getattr(kf, kind)
+    return triton.testing.do_bench(lambda: fn(*xs, *params, block_size=L, stride=S, padding="left", **kw),
+                                   warmup=5, rep=50) * 1e3
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kinds", default=",".join(kinds.KINDS))
+    ap.add_argument("--streams", default="1,8,64,256")
+    ap.add_argument("--prefix", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--md", default=None)
+    a = ap.parse_args(argv)
+    import triton
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    head = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; bfloat16, "
+            f"H={H}, D={D}, L={L}, S={S}, left, prefix {a.prefix}")
+    print(head, flush=True)
+    for kind in a.kinds.split(","):
+        names = [b.name for b in backends.backends(kind) if "cuda" in b.devices]
+        for N in (int(n) for n in a.streams.split(",")):
+            base = recompress_us(kind, N, a.prefix, gen)
+            for name in names:
+                try:
+                    r = one(kind, N, name, a.prefix, a.rounds, gen)
+                except Exception as e:          # reported, the table goes on
+                    r = {"kind": kind, "N": N, "backend": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                r["recompress_us"] = base
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+            torch.cuda.empty_cache()
+    lines = [f"Decode step, {head}. Times in us per step (eager: host included; graph: CUDA-graph replay); "
+             "recompress: all N prefixes through the default backend.", "",
+             "| kind | N | backend | eager | graph | recompress | recompress / graph | sync-free | graph = eager |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['kind']} | {r['N']} | {r['backend']} | error: {r['error'][:80]} | | | | | |")
+            continue
+        lines.append(f"| {r['kind']} | {r['N']} | {r['backend']} | {r['eager_us']:.1f} | {r['graph_us']:.1f} | "
+                     f"{r['recompress_us']:.1f} | {r['recompress_us'] / r['graph_us']:.1f}x | "
+                     f"{'yes' if r['sync_free'] is True else 'NO'} | {'yes' if r['graph_equals_eager'] else 'NO'} |")
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        json.dump({"head": head, "rows": rows}, open(a.out, "w"), indent=1)
+    if a.md:
+        open(a.md, "w").write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
