@@ -17,7 +17,11 @@ window completes every S-th step; the step does the same work either way).
   backend, ``triton.testing.do_bench`` median;
 - ``sync_free``: the eager step under ``torch.cuda.set_sync_debug_mode("error")``;
 - ``graph_equals_eager``: from two identical caches, the replayed step's
-  output, mask and cache equal the eager step's bit for bit.
+  output, mask and cache equal the eager step's bit for bit;
+- ``+ inductor`` rows (at --compile-streams N, default 64): the same step
+  through ``torch.compile(decode_step, fullgraph=True)`` (inductor fuses
+  the step's index arithmetic, gathers and ring update), eager launches and
+  captured in a CUDA graph; ``first_calls_s`` holds the compilation.
 
 Usage (CUDA machine): python scripts/decode_bench.py [--streams 1,8,64,256]
 [--kinds ...] [--out decode.json] [--md decode.md]
@@ -82,20 +86,26 @@ def _loop_us(fn, R):
     return statistics.median(out)
 
 
-def one(kind, N, backend, prefix, R, gen):
+def one(kind, N, backend, prefix, R, gen, compiled=False):
     rec = kinds.get(kind)
     params = _params(kind, gen)
     kw = {"pe": torch.randn(H, L, D, device="cuda", generator=gen).to(DT)} if rec.pe else {}
     n_in = len(rec.inputs)
     tok = [torch.randn(N, H, D, device="cuda", generator=gen).to(DT) for _ in range(n_in)]
-    r = {"kind": kind, "N": N, "backend": backend}
+    r = {"kind": kind, "N": N, "backend": backend + (" + inductor" if compiled else "")}
+    fn = torch.compile(decode_step, fullgraph=True, dynamic=False) if compiled else decode_step
+    if compiled:
+        torch._dynamo.reset()
 
     def step(c):
-        return decode_step(kind, c, *tok, *params, backend=backend, **kw)
+        return fn(kind, c, *tok, *params, backend=backend, **kw)
 
     cache = _cache(kind, N, prefix, gen)
+    t0 = time.perf_counter()
     for _ in range(3):
         step(cache)                                    # compile, warm up
+    torch.cuda.synchronize()
+    r["first_calls_s"] = time.perf_counter() - t0
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -107,14 +117,15 @@ def one(kind, N, backend, prefix, R, gen):
         torch.cuda.set_sync_debug_mode("default")
     r["eager_us"] = _loop_us(lambda: step(cache), R)
 
-    graphed, twin = _clone(cache), _clone(cache)
+    # captured on the warmed cache itself (a compiled step may guard on the object), checked against a twin
+    twin = _clone(cache)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        yg, eg = step(graphed)
+        yg, eg = step(cache)
     g.replay()
     ye, ee = step(twin)
     r["graph_equals_eager"] = bool(torch.equal(yg, ye) and torch.equal(eg, ee) and all(
-        torch.equal(getattr(graphed, a), getattr(twin, a)) for a in ("ring", "n_tokens", "n_windows")))
+        torch.equal(getattr(cache, a), getattr(twin, a)) for a in ("ring", "n_tokens", "n_windows")))
     r["graph_us"] = _loop_us(g.replay, R)
     del g
     return r
@@ -138,13 +149,16 @@ def main(argv=None):
     ap.add_argument("--streams", default="1,8,64,256")
     ap.add_argument("--prefix", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--compile-streams", default="64",
+                    help="stream counts at which the step is also measured under torch.compile(fullgraph=True)")
+    ap.add_argument("--deadline", type=float, default=240, help="seconds after which no compiled variant starts")
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None)
     a = ap.parse_args(argv)
     import triton
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = []
+    rows, start = [], time.perf_counter()
     head = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; bfloat16, "
             f"H={H}, D={D}, L={L}, S={S}, left, prefix {a.prefix}")
     print(head, flush=True)
@@ -152,11 +166,17 @@ def main(argv=None):
         names = [b.name for b in backends.backends(kind) if "cuda" in b.devices]
         for N in (int(n) for n in a.streams.split(",")):
             base = recompress_us(kind, N, a.prefix, gen)
-            for name in names:
+            variants = [(name, False) for name in names]
+            if str(N) in a.compile_streams.split(","):
+                variants += [(name, True) for name in names]
+            for name, compiled in variants:
+                if compiled and time.perf_counter() - start > a.deadline:
+                    continue
                 try:
-                    r = one(kind, N, name, a.prefix, a.rounds, gen)
+                    r = one(kind, N, name, a.prefix, a.rounds, gen, compiled)
                 except Exception as e:          # reported, the table goes on
-                    r = {"kind": kind, "N": N, "backend": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    r = {"kind": kind, "N": N, "backend": name + (" + inductor" if compiled else ""),
+                         "error": f"{type(e).__name__}: {str(e)[:300]}"}
                 r["recompress_us"] = base
                 rows.append(r)
                 print(json.dumps(r), flush=True)

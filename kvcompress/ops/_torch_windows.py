@@ -243,7 +243,9 @@ def attention_pool_sum(layout: StreamLayout, stream: torch.Tensor, w: torch.Tens
     keep = None                                                    # every row a returned window
     if layout.windows.numel() != layout.Np:
         keep = torch.zeros(layout.Np, dtype=torch.bool, device=stream.device)
-        keep[layout.windows] = True                                # rows that are real windows
+        # rows that are real windows; index_fill_ takes the value as a kernel argument (an index
+        # assignment of a Python scalar copies it from the host: not capturable in a CUDA graph)
+        keep.index_fill_(0, layout.windows, True)
         keep = keep.repeat(layout.B)                               # [B * Np]
     return _AttentionPool.apply(stream, w, pe, layout.S, layout.R, Hg, L, keep)
 
