@@ -106,7 +106,7 @@ class DecodeCache:
         # one pad token: each input's pad value over its D features, side by side
         self._pad = torch.tensor(self.fill, dtype=dtype, device=dev).repeat_interleave(dim)   # [n_in * D]
         self._slots = torch.arange(block_size, device=dev)                                   # [L]
-        self._rows = torch.arange(max_streams, device=dev)                                   # [N]
+        self._index = torch.arange(max_streams, device=dev)                                  # [N]
 
     # ------------------------------------------------------------ metadata
 
@@ -420,7 +420,7 @@ def decode_step(kind: str, cache: DecodeCache, x_new: torch.Tensor, *params, pe=
                                    backend=backend, **kw)[:, :, 0]              # [N, H, D_out]
     y = torch.where(emitted[:, None, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
 
-    rows = cache._rows
+    rows = cache._index
     slot = torch.remainder(u, L)                                                # [N] holds u - L until now
     cache.ring[rows, slot] = torch.where(act[:, None, None], token, cache.ring[rows, slot])
     cache.n_tokens.add_(act.to(torch.int64))
