@@ -21,6 +21,10 @@ a module in it.
     kvcompress-verify --thorough            # the thorough Hypothesis profile
     kvcompress-verify --impl linear=my_pkg.kernels:linear --impl-dtypes float32,bfloat16
     kvcompress-verify --impl weighted_pool=my_pkg:wp --domain weighted_pool=my_pkg:DOMAIN --xfails-file known.txt
+
+``KVCOMPRESS_VERIFY_NATIVE_ONLY=1`` leaves out the emulated session (and says
+so): this project's CI sets it, because its test command has just run the
+same properties on the emulated backends with a larger budget.
 """
 
 from __future__ import annotations
@@ -280,7 +284,11 @@ def main(argv=None) -> int:
     # run in a second session with the ci-emulated budget (conftest.py).
     sessions = [("exclude", profile)]
     if not args.impl and _has_emulated(args.impl_device):
-        sessions.append(("only", "ci-emulated" if profile == "ci" else profile))
+        if os.environ.get("KVCOMPRESS_VERIFY_NATIVE_ONLY", "") not in ("", "0"):
+            sys.stderr.write("kvcompress-verify: emulated backends left out (KVCOMPRESS_VERIFY_NATIVE_ONLY is set)\n")
+            print("emulated backends (Triton's interpreter) were left out: KVCOMPRESS_VERIFY_NATIVE_ONLY is set")
+        else:
+            sessions.append(("only", "ci-emulated" if profile == "ci" else profile))
     collector = _Collector(sys.stderr)
     code = pytest.ExitCode.OK
     t0 = time.perf_counter()

@@ -17,8 +17,8 @@ CONFORMANCE = "kvcompress/testing/properties/test_conformance.py"
 
 
 def _run(args, **env):
-    e = {**os.environ, "KVCOMPRESS_PROFILE": "dev", **env}
-    e.pop("KVCOMPRESS_REPORT", None)
+    e = {k: v for k, v in os.environ.items() if k not in ("KVCOMPRESS_REPORT", "KVCOMPRESS_VERIFY_NATIVE_ONLY")}
+    e.update({"KVCOMPRESS_PROFILE": "dev", **env})
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
 
 
@@ -51,6 +51,19 @@ def test_verify_prints_the_matrix_and_writes_json(tmp_path):
     rows = [row for row in rep["rows"] if row["kind"] == "mean_pool" and row["dtype"] == "float32"]
     assert rows and rows[0]["passed"] and rows[0]["examples"] > 0
     assert {"matches_reference", "test_locality", "test_gradients_match_exact"} <= set(rows[0]["properties"])
+    # the second session: the Triton backend through its interpreter, with the ci-emulated budget
+    emulated = [row for row in rows if row["backend"] == "triton (interpreter)"]
+    assert emulated and emulated[0]["passed"] and emulated[0]["properties"]["matches_reference"] == "passed"
+
+
+def test_verify_native_only_leaves_the_emulated_session_out_and_says_so(tmp_path):
+    out = tmp_path / "v.json"
+    r = _run(["-m", "kvcompress.verify", "-k", "mean_pool and float32 and matches_reference", "--json", str(out)],
+             KVCOMPRESS_VERIFY_NATIVE_ONLY="1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "emulated backends (Triton's interpreter) were left out" in r.stdout
+    backends = {row["backend"] for row in json.loads(out.read_text())["rows"]}
+    assert backends == {"torch"}, backends
 
 
 def test_verify_fails_on_a_broken_callable(tmp_path):
