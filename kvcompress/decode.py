@@ -352,6 +352,24 @@ def _check_step_args(fn, kind, cache, new, pe, backend, kind_kwargs) -> None:
         _backends.get(kind, backend)
 
 
+def _compress_rows(kind: str, wins, params, L: int, S: int, pe, backend: str, kind_kwargs: dict) -> torch.Tensor:
+    """One window per row: wins, one (N, H, L, D) tensor per per-token input
+    -> (N, H, D_out), through kvcompress.functional.
+
+    Computed with the full pass's stride (W = 1 for any stride): a backend's
+    arithmetic for a window may depend on S (weighted_pool's torch path sums
+    chunks of S positions, linear's multiplies chunks of S tokens when S | L;
+    gated_pool's split reads feature chunk j // S), so this is what keeps a
+    batch-invariant backend bit for bit equal to the full pass. The price on
+    the torch backend: ceil(L / S) window starts per row are computed, one
+    kept."""
+    kw = dict(kind_kwargs)
+    if _kinds.get(kind).pe:
+        kw["pe"] = pe
+    return getattr(_functional, kind)(*wins, *params, block_size=L, stride=S, padding="valid",
+                                      backend=backend, **kw)[:, :, 0]
+
+
 def decode_step(kind: str, cache: DecodeCache, x_new: torch.Tensor, *params, pe=None, backend: str = "auto",
                 **kind_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Give every active stream one new token; return what completes.
@@ -391,7 +409,6 @@ def decode_step(kind: str, cache: DecodeCache, x_new: torch.Tensor, *params, pe=
                         f"before its parameters")
     new, params = (x_new, *params[:n_more]), params[n_more:]
     _check_step_args(fn, kind, cache, new, pe, backend, kind_kwargs)
-    rec = _kinds.get(kind)
     N, L, S, H = cache.max_streams, cache.block_size, cache.stride, cache.heads
     D = cache.dim
     token = torch.cat(new, 2) if n_more else x_new                              # [N, H, n_in*D]
@@ -408,16 +425,7 @@ def decode_step(kind: str, cache: DecodeCache, x_new: torch.Tensor, *params, pe=
     win = torch.cat([prev, token[:, None]], 1).transpose(1, 2)                 # [N, H, L, n_in*D]
     wins = win.split(D, dim=3) if n_more else (win,)
 
-    # one window per row (W = 1 for any stride), computed with the full pass's stride: a backend's
-    # arithmetic for a window may depend on S (weighted_pool's torch path sums chunks of S positions,
-    # linear's multiplies chunks of S tokens when S | L; gated_pool's split reads feature chunk j // S),
-    # so this is what keeps a batch-invariant backend bit for bit equal to the full pass. The price on
-    # the torch backend: ceil(L / S) window starts per row are computed, one kept
-    kw = dict(kind_kwargs)
-    if rec.pe:
-        kw["pe"] = pe
-    y = getattr(_functional, kind)(*wins, *params, block_size=L, stride=S, padding="valid",
-                                   backend=backend, **kw)[:, :, 0]              # [N, H, D_out]
+    y = _compress_rows(kind, wins, params, L, S, pe, backend, kind_kwargs)      # [N, H, D_out]
     y = torch.where(emitted[:, None, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
 
     rows = cache._index
