@@ -115,7 +115,7 @@ def main(argv=None):
                 "seed+compile": torch.compile(seed.mlp, dynamic=False)}
     # the floor: the forward's flops at the rate of a bf16 bmm of the first layer's shape
     Am, Bm = rnd(H, T // S, L * D), rnd(H, L * D, F)
-    ms = triton.testing.do_bench(lambda: torch.bmm(Am, Bm), warmup=25, rep=100)
+    ms = triton.testing.do_bench(lambda Am=Am, Bm=Bm: torch.bmm(Am, Bm), warmup=25, rep=100)
     rate = 2 * H * (T // S) * L * D * F / (ms * 1e-3)
     flops = 2 * B * H * (T // S) * (L * D * F + F * D)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -132,12 +132,13 @@ def main(argv=None):
                 y = fn(x, w1, b1, w2, b2, **kw)
                 err = (y.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()
                 r["rms_rel_err"] = float(err)
-                r["fwd_ms"] = triton.testing.do_bench(lambda: fn(x, w1, b1, w2, b2, **kw), warmup=25, rep=100)
+                r["fwd_ms"] = triton.testing.do_bench(lambda fn=fn: fn(x, w1, b1, w2, b2, **kw), warmup=25,
+                                                      rep=100)
             xl, *ps, pel = leaves
             gy = torch.randn(y.shape, generator=g, device=dev).to(dt)
             del y
 
-            def fb():
+            def fb(fn=fn, xl=xl, ps=ps, pel=pel, gy=gy):
                 out_ = fn(xl, *ps, **dict(kw, pe=pel))
                 out_.backward(gy)
 
