@@ -21,7 +21,9 @@ Common keyword-only arguments:
 - total_windows: with cu_seqlens, the packed output size W (the last entry
   of ``compressed_cu_seqlens``) if the caller knows it, else None. Knowing
   it makes a packed call free of host synchronisation (CUDA-graph
-  capturable): on a GPU cu_seqlens' values are then trusted, not read on
+  capturable) on the Triton backend (the torch backend's packed layout
+  still reads its window count: docs/semantics.md, a known gap): on a GPU
+  cu_seqlens' values are then trusted, not read on
   the host (its dtype, shape and device are still checked), and backends
   that can verify it on the device do so (docs/semantics.md says what
   malformed values give there). On the CPU reading them costs nothing, so
