@@ -26,12 +26,19 @@ from __future__ import annotations
 
 import torch
 
+from . import backends as _backends
 from . import kinds as _kinds
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_pe, check_window_args
 from ._windows import _num_windows_tensor
 from .decode import _compress_rows
 
 __all__ = ["paged_decode_step", "write_windows"]
+
+# every kind's backends, loaded now: kvcompress.backends imports them lazily, on the first look-up, and an
+# import inside a step traced by torch.compile(fullgraph=True) is a graph break (DecodeCache loads its
+# kind's when it is built; the paged step has no object to do it)
+for _kind in _kinds.KINDS:
+    _backends.backends(_kind)
 
 
 def _check_pool(fn: str, name: str, t, what: str) -> None:

@@ -198,10 +198,10 @@ def _run(case, inputs, N_max, plan, forms, extra_tail, *, compiled=None, device=
     return outs, cache
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@settings(deadline=None)
-@given(data=st.data())
-def test_decode_equals_full_pass(kind, data):
+def draw_streams(kind, data):
+    """A packed case of 1-3 short streams (any dtype of DTYPE_CHOICES), its
+    inputs and its strict bound, well conditioned: what the decoding
+    properties (here and tests/test_paged.py) feed token by token."""
     dtype = data.draw(st.sampled_from(DTYPE_CHOICES), label="dtype")
     case = data.draw(cases(kind=kind, dtype=dtype, packed=True, max_windows=4, max_seqs=3, max_dim=6,
                            max_heads=4, layouts=("contiguous",)), label="case")
@@ -209,6 +209,14 @@ def test_decode_equals_full_pass(kind, data):
     inputs = make_inputs(case, RECORDS[kind])
     bound = forward_bound(case, inputs, "strict")
     assume(bound.well_conditioned)
+    return case, inputs, bound
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(deadline=None)
+@given(data=st.data())
+def test_decode_equals_full_pass(kind, data):
+    case, inputs, bound = draw_streams(kind, data)
     N_max, plan, forms, extra_tail = data.draw(plans(case.seqlens, case.L, case.S), label="plan")
     note(f"plan={plan} forms={forms} N_max={N_max}")
     outs, _ = _run(case, inputs, N_max, plan, forms, extra_tail)

@@ -25,18 +25,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, note, settings
+from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 import kvcompress.functional as kf
 from kvcompress._windows import _num_windows
 from kvcompress.paged import paged_decode_step, write_windows
-from kvcompress.testing.cases import make_inputs
 from kvcompress.testing.convert import DTYPES, to_numpy
 from kvcompress.testing.records import KINDS, RECORDS
-from kvcompress.testing.strategies import cases
-from kvcompress.testing.tolerance import forward_bound
-from tests.test_decode import DTYPE_CHOICES, _check_against_full_pass, _compile_case, _emits, _kw, _params, _tokens
+from tests.test_decode import _check_against_full_pass, _compile_case, _emits, _kw, _params, _tokens, draw_streams
 
 GARBAGE = (-3, 10 ** 6)      # block table entries of rows that are no stream, and past a stream's pages
 
@@ -65,13 +62,8 @@ class Pages:
 @settings(deadline=None)
 @given(data=st.data())
 def test_paged_decode_equals_full_pass(kind, data):
-    dtype = data.draw(st.sampled_from(DTYPE_CHOICES), label="dtype")
-    case = data.draw(cases(kind=kind, dtype=dtype, packed=True, max_windows=4, max_seqs=3, max_dim=6,
-                           max_heads=4, layouts=("contiguous",)), label="case")
-    assume(len(case.seqlens) >= 1)
-    inputs = make_inputs(case, RECORDS[kind])
-    bound = forward_bound(case, inputs, "strict")
-    assume(bound.well_conditioned)
+    case, inputs, bound = draw_streams(kind, data)
+    dtype = case.dtype
     L, S, H, D, pad = case.L, case.S, case.H, case.D, case.padding
     n_str = len(case.seqlens)
     extra_rows = data.draw(st.integers(0, 2), label="extra_rows")
