@@ -337,19 +337,35 @@ def _check_step_args(fn, kind, cache, new, pe, backend, kind_kwargs) -> None:
     for name, t in zip(rec.inputs, new):
         _check_tensor(fn, name, t, cache, f"(N_max, H, D) = {shape} (one new token per stream)",
                       lambda t: tuple(t.shape) == shape)
+    # pe checked against a window of the cache (N, H, L, D)
+    _check_options(fn, kind, pe, new[0][:, :, None], cache.block_size, backend, kind_kwargs,
+                   "; block_size, stride and padding come from the cache")
+
+
+def _check_options(fn, kind, pe, window, L, backend, kind_kwargs, hint="") -> None:
+    """The checks a decoding step shares (this module's and kvcompress.paged's):
+    the kind's keyword options, pe (against ``window``, any (N, H, *, D)
+    tensor of the tokens' dtype and device) and the backend's name."""
+    rec = _kinds.get(kind)
     extra = [k for k in kind_kwargs if k not in rec.option_names]
     if extra:
-        raise TypeError(f"{fn}: {kind} takes no keyword arguments {extra} here (allowed: {list(rec.option_names)}; "
-                        f"block_size, stride and padding come from the cache)")
+        raise TypeError(f"{fn}: {kind} takes no keyword arguments {extra} here (allowed: {list(rec.option_names)}"
+                        f"{hint})")
     if rec.pe:
-        if pe is not None:   # checked against a window of the cache (N, H, L, D)
-            check_pe(fn, pe, new[0][:, :, None], cache.block_size)
+        if pe is not None:
+            check_pe(fn, pe, window, L)
     elif pe is not None:
         raise TypeError(f"{fn}: {kind} takes no pe (got a {type(pe).__name__})")
     if not isinstance(backend, str):
         raise TypeError(f"{fn}: backend must be a str, 'auto' or a backend name, got {type(backend).__name__}")
     if backend != "auto":
         _backends.get(kind, backend)
+
+
+def _emits(u: torch.Tensor, active: torch.Tensor, L: int, S: int) -> torch.Tensor:
+    """[N] bool: the active rows whose new token, at left-padded position u
+    (N,), ends a window of the full pass (SPEC section 2)."""
+    return active & (u >= L - 1) & (torch.remainder(u - (L - 1), S) == 0)
 
 
 def _compress_rows(kind: str, wins, params, L: int, S: int, pe, backend: str, kind_kwargs: dict) -> torch.Tensor:
@@ -416,7 +432,7 @@ def decode_step(kind: str, cache: DecodeCache, x_new: torch.Tensor, *params, pe=
 
     u = cache.n_tokens + cache.pad_tokens                                       # [N] position of the new token
     act = cache.active
-    emitted = act & (u >= L - 1) & (torch.remainder(u - (L - 1), S) == 0)     # [N]
+    emitted = _emits(u, act, L, S)                                              # [N]
     # the window ending at u: positions u - L + 1 .. u - 1 from the ring, in order, then the new token.
     # The ring is written only after the compression, so an error there (a bad parameter, which
     # kvcompress.functional checks) leaves the cache as it was

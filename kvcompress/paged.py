@@ -28,9 +28,9 @@ import torch
 
 from . import backends as _backends
 from . import kinds as _kinds
-from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_pe, check_window_args
+from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_window_args
 from ._windows import _num_windows_tensor
-from .decode import _compress_rows
+from .decode import _check_options, _compress_rows, _emits
 
 __all__ = ["paged_decode_step", "write_windows"]
 
@@ -162,22 +162,13 @@ def paged_decode_step(kind: str, kv_pages, block_table: torch.Tensor, seq_lens: 
         if tuple(active.shape) != (N,) or active.device != dev:
             raise ValueError(f"{fn}: active must have shape (N,) = ({N},) on {dev}, got {tuple(active.shape)} "
                              f"on {active.device}")
-    extra = [k for k in kind_kwargs if k not in rec.option_names]
-    if extra:
-        raise TypeError(f"{fn}: {kind} takes no keyword arguments {extra} here (allowed: {list(rec.option_names)})")
-    if rec.pe:
-        if pe is not None:
-            check_pe(fn, pe, pools[0].new_empty(N, H, 1, D), L)
-    elif pe is not None:
-        raise TypeError(f"{fn}: {kind} takes no pe (got a {type(pe).__name__})")
-    if not isinstance(backend, str):
-        raise TypeError(f"{fn}: backend must be a str, 'auto' or a backend name, got {type(backend).__name__}")
+    _check_options(fn, kind, pe, pools[0][:1, :1].permute(0, 2, 1, 3), L, backend, kind_kwargs)   # (1, H, 1, D)
 
     t = seq_lens.to(torch.int64) - 1                                            # [N] the new token
     act = t >= 0 if active is None else active & (t >= 0)
     pad = L - S if padding == "left" else 0
     u = t + pad                                                                 # left-padded position
-    emitted = act & (u >= L - 1) & (torch.remainder(u - (L - 1), S) == 0)     # [N]
+    emitted = _emits(u, act, L, S)                                              # [N]
 
     # the window ending at token t: tokens t - L + 1 .. t (negative: left pads)
     tok = t[:, None] - (L - 1) + torch.arange(L, device=dev)                    # [N, L]
