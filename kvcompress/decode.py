@@ -427,6 +427,8 @@ def decode_step(kind: str, cache: DecodeCache, x_new: torch.Tensor, *params, pe=
     _check_step_args(fn, kind, cache, new, pe, backend, kind_kwargs)
     N, L, S, H = cache.max_streams, cache.block_size, cache.stride, cache.heads
     D = cache.dim
+    if _ring_kernels(cache):
+        return _step_ring_kernels(kind, cache, new, params, pe, backend, kind_kwargs)
     token = torch.cat(new, 2) if n_more else x_new                              # [N, H, n_in*D]
     Dt = token.shape[2]
 
@@ -450,3 +452,74 @@ def decode_step(kind: str, cache: DecodeCache, x_new: torch.Tensor, *params, pe=
     cache.n_tokens.add_(act.to(torch.int64))
     cache.n_windows.add_(emitted.to(torch.int64))
     return y, emitted
+
+
+# ---------------------------------------------------------------- the step in Triton kernels
+
+# Whether decode_step moves its data with the Triton ring kernels (kvcompress/ops/_triton/ring.py):
+# "auto" on CUDA when Triton is installed (not while torch.compile traces the step: inductor fuses
+# the torch formulation itself), "on" also on CPU tensors under TRITON_INTERPRET=1 (tests), "off" never
+RING_KERNELS = "auto"
+
+
+def _ring_kernels(cache: DecodeCache) -> bool:
+    if RING_KERNELS == "off" or torch.compiler.is_compiling():
+        return False
+    from ._optional import has_triton
+    if not has_triton():
+        return False
+    from .ops._triton.env import INTERPRET, triton_available
+    if not triton_available():
+        return False
+    dev = cache.device.type
+    return dev == "cuda" or (RING_KERNELS == "on" and dev == "cpu" and INTERPRET)
+
+
+def _resolve(kind: str, backend: str, x: torch.Tensor, args: tuple, kw: dict):
+    """The backend kvcompress.functional would run for this call (ValueError if none)."""
+    if backend != "auto":
+        return _backends.get(kind, backend)
+    for b in _backends.backends(kind):
+        if b.accepts_auto(x, *args, **kw):
+            return b
+    raise ValueError(f"{kind}: no registered backend runs on device {x.device.type} with dtype {x.dtype}")
+
+
+def _step_ring_kernels(kind, cache, new, params, pe, backend, kind_kwargs):
+    """decode_step with its data movement in two Triton launches around the
+    compression (``ring_window``, ``ring_advance``): the same result.
+
+    The windows are gathered into one buffer (H, N, L, n_in*D). A backend
+    that promises batch invariance gets them as N batch rows of one window
+    each with the full pass's stride, as the torch formulation passes them
+    (bit for bit the full pass). Any other backend gets them as one
+    sequence (1, H, N*L, D) with stride L: N non-overlapping windows, one
+    per stream, so a kernel tiles over the streams' windows and reads its
+    weights once per tile instead of once per stream. A window's value does
+    not depend on the stride (SPEC section 2), except gated_pool's split,
+    which reads feature chunk j // S: that one keeps the batch rows.
+    """
+    from .ops._triton.ring import ring_advance, ring_window
+    N, L, S, H, D = cache.max_streams, cache.block_size, cache.stride, cache.heads, cache.dim
+    Dt = cache.ring.shape[3]
+    buf = torch.empty(H, N, L, Dt, dtype=cache.dtype, device=cache.device)
+    rows = buf.permute(1, 0, 2, 3)                                             # [N, H, L, n_in*D]
+    kw = dict(kind_kwargs)
+    if _kinds.get(kind).pe:
+        kw["pe"] = pe
+    ins = rows.split(D, dim=3) if len(new) > 1 else (rows,)
+    b = _resolve(kind, backend, ins[0], (*ins[1:], *params), dict(kw, block_size=L, stride=S, padding="valid"))
+    one_sequence = not b.batch_invariant and not kind_kwargs.get("split", False)
+    emitted = torch.empty(N, dtype=torch.bool, device=cache.device)
+    ring_window(cache.ring, new, cache.n_tokens, cache.active, rows, emitted, stride=S, pre=cache.pad_tokens)
+    f = getattr(_functional, kind)
+    if one_sequence:
+        seq = buf.view(1, H, N * L, Dt)
+        ins = seq.split(D, dim=3) if len(new) > 1 else (seq,)
+        y = f(*ins, *params, block_size=L, stride=L, padding="valid", backend=b.name, **kw)[0].transpose(0, 1)
+    else:
+        y = f(*ins, *params, block_size=L, stride=S, padding="valid", backend=b.name, **kw)[:, :, 0]
+    out = torch.empty(N, H, y.shape[2], dtype=y.dtype, device=y.device)        # [N, H, D_out]
+    ring_advance(cache.ring, new, cache.n_tokens, cache.n_windows, cache.active, emitted, y, out,
+                 pre=cache.pad_tokens)
+    return out, emitted

@@ -18,6 +18,9 @@ window completes every S-th step; the step does the same work either way).
 - ``sync_free``: the eager step under ``torch.cuda.set_sync_debug_mode("error")``;
 - ``graph_equals_eager``: from two identical caches, the replayed step's
   output, mask and cache equal the eager step's bit for bit;
+- ``(torch step)`` rows: the same backend with the step's data movement in
+  torch (``kvcompress.decode.RING_KERNELS = "off"``), beside the default
+  rows, which move it with the two Triton ring kernels;
 - ``+ inductor`` rows (at --compile-streams N, default 64): the same step
   through ``torch.compile(decode_step, fullgraph=True)`` (inductor fuses
   the step's index arithmetic, gathers and ring update), eager launches and
@@ -36,6 +39,7 @@ import time
 
 import torch
 
+import kvcompress.decode as decode_module
 import kvcompress.functional as kf
 from kvcompress import backends, kinds
 from kvcompress.decode import DecodeCache, decode_step
@@ -86,13 +90,22 @@ def _loop_us(fn, R):
     return statistics.median(out)
 
 
-def one(kind, N, backend, prefix, R, gen, compiled=False):
+def one(kind, N, backend, prefix, R, gen, compiled=False, ring="auto"):
+    old, decode_module.RING_KERNELS = decode_module.RING_KERNELS, ring
+    try:
+        return _one(kind, N, backend, prefix, R, gen, compiled, ring)
+    finally:
+        decode_module.RING_KERNELS = old
+
+
+def _one(kind, N, backend, prefix, R, gen, compiled, ring):
     rec = kinds.get(kind)
     params = _params(kind, gen)
     kw = {"pe": torch.randn(H, L, D, device="cuda", generator=gen).to(DT)} if rec.pe else {}
     n_in = len(rec.inputs)
     tok = [torch.randn(N, H, D, device="cuda", generator=gen).to(DT) for _ in range(n_in)]
-    r = {"kind": kind, "N": N, "backend": backend + (" + inductor" if compiled else "")}
+    r = {"kind": kind, "N": N, "backend": backend + (" + inductor" if compiled else "")
+         + (" (torch step)" if ring == "off" and not compiled else "")}
     fn = torch.compile(decode_step, fullgraph=True, dynamic=False) if compiled else decode_step
     if compiled:
         torch._dynamo.reset()
@@ -151,6 +164,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--compile-streams", default="64",
                     help="stream counts at which the step is also measured under torch.compile(fullgraph=True)")
+    ap.add_argument("--torch-step", default="64",
+                    help="stream counts at which the step is also measured with its data movement in torch")
     ap.add_argument("--deadline", type=float, default=240, help="seconds after which no compiled variant starts")
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None)
@@ -166,14 +181,16 @@ def main(argv=None):
         names = [b.name for b in backends.backends(kind) if "cuda" in b.devices]
         for N in (int(n) for n in a.streams.split(",")):
             base = recompress_us(kind, N, a.prefix, gen)
-            variants = [(name, False) for name in names]
+            variants = [(name, False, "auto") for name in names]
+            if str(N) in a.torch_step.split(","):
+                variants += [(name, False, "off") for name in names]
             if str(N) in a.compile_streams.split(","):
-                variants += [(name, True) for name in names]
-            for name, compiled in variants:
+                variants += [(name, True, "auto") for name in names]
+            for name, compiled, ring in variants:
                 if compiled and time.perf_counter() - start > a.deadline:
                     continue
                 try:
-                    r = one(kind, N, name, a.prefix, a.rounds, gen, compiled)
+                    r = one(kind, N, name, a.prefix, a.rounds, gen, compiled, ring)
                 except Exception as e:          # reported, the table goes on
                     r = {"kind": kind, "N": N, "backend": name + (" + inductor" if compiled else ""),
                          "error": f"{type(e).__name__}: {str(e)[:300]}"}

@@ -40,6 +40,7 @@ import torch
 from hypothesis import assume, event, given, note, settings
 from hypothesis import strategies as st
 
+import kvcompress.decode as decode_module
 import kvcompress.functional as kf
 from kvcompress import backends
 from kvcompress._windows import _num_windows
@@ -222,6 +223,54 @@ def test_decode_equals_full_pass(kind, data):
     outs, _ = _run(case, inputs, N_max, plan, forms, extra_tail)
 
     _check_against_full_pass(case, inputs, plan, outs, bound)
+
+
+# the Triton ring kernels (kvcompress/ops/_triton/ring.py) run in the interpreter here, which costs per
+# program and per step (~2 s an example): a twelfth of the profile's examples, every kind (the kernels
+# are kind-agnostic data movement; the kinds differ in inputs, pads and D_out)
+RING_EXAMPLES = max(3, settings.default.max_examples // 12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(deadline=None, max_examples=RING_EXAMPLES)
+@given(data=st.data())
+def test_ring_kernels_equal_full_pass(kind, data):
+    """The step through the Triton ring kernels (the CUDA default; forced on
+    CPU tensors here, in Triton's interpreter) passes the same checks as the
+    torch formulation: emission, zero rows, counters, and the full pass's
+    windows (bit for bit where the torch backend is batch-invariant: those
+    windows keep the full pass's stride; else within the bound: the others
+    are compressed as one sequence with stride L)."""
+    case, inputs, bound = draw_streams(kind, data)
+    N_max, plan, forms, extra_tail = data.draw(plans(case.seqlens, case.L, case.S), label="plan")
+    old, decode_module.RING_KERNELS = decode_module.RING_KERNELS, "on"
+    try:
+        outs, _ = _run(case, inputs, N_max, plan, forms, extra_tail)
+    finally:
+        decode_module.RING_KERNELS = old
+    _check_against_full_pass(case, inputs, plan, outs, bound)
+
+
+@pytest.mark.parametrize("kind", ["linear", "gated_pool"])
+def test_ring_kernels_with_the_triton_backend(kind):
+    """Ring kernels and Triton compression together (interpreter), on the
+    fixed plan, for both ways the windows reach the kernels (linear: one
+    sequence with stride L; gated_pool with split: batch rows): every check
+    of the property above, and the cache after the last step equal bit for
+    bit to the torch formulation's. (The GPU tests run every kind.)"""
+    case, inputs = _compile_case(kind)
+    old = decode_module.RING_KERNELS
+    try:
+        decode_module.RING_KERNELS = "on"
+        got, cache = _run(case, inputs, 4, _PLAN, ["tensor", "list", "mask"], 0, backend="triton")
+        decode_module.RING_KERNELS = "off"
+        _, twin = _run(case, inputs, 4, _PLAN, ["tensor", "list", "mask"], 0, backend="triton")
+    finally:
+        decode_module.RING_KERNELS = old
+    for name in ("ring", "n_tokens", "n_windows", "active"):
+        assert torch.equal(getattr(cache, name), getattr(twin, name)), name
+    bound = forward_bound(case, inputs, backends.get(kind, "triton").precision)
+    _check_against_full_pass(case, inputs, _PLAN, got, bound, events=False, exact=False)
 
 
 def _check_against_full_pass(case, inputs, plan, outs, bound, *, events=True, exact=None):
