@@ -372,18 +372,36 @@ def _compress_rows(kind: str, wins, params, L: int, S: int, pe, backend: str, ki
     """One window per row: wins, one (N, H, L, D) tensor per per-token input
     -> (N, H, D_out), through kvcompress.functional.
 
-    Computed with the full pass's stride (W = 1 for any stride): a backend's
-    arithmetic for a window may depend on S (weighted_pool's torch path sums
-    chunks of S positions, linear's multiplies chunks of S tokens when S | L;
-    gated_pool's split reads feature chunk j // S), so this is what keeps a
-    batch-invariant backend bit for bit equal to the full pass. The price on
-    the torch backend: ceil(L / S) window starts per row are computed, one
-    kept."""
+    A backend that promises batch invariance gets the rows as N batch rows
+    of one window each, with the full pass's stride (W = 1 for any stride):
+    a backend's arithmetic for a window may depend on S (weighted_pool's
+    torch path sums chunks of S positions, linear's multiplies chunks of S
+    tokens when S | L), so this is what keeps it bit for bit equal to the
+    full pass. Any other backend gets them as one sequence (1, H, N*L, D)
+    with stride L (``_one_sequence``)."""
     kw = dict(kind_kwargs)
     if _kinds.get(kind).pe:
         kw["pe"] = pe
-    return getattr(_functional, kind)(*wins, *params, block_size=L, stride=S, padding="valid",
-                                      backend=backend, **kw)[:, :, 0]
+    f = getattr(_functional, kind)
+    b = _resolve(kind, backend, wins[0], (*wins[1:], *params), dict(kw, block_size=L, stride=S, padding="valid"))
+    if _one_sequence(b, kind_kwargs):
+        H = wins[0].shape[1]
+        seq = [w.transpose(0, 1).reshape(1, H, -1, w.shape[3]) for w in wins]     # [1, H, N*L, D]
+        return f(*seq, *params, block_size=L, stride=L, padding="valid", backend=b.name, **kw)[0].transpose(0, 1)
+    return f(*wins, *params, block_size=L, stride=S, padding="valid", backend=b.name, **kw)[:, :, 0]
+
+
+def _one_sequence(b, kind_kwargs: dict) -> bool:
+    """Whether a step hands its N windows to backend ``b`` as one sequence of
+    N*L tokens with stride L (N non-overlapping windows) rather than as N
+    batch rows: a kernel then tiles over the streams' windows and reads its
+    weights once per tile, not once per stream (the Triton kernels tile
+    windows within a row), and the torch backend multiplies each window
+    once instead of ceil(L / S) window starts per row. A window's value
+    does not depend on the stride (SPEC section 2) except for gated_pool's
+    split, which reads feature chunk j // S; a batch-invariant backend's
+    bits may depend on it, so both keep the batch rows."""
+    return not b.batch_invariant and not kind_kwargs.get("split", False)
 
 
 def decode_step(kind: str, cache: DecodeCache, x_new: torch.Tensor, *params, pe=None, backend: str = "auto",
@@ -489,15 +507,9 @@ def _step_ring_kernels(kind, cache, new, params, pe, backend, kind_kwargs):
     """decode_step with its data movement in two Triton launches around the
     compression (``ring_window``, ``ring_advance``): the same result.
 
-    The windows are gathered into one buffer (H, N, L, n_in*D). A backend
-    that promises batch invariance gets them as N batch rows of one window
-    each with the full pass's stride, as the torch formulation passes them
-    (bit for bit the full pass). Any other backend gets them as one
-    sequence (1, H, N*L, D) with stride L: N non-overlapping windows, one
-    per stream, so a kernel tiles over the streams' windows and reads its
-    weights once per tile instead of once per stream. A window's value does
-    not depend on the stride (SPEC section 2), except gated_pool's split,
-    which reads feature chunk j // S: that one keeps the batch rows.
+    The windows are gathered into one buffer (H, N, L, n_in*D): viewed as
+    N batch rows (N, H, L, n_in*D) or, for the backends ``_one_sequence``
+    picks, as one sequence (1, H, N*L, n_in*D), both without a copy.
     """
     from .ops._triton.ring import ring_advance, ring_window
     N, L, S, H, D = cache.max_streams, cache.block_size, cache.stride, cache.heads, cache.dim
@@ -509,11 +521,10 @@ def _step_ring_kernels(kind, cache, new, params, pe, backend, kind_kwargs):
         kw["pe"] = pe
     ins = rows.split(D, dim=3) if len(new) > 1 else (rows,)
     b = _resolve(kind, backend, ins[0], (*ins[1:], *params), dict(kw, block_size=L, stride=S, padding="valid"))
-    one_sequence = not b.batch_invariant and not kind_kwargs.get("split", False)
     emitted = torch.empty(N, dtype=torch.bool, device=cache.device)
     ring_window(cache.ring, new, cache.n_tokens, cache.active, rows, emitted, stride=S, pre=cache.pad_tokens)
     f = getattr(_functional, kind)
-    if one_sequence:
+    if _one_sequence(b, kind_kwargs):       # the buffer is already laid out as one sequence: a view
         seq = buf.view(1, H, N * L, Dt)
         ins = seq.split(D, dim=3) if len(new) > 1 else (seq,)
         y = f(*ins, *params, block_size=L, stride=L, padding="valid", backend=b.name, **kw)[0].transpose(0, 1)
