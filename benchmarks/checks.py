@@ -28,6 +28,11 @@ Two windows overlap (L - S tokens) and the first one holds the left
 padding, so the head checks see overlap and padding; the tail checks see
 the end of the sequence.
 
+A decoding step (benchmarks/test_bench_decode.py) emits one window per
+stream: ``Checker.last_window`` compares it with the exact last window of
+every batch row (stream) in the same way, and ``same_bits`` holds a backend
+that promises batch invariance to the bits of its own full pass.
+
 The head checks depend on the configuration but not on T
 (benchmarks/inputs.py draws the head of x, pe and the parameters
 independently of T), so their exact answers are computed once per
@@ -39,6 +44,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvcompress.testing.cases import Inputs
 from kvcompress.testing.convert import round_to, to_numpy
 from kvcompress.testing.gradients import exact_and_bounds
 from kvcompress.testing.records import RECORDS
@@ -104,6 +110,8 @@ class Checker:
         self._head: dict = {}
         self._tail: dict = {}
         self._grads: dict = {}
+        self._last: dict = {}
+        self._full: dict = {}
 
     def _head_forward(self, case, sets):
         key = case.replace(T=0)
@@ -152,6 +160,56 @@ class Checker:
                     f"{idx} (w counted from window {w0}) is {ratio:.3g} times its bound {b.bound[idx]:.3g}; "
                     f"not timed")
         return worst
+
+    def last_window(self, case, sets, y, who: str) -> float:
+        """Compare ``y`` (B, H, D_out), a tensor in the input's dtype: one
+        token per batch row, with the exact last window W - 1 of every row
+        of argument set 0 (what a decoding step emits when it delivers a
+        row's last token). Returns the worst error / bound; raises
+        CheckFailed."""
+        if tuple(y.shape) != (case.B, case.H, sets.d_out):
+            raise CheckFailed(f"{who}: output shape {tuple(y.shape)}, expected one window per stream (N, H, D_out) "
+                              f"= {(case.B, case.H, sets.d_out)}; not timed")
+        if y.dtype != sets.dtype:
+            raise CheckFailed(f"{who}: output dtype {y.dtype}, expected the input's {sets.dtype}; not timed")
+        if case not in self._last:
+            sub, inputs, _ = _slice(case, sets, case.W - 1, case.W)
+            self._last.clear()              # one configuration at a time keeps memory bounded
+            self._last[case] = (_expected(sub, inputs), forward_bound(sub, inputs), sub)
+        expected, b, sub = self._last[case]
+        if not b.well_conditioned:
+            raise CheckFailed(f"{who}: the check of the last window is ill-conditioned under the tolerance model "
+                              f"({sub!r}): choose another seed for this configuration")
+        ok, ratio, idx, err = compare(_to64(y[:, :, None]), expected, b.bound)
+        if not ok:
+            raise CheckFailed(f"{who} is wrong on the last window of {case!r}: |error| {err:.3g} at (stream, h, w, c) "
+                              f"= {idx} is {ratio:.3g} times its bound {b.bound[idx]:.3g}; not timed")
+        return ratio
+
+    def same_bits(self, case, sets, y, backend: str, who: str) -> None:
+        """``y`` (B, H, D_out) must equal, bit for bit, the last window of
+        every row of ``backend``'s full pass over argument set 0 (the promise
+        of a batch-invariant backend: a window's bits do not depend on what
+        else is in the call). Raises CheckFailed."""
+        import kvcompress.functional as kf
+
+        key = (case, backend)
+        if key not in self._full:
+            rec = RECORDS[case.kind]
+            inp = Inputs(x64=None, params64=None, pe64=None, x=sets.x[0], params=sets.params[0], pe=sets.pe[0],
+                         cu_seqlens=None, cu64=None)
+            with torch.no_grad():
+                full = rec.call(getattr(kf, case.kind), case, inp, backend=backend)
+            self._full.clear()
+            self._full[key] = full[:, :, -1].clone()                                 # [B, H, D_out]
+        full = self._full[key]
+        if tuple(y.shape) != tuple(full.shape) or not torch.equal(y, full):
+            bad = torch.nonzero(y != full) if y.shape == full.shape else None
+            where = (f"{len(bad)} elements, the first at (stream, h, c) = {tuple(bad[0].tolist())}: "
+                     f"{y[tuple(bad[0])].item()!r} != {full[tuple(bad[0])].item()!r}") if bad is not None and len(bad) \
+                else f"shape {tuple(y.shape)} != {tuple(full.shape)}"
+            raise CheckFailed(f"{who}: backend {backend!r} promises batch invariance, but the step's tokens differ "
+                              f"from its full pass's last windows ({where}); not timed")
 
     def grad_parts(self, case) -> list[str]:
         """The gradient checks of ``case``, in order: "first" and, when the

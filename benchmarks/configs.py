@@ -197,3 +197,100 @@ def cost(case: Case, direction: str, itemsize: int) -> tuple[int, int]:
         return fwd_flops, (x + pe + p + y) * itemsize
     factor = 3 if RECORDS[c.kind].kind.has_weights else 2
     return factor * fwd_flops, (3 * (x + pe + p) + 2 * y) * itemsize
+
+
+# ----------------------------------------------------------------------------- decoding
+
+# One decoding step (benchmarks/test_bench_decode.py): (D, prefix P, stream
+# counts N). Every stream holds P - 1 tokens and receives token P - 1, which
+# completes window P / S - 1 (the full pass's last window over P tokens); the
+# recompression peer compresses all N prefixes of P tokens. The step's work
+# does not depend on P, the recompression's grows with it.
+GPU_DECODE = {
+    "quick": [(128, 4096, (64,))],
+    "default": [(128, 4096, (1, 8, 64, 256))],
+    "full": [(128, 4096, (1, 8, 64, 256)), (128, 16384, (1, 8, 64, 256))],
+}
+CPU_DECODE = {
+    "quick": [(32, 256, (8,))],
+    "default": [(64, 512, (1, 8))],
+    "full": [(64, 512, (1, 8, 64))],
+}
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """One decoding configuration: N streams of one kind in the NSA setting.
+
+    case: the harness Case whose batch rows are the N streams (B = N) and
+    whose T = P tokens are each stream's prefix and the decoded token:
+    streams hold tokens 0..P-2, the timed step gives them token P - 1,
+    which completes window P / S - 1 of every stream (P a multiple of S,
+    P >= L). device: "cpu" or "cuda".
+    """
+
+    case: Case
+    device: str
+
+    def __post_init__(self):
+        c = self.case
+        if c.padding != "left" or c.T % c.S or c.T < c.L:
+            raise ValueError(f"DecodeConfig: the decoded token P - 1 must complete a window: padding 'left', "
+                             f"P a multiple of S and P >= L, got {c!r}")
+
+    @property
+    def kind(self) -> str:
+        return self.case.kind
+
+    @property
+    def N(self) -> int:
+        return self.case.B
+
+    @property
+    def prefix(self) -> int:
+        return self.case.T
+
+    @property
+    def shape_key(self) -> Case:
+        return self.case
+
+    @property
+    def group(self) -> str:
+        c = self.case
+        return (f"decode {c.kind} N={c.B} H={c.H} D={c.D} L={c.L} S={c.S} G={c.G} prefix={c.T} {c.dtype} "
+                f"{self.device}")
+
+    @property
+    def id(self) -> str:
+        c = self.case
+        return f"{c.kind}-N{c.B}-D{c.D}-P{c.T}-{c.dtype}"
+
+    def info(self) -> dict:
+        """The configuration as plain data for the benchmark JSON."""
+        c = self.case
+        rec = RECORDS[c.kind]
+        return dict(suite="decode", kind=c.kind, device=self.device, dtype=c.dtype, N=c.B, prefix=c.T, H=c.H,
+                    D=c.D, L=c.L, S=c.S, G=c.G, D_out=rec.d_out(c), F=c.F if rec.has_hidden else None,
+                    padding=c.padding, pe=c.use_pe, layout=c.layout, group=self.group)
+
+
+def decode_case(kind: str, dtype: str, D: int, N: int, prefix: int) -> Case:
+    """The Case of N streams of ``kind`` decoding in the NSA setting: the
+    kind's first benchmark setting (weight groups, bias, mlp's F = L * D,
+    layout) at L = 32, S = 16, padding "left", gated_pool without split
+    (D_out = D), B = N rows of T = prefix tokens."""
+    return nsa_case(kind, dtype, D, prefix, B=N, block_size=NSA["block_size"], stride=NSA["stride"],
+                    padding="left", split=False)
+
+
+def decode_sets(device: str, dtype: str, sizes: str, kinds=KINDS) -> list[DecodeConfig]:
+    """Every decoding configuration to run, in run order (shape, stream
+    count, kind). Raises ValueError on an unknown size set or kind."""
+    if sizes not in SIZES:
+        raise ValueError(f"sizes must be one of {SIZES}, got {sizes!r}")
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown kinds {bad}; kinds are {KINDS}")
+    shapes = (GPU_DECODE if device == "cuda" else CPU_DECODE)[sizes]
+    return [DecodeConfig(decode_case(kind, dtype, D, N, prefix), device)
+            for D, prefix, streams in shapes for N in streams for kind in kinds]

@@ -14,6 +14,8 @@ options work as usual, ``--benchmark-disable`` included):
   compiled peers past it are skipped with that reason (0: no limit).
 - ``--kvbench-deadline S``: seconds after which the remaining benchmarks are
   skipped with that reason, so a run always ends and writes its results (0: none).
+  The decoding benchmarks (test_bench_decode.py) count their own S seconds
+  from their first benchmark, so the compression benchmarks cannot use them up.
 - ``--kvbench-threads N``: torch intra-op threads (default: $OMP_NUM_THREADS
   if set, else every CPU this process may use; the top-level conftest sets
   1 for the property suite).
@@ -94,6 +96,7 @@ class KvBench:
         self.round_time = opt("--kvbench-round-time") or (0.002 if gpu else 0.01)
         self.min_rounds = opt("benchmark_min_rounds")
         self.start = time.perf_counter()
+        self._starts: dict[str, float] = {}
         self.compile_spent = 0.0
         self.checker = Checker()
         self._sets = (None, None)
@@ -121,8 +124,16 @@ class KvBench:
             self._ceilings = measure_ceilings(self.device, DTYPES[self.dtype])
         return self._ceilings
 
-    def skip_reason(self, entrant) -> str | None:
-        if self.deadline and time.perf_counter() - self.start > self.deadline:
+    def started(self, part: str) -> float:
+        """When ``part`` of the suite (e.g. "decode") began: the time of the
+        first call for it."""
+        return self._starts.setdefault(part, time.perf_counter())
+
+    def skip_reason(self, entrant, start: float | None = None) -> str | None:
+        """Why ``entrant`` is not run now (the deadline counted from ``start``,
+        default the session's start; the compile switch and budget), or None."""
+        since = self.start if start is None else start
+        if self.deadline and time.perf_counter() - since > self.deadline:
             return f"--kvbench-deadline of {self.deadline:.0f} s reached: not run"
         if entrant.compiled:
             if not self.compile:

@@ -23,6 +23,19 @@ would pick instead, each made ready for one configuration.
 - ``reference``: the loop reference (reference/), on CPU at the
   readability size: the floor of readability.
 
+Decoding (benchmarks/test_bench_decode.py; ``decode_entrants``): one step
+of N streams, each handed a prefix of P - 1 tokens and given token P - 1.
+
+- ``<backend>``: ``kvcompress.decode.decode_step(..., backend=...)`` for
+  every registered backend, eager, on a ``DecodeCache`` filled with
+  ``DecodeCache.add``; ``<backend>+graph``: the same step captured once in
+  a CUDA graph and replayed (CUDA only).
+- ``recompress``: ``kvcompress.functional.<kind>`` (default backend) over
+  all N prefixes of P tokens: what a step replaces when nothing is cached.
+- ``streaming``: ``kvcompress.streaming.step`` (default backend) with the
+  same one token per stream, its state advancing; timed S steps at a time
+  (exactly one of every S steps completes a window).
+
 A peer that is not installed is skipped with the reason, never replaced.
 Each peer receives the same values as kvcompress (our parameters mapped to
 its modules' layouts) and passes the same correctness gate.
@@ -34,16 +47,20 @@ import functools
 import importlib
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+import kvcompress.decode as kd
 import kvcompress.functional as kf
+import kvcompress.streaming as ks
 from kvcompress import backends as kb
 from kvcompress.testing.cases import Inputs
 from kvcompress.testing.convert import to_numpy
 from kvcompress.testing.records import RECORDS
+
+from .checks import CheckFailed
 
 
 class NotApplicable(Exception):
@@ -88,6 +105,23 @@ def _leaf(t, grad):
     return None if t is None else t.detach().requires_grad_(grad)
 
 
+def _backend_skip_reason(cfg, name: str) -> str | None:
+    """Why backend ``name`` of cfg's kind is not benchmarked in cfg, or None."""
+    b = kb.get(cfg.kind, name)
+    auto = b.devices if b.auto_devices is None else b.auto_devices
+    dtype = getattr(torch, cfg.case.dtype)
+    if not b.available():
+        return f"backend {name!r} is not available here"
+    if cfg.device not in b.devices:
+        return f"backend {name!r} runs on {b.devices}, not {cfg.device}"
+    if cfg.device not in auto:
+        return (f"backend {name!r} runs on {cfg.device} only for tests (e.g. Triton's interpreter), "
+                f"not for speed: not benchmarked there")
+    if dtype not in b.dtypes:
+        return f"backend {name!r} does not take {cfg.case.dtype}"
+    return None
+
+
 # ----------------------------------------------------------------------------- kvcompress
 
 
@@ -103,19 +137,7 @@ class Backend(Entrant):
         return f"kvcompress.functional.{cfg.kind}(backend={self.name!r})"
 
     def skip_reason(self, cfg) -> str | None:
-        b = kb.get(cfg.kind, self.name)
-        auto = b.devices if b.auto_devices is None else b.auto_devices
-        dtype = getattr(torch, cfg.case.dtype)
-        if not b.available():
-            return f"backend {self.name!r} is not available here"
-        if cfg.device not in b.devices:
-            return f"backend {self.name!r} runs on {b.devices}, not {cfg.device}"
-        if cfg.device not in auto:
-            return (f"backend {self.name!r} runs on {cfg.device} only for tests (e.g. Triton's interpreter), "
-                    f"not for speed: not benchmarked there")
-        if dtype not in b.dtypes:
-            return f"backend {self.name!r} does not take {cfg.case.dtype}"
-        return None
+        return _backend_skip_reason(cfg, self.name)
 
     def prepare(self, cfg, sets, grad):
         rec, case = RECORDS[cfg.kind], cfg.case
@@ -465,6 +487,234 @@ class Reference(Entrant):
         inp = Inputs(x64=to_numpy(sets.x[0]), params64={k: to_numpy(v) for k, v in sets.params[0].items()},
                      pe64=to_numpy(sets.pe[0]), x=None, params=None, pe=None, cu_seqlens=None, cu64=None)
         return Prepared(forward=lambda i: rec.call_reference(case, inp), leaves=[[]], to_ours=dict, n_sets=1)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class DecodePrepared:
+    """A decoding entrant ready for one configuration.
+
+    first(): the gated call, made once before anything is timed: the step
+    that delivers token P - 1 to every stream, returning (y (N, H, D_out),
+    emitted (N,) bool, or None where the entrant reports no mask), or for
+    the recompression (its (N, H, W, D_out) output, None). call(): one
+    timed call, ``steps`` decoding steps (us/step = time per call / steps).
+    probe(): optional, run after the gate: more facts for the report
+    (CUDA: whether the eager step is free of host synchronisation).
+    info: what the entrant reports beside its time. close(): frees what
+    it holds (a CUDA graph and its memory pool).
+    """
+
+    first: Callable[[], tuple]
+    call: Callable[[], object]
+    steps: int = 1
+    info: dict = field(default_factory=dict)
+    probe: Callable[[], dict] | None = None
+    close: Callable[[], None] = lambda: None
+
+
+class _Streams:
+    """The N streams of a decoding configuration, from argument set 0: batch
+    row k of x (and of gated_pool's z) is stream k's P tokens."""
+
+    def __init__(self, cfg, sets):
+        c = cfg.case
+        rec = RECORDS[c.kind]
+        self.case = c
+        p = sets.params[0]
+        self.inputs = [sets.x[0]] + [p[s.name] for s in rec.params if s.per_token]      # each [N, H, P, D]
+        self.params = [p[s.name] for s in rec.params if not s.per_token]
+        self.options = rec.extra_kwargs(c)
+        self.pe = sets.pe[0]
+        self.kw = dict(self.options, **({"pe": self.pe} if rec.kind.pe else {}))
+        self.device = self.inputs[0].device
+
+    def token(self, t: int) -> list:
+        """Token t of every stream, one (N, H, D) view per per-token input."""
+        return [v[:, :, t] for v in self.inputs]
+
+    def cache(self) -> kd.DecodeCache:
+        """A DecodeCache of the N streams, each handed its first P - 1 tokens
+        (their last L - 1 as the tail, tensors only: no host read)."""
+        c, n = self.case, self.case.T - 1
+        cache = kd.DecodeCache(c.kind, c.B, c.H, c.D, block_size=c.L, stride=c.S, padding=c.padding,
+                               dtype=self.inputs[0].dtype, device=self.device)
+        cache.add(torch.arange(c.B, device=self.device), *[v[:, :, n - (c.L - 1):n] for v in self.inputs],
+                  n_tokens=torch.full((c.B,), n, dtype=torch.int64, device=self.device))
+        return cache
+
+    def step(self, cache, tokens, backend: str):
+        return kd.decode_step(self.case.kind, cache, *tokens, *self.params, backend=backend, **self.kw)
+
+
+def _sync_free(fn: Callable[[], object]) -> bool | str:
+    """True if ``fn`` runs under torch.cuda.set_sync_debug_mode("error"),
+    else the first line of the error (a host synchronisation)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return True
+    except RuntimeError as e:
+        return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
+class DecodeStep(Entrant):
+    """``kvcompress.decode.decode_step`` with one registered backend: eager,
+    or captured in a CUDA graph and replayed."""
+
+    family = "kvcompress"
+    output = "step"
+
+    def __init__(self, backend: str, graph: bool = False):
+        self.backend, self.graph = backend, graph
+        self.name = f"{backend}+graph" if graph else backend
+
+    def label(self, cfg) -> str:
+        return (f"kvcompress.decode.decode_step(backend={self.backend!r})"
+                + (" captured in a CUDA graph, replayed" if self.graph else ", eager"))
+
+    def bit_exact(self, cfg) -> bool:
+        """Whether the step promises the bits of the backend's full pass."""
+        return kb.get(cfg.kind, self.backend).batch_invariant
+
+    def skip_reason(self, cfg) -> str | None:
+        if self.graph and cfg.device != "cuda":
+            return f"CUDA graphs need a CUDA device: the replayed step is not run on {cfg.device}"
+        return _backend_skip_reason(cfg, self.backend)
+
+    def prepare(self, cfg, sets) -> DecodePrepared:
+        st, c = _Streams(cfg, sets), cfg.case
+        wins = [v[:, :, :c.L] for v in st.inputs]                  # the step's call: one window per stream
+        if not kb.get(c.kind, self.backend).accepts(wins[0], *wins[1:], *st.params, block_size=c.L, stride=c.S,
+                                                     padding="valid", pe=st.pe, cu_seqlens=None, **st.options):
+            raise NotApplicable(f"backend {self.backend!r} does not support this configuration")
+        if self.graph:
+            return self._graph(st)
+        cache, tokens = st.cache(), st.token(c.T - 1)
+
+        def call():
+            return st.step(cache, tokens, self.backend)
+
+        probe = (lambda: {"sync_free": _sync_free(call)}) if cfg.device == "cuda" else None
+        return DecodePrepared(first=call, call=call, probe=probe)
+
+    def _graph(self, st) -> DecodePrepared:
+        # scripts/decode_bench.py's capture, the PyTorch recipe: warm up (Triton's
+        # compile and autotuning, cuBLAS's workspace) on a side stream and a scratch
+        # cache, capture one step on the streams' cache (recorded, not run: the
+        # cache still holds P - 1 tokens), replay. A twin cache takes the eager step.
+        cache, twin, scratch = st.cache(), st.cache(), st.cache()
+        tokens = [t.clone() for t in st.token(st.case.T - 1)]     # the graph's static inputs, [N, H, D] each
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                st.step(scratch, tokens, self.backend)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y, emitted = st.step(cache, tokens, self.backend)     # static outputs, rewritten by each replay
+        info = {}
+
+        def first():
+            graph.replay()
+            ye, ee = st.step(twin, tokens, self.backend)
+            torch.cuda.synchronize()
+            differ = [n for n, a, b in [("y", y, ye), ("emitted", emitted, ee)]
+                    + [(n, getattr(cache, n), getattr(twin, n)) for n in ("ring", "n_tokens", "n_windows")]
+                    if not torch.equal(a, b)]
+            if differ:
+                raise CheckFailed(f"{self.name}: the replayed step's {', '.join(differ)} differ from the eager step's "
+                                  f"on a twin cache; not timed")
+            info["graph_equals_eager"] = True
+            return y.clone(), emitted.clone()
+
+        return DecodePrepared(first=first, call=graph.replay, info=info, close=graph.reset)
+
+
+class Recompress(Entrant):
+    """The baseline: ``kvcompress.functional`` over all N prefixes of P tokens
+    (default backend), the windows a step would otherwise recompute."""
+
+    name = "recompress"
+    output = "windows"
+
+    def label(self, cfg) -> str:
+        return (f"kvcompress.functional.{cfg.kind} (default backend) over all N prefixes of P = {cfg.prefix} "
+                f"tokens")
+
+    def prepare(self, cfg, sets) -> DecodePrepared:
+        rec, case = RECORDS[cfg.kind], cfg.case
+        fn = getattr(kf, cfg.kind)
+        per_set = [Inputs(x64=None, params64=None, pe64=None, x=sets.x[i], params=sets.params[i], pe=sets.pe[i],
+                          cu_seqlens=None, cu64=None) for i in range(sets.n)]
+        first = per_set[0]
+        kw = dict(case.window_kwargs(), pe=first.pe, cu_seqlens=None, **rec.extra_kwargs(case))
+        picked = next((b.name for b in kb.backends(cfg.kind) if b.accepts_auto(first.x, *rec.args(first), **kw)),
+                      None)
+        prepared = Prepared(forward=lambda i: rec.call(fn, case, per_set[i]), leaves=[[]] * sets.n, to_ours=dict,
+                            n_sets=sets.n)
+        return DecodePrepared(first=lambda: (prepared.forward(0), None), call=call_loop(prepared, sets, False),
+                              info={"backend": picked, "n_sets": sets.n})
+
+
+class Streaming(Entrant):
+    """``kvcompress.streaming.step`` (default backend) with the same one token
+    per stream: the general streaming API, which reads its counters on the
+    host and allocates a new state every step."""
+
+    name = "streaming"
+    output = "step"
+
+    def label(self, cfg) -> str:
+        return (f"kvcompress.streaming.step (default backend), one token per stream and step, timed "
+                f"{cfg.case.S} steps at a time (one of them completes a window)")
+
+    def prepare(self, cfg, sets) -> DecodePrepared:
+        st, c = _Streams(cfg, sets), cfg.case
+        N, H, D, n = c.B, c.H, c.D, c.T - 1
+        state = ks.init_state(N, H, len(st.inputs) * D, block_size=c.L, stride=c.S, padding=c.padding,
+                              dtype=sets.dtype, device=st.device, kind=c.kind)
+        # the prefixes, packed stream after stream (the prefill a server would stream in)
+        packed = [v[:, :, :n].transpose(0, 1).reshape(1, H, N * n, D) for v in st.inputs]
+        state = ks.step(c.kind, state, packed[0], torch.arange(N + 1, device=st.device) * n, *packed[1:],
+                        *st.params, **st.kw).state
+        del packed
+        one = torch.arange(N + 1, device=st.device)                        # one token per stream
+        tokens = [v[:, :, n].transpose(0, 1).unsqueeze(0) for v in st.inputs]   # [1, H, N, D] each, packed
+        held = [state]
+
+        def step():
+            out = ks.step(c.kind, held[0], tokens[0], one, *tokens[1:], *st.params, **st.kw)
+            held[0] = out.state
+            return out
+
+        def first():
+            out = step()
+            if out.cu_y.tolist() != list(range(N + 1)):
+                raise CheckFailed(f"{self.name}: token P - 1 must complete one window of every stream, got the "
+                                  f"offsets {out.cu_y.tolist()[:16]}; not timed")
+            return out.y[0].transpose(0, 1), None                           # [N, H, D_out]
+
+        def call():
+            for _ in range(c.S):
+                step()
+
+        return DecodePrepared(first=first, call=call, steps=c.S)
+
+
+def decode_entrants(cfg) -> list[Entrant]:
+    """Everything timed in one decoding configuration: the step with every
+    registered backend, eager then replayed, then the two peers."""
+    names = [b.name for b in kb.backends(cfg.kind)]
+    return [DecodeStep(n) for n in names] + [DecodeStep(n, graph=True) for n in names] + [Recompress(), Streaming()]
 
 
 # -----------------------------------------------------------------------------

@@ -11,7 +11,11 @@ pytest-benchmark, then writes to the output directory:
   extra memory, and the correctness gate's worst error / bound);
 - ``bench.md``: the tables (also printed): per kind, every configuration
   and entrant with median time, TFLOP/s, GB/s, % of roofline, peak extra
-  memory and the speedup of each kvcompress backend over each peer;
+  memory and the speedup of each kvcompress backend over each peer; then
+  the decoding tables (``benchmarks/test_bench_decode.py``): per kind, the
+  latency of one step of N streams (us/step) of ``decode_step`` with each
+  backend, eager and replayed from a CUDA graph, and its speed-up over
+  recompressing the prefixes and over ``kvcompress.streaming``;
 - ``roofline.png``: every benchmark against the measured ceilings
   (needs matplotlib; without it the plot is skipped with a message).
 
@@ -20,6 +24,8 @@ pytest-benchmark, then writes to the output directory:
     kvcompress-bench --out results --benchmark-save base      # keep this run in results/storage
     kvcompress-bench --out results --benchmark-compare        # compare with the last saved run
     kvcompress-bench --out results --check-only               # correctness only, nothing timed (CI)
+    kvcompress-bench --out results --no-decode                # without the decoding benchmarks
+    kvcompress-bench --out results -k test_bench_decode       # only the decoding benchmarks
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ from collections import defaultdict
 from pathlib import Path
 
 SUITE = "benchmarks"
+DECODE_MODULE = "test_bench_decode.py"
 PEER_ORDER = ("seed", "seed+compile", "deepseek-v4", "deepseek-v4+compile", "fla", "reference")
+DECODE_PEERS = ("recompress", "streaming")
 
 
 def _checkout() -> Path:
@@ -86,6 +94,11 @@ def _ours(b) -> bool:
     return b["extra_info"].get("family") == "kvcompress"
 
 
+def _decode(b) -> bool:
+    """Whether a benchmark is a decoding step (benchmarks/test_bench_decode.py)."""
+    return b.get("extra_info", {}).get("suite") == "decode"
+
+
 def _config_key(e: dict) -> tuple:
     return (e["kind"], e["role"], e["direction"], e["D"], e["T"], e["L"], e["S"], e["dtype"], e["device"])
 
@@ -98,7 +111,8 @@ def render(data: dict, outcomes: _Outcomes | None = None, compared: dict | None 
     """
     info = data.get("kvcompress", {})
     ceil = info.get("ceilings") or {}
-    ours = [b for b in data.get("benchmarks", []) if "kind" in b.get("extra_info", {})]
+    ours = [b for b in data.get("benchmarks", []) if "kind" in b.get("extra_info", {}) and not _decode(b)]
+    decode = [b for b in data.get("benchmarks", []) if _decode(b)]
     other = [b for b in data.get("benchmarks", []) if "kind" not in b.get("extra_info", {})]
     out = ["# kvcompress benchmarks", ""]
     if info.get("device") == "cuda":
@@ -163,6 +177,8 @@ def render(data: dict, outcomes: _Outcomes | None = None, compared: dict | None 
                          for b in groups[k].values()})
         out += ["", "Entrants: " + "; ".join(f"`{n}` = {lab}" for n, lab in labels) + "."]
         out += [f"Note: {n}" for n in sorted(notes)] + [""]
+    if decode:
+        out += render_decode(decode, old if compared else None)
     if other:
         out += ["## Other benchmarks", "", "| benchmark | median | rounds |", "|---|---|---|"]
         out += [f"| {b['fullname']} | {_fmt_time(b['stats']['median'])} | {b['stats']['rounds']} |" for b in other]
@@ -211,6 +227,111 @@ def _summary(groups) -> list[str]:
     return out + [""]
 
 
+def _us_per_step(b) -> float:
+    """A decoding benchmark's median time per step, in microseconds."""
+    return b["stats"]["median"] / b["extra_info"].get("steps", 1) * 1e6
+
+
+def _fmt_us(us: float) -> str:
+    return f"{us:.3g}" if us < 100 else f"{us:.0f}"
+
+
+def _ratio(peer, b) -> str:
+    return f"{_us_per_step(peer) / _us_per_step(b):.3g}x" if peer is not None else "-"
+
+
+def _decode_notes(e: dict) -> str:
+    notes = []
+    if e.get("bit_exact"):
+        notes.append("bit-exact")
+    if e.get("graph_equals_eager"):
+        notes.append("replay = eager")
+    if e.get("sync_free") is True:
+        notes.append("sync-free")
+    elif e.get("sync_free") not in (None, True):
+        notes.append("synchronises")
+    if e.get("backend"):
+        notes.append(f"backend {e['backend']}")
+    if e.get("steps", 1) > 1:
+        notes.append(f"{e['steps']} steps per call")
+    return ", ".join(notes)
+
+
+def render_decode(benchmarks: list, saved: dict | None = None) -> list[str]:
+    """The decoding section of the report: lines of markdown.
+
+    benchmarks: the pytest-benchmark entries of benchmarks/test_bench_decode.py
+    (``extra_info["suite"] == "decode"``). saved: {fullname: median seconds}
+    of a saved run, for a ``vs saved`` column (None: no column). Per kind,
+    one row per (P, N, entrant) with us/step and, for each kvcompress
+    entrant, ``vs recompress`` and ``vs streaming``: the peer's us/step /
+    this us/step; a summary first (the fastest step per kind and N).
+    """
+    configs = defaultdict(dict)                    # (kind, P, N) -> entrant -> benchmark
+    for b in benchmarks:
+        e = b["extra_info"]
+        configs[(e["kind"], e["prefix"], e["N"])][e["entrant"]] = b
+    if not configs:
+        return []
+    first = benchmarks[0]["extra_info"]
+    out = ["## Decoding", "",
+           f"One decoding step (`kvcompress.decode.decode_step`): N streams, each holding a prefix of P - 1 tokens "
+           f"(handed over with `DecodeCache.add`), receive one token each; that token, P - 1, completes a window of "
+           f"every stream. H = {first['H']}, D = {first['D']}, L = {first['L']}, S = {first['S']}, padding "
+           f"{first['padding']!r}, {first['dtype']} on {first['device']}. `us/step` = median time per call over "
+           "rounds of back-to-back calls, the device synchronised only at the ends of a round, divided by the steps "
+           "per call. Eager (`torch`, `triton`, ...): host and device overlap as in a decoding loop; `+graph`: the "
+           "step captured once in a CUDA graph, replayed. Peers: `recompress` = the default backend's full pass over "
+           "all N prefixes of P tokens (what a step replaces without a cache), `streaming` = "
+           "`kvcompress.streaming.step` with the same one token per stream (S steps per call, one of which "
+           "completes a window). `vs recompress` = recompress's us/step / this us/step (> 1: the step is faster); "
+           "`vs streaming` likewise. Every entrant passed the gate (its tokens of that step against the exact "
+           "last windows) before it was timed.", ""]
+    if saved is not None:
+        out += ["`vs saved` = the saved run's time / this time.", ""]
+
+    out += ["### Decoding summary (fastest step per kind and N)", "",
+            "| kind | N | P | fastest step | us/step | vs recompress | vs streaming |", "|---|---|---|---|---|---|---|"]
+    for (kind, P, N), entrants in configs.items():
+        mine = [b for b in entrants.values() if _ours(b)]
+        if not mine:
+            continue
+        b = min(mine, key=_us_per_step)
+        out.append(f"| {kind} | {N} | {P} | {b['extra_info']['entrant']} | {_fmt_us(_us_per_step(b))} | "
+                   f"{_ratio(entrants.get('recompress'), b)} | {_ratio(entrants.get('streaming'), b)} |")
+    out.append("")
+
+    by_kind = defaultdict(list)
+    for key in configs:
+        by_kind[key[0]].append(key)
+    for kind, keys in by_kind.items():
+        head = ["N", "P", "entrant", "us/step", "vs recompress", "vs streaming", "notes"]
+        head += ["vs saved"] if saved is not None else []
+        out += [f"### Decoding: {kind}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for key in sorted(keys, key=lambda k: (k[1], k[2])):
+            entrants = configs[key]
+
+            def order(item):               # eager steps, replayed steps, then the peers in DECODE_PEERS' order
+                name, b = item
+                peer = DECODE_PEERS.index(name) if name in DECODE_PEERS else -1
+                return (not _ours(b), peer, name.endswith("+graph"), name)
+
+            for name, b in sorted(entrants.items(), key=order):
+                e = b["extra_info"]
+                mine = _ours(b)
+                row = [str(e["N"]), str(e["prefix"]), name, _fmt_us(_us_per_step(b)),
+                       _ratio(entrants.get("recompress"), b) if mine else "",
+                       _ratio(entrants.get("streaming"), b) if mine else "", _decode_notes(e)]
+                if saved is not None:
+                    row.append(f"{saved[b['fullname']] / b['stats']['median']:.3g}x" if b["fullname"] in saved
+                               else "")
+                out.append("| " + " | ".join(row) + " |")
+        labels = sorted({(b["extra_info"]["entrant"], b["extra_info"]["label"]) for k in keys
+                         for b in configs[k].values()})
+        out += ["", "Entrants: " + "; ".join(f"`{n}` = {lab}" for n, lab in labels) + ".", ""]
+    return out
+
+
 def plot(data: dict, path: Path) -> str:
     """The roofline plot (achieved TFLOP/s against arithmetic intensity, one
     panel per direction, the measured ceilings as roofs). Returns a message."""
@@ -221,7 +342,9 @@ def plot(data: dict, path: Path) -> str:
     except ImportError:
         return "matplotlib is not installed: no roofline plot (pip install matplotlib)"
     ceil = data.get("kvcompress", {}).get("ceilings")
-    points = [b["extra_info"] for b in data.get("benchmarks", []) if b.get("extra_info", {}).get("median_s")]
+    # the compression benchmarks (a decoding step has no cost model: it is reported in us/step)
+    points = [b["extra_info"] for b in data.get("benchmarks", [])
+              if b.get("extra_info", {}).get("median_s") and "flops" in b["extra_info"]]
     if not ceil or not points:
         return "no timed benchmarks: no roofline plot"
     bw, peak = ceil["bandwidth_gbps"] * 1e9, ceil["matmul_tflops"] * 1e12
@@ -295,6 +418,9 @@ def main(argv=None) -> int:
                     help="compare with saved run NUM (default: the latest) in the storage (pytest-benchmark)")
     ap.add_argument("--benchmark-storage", default=None, metavar="URI",
                     help="pytest-benchmark storage (default: file://OUT/storage; relative to OUT)")
+    ap.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
+                    help="the decoding benchmarks (one step of N streams, benchmarks/test_bench_decode.py; "
+                         "default: on; only them: -k test_bench_decode)")
     ap.add_argument("-k", dest="keyword", default=None, help="pytest -k expression selecting benchmarks")
     ap.add_argument("--pytest-args", default="", help="more pytest arguments, one string")
     args = ap.parse_args(argv)
@@ -334,6 +460,8 @@ def main(argv=None) -> int:
         pargs.append(f"--benchmark-save={args.benchmark_save}")
     if args.benchmark_compare is not None:
         pargs.append("--benchmark-compare" + (f"={args.benchmark_compare}" if args.benchmark_compare else ""))
+    if not args.decode:
+        pargs.append(f"--ignore={root / SUITE / DECODE_MODULE}")
     if args.keyword:
         pargs += ["-k", args.keyword]
     pargs += args.pytest_args.split()
