@@ -8,6 +8,10 @@ padding "left":
 - triton: kvcompress.functional.mlp(backend="triton") (the fused kernel);
 - seed, seed+compile: the seed's GroupedMLP through the adapter
   (kvcompress/testing/adapters/seed.py), eager and torch.compile'd;
+- kvcompress-gemm: kvcompress.functional.mlp(backend="gemm")
+  (kvcompress/ops/mlp/gemm_impl.py): C = L / S chunk GEMMs over shifted row
+  ranges of x (no unfold), float32 pre-activation stored, hidden layer
+  rounded once to bf16, explicit chunked backward;
 - gemm: windows copied once (L / S copies of each token, bf16), then cuBLAS
   with fused epilogues: baddbmm(b1 + flat(pe) @ w1, A, w1), relu in place,
   baddbmm(b2, hidden, w2); the backward is five bmm's and a fold of dA
@@ -15,9 +19,17 @@ padding "left":
   (io-intermediates, SPEC 3c);
 - the matmul floor: the forward's flops at a bf16 bmm's measured rate.
 
-Each variant's output is compared with the torch backend in float32 (RMS
-relative error), so a fast wrong variant shows. Usage (on a CUDA machine):
+Each variant's output, and kvcompress-gemm's gradients of every input, are
+compared with the torch backend in float32 (RMS relative error), so a fast
+wrong variant shows. Usage (on a CUDA machine):
 python scripts/mlp_gemm_probe.py [--T 131072] [--out probe.json]
+
+``--dry-run`` runs anywhere (the CPU without a GPU): a small shape
+(T = 256, D = 16), every variant that runs on the device checked against
+the torch backend (forward and gradients), nothing timed; it exits 1 if a
+forward, or a gradient of kvcompress-gemm, is off by more than
+``DRY_RUN_TOL`` (the gemm variant's bf16 backward is reported only: its
+gradients measure ~3e-2 on that shape).
 """
 
 from __future__ import annotations
@@ -81,16 +93,84 @@ def gemm_mlp(x, w1, b1, w2, b2, *, block_size, stride, pe, **_):
     return _MlpGemm.apply(x, w1, b1, w2, b2, pe, block_size, stride)
 
 
+def kvcompress_gemm(x, *p, **k):
+    return kf.mlp(x, *p, backend="gemm", **k)
+
+
+# RMS relative error against the float32 torch backend that --dry-run accepts (bf16 inputs, the
+# hidden layer rounded once: the variants here measure ~3e-3)
+DRY_RUN_TOL = 2e-2
+LEAF_NAMES = ("x", "w1", "b1", "w2", "b2", "pe")
+
+
+def _rms_rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-300))
+
+
+def _grads(fn, leaves, gy, kw):
+    """The gradients of every leaf of fn's output against gy."""
+    xl, *ps, pel = leaves
+    out = fn(xl, *ps, **dict(kw, pe=pel))
+    return torch.autograd.grad(out, leaves, gy)
+
+
+def dry_run(dev: str) -> int:
+    """A small shape on ``dev``, no timing: every variant that runs there
+    against the float32 torch backend, forward and (kvcompress-gemm, gemm)
+    gradients. Returns the process exit status."""
+    dt = torch.bfloat16
+    B, H, T, D, L, S = 1, 4, 256, 16, 32, 16
+    F = L * D
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=dev) * scale).to(dt)
+
+    x = rnd(B, T, H, D).transpose(1, 2)
+    params = [rnd(H, L * D, F, scale=(L * D) ** -0.5), rnd(H, F, scale=0.1), rnd(H, F, D, scale=F ** -0.5),
+              rnd(H, D, scale=0.1)]
+    pe = rnd(H, L, D)
+    kw = dict(block_size=L, stride=S, padding="left")
+    leaves = [t.detach().float().requires_grad_() for t in (x, *params, pe)]
+    y_ref = kf.mlp(*leaves[:5], backend="torch", pe=leaves[5], **kw)
+    gy = torch.randn(y_ref.shape, generator=g, device=dev).to(dt)
+    want = torch.autograd.grad(y_ref, leaves, gy.float())
+    variants = {"kvcompress-gemm": kvcompress_gemm}
+    if dev == "cuda":
+        variants["gemm"] = gemm_mlp        # the probe's own cuBLAS variant (CUDA kernels only for bf16 bias adds)
+    worst = 0.0
+    for name, fn in variants.items():
+        with torch.no_grad():
+            err = _rms_rel(fn(x, *params, pe=pe, **kw), y_ref.detach())
+        got = _grads(fn, [t.detach().requires_grad_() for t in (x, *params, pe)], gy, kw)
+        gerr = {n: _rms_rel(a, b) for n, a, b in zip(LEAF_NAMES, got, want)}
+        # every forward is held to the tolerance; the gradients of kvcompress-gemm (the probe's own
+        # gemm variant computes its backward in bf16: its gradient errors are reported, not judged)
+        worst = max(worst, err, *(gerr.values() if name == "kvcompress-gemm" else ()))
+        print(name, json.dumps({"rms_rel_err": err, "grad_rms_rel_err": gerr}))
+    ok = worst <= DRY_RUN_TOL
+    print(f"dry run on {dev}: worst RMS relative error {worst:.2e} ({'ok' if ok else 'FAILED'}, tolerance "
+          f"{DRY_RUN_TOL:g})")
+    return 0 if ok else 1
+
+
 def main(argv=None):
-    import triton
-
-    from kvcompress.testing.adapters import seed
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, default=131072)
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dry-run", action="store_true",
+                    help="a small shape, every variant checked against the torch backend, nothing timed (no GPU "
+                         "needed)")
     a = ap.parse_args(argv)
+    if a.dry_run:
+        return dry_run("cuda" if torch.cuda.is_available() else "cpu")
+
+    import triton
+
+    from kvcompress.testing.adapters import seed
+
     dev, dt = "cuda", torch.bfloat16
     B, H, T, D, L, S = 1, 4, a.T, a.D, 32, 16
     F = L * D
@@ -111,7 +191,7 @@ def main(argv=None):
     def triton_mlp(x, *p, **k):
         return kf.mlp(x, *p, backend="triton", **k)
 
-    variants = {"triton": triton_mlp, "gemm": gemm_mlp, "seed": seed.mlp,
+    variants = {"triton": triton_mlp, "kvcompress-gemm": kvcompress_gemm, "gemm": gemm_mlp, "seed": seed.mlp,
                 "seed+compile": torch.compile(seed.mlp, dynamic=False)}
     # the floor: the forward's flops at the rate of a bf16 bmm of the first layer's shape
     Am, Bm = rnd(H, T // S, L * D), rnd(H, L * D, F)
@@ -142,6 +222,12 @@ def main(argv=None):
                 out_ = fn(xl, *ps, **dict(kw, pe=pel))
                 out_.backward(gy)
 
+            if name == "kvcompress-gemm":     # its gradients against the torch backend's in float32
+                got = _grads(fn, leaves, gy, kw)
+                want = _grads(lambda *t, **k: kf.mlp(*t, backend="torch", **k),
+                              [t.detach().float().requires_grad_() for t in leaves], gy.float(), kw)
+                r["grad_rms_rel_err"] = {n: _rms_rel(a_, b_) for n, a_, b_ in zip(LEAF_NAMES, got, want)}
+                del got, want
             r["fb_ms"] = triton.testing.do_bench(fb, warmup=10, rep=100, grad_to_none=leaves)
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -165,4 +251,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,440 @@
+"""mlp through cuBLAS: the chunked-GEMM formulation with the hidden layer
+stored. Registered as backend "gemm" (CPU and CUDA; backend="auto" picks it
+on CUDA only, ahead of "triton", where ``supports_call`` accepts the call).
+
+Formulation. With S dividing L, a window is C = L / S consecutive
+non-overlapping chunks of S tokens, so
+
+    flat(X_i) @ w1[g] = sum_c chunk_{i + c - P} @ w1[g][c*S*D : (c+1)*S*D]
+
+(P = C - 1 left-pad chunks with padding "left", else 0), and x (B, H, T, D)
+seen as (B, H, T // S, S*D) is a plain strided matrix per head (row stride
+S*D): the first layer is C batched GEMMs over shifted row ranges, each
+accumulating into the pre-activation, with no copy of x (no unfold). A left
+pad chunk is zero, so chunk c of window i takes part only where its source
+chunk i + c - P exists: the row ranges are sliced, pads never materialised.
+pe and b1 add the same row to every window of head h, pads included (a pad
+token becomes pe[h, j]): const[h] = flat(pe[h]) @ w1[g] + b1[g], which
+initialises the pre-activation before the C products accumulate into it.
+Then act (relu; gelu, exact erf form; silu), the second GEMM, + b2.
+
+Layout. The pre-activation, hidden layer and their gradients are stored
+group-major, (G, B, Hg, W, F) with Hg = H // G heads per group, so the second
+layer, dh = dy @ w2^T and dw2 = hidden^T @ dy are one batched GEMM each
+(batch G, M = B * Hg * W rows). The first layer, dx and dw1 read x's chunk
+rows, which for the heads of a group are separate matrices: one GEMM per
+(batch row, head of the group) per chunk, batched over the G groups (with
+one group, when x's (B, H) dims merge, a single GEMM batched over all heads).
+
+Numerics (precision class io-intermediates, docs/semantics.md). bfloat16:
+every GEMM has bfloat16 operands, exact float32 products and float32
+accumulation *and output* (``out_dtype=torch.float32`` on CUDA, so cuBLAS
+never reduces in bfloat16, whatever
+``allow_bf16_reduced_precision_reduction`` says; on the CPU, where that
+kernel does not exist, the operands are upcast, exactly, and multiplied in
+float32: the same math up to summation order). The C chunk partials
+accumulate in float32; pre-activation and act are float32; the hidden
+layer is rounded once to bfloat16 as the second GEMM's operand; y is
+float32 until + b2, then rounded once. Backward: dh = dy @ w2^T and
+dpre = dh * act'(pre) in float32, dpre rounded once to bfloat16 as the
+operand of dx and dw1; db1 and pe's gradient sum dpre in float32; every
+gradient is accumulated in float32 and rounded once. The products with a
+float32 operand (pe's gradient: cs @ w1^T and pe^T @ cs, cs = dpre summed
+over windows) take it as bfloat16 hi + lo (residual 2**-16 relative), so no
+float32 GEMM, and hence no TF32, runs in a bfloat16 call. float32: plain
+float32 GEMMs; ``supports_call`` declines a float32 call on a device where
+torch would run float32 matmuls in reduced precision (TF32 on CUDA,
+``torch.backends.cuda.matmul.allow_tf32``; oneDNN's bf16/tf32 modes on the
+CPU), so backend="auto" falls back there. float16 is not supported: its
+hidden layer rounded to float16 can fall into float16's subnormals (values
+below 2**-14 lose relative precision), an absolute error the tolerance
+model does not grant; the Triton backend keeps that intermediate in tf32
+instead, which cuBLAS cannot be asked for per call. float64 is not
+supported either (the "torch" backend serves it).
+
+Memory (u = B * H * W * F hidden units, 4 bytes a float32 unit): the
+forward holds the pre-activation (4u) and the hidden layer (2u bfloat16,
+4u float32; gelu and silu 4u more, transiently); when a gradient is needed
+the pre-activation is saved for the backward (4u between forward and
+backward) and the hidden layer is recomputed from it there (2u, freed
+before dh). The backward adds dh / dpre in float32 (4u, in place), dpre
+rounded (2u), a float32 dx accumulator of x's chunked size and a float32
+dw1 of w1's size. At the NSA shape (B = 1, H = 4, T = 131072, F = 4096)
+u = 2**27: 512 MiB of pre-activation. An x whose tokens are not rows of
+stride D (keys stored (B, T, H, D), passed transposed) is copied once to
+(B, H, T, D) for the chunk view (and that copy is saved for the backward).
+
+Domain (``supports_call``): dense input (cu_seqlens None), S dividing L,
+bfloat16 and float32 (the latter with IEEE float32 matmuls), and a
+pre-activation of at most ``MAX_PREACTIVATION_BYTES`` (2 GiB: u <= 2**29):
+deterministic, from the shapes alone. Outside it backend="auto" picks
+another backend ("triton", the memory-lean fused kernel, on CUDA) and
+backend="gemm" raises ValueError. Not batch-invariant: cuBLAS picks its
+kernels (and summation order) by shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..._windows import _num_windows
+from ...backends import register
+
+ACTIVATIONS = ("relu", "gelu", "silu")
+DTYPES = (torch.bfloat16, torch.float32)
+# the largest pre-activation (float32, B * H * W * F units) "gemm" stores;
+# beyond it the call is declined (backend="auto" takes the fused Triton kernel)
+MAX_PREACTIVATION_BYTES = 2 << 30
+
+# what the property suite may draw for this backend (kvcompress.testing.Domain's
+# fields, as plain data: the runtime never imports the suite)
+DOMAIN = dict(inputs=("batched",), strides="divides", dtypes=("float32", "bfloat16"),
+              precision="io-intermediates")
+
+
+# --------------------------------------------------------------------------- domain
+
+
+def _ieee_float32(device: torch.device) -> bool:
+    """Whether torch runs float32 matmuls on ``device`` in full float32 (no
+    TF32 on CUDA, no oneDNN bf16/tf32 mode on the CPU)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    if device.type == "cuda":
+        return not torch.backends.cuda.matmul.allow_tf32
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    return getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
+
+
+def preactivation_bytes(x: torch.Tensor, w1: torch.Tensor, *, block_size: int, stride: int, padding: str) -> int:
+    """Bytes of the stored float32 pre-activation, 4 * B * H * W * F, for x
+    (B, H, T, D) and w1 (G, L*D, F)."""
+    B, H, T = x.shape[:3]
+    return 4 * B * H * _num_windows(T, block_size, stride, padding) * w1.shape[2]
+
+
+def supports_call(x, w1, b1, w2, b2, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None,
+                  **_) -> bool:
+    """The registry's per-call predicate (arguments already validated): dense
+    input, stride dividing block_size, float32 only with IEEE float32 matmuls
+    (on the CPU every call computes in float32), and a pre-activation of at
+    most MAX_PREACTIVATION_BYTES."""
+    if cu_seqlens is not None or block_size % stride != 0:
+        return False
+    if (x.dtype == torch.float32 or x.device.type == "cpu") and not _ieee_float32(x.device):
+        return False
+    return preactivation_bytes(x, w1, block_size=block_size, stride=stride, padding=padding) \
+        <= MAX_PREACTIVATION_BYTES
+
+
+# --------------------------------------------------------------------------- GEMMs
+
+
+def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out (n, m, p) = [out +] a (n, m, k) @ b (n, k, p), in place.
+
+    a and b share a dtype (the input's); out is float32 (or a's dtype when
+    that is float32). Half operands: exact products, float32 sums and
+    output (cuBLAS with out_dtype on CUDA; upcast operands on the CPU, which
+    has no such kernel: bfloat16 -> float32 is exact)."""
+    if a.dtype != out.dtype:
+        if out.is_cuda:
+            if accumulate:
+                torch.baddbmm(out, a, b, out.dtype, out=out)
+            else:
+                torch.bmm(a, b, out.dtype, out=out)
+            return
+        a, b = a.to(out.dtype), b.to(out.dtype)
+    if accumulate:
+        torch.baddbmm(out, a, b, out=out)
+    else:
+        torch.bmm(a, b, out=out)
+
+
+def _split(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """A float32 tensor as (hi, lo) in a half ``dtype``, t = hi + lo to about
+    2**-16 relative (bfloat16): two half GEMM operands standing for a float32
+    one."""
+    hi = t.to(dtype)
+    return hi, (t - hi.to(t.dtype)).to(dtype)
+
+
+def _gemm_mixed(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """_gemm where one of a, b is in out's (float32) dtype and the other in the
+    input dtype: on CUDA the float32 one is split into half hi + lo (two half
+    GEMMs, no TF32); on the CPU the half one is upcast."""
+    if a.dtype == b.dtype:
+        return _gemm(out, a, b, accumulate)
+    if not out.is_cuda:
+        return _gemm(out, a.to(out.dtype), b.to(out.dtype), accumulate)
+    if a.dtype == out.dtype:
+        for k, part in enumerate(_split(a, b.dtype)):
+            _gemm(out, part, b, accumulate or k > 0)
+    else:
+        for k, part in enumerate(_split(b, a.dtype)):
+            _gemm(out, a, part, accumulate or k > 0)
+
+
+def _pairs(*ts: torch.Tensor, merge: bool) -> list[tuple[torch.Tensor, ...]]:
+    """The 3-D operands of a per-head product, matched batch by batch.
+
+    ts: tensors (G, B, Hg, ., .) (group-major; x's chunks enter as
+    ``xs.transpose(0, 1)``), head h = g * Hg + i. Returns a list of tuples,
+    one 3-D batch (G, ., .) of each tensor, batch j in group j: one tuple
+    per (batch row b, head of the group i). With ``merge`` and one group
+    (one weight for every head), a single tuple of (B * Hg, ., .) batches
+    where every tensor's (B, Hg) dims merge (the caller expands the weight
+    over it)."""
+    G, B, Hg = ts[0].shape[:3]
+    if merge and G == 1:
+        try:
+            return [tuple(t[0].view(B * Hg, *t.shape[3:]) for t in ts)]
+        except RuntimeError:      # x's (B, H) strides do not merge: one product per head
+            pass
+    return [tuple(t[:, b, i] for t in ts) for b in range(B) for i in range(Hg)]
+
+
+def _weight(w: torch.Tensor, n: int) -> torch.Tensor:
+    """A group weight (G, k, p) for n batches: itself, or expanded (stride 0)
+    when a merged pair spans every head of the single group."""
+    return w if w.shape[0] == n else w.expand(n, *w.shape[1:])
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+class _Shape:
+    """The sizes of one call: B, H, T, D, G, Hg, L, S, C = L / S chunks,
+    K = S * D, P left-pad chunks, W windows, N chunks read, F, DO, acc."""
+
+    def __init__(self, x, w1, w2, block_size, stride, padding):
+        self.B, self.H, self.T, self.D = x.shape
+        self.G, _, self.F = w1.shape
+        self.DO = w2.shape[2]
+        self.Hg = self.H // self.G
+        self.L, self.S = block_size, stride
+        self.C, self.K = block_size // stride, stride * self.D
+        self.P = self.C - 1 if padding == "left" else 0
+        self.W = _num_windows(self.T, block_size, stride, padding)
+        self.N = self.W + self.C - 1 - self.P
+        self.M = self.B * self.Hg * self.W
+        self.acc = torch.float32
+
+    def rows(self, c: int) -> tuple[int, int, int]:
+        """Chunk c of the windows: (i0, r0, n): windows i0 .. i0 + n - 1 read
+        x's chunks r0 .. r0 + n - 1 (window i, chunk c reads chunk i + c - P;
+        the windows whose source is a left pad are left out: n = 0 when
+        there are no more than P - c windows)."""
+        i0 = min(max(0, self.P - c), self.W)
+        return i0, i0 - self.P + c, self.W - i0
+
+
+def _chunkable(x: torch.Tensor, sh: _Shape) -> torch.Tensor:
+    """x's first N * S tokens in a layout whose chunks are rows: x itself (a
+    view) when its tokens are rows of stride D, else one contiguous copy."""
+    xt = x[:, :, : sh.N * sh.S]
+    try:
+        xt.view(sh.B, sh.H, sh.N, sh.K)
+        return xt
+    except RuntimeError:
+        return xt.contiguous()
+
+
+def _chunks(xt: torch.Tensor, sh: _Shape) -> torch.Tensor:
+    """(B, H, N*S, D) chunkable tokens -> (B, G, Hg, N, S*D), a view."""
+    return xt.view(sh.B, sh.G, sh.Hg, sh.N, sh.K)
+
+
+def _constant(w1, b1, pe, sh: _Shape) -> torch.Tensor | None:
+    """What every window of head h = g * Hg + i adds to its pre-activation:
+    (G, Hg, F) flat(pe[h]) @ w1[g] + b1[g] in float32 ((G, 1, F) for b1
+    alone; None for neither)."""
+    if pe is None:
+        return None if b1 is None else b1.to(sh.acc)[:, None]
+    const = w1.new_empty((sh.G, sh.Hg, sh.F), dtype=sh.acc)
+    _gemm(const, pe.reshape(sh.G, sh.Hg, sh.L * sh.D), w1, False)
+    if b1 is not None:
+        const += b1.to(sh.acc)[:, None]
+    return const
+
+
+def _activate(pre: torch.Tensor, act: str, dtype: torch.dtype) -> torch.Tensor:
+    """act(pre) rounded once to ``dtype`` (a new tensor; NaN stays NaN).
+    relu commutes with rounding, so it runs on the rounded copy (two passes
+    over the narrow copy: on an H200 0.32 ms at the NSA shape, against 0.52
+    for one torch.maximum writing bfloat16 from float32)."""
+    if act == "relu":
+        return pre.to(dtype, copy=True).clamp_min_(0)
+    out = F.gelu(pre, approximate="none") if act == "gelu" else F.silu(pre)
+    return out.to(dtype)
+
+
+def _act_backward_(dh: torch.Tensor, pre: torch.Tensor, act: str) -> torch.Tensor:
+    """dh * act'(pre), in place in dh (float32)."""
+    if act == "relu":
+        return torch.ops.aten.threshold_backward.grad_input(dh, pre, 0, grad_input=dh)
+    if act == "gelu":
+        return torch.ops.aten.gelu_backward.grad_input(dh, pre, approximate="none", grad_input=dh)
+    return torch.ops.aten.silu_backward.grad_input(dh, pre, grad_input=dh)
+
+
+def _forward(xt, w1, b1, w2, b2, pe, sh: _Shape, act: str, keep_pre: bool):
+    """y (B, H, W, DO) in x's dtype, and the float32 pre-activation
+    (G, B, Hg, W, F) if keep_pre (else None). xt: _chunkable(x)."""
+    dt = xt.dtype
+    xs = _chunks(xt, sh).transpose(0, 1)                                      # [G, B, Hg, N, K] view
+    w1c = w1.unflatten(1, (sh.C, sh.K))                                       # [G, C, K, F] view
+    const = _constant(w1, b1, pe, sh)
+    pre = xt.new_empty((sh.G, sh.B, sh.Hg, sh.W, sh.F), dtype=sh.acc)
+    if const is not None:
+        pre.copy_(const[:, None, :, None, :].expand_as(pre))
+    # the last chunk first: it reaches every window (left pads only ever cut the first ones)
+    for k, c in enumerate(reversed(range(sh.C))):
+        i0, r0, n = sh.rows(c)
+        if n == 0:
+            continue
+        for a, m in _pairs(xs[:, :, :, r0: r0 + n], pre[:, :, :, i0:], merge=True):   # [G or B*Hg, n, K / F]
+            _gemm(m, a, _weight(w1c[:, c], m.shape[0]), accumulate=const is not None or k > 0)
+    hidden = _activate(pre, act, dt).view(sh.G, sh.M, sh.F)
+    if not keep_pre:
+        del pre
+        pre = None
+    y32 = xt.new_empty((sh.G, sh.M, sh.DO), dtype=sh.acc)
+    _gemm(y32, hidden, w2, False)
+    del hidden
+    if b2 is not None:
+        y32 += b2.to(sh.acc)[:, None]
+    y = xt.new_empty((sh.B, sh.H, sh.W, sh.DO))
+    y.view(sh.B, sh.G, sh.Hg, sh.W, sh.DO).copy_(y32.view(sh.G, sh.B, sh.Hg, sh.W, sh.DO).transpose(0, 1))
+    return y, pre
+
+
+def _backward(dy, xt, w1, b1, w2, pe, pre, sh: _Shape, act: str, need):
+    """Gradients (dx, dw1, db1, dw2, db2, dpe), None where not needed. dy
+    (B, H, W, DO); xt: _chunkable(x), its first N * S tokens; pre (G, B, Hg,
+    W, F) float32; need: six bools in that order. dx has x's shape (B, H, T,
+    D), zero on the tokens no window reads."""
+    need_x, need_w1, need_b1, need_w2, need_b2, need_pe = need
+    dt, acc = xt.dtype, sh.acc
+    G, B, Hg, W, F_, C, K = sh.G, sh.B, sh.Hg, sh.W, sh.F, sh.C, sh.K
+    dx = dw1 = db1 = dw2 = db2 = dpe = None
+    dyg = dy.view(B, G, Hg, W, sh.DO).transpose(0, 1).reshape(G, sh.M, sh.DO)     # group-major rows
+    if need_b2:
+        db2 = dyg.sum(1, dtype=acc).to(dt)
+    if need_w2:
+        hidden = _activate(pre, act, dt).view(G, sh.M, F_)          # recomputed, rounded as the forward did
+        dw2_32 = dy.new_empty((G, F_, sh.DO), dtype=acc)
+        _gemm(dw2_32, hidden.mT, dyg, False)
+        del hidden
+        dw2 = dw2_32.to(dt)
+    if not (need_x or need_w1 or need_b1 or need_pe):
+        return dx, dw1, db1, dw2, db2, dpe
+    dpre = dy.new_empty((G, sh.M, F_), dtype=acc)
+    _gemm(dpre, dyg, w2.mT, False)                                               # dh = dy @ w2^T
+    _act_backward_(dpre, pre.view(G, sh.M, F_), act)                             # dpre = dh * act'(pre)
+    cs = None
+    if need_b1 or need_pe or (need_w1 and pe is not None):
+        cs = dpre.view(G, B, Hg, W, F_).sum((1, 3))                               # [G, Hg, F] float32
+    if need_b1:
+        db1 = cs.sum(1).to(dt)
+    dp = dpre.to(dt).view(G, B, Hg, W, F_)                                       # rounded once: the GEMM operand
+    del dpre
+    w1c = w1.unflatten(1, (C, K))                                                # [G, C, K, F]
+    if need_x:
+        dx32 = dy.new_empty((G, B, Hg, sh.N, K), dtype=acc)
+        for k, c in enumerate(reversed(range(C))):
+            i0, r0, n = sh.rows(c)
+            if n == 0:
+                continue
+            if k == 0 and r0 > 0:           # chunks before the last chunk's first source: written by the others only
+                dx32[:, :, :, :r0].zero_()
+            for d, x_ in _pairs(dp[:, :, :, i0:], dx32[:, :, :, r0: r0 + n], merge=True):
+                _gemm(x_, d, _weight(w1c[:, c].mT, d.shape[0]), accumulate=k > 0)   # [., n, K]
+        dx = xt.new_empty((B, sh.H, sh.T, sh.D))
+        dx[:, :, sh.N * sh.S:] = 0                                                 # tokens no window reads
+        dx[:, :, : sh.N * sh.S].view(B, G, Hg, sh.N, K).copy_(dx32.transpose(0, 1))
+        del dx32
+    if need_w1:
+        xs = _chunks(xt, sh).transpose(0, 1)                                      # [G, B, Hg, N, K]
+        dw1_32 = dy.new_empty((G, C, K, F_), dtype=acc)
+        for c in range(C):
+            i0, r0, n = sh.rows(c)
+            pairs = _pairs(xs[:, :, :, r0: r0 + n], dp[:, :, :, i0:], merge=False) if n > 0 else []
+            if not pairs:        # no window reads a real chunk through block c (or no batch row)
+                dw1_32[:, c].zero_()
+            for j, (a, m) in enumerate(pairs):
+                _gemm(dw1_32[:, c], a.mT, m, accumulate=j > 0)      # summed over batch rows and heads of the group
+        if pe is not None:   # const = flat(pe[h]) @ w1[g]: dw1[g] += sum_i flat(pe[h])^T cs[h]
+            _gemm_mixed(dw1_32.view(G, C * K, F_), pe.reshape(G, Hg, -1).mT, cs, True)
+        dw1 = dw1_32.view(G, C * K, F_).to(dt)
+    if need_pe:              # dpe[h] = w1[g] @ cs[h]
+        dpe32 = dy.new_empty((G, Hg, C * K), dtype=acc)
+        _gemm_mixed(dpe32, cs, w1.mT, False)
+        dpe = dpe32.view(sh.H, sh.L, sh.D).to(dt)
+    return dx, dw1, db1, dw2, db2, dpe
+
+
+# --------------------------------------------------------------------------- autograd and registration
+
+
+class _MlpGemm(torch.autograd.Function):
+    """y = mlp(x, w1, b1, w2, b2, pe) by the chunked GEMMs; the backward is
+    explicit, with the forward's chunk structure (module docstring). Saves
+    x's chunkable tokens (a view of x, or the copy the forward made), the
+    weights, pe and the float32 pre-activation. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, pe, sh, act):
+        xt = _chunkable(x, sh)
+        need_pre = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 5))
+        y, pre = _forward(xt, w1, b1, w2, b2, pe, sh, act, keep_pre=need_pre)
+        ctx.sh, ctx.act = sh, act
+        ctx.save_for_backward(xt, w1, b1, w2, pe, pre)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        xt, w1, b1, w2, pe, pre = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:6])
+        return (*_backward(dy.contiguous(), xt, w1, b1, w2, pe, pre, ctx.sh, ctx.act, need), None, None)
+
+
+@register("mlp", "gemm", devices=("cpu", "cuda"), dtypes=DTYPES, priority=20, supports=supports_call,
+          auto_devices=("cuda",), precision="io-intermediates")
+def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+    """Per-window two-layer MLP by chunked GEMMs (arguments already validated
+    by ``kvcompress.functional.mlp``, which also checks ``supports_call``).
+
+    x: (B, H, T, D) bfloat16/float32, any strides (copied once only when its
+    tokens are not rows of stride D); w1: (G, L*D, F); b1: (G, F) or None;
+    w2: (G, F, D_out); b2: (G, D_out) or None; pe: (H, L, D) or None;
+    activation: "relu" (default), "gelu" (exact erf form) or "silu";
+    block_size L, stride S with S dividing L; padding "valid" or "left";
+    cu_seqlens: must be None (packed input is not supported). Returns
+    (B, H, W, D_out) in x's dtype, contiguous. Differentiable in x, w1, b1,
+    w2, b2 and pe (once).
+
+    Raises ValueError for packed input, a stride not dividing block_size, or
+    an unknown activation (reached only when called directly: the registry
+    declines the first two).
+    """
+    if cu_seqlens is not None:
+        raise ValueError("mlp (backend 'gemm'): cu_seqlens must be None (packed input is not supported; "
+                         "use backend='triton' or 'torch')")
+    if block_size % stride != 0:
+        raise ValueError(f"mlp (backend 'gemm'): stride must divide block_size, got block_size={block_size}, "
+                         f"stride={stride}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"mlp: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    sh = _Shape(x, w1, w2, block_size, stride, padding)
+    tensors = (x, w1, b1, w2, b2, pe)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _MlpGemm.apply(x, w1, b1, w2, b2, pe, sh, activation)
+    return _forward(_chunkable(x, sh), w1, b1, w2, b2, pe, sh, activation, keep_pre=False)[0]
+
+
+mlp.__kvcompress_domain__ = DOMAIN
+
+__all__ = ["ACTIVATIONS", "DOMAIN", "DTYPES", "MAX_PREACTIVATION_BYTES", "mlp", "preactivation_bytes", "supports_call"]

@@ -1,0 +1,260 @@
+"""The "gemm" backend of mlp (kvcompress/ops/mlp/gemm_impl.py): fixed
+configurations against the float64 torch backend, its gradients, NaN
+locality, its domain (the registry's supports predicate) and what it keeps
+for backward.
+
+``suite_mlp`` is the backend as the property suite sees it through
+``--impl``, with the backend's declared domain::
+
+    python -m pytest kvcompress/testing/properties --impl mlp=tests.test_mlp_gemm:suite_mlp -n 2
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import pytest
+import torch
+
+import kvcompress.functional as kf
+from kvcompress import backends as kb
+from kvcompress.ops.mlp import gemm_impl
+from kvcompress.testing.domain import declare_domain
+
+suite_mlp = declare_domain(**gemm_impl.DOMAIN)(functools.partial(kf.mlp, backend="gemm"))
+
+NAMES = ("x", "w1", "b1", "w2", "b2", "pe")
+
+
+def _inputs(B, H, G, T, D, L, F, DO, *, pe=True, bias=True, layout="contiguous", seed=0):
+    """x (B, H, T, D) in the given layout and the parameters, float64 leaves."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, H, D, generator=g, dtype=torch.float64).transpose(1, 2) if layout == "bthd" \
+        else torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    t = {"x": x,
+         "w1": torch.randn(G, L * D, F, generator=g, dtype=torch.float64) / (L * D) ** 0.5,
+         "b1": torch.randn(G, F, generator=g, dtype=torch.float64) if bias else None,
+         "w2": torch.randn(G, F, DO, generator=g, dtype=torch.float64) / F ** 0.5,
+         "b2": torch.randn(G, DO, generator=g, dtype=torch.float64) if bias else None,
+         "pe": torch.randn(H, L, D, generator=g, dtype=torch.float64) if pe else None}
+    return t
+
+
+def _call(t, backend, **kw):
+    return kf.mlp(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], pe=t["pe"], backend=backend, **kw)
+
+
+def _compare(t64, dtype, tol, *, grads=True, **kw):
+    """The gemm backend in ``dtype`` against the torch backend in float64:
+    output and every gradient, max |error| / max |exact| <= tol."""
+    leaves = {k: None if v is None else v.to(dtype).requires_grad_() for k, v in t64.items()}
+    exact = {k: None if v is None else v.to(dtype).double().requires_grad_() for k, v in t64.items()}
+    y = _call(leaves, "gemm", **kw)
+    y64 = _call(exact, "torch", **kw)
+    assert y.dtype == dtype and y.shape == y64.shape and y.is_contiguous()
+    assert _rel(y, y64) <= tol, f"output: {_rel(y, y64)}"
+    if not grads:
+        return
+    gy = torch.randn(y64.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    names = [k for k in NAMES if leaves[k] is not None]
+    got = torch.autograd.grad(y, [leaves[k] for k in names], gy)
+    want = torch.autograd.grad(y64, [exact[k] for k in names], gy.double())
+    for k, a, b in zip(names, got, want):
+        assert a.dtype == dtype and a.shape == leaves[k].shape, k
+        assert _rel(a, b) <= tol, f"d/d{k}: {_rel(a, b)}"
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+# B, H, G, T, D, L, S, F, D_out: per-head, shared and grouped (1 < G < H) weights, B > 1, T not a
+# multiple of S, C = L / S of 1, 2 and 3
+SHAPES = [(1, 4, 4, 64, 8, 4, 2, 16, 8), (2, 4, 2, 37, 5, 6, 3, 7, 3), (3, 3, 1, 21, 3, 4, 4, 5, 2),
+          (2, 6, 3, 11, 4, 6, 2, 11, 6)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}G{}T{}D{}L{}S{}F{}O{}".format(*s))
+@pytest.mark.parametrize("padding", ["valid", "left"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_values_and_gradients_match_float64(shape, padding, activation, dtype):
+    B, H, G, T, D, L, S, F, DO = shape
+    kw = dict(block_size=L, stride=S, padding=padding, activation=activation)
+    # float32: float32 sums only; bfloat16: the inputs rounded, then the hidden layer and dpre rounded once
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for pe, bias, layout in [(True, True, "contiguous"), (False, False, "bthd"), (True, False, "bthd")]:
+        _compare(_inputs(B, H, G, T, D, L, F, DO, pe=pe, bias=bias, layout=layout), dtype, tol, **kw)
+
+
+def test_gradients_only_for_inputs_that_require_them():
+    t = _inputs(2, 4, 2, 20, 3, 4, 6, 5)
+    kw = dict(block_size=4, stride=2, padding="left", activation="gelu")
+    for names in [("x",), ("w2",), ("b2",), ("pe",), ("w1", "b1")]:
+        leaves = {k: None if v is None else v.float().requires_grad_(k in names) for k, v in t.items()}
+        y = _call(leaves, "gemm", **kw)
+        y.sum().backward()
+        for k, v in leaves.items():
+            assert (v.grad is not None) == (k in names), (names, k)
+        ref = {k: None if v is None else v.clone().requires_grad_(k in names) for k, v in t.items()}
+        _call(ref, "torch", **kw).sum().backward()
+        for k in names:
+            assert _rel(leaves[k].grad, ref[k].grad) <= 1e-5, k
+
+
+def test_windows_read_only_their_tokens_and_short_inputs():
+    """T shorter than a window: the empty output, attached to autograd; the
+    trailing T mod S tokens no window reads get a zero gradient."""
+    t = {k: None if v is None else v.float() for k, v in _inputs(2, 2, 1, 3, 4, 4, 5, 3).items()}
+    y = _call(t, "gemm", block_size=4, stride=2)
+    assert y.shape == (2, 2, 0, 3)
+    t = {k: None if v is None else v.float().requires_grad_() for k, v in _inputs(1, 2, 2, 11, 3, 4, 5, 3).items()}
+    y = _call(t, "gemm", block_size=4, stride=2, padding="left")            # W = 5: tokens 10 is read by none
+    y.sum().backward()
+    assert y.shape == (1, 2, 5, 3)
+    assert (t["x"].grad[:, :, 10:] == 0).all() and (t["x"].grad[:, :, :10] != 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fewer_windows_than_left_pad_chunks(dtype):
+    """padding "left" with W < C - 1 (L = 6, S = 1, T = 3: 5 pad chunks, 3
+    windows): the chunks whose every source is a pad take no part at all.
+    Found by the property suite."""
+    for T in (1, 2, 3, 5):
+        _compare(_inputs(2, 2, 1, T, 3, 6, 4, 2), dtype, 1e-5 if dtype == torch.float32 else 3e-2, block_size=6,
+                 stride=1, padding="left", activation="silu")
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_stays_in_its_windows(activation, dtype):
+    """A NaN token makes its windows' outputs NaN (relu included: NaN
+    pre-activations stay NaN) and no other output."""
+    t = {k: None if v is None else v.to(dtype) for k, v in _inputs(1, 2, 1, 24, 4, 4, 6, 3).items()}
+    t["x"][0, 1, 9] = float("nan")
+    y = _call(t, "gemm", block_size=4, stride=2, padding="valid", activation=activation)   # windows 3, 4 hold token 9
+    nan = torch.isnan(y).any(-1)
+    assert nan[0, 1, 3:5].all() and nan.sum() == 2
+
+
+def test_nan_preactivation_of_a_weight_stays_nan():
+    """A NaN in w1 reaches every window's pre-activation of its hidden unit:
+    relu(NaN) must be NaN, not 0."""
+    t = {k: None if v is None else v.float() for k, v in _inputs(1, 1, 1, 12, 2, 4, 3, 2, pe=False).items()}
+    t["w1"][0, 0, 1] = float("nan")
+    y = _call(t, "gemm", block_size=4, stride=4)
+    assert torch.isnan(y).all()
+
+
+def test_gradients_in_float32_against_float64_finite_differences_free_reference():
+    """Larger shapes where the chunk GEMMs span several (b, head) pairs and
+    both paddings: float32 gradients within float32 accumulation of the
+    float64 ones (the gradcheck stand-in: float64 is not a dtype of this
+    backend)."""
+    for pad, act in itertools.product(("valid", "left"), ("relu", "gelu", "silu")):
+        _compare(_inputs(2, 4, 2, 96, 16, 8, 24, 16, seed=3), torch.float32, 1e-5, block_size=8, stride=4,
+                 padding=pad, activation=act)
+
+
+# --------------------------------------------------------------------------- domain
+
+
+def test_registration():
+    b = kb.get("mlp", "gemm")
+    assert b.devices == ("cpu", "cuda") and b.auto_devices == ("cuda",)
+    assert set(b.dtypes) == {torch.bfloat16, torch.float32}
+    assert b.precision == "io-intermediates" and not b.batch_invariant
+    assert b.priority > kb.get("mlp", "torch").priority
+    assert [x.name for x in kb.backends("mlp")].index("gemm") == 0
+    x = torch.zeros(1, 2, 8, 4)
+    w1, w2 = torch.zeros(2, 16, 3), torch.zeros(2, 3, 4)
+    assert b.accepts(x, w1, None, w2, None, block_size=4, stride=2, padding="valid")
+    assert not b.accepts_auto(x, w1, None, w2, None, block_size=4, stride=2, padding="valid")   # never auto on CPU
+
+
+def _small(dtype=torch.float32):
+    t = _inputs(1, 2, 2, 10, 3, 4, 5, 3)
+    return {k: None if v is None else v.to(dtype) for k, v in t.items()}
+
+
+@pytest.mark.parametrize("what", ["stride", "packed", "memory", "float16", "float64", "tf32"])
+def test_unsupported_calls_are_declined(what, monkeypatch):
+    """supports_call declines a stride not dividing block_size, packed
+    input, a pre-activation beyond MAX_PREACTIVATION_BYTES, float32 with
+    reduced-precision float32 matmuls; the registry declines float16 and
+    float64. backend="gemm" then raises ValueError before any work;
+    backend="auto" takes another backend."""
+    t = _small(torch.float16 if what == "float16" else torch.float64 if what == "float64" else torch.float32)
+    kw = dict(block_size=4, stride=2)
+    if what == "stride":
+        kw["stride"] = 3
+    elif what == "packed":
+        kw["cu_seqlens"] = torch.tensor([0, 4, 10])
+        t["x"] = t["x"][:1]
+    elif what == "memory":
+        # (B*H*W*F) * 4 bytes = 1 * 2 * 4 * 5 * 4 = 160: a cap below it declines
+        monkeypatch.setattr(gemm_impl, "MAX_PREACTIVATION_BYTES", 159)
+        assert gemm_impl.preactivation_bytes(t["x"], t["w1"], block_size=4, stride=2, padding="valid") == 160
+    elif what == "tf32":
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    b = kb.get("mlp", "gemm")
+    assert not b.accepts(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], pe=t["pe"], padding="valid", **kw)
+    with pytest.raises(ValueError, match="backend 'gemm' does not support this call"):
+        _call(t, "gemm", **kw)
+    y = _call(t, "auto", **kw)          # another backend serves it
+    assert y.shape[2] == kf.num_windows(10 if what != "packed" else 4, 4, kw["stride"]) or what == "packed"
+
+
+def test_memory_rule_admits_the_nsa_shape():
+    """The NSA shape (bfloat16, B = 1, H = 4, T = 131072, D = 128, L = 32,
+    S = 16, F = 4096: 512 MiB of pre-activation) is inside the memory rule,
+    four times its batch (2 GiB) too, five times not."""
+    x = torch.empty(1, 4, 131072, 128, dtype=torch.bfloat16, device="meta")
+    w1 = torch.empty(4, 32 * 128, 4096, dtype=torch.bfloat16, device="meta")
+    kw = dict(block_size=32, stride=16, padding="left")
+    assert gemm_impl.preactivation_bytes(x, w1, **kw) == 4 * 4 * 8192 * 4096
+    assert gemm_impl.supports_call(x, w1, None, None, None, **kw)
+    assert gemm_impl.supports_call(x.expand(4, -1, -1, -1), w1, None, None, None, **kw)
+    assert not gemm_impl.supports_call(x.expand(5, -1, -1, -1), w1, None, None, None, **kw)
+
+
+def test_direct_calls_outside_the_domain_raise():
+    t = _small()
+    with pytest.raises(ValueError, match="stride must divide block_size"):
+        gemm_impl.mlp(t["x"], t["w1"], None, t["w2"], None, block_size=4, stride=3)
+    with pytest.raises(ValueError, match="cu_seqlens must be None"):
+        gemm_impl.mlp(t["x"][:1], t["w1"], None, t["w2"], None, block_size=4, stride=2,
+                      cu_seqlens=torch.tensor([0, 10]))
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves for backward during fn()."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "bthd"])
+def test_saves_x_weights_and_the_preactivation_only(layout):
+    """For backward: x (no unfolded copy; a (B, T, H, D) layout copied once),
+    the parameters and the float32 pre-activation (G, B, Hg, W, F)."""
+    B, H, G, T, D, L, S, F, DO = 2, 4, 2, 256, 8, 16, 1, 24, 8       # L / S = 16: an unfold would be 16 x
+    t = {k: None if v is None else v.float().requires_grad_()
+         for k, v in _inputs(B, H, G, T, D, L, F, DO, layout=layout).items()}
+    saved = _saved_bytes(lambda: _call(t, "gemm", block_size=L, stride=S, padding="left"))
+    W = T // S
+    params = sum(v.numel() * 4 for k, v in t.items() if k != "x")
+    x_bytes = t["x"].numel() * 4 * (2 if layout == "bthd" else 1)
+    assert saved <= x_bytes + params + B * H * W * F * 4
