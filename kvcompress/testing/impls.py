@@ -7,6 +7,7 @@ from ._env import configure as _configure_environment
 
 _configure_environment()   # before kvcompress.ops imports triton
 
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import importlib  # noqa: E402
 import os  # noqa: E402
@@ -141,9 +142,11 @@ def builtin_impls(device: str | None = None) -> list[Impl]:
                 continue
             if device in b.devices and b.available():
                 dtypes = tuple(n for n in DTYPE_NAMES if DTYPES[n] in b.dtypes)
+                # a backend that serves part of the contract declares it on its callable (``__kvcompress_domain__``,
+                # e.g. mlp's "gemm": dense inputs, S dividing L); the registry's precision class is the promise
+                domain = dataclasses.replace(domain_of(b.fn), precision=b.precision)
                 out.append(Impl(kind, b.name, functools.partial(getattr(kf, kind), backend=b.name), device, dtypes,
-                                batch_invariant=b.batch_invariant, emulated=emulated,
-                                domain=Domain(precision=b.precision)))
+                                batch_invariant=b.batch_invariant, emulated=emulated, domain=domain))
     return out
 
 
