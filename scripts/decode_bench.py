@@ -144,6 +144,33 @@ def _one(kind, N, backend, prefix, R, gen, compiled, ring):
     return r
 
 
+def profile_graph(kind, N, backend, prefix, gen, replays=20):
+    """The kernels of one replayed step (torch.profiler over ``replays``
+    replays): [(name, calls per step, us per step)], longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rec = kinds.get(kind)
+    params = _params(kind, gen)
+    kw = {"pe": torch.randn(H, L, D, device="cuda", generator=gen).to(DT)} if rec.pe else {}
+    tok = [torch.randn(N, H, D, device="cuda", generator=gen).to(DT) for _ in rec.inputs]
+    cache = _cache(kind, N, prefix, gen)
+    for _ in range(3):
+        decode_step(kind, cache, *tok, *params, backend=backend, **kw)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        decode_step(kind, cache, *tok, *params, backend=backend, **kw)
+    g.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            g.replay()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.count / replays, e.device_time_total / replays) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[2])
+
+
 def recompress_us(kind, N, prefix, gen):
     import triton
 
@@ -167,12 +194,22 @@ def main(argv=None):
     ap.add_argument("--torch-step", default="64",
                     help="stream counts at which the step is also measured with its data movement in torch")
     ap.add_argument("--deadline", type=float, default=240, help="seconds after which no compiled variant starts")
+    ap.add_argument("--profile", default=None, metavar="KIND:BACKEND[,...]",
+                    help="only profile the CUDA-graph step of these at the first --streams N: its kernels and times")
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None)
     a = ap.parse_args(argv)
     import triton
 
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if a.profile:
+        N = int(a.streams.split(",")[0])
+        for item in a.profile.split(","):
+            kind, backend = item.split(":")
+            print(f"\n{kind}, {backend}, N = {N}: kernels of one replayed step (us per step)")
+            for name, calls, us in profile_graph(kind, N, backend, a.prefix, gen):
+                print(f"  {us:8.2f}  x{calls:4.1f}  {name[:110]}")
+        return
     rows, start = [], time.perf_counter()
     head = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; bfloat16, "
             f"H={H}, D={D}, L={L}, S={S}, left, prefix {a.prefix}")

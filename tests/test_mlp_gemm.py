@@ -220,6 +220,23 @@ def test_memory_rule_admits_the_nsa_shape():
     assert not gemm_impl.supports_call(x.expand(5, -1, -1, -1), w1, None, None, None, **kw)
 
 
+def test_declined_while_torch_compile_traces():
+    """Under torch.compile the predicate declines every call, so backend="auto"
+    keeps the Triton backend's custom op there: gemm's in-place float32
+    GEMMs (out_dtype with out=) fail in fake-tensor tracing (H200 run 45,
+    ``decode_step`` compiled with fullgraph=True on mlp)."""
+    t = _small()
+    kw = dict(block_size=4, stride=2, padding="valid")
+    args = (t["w1"], t["b1"], t["w2"], t["b2"])
+    assert gemm_impl.supports_call(t["x"], *args, **kw)
+
+    def f(x):
+        return x + 1 if gemm_impl.supports_call(x, *args, **kw) else x - 1
+
+    got = torch.compile(f, backend="eager", fullgraph=True)(t["x"])
+    assert torch.equal(got, t["x"] - 1)
+
+
 def test_direct_calls_outside_the_domain_raise():
     t = _small()
     with pytest.raises(ValueError, match="stride must divide block_size"):

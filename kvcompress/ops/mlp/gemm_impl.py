@@ -119,7 +119,12 @@ def supports_call(x, w1, b1, w2, b2, *, block_size, stride, padding="valid", pe=
     """The registry's per-call predicate (arguments already validated): dense
     input, stride dividing block_size, float32 only with IEEE float32 matmuls
     (on the CPU every call computes in float32), and a pre-activation of at
-    most MAX_PREACTIVATION_BYTES."""
+    most MAX_PREACTIVATION_BYTES; not while torch.compile traces the call
+    (its GEMMs write float32 outputs in place, out_dtype with out=, which
+    fake tensors reject: H200 run 45), so a compiled mlp keeps the Triton
+    backend's custom op."""
+    if torch.compiler.is_compiling():
+        return False
     if cu_seqlens is not None or block_size % stride != 0:
         return False
     if (x.dtype == torch.float32 or x.device.type == "cpu") and not _ieee_float32(x.device):
