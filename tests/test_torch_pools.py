@@ -148,3 +148,26 @@ def test_chunk_views():
         v = tw.chunk(stream, c, R=layout.R, S=3, L=7)
         for s in range(v.shape[2]):
             assert torch.equal(v[:, :, s], layout.position(stream, 3 * c + s))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["mean_pool", "weighted_pool"])
+def test_batch_invariant_on_cuda_at_the_nsa_shape(kind):
+    """The torch pools promise batch invariance (kvcompress.backends): on
+    CUDA, bfloat16, at the NSA shape with 64 sequences, a sequence's windows
+    computed alone, and its last window computed as one batch row of one
+    window (what a decode step hands the backend), equal its windows among
+    the others bit for bit. The decode benchmark's gate found weighted_pool's
+    cuBLAS matrix-vector form breaking this (H200 run 46)."""
+    B, H, T, D, L, S = 64, 4, 4096, 128, 32, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, H, T, D, device="cuda", generator=g).to(torch.bfloat16)
+    params = [] if kind == "mean_pool" else [(torch.randn(H, L, device="cuda", generator=g) / L).to(torch.bfloat16)]
+    f = getattr(kf, kind)
+    y = f(x, *params, block_size=L, stride=S, padding="left", backend="torch")            # [B, H, W, D]
+    for k in (0, 22, 63):
+        alone = f(x[k:k + 1], *params, block_size=L, stride=S, padding="left", backend="torch")
+        assert torch.equal(alone[0], y[k]), f"sequence {k} alone differs from the batch"
+    last = f(x[:, :, T - L:], *params, block_size=L, stride=S, padding="valid", backend="torch")   # [B, H, 1, D]
+    assert torch.equal(last[:, :, 0], y[:, :, -1]), "one window per row differs from the full pass's last window"

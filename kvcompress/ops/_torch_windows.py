@@ -49,13 +49,25 @@ def _num_chunks(L: int, S: int) -> int:
 
 
 def _weighted_forward(stream, w, S, R):
-    """y (G, R, D) = sum_j w[:, j] * stream[:, j::S][:R], one batched
-    matrix-vector product per chunk (K = S_c), out of place."""
+    """y (G, R, D) = sum_j w[:, j] * stream[:, j::S][:R], out of place.
+
+    CPU: one batched matrix-vector product per chunk (K = S_c). CUDA: one
+    elementwise multiply-add per position j, in order: cuBLAS picks its
+    kernel, and with it the order of a window's sum over positions, by the
+    number of windows R, so the matmul form is not batch-invariant there
+    (bfloat16, 64 streams at the NSA shape: one element of the decode step
+    differed from the full pass by one ulp, H200 run 46); elementwise ops
+    round each window alike whatever R is."""
     G, L = w.shape
     y = None
     for c in range(_num_chunks(L, S)):
         xc = chunk(stream, c, R=R, S=S, L=L)                                  # [G, R, Sc, D]
         wc = w[:, c * S: c * S + xc.shape[2]]                                 # [G, Sc]
+        if stream.is_cuda:
+            for j in range(xc.shape[2]):
+                t = wc[:, j, None, None] * xc[:, :, j]                        # [G, R, D]
+                y = t if y is None else y + t
+            continue
         t = torch.matmul(wc[:, None, None, :], xc).squeeze(2)                 # [G, R, D]
         y = t if y is None else y + t
     return y

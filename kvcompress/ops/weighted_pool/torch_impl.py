@@ -7,8 +7,8 @@ from .._torch_common import per_head, setup
 from .._torch_windows import weighted_pool_sum
 
 
-# matmuls whose reduction (over S_c positions) has one order for every window: a window's bits never
-# depend on the batch
+# a window's bits never depend on the batch: on the CPU matmuls whose reduction (over S_c positions) has
+# one order for every window, on CUDA elementwise multiply-adds (_torch_windows._weighted_forward)
 @register("weighted_pool", "torch", devices=("cpu", "cuda"), batch_invariant=True)
 def weighted_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
     """x (B, H, T, D), weight (G, L) -> (B, H, W, D); arguments already validated."""
