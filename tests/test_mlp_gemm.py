@@ -223,7 +223,7 @@ def test_memory_rule_admits_the_nsa_shape():
 def test_declined_while_torch_compile_traces():
     """Under torch.compile the predicate declines every call, so backend="auto"
     keeps the Triton backend's custom op there: gemm's in-place float32
-    GEMMs (out_dtype with out=) fail in fake-tensor tracing (H200 run 45,
+    GEMMs (out_dtype with out=) fail in fake-tensor tracing (H200 run 46,
     ``decode_step`` compiled with fullgraph=True on mlp)."""
     t = _small()
     kw = dict(block_size=4, stride=2, padding="valid")

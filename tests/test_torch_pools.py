@@ -159,7 +159,7 @@ def test_batch_invariant_on_cuda_at_the_nsa_shape(kind):
     computed alone, and its last window computed as one batch row of one
     window (what a decode step hands the backend), equal its windows among
     the others bit for bit. The decode benchmark's gate found weighted_pool's
-    cuBLAS matrix-vector form breaking this (H200 run 46)."""
+    cuBLAS matrix-vector form breaking this (H200 run 47)."""
     B, H, T, D, L, S = 64, 4, 4096, 128, 32, 16
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(B, H, T, D, device="cuda", generator=g).to(torch.bfloat16)

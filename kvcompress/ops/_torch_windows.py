@@ -56,7 +56,7 @@ def _weighted_forward(stream, w, S, R):
     kernel, and with it the order of a window's sum over positions, by the
     number of windows R, so the matmul form is not batch-invariant there
     (bfloat16, 64 streams at the NSA shape: one element of the decode step
-    differed from the full pass by one ulp, H200 run 46); elementwise ops
+    differed from the full pass by one ulp, H200 run 47); elementwise ops
     round each window alike whatever R is."""
     G, L = w.shape
     y = None

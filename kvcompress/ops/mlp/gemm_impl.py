@@ -121,7 +121,7 @@ def supports_call(x, w1, b1, w2, b2, *, block_size, stride, padding="valid", pe=
     (on the CPU every call computes in float32), and a pre-activation of at
     most MAX_PREACTIVATION_BYTES; not while torch.compile traces the call
     (its GEMMs write float32 outputs in place, out_dtype with out=, which
-    fake tensors reject: H200 run 45), so a compiled mlp keeps the Triton
+    fake tensors reject: H200 run 46), so a compiled mlp keeps the Triton
     backend's custom op."""
     if torch.compiler.is_compiling():
         return False
