@@ -45,8 +45,22 @@ CPU_SHAPES = {
 READABILITY_SHAPE = (8, 64)
 
 
+class _OfCase:
+    """What a configuration reads off its ``case``: the kind, and the key
+    under which configurations share their inputs."""
+
+    @property
+    def kind(self) -> str:
+        return self.case.kind
+
+    @property
+    def shape_key(self) -> Case:
+        """Configurations sharing this key share their inputs."""
+        return self.case
+
+
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(_OfCase):
     """One benchmarked configuration.
 
     case: the harness Case (kind, dtype, B, H, G, T, D, L, S, padding, pe,
@@ -61,16 +75,7 @@ class BenchConfig:
     case: Case
     device: str
     direction: str
-    role: str = "nsa"
-
-    @property
-    def kind(self) -> str:
-        return self.case.kind
-
-    @property
-    def shape_key(self) -> Case:
-        """Configurations sharing this key share their inputs (both directions)."""
-        return self.case
+    role: str = "nsa"     # configurations of one case share their inputs (both directions)
 
     @property
     def group(self) -> str:
@@ -219,7 +224,7 @@ CPU_DECODE = {
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
+class DecodeConfig(_OfCase):
     """One decoding configuration: N streams of one kind in the NSA setting.
 
     case: the harness Case whose batch rows are the N streams (B = N) and
@@ -239,20 +244,12 @@ class DecodeConfig:
                              f"P a multiple of S and P >= L, got {c!r}")
 
     @property
-    def kind(self) -> str:
-        return self.case.kind
-
-    @property
     def N(self) -> int:
         return self.case.B
 
     @property
     def prefix(self) -> int:
         return self.case.T
-
-    @property
-    def shape_key(self) -> Case:
-        return self.case
 
     @property
     def group(self) -> str:

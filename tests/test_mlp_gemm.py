@@ -21,6 +21,7 @@ import kvcompress.functional as kf
 from kvcompress import backends as kb
 from kvcompress.ops.mlp import gemm_impl
 from kvcompress.testing.domain import declare_domain
+from tests.test_torch_backend import _saved_bytes
 
 suite_mlp = declare_domain(**gemm_impl.DOMAIN)(functools.partial(kf.mlp, backend="gemm"))
 
@@ -247,20 +248,6 @@ def test_direct_calls_outside_the_domain_raise():
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def _saved_bytes(fn):
-    """Bytes of the distinct storages autograd saves for backward during fn()."""
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "bthd"])
