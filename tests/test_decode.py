@@ -273,6 +273,35 @@ def test_ring_kernels_with_the_triton_backend(kind):
     _check_against_full_pass(case, inputs, _PLAN, got, bound, events=False, exact=False)
 
 
+def test_ring_kernels_past_one_feature_block(monkeypatch):
+    """Head dims past the ring kernels' feature tile (MAX_BLOCK_D): the
+    window, ring and output loops over feature blocks, gated_pool's two
+    inputs side by side at offset D; equal to the torch formulation bit for
+    bit (the same torch compression, in the same layout, on both sides)."""
+    from kvcompress.ops._triton import ring
+    monkeypatch.setattr(ring, "MAX_BLOCK_D", 4)       # D = 6 then spans two blocks, the second masked
+    for kind in ("mean_pool", "gated_pool"):
+        N, H, D, L, S = 3, 2, 6, 4, 2
+        caches, outs = [], []
+        for mode in ("on", "off"):
+            monkeypatch.setattr(decode_module, "RING_KERNELS", mode)
+            g, gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+            c = DecodeCache(kind, N, H, D, block_size=L, stride=S, padding="left")
+            c.add([0, 2])
+            ys = []
+            for _ in range(7):
+                new = [torch.randn(N, H, D, generator=gen) for _ in RECORDS[kind].kind.inputs]
+                params = [torch.randn(1, L, D, generator=g)] if kind == "gated_pool" else []
+                y, em = decode_step(kind, c, *new, *params, backend="torch")
+                ys.append((y, em))
+            caches.append(c)
+            outs.append(ys)
+        for (ya, ea), (yb, eb) in zip(*outs):
+            assert torch.equal(ea, eb) and torch.equal(ya, yb), kind
+        for name in ("ring", "n_tokens", "n_windows", "active"):
+            assert torch.equal(getattr(caches[0], name), getattr(caches[1], name)), (kind, name)
+
+
 def _check_against_full_pass(case, inputs, plan, outs, bound, *, events=True, exact=None):
     """Every stream's decoded windows (before a reset, and since its last
     start) are the full pass's windows of its sequence (the torch backend's,
