@@ -445,7 +445,7 @@ def decode_step(kind: str, cache: DecodeCache, x_new: torch.Tensor, *params, pe=
     _check_step_args(fn, kind, cache, new, pe, backend, kind_kwargs)
     N, L, S, H = cache.max_streams, cache.block_size, cache.stride, cache.heads
     D = cache.dim
-    if _ring_kernels(cache):
+    if _ring_kernels(cache.device):
         return _step_ring_kernels(kind, cache, new, params, pe, backend, kind_kwargs)
     token = torch.cat(new, 2) if n_more else x_new                              # [N, H, n_in*D]
     Dt = token.shape[2]
@@ -480,7 +480,8 @@ def decode_step(kind: str, cache: DecodeCache, x_new: torch.Tensor, *params, pe=
 RING_KERNELS = "auto"
 
 
-def _ring_kernels(cache: DecodeCache) -> bool:
+def _ring_kernels(device: torch.device) -> bool:
+    """Whether a decoding step on ``device`` moves its data with the Triton kernels (RING_KERNELS)."""
     if RING_KERNELS == "off" or torch.compiler.is_compiling():
         return False
     from ._optional import has_triton
@@ -489,8 +490,7 @@ def _ring_kernels(cache: DecodeCache) -> bool:
     from .ops._triton.env import INTERPRET, triton_available
     if not triton_available():
         return False
-    dev = cache.device.type
-    return dev == "cuda" or (RING_KERNELS == "on" and dev == "cpu" and INTERPRET)
+    return device.type == "cuda" or (RING_KERNELS == "on" and device.type == "cpu" and INTERPRET)
 
 
 def _resolve(kind: str, backend: str, x: torch.Tensor, args: tuple, kw: dict):
@@ -503,33 +503,41 @@ def _resolve(kind: str, backend: str, x: torch.Tensor, args: tuple, kw: dict):
     raise ValueError(f"{kind}: no registered backend runs on device {x.device.type} with dtype {x.dtype}")
 
 
+def _compress_buffer(kind: str, buf: torch.Tensor, D: int, params, L: int, S: int, pe, backend: str,
+                     kind_kwargs: dict) -> torch.Tensor:
+    """The windows gathered into ``buf`` (H, N, L, n_in*D) -> (N, H, D_out),
+    through kvcompress.functional: as N batch rows (N, H, L, n_in*D) or, for
+    the backends ``_one_sequence`` picks, as one sequence (1, H, N*L,
+    n_in*D) with stride L; both are views of buf."""
+    H, N, _, Dt = buf.shape
+    kw = dict(kind_kwargs)
+    if _kinds.get(kind).pe:
+        kw["pe"] = pe
+    rows = buf.permute(1, 0, 2, 3)                                             # [N, H, L, n_in*D]
+    ins = rows.split(D, dim=3) if Dt > D else (rows,)
+    b = _resolve(kind, backend, ins[0], (*ins[1:], *params), dict(kw, block_size=L, stride=S, padding="valid"))
+    f = getattr(_functional, kind)
+    if _one_sequence(b, kind_kwargs):
+        seq = buf.view(1, H, N * L, Dt)
+        ins = seq.split(D, dim=3) if Dt > D else (seq,)
+        return f(*ins, *params, block_size=L, stride=L, padding="valid", backend=b.name, **kw)[0].transpose(0, 1)
+    return f(*ins, *params, block_size=L, stride=S, padding="valid", backend=b.name, **kw)[:, :, 0]
+
+
 def _step_ring_kernels(kind, cache, new, params, pe, backend, kind_kwargs):
     """decode_step with its data movement in two Triton launches around the
     compression (``ring_window``, ``ring_advance``): the same result.
 
-    The windows are gathered into one buffer (H, N, L, n_in*D): viewed as
-    N batch rows (N, H, L, n_in*D) or, for the backends ``_one_sequence``
-    picks, as one sequence (1, H, N*L, n_in*D), both without a copy.
+    The windows are gathered into one buffer (H, N, L, n_in*D), which
+    ``_compress_buffer`` hands over without a copy.
     """
     from .ops._triton.ring import ring_advance, ring_window
     N, L, S, H, D = cache.max_streams, cache.block_size, cache.stride, cache.heads, cache.dim
-    Dt = cache.ring.shape[3]
-    buf = torch.empty(H, N, L, Dt, dtype=cache.dtype, device=cache.device)
-    rows = buf.permute(1, 0, 2, 3)                                             # [N, H, L, n_in*D]
-    kw = dict(kind_kwargs)
-    if _kinds.get(kind).pe:
-        kw["pe"] = pe
-    ins = rows.split(D, dim=3) if len(new) > 1 else (rows,)
-    b = _resolve(kind, backend, ins[0], (*ins[1:], *params), dict(kw, block_size=L, stride=S, padding="valid"))
+    buf = torch.empty(H, N, L, cache.ring.shape[3], dtype=cache.dtype, device=cache.device)
     emitted = torch.empty(N, dtype=torch.bool, device=cache.device)
-    ring_window(cache.ring, new, cache.n_tokens, cache.active, rows, emitted, stride=S, pre=cache.pad_tokens)
-    f = getattr(_functional, kind)
-    if _one_sequence(b, kind_kwargs):       # the buffer is already laid out as one sequence: a view
-        seq = buf.view(1, H, N * L, Dt)
-        ins = seq.split(D, dim=3) if len(new) > 1 else (seq,)
-        y = f(*ins, *params, block_size=L, stride=L, padding="valid", backend=b.name, **kw)[0].transpose(0, 1)
-    else:
-        y = f(*ins, *params, block_size=L, stride=S, padding="valid", backend=b.name, **kw)[:, :, 0]
+    ring_window(cache.ring, new, cache.n_tokens, cache.active, buf.permute(1, 0, 2, 3), emitted, stride=S,
+                pre=cache.pad_tokens)
+    y = _compress_buffer(kind, buf, D, params, L, S, pe, backend, kind_kwargs)
     out = torch.empty(N, H, y.shape[2], dtype=y.dtype, device=y.device)        # [N, H, D_out]
     ring_advance(cache.ring, new, cache.n_tokens, cache.n_windows, cache.active, emitted, y, out,
                  pre=cache.pad_tokens)

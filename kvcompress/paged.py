@@ -30,7 +30,7 @@ from . import backends as _backends
 from . import kinds as _kinds
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_window_args
 from ._windows import _num_windows_tensor
-from .decode import _check_options, _compress_rows, _emits
+from .decode import _check_options, _compress_buffer, _compress_rows, _emits, _ring_kernels
 
 __all__ = ["paged_decode_step", "write_windows"]
 
@@ -164,9 +164,12 @@ def paged_decode_step(kind: str, kv_pages, block_table: torch.Tensor, seq_lens: 
                              f"on {active.device}")
     _check_options(fn, kind, pe, pools[0][:1, :1].permute(0, 2, 1, 3), L, backend, kind_kwargs)   # (1, H, 1, D)
 
+    pad = L - S if padding == "left" else 0
+    if _ring_kernels(dev) and all(p.stride() == pools[0].stride() for p in pools):
+        return _paged_step_kernels(kind, pools, block_table, seq_lens, out_pages, out_block_table, params, L, S,
+                                   pad, pe, active, backend, kind_kwargs)
     t = seq_lens.to(torch.int64) - 1                                            # [N] the new token
     act = t >= 0 if active is None else active & (t >= 0)
-    pad = L - S if padding == "left" else 0
     u = t + pad                                                                 # left-padded position
     emitted = _emits(u, act, L, S)                                              # [N]
 
@@ -189,6 +192,30 @@ def paged_decode_step(kind: str, kv_pages, block_table: torch.Tensor, seq_lens: 
     dest = _slots(out_block_table, w[:, None], out_pages.shape[1], out_pages.shape[0])[:, 0]
     _write_rows(out_pages, dest, y, emitted)
     return y, emitted
+
+
+def _paged_step_kernels(kind, pools, block_table, seq_lens, out_pages, out_block_table, params, L, S, pad, pe,
+                        active, backend, kind_kwargs):
+    """paged_decode_step with its data movement in two Triton launches around
+    the compression (kvcompress/ops/_triton/ring.py: ``paged_window`` reads
+    the windows through the block table into one buffer, ``paged_advance``
+    writes the output rows and the completed windows into the compressed
+    pool): the same result. Nothing is written before the compression (and
+    its check against out_pages' D_out) has succeeded."""
+    from .ops._triton.ring import paged_advance, paged_window
+    P, page_size, H, D = pools[0].shape
+    N = block_table.shape[0]
+    buf = torch.empty(H, N, L, len(pools) * D, dtype=pools[0].dtype, device=pools[0].device)
+    emitted = torch.empty(N, dtype=torch.bool, device=buf.device)
+    paged_window(pools, _kinds.get(kind).pad_fill, block_table, seq_lens, active, buf.permute(1, 0, 2, 3), emitted,
+                 block_size=L, stride=S, pre=pad)
+    y = _compress_buffer(kind, buf, D, params, L, S, pe, backend, kind_kwargs)      # [N, H, D_out]
+    if y.shape[2] != out_pages.shape[3]:
+        raise ValueError(f"paged_decode_step: out_pages must hold D_out={y.shape[2]} features (the kind's output), "
+                         f"got {out_pages.shape[3]}")
+    out = torch.empty(N, H, y.shape[2], dtype=y.dtype, device=y.device)
+    paged_advance(out_pages, out_block_table, seq_lens, emitted, y, out, block_size=L, stride=S, pre=pad)
+    return out, emitted
 
 
 def write_windows(out_pages: torch.Tensor, out_block_table: torch.Tensor, y: torch.Tensor,

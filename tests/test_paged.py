@@ -28,12 +28,22 @@ import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
+import kvcompress.decode as decode_module
 import kvcompress.functional as kf
 from kvcompress._windows import _num_windows
 from kvcompress.paged import paged_decode_step, write_windows
 from kvcompress.testing.convert import DTYPES, to_numpy
 from kvcompress.testing.records import KINDS, RECORDS
-from tests.test_decode import _check_against_full_pass, _compile_case, _emits, _kw, _params, _tokens, draw_streams
+from tests.test_decode import (
+    RING_EXAMPLES,
+    _check_against_full_pass,
+    _compile_case,
+    _emits,
+    _kw,
+    _params,
+    _tokens,
+    draw_streams,
+)
 
 GARBAGE = (-3, 10 ** 6)      # block table entries of rows that are no stream, and past a stream's pages
 
@@ -62,6 +72,24 @@ class Pages:
 @settings(deadline=None)
 @given(data=st.data())
 def test_paged_decode_equals_full_pass(kind, data):
+    _paged_property(kind, data)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(deadline=None, max_examples=RING_EXAMPLES)
+@given(data=st.data())
+def test_paged_kernels_equal_full_pass(kind, data):
+    """The same property through the Triton kernels of the paged step
+    (``paged_window``, ``paged_advance``; the CUDA default), forced on CPU
+    tensors in Triton's interpreter (test_decode.RING_EXAMPLES examples)."""
+    old, decode_module.RING_KERNELS = decode_module.RING_KERNELS, "on"
+    try:
+        _paged_property(kind, data)
+    finally:
+        decode_module.RING_KERNELS = old
+
+
+def _paged_property(kind, data):
     case, inputs, bound = draw_streams(kind, data)
     dtype = case.dtype
     L, S, H, D, pad = case.L, case.S, case.H, case.D, case.padding

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .launch import jit_kernel, next_pow2
 
-__all__ = ["ring_advance", "ring_window"]
+__all__ = ["paged_advance", "paged_window", "ring_advance", "ring_window"]
 
 MAX_BLOCK_D = 128   # features per tile (a window tile is L x this)
 
@@ -171,3 +171,131 @@ def ring_advance(ring: torch.Tensor, tokens: tuple[torch.Tensor, ...], n_tokens:
     ring_advance_kernel[(N,)](**args, D=D, DO=DO, N_IN=len(tokens), BLOCK_D=min(MAX_BLOCK_D, next_pow2(D)),
                               BLOCK_DO=min(MAX_BLOCK_D, next_pow2(DO)), num_warps=1)
 
+
+
+# --------------------------------------------------------------------------- paged caches (kvcompress.paged)
+
+
+@triton.jit
+def _page_slot(table, n, pos, stn, stm, M, P, PAGE):
+    """Flat slot (page * PAGE + offset) of position(s) ``pos`` of row n
+    through its block table (N, M); 0 for a position < 0, past the table, or
+    on a page outside the pool (kvcompress.paged._slots: such reads are
+    masked or unused)."""
+    p = tl.maximum(pos, 0)
+    col = p // PAGE
+    inside = (pos >= 0) & (col < M)
+    page = tl.load(table + n * stn + tl.minimum(col, M - 1) * stm).to(tl.int64)
+    inside = inside & (page >= 0) & (page < P)
+    return tl.where(inside, page * PAGE + p % PAGE, 0)
+
+
+@triton.jit
+def _paged_input(pool, win, n, h, j, slot, is_pad, FILL, sps, sph, spd, swn, swh, swl, swd,
+                 OFF: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One per-token input of window (n, h) from its pool (P * page_size
+    slots, H, D), lanes j < 0 not stored: pads (positions before the
+    stream's first token) take FILL."""
+    for d0 in tl.static_range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < D
+        vals = tl.load(pool + slot[:, None] * sps + h * sph + d[None, :] * spd, mask=dm[None, :], other=0.0)
+        vals = tl.where(is_pad[:, None], FILL, vals)
+        tl.store(win + n * swn + h * swh + j[:, None] * swl + (OFF + d)[None, :] * swd,
+                 vals.to(win.dtype.element_ty), mask=(j >= 0)[:, None] & dm[None, :])
+
+
+@jit_kernel
+def paged_window_kernel(pool0, pool1, table, seq_lens, active, win, emitted, L, S, PRE, M, P, PAGE,
+                        FILL0, FILL1, sps, sph, spd, stn, stm, swn, swh, swl, swd,
+                        D: tl.constexpr, N_IN: tl.constexpr, HAS_ACTIVE: tl.constexpr, BLOCK_L: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """Program (n, h): win[n, h, j] = token t - L + 1 + j of stream n (t =
+    seq_lens[n] - 1, its newest) read through the block table, the kind's
+    pad value before its first token; program (n, 0) writes emitted[n]."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    t = tl.load(seq_lens + n).to(tl.int64) - 1
+    j = tl.arange(0, BLOCK_L)
+    jj = tl.where(j < L, j, -1)                                          # -1: a lane past the window
+    tok = t - L + 1 + j
+    slot = _page_slot(table, n, tok, stn, stm, M, P, PAGE)
+    is_pad = tok < 0
+    _paged_input(pool0, win, n, h, jj, slot, is_pad, FILL0, sps, sph, spd, swn, swh, swl, swd, 0, D, BLOCK_D)
+    if N_IN == 2:
+        _paged_input(pool1, win, n, h, jj, slot, is_pad, FILL1, sps, sph, spd, swn, swh, swl, swd, D, D, BLOCK_D)
+    if h == 0:
+        act = (t >= 0).to(tl.int32)
+        if HAS_ACTIVE:
+            act = act * tl.load(active + n).to(tl.int32)
+        u = t + PRE
+        ends = ((u >= L - 1) & ((u - (L - 1)) % S == 0)).to(tl.int32)
+        tl.store(emitted + n, (act * ends).to(tl.int1))
+
+
+@jit_kernel
+def paged_advance_kernel(out_pool, out_table, seq_lens, emitted, y, out, H, L, S, PRE, M, P, PAGE,
+                         sos, soh, sod, stn, stm, syn, syh, syd, son, soh2, sod2,
+                         DO: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """Program n: out[n] = y[n] where emitted else 0; an emitting row also
+    stores y[n] into the compressed pool at its window index (u - (L - 1)) / S
+    through its block table. Rows that do not emit write nothing there."""
+    n = tl.program_id(0)
+    em = tl.load(emitted + n).to(tl.int32)
+    u = tl.load(seq_lens + n).to(tl.int64) - 1 + PRE
+    w = tl.maximum(u - (L - 1), 0) // S                                  # the window that ends at u
+    slot = _page_slot(out_table, n, w, stn, stm, M, P, PAGE)
+    for h in range(0, H):
+        for e0 in tl.static_range(0, DO, BLOCK_DO):
+            e = e0 + tl.arange(0, BLOCK_DO)
+            em_ = e < DO
+            emit = tl.zeros([BLOCK_DO], tl.int32) + em != 0
+            v = tl.load(y + n * syn + h * syh + e * syd, mask=em_ & emit, other=0.0)
+            v = tl.where(emit, v, 0.0)
+            tl.store(out + n * son + h * soh2 + e * sod2, v.to(out.dtype.element_ty), mask=em_)
+            tl.store(out_pool + slot * sos + h * soh + e * sod, v.to(out_pool.dtype.element_ty), mask=em_ & emit)
+
+
+def paged_window(pools: tuple[torch.Tensor, ...], fills: tuple[float, ...], block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, active: torch.Tensor | None, win: torch.Tensor, emitted: torch.Tensor,
+                 *, block_size: int, stride: int, pre: int) -> None:
+    """Every row's window ending at its newest token, read from the KV pool(s)
+    through the block table, into ``win``; whether it completes one into
+    ``emitted``. Nothing else is written.
+
+    pools: n_in pools (P, page_size, H, D), pages back to back, one dtype;
+    fills: each input's pad value; block_table (N, M), seq_lens (N,)
+    int32/int64; active (N,) bool or None; win (N, H, L, n_in*D), any
+    strides, the pools' dtype (written); emitted (N,) bool (written). One
+    launch, no host synchronisation.
+    """
+    P, page, H, D = pools[0].shape
+    N = block_table.shape[0]
+    p1 = pools[1] if len(pools) > 1 else pools[0]
+    flat = pools[0].flatten(0, 1)
+    paged_window_kernel[(N, H)](
+        pools[0], p1, block_table, seq_lens, active if active is not None else emitted, win, emitted,
+        block_size, stride, pre, block_table.shape[1], P, page, float(fills[0]), float(fills[-1]),
+        flat.stride(0), flat.stride(1), flat.stride(2), block_table.stride(0), block_table.stride(1),
+        win.stride(0), win.stride(1), win.stride(2), win.stride(3),
+        D=D, N_IN=len(pools), HAS_ACTIVE=active is not None, BLOCK_L=next_pow2(block_size),
+        BLOCK_D=min(MAX_BLOCK_D, next_pow2(D)), num_warps=4)
+
+
+def paged_advance(out_pages: torch.Tensor, out_block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  emitted: torch.Tensor, y: torch.Tensor, out: torch.Tensor, *, block_size: int, stride: int,
+                  pre: int) -> None:
+    """The step's output and its store: out (N, H, D_out) = y where emitted,
+    else exactly 0; each emitting row's y also goes into ``out_pages`` (P_out,
+    out_page_size, H, D_out) at its window index through ``out_block_table``
+    (N, M_out). y: (N, H, D_out), any strides. One launch, no host
+    synchronisation."""
+    P, page, H, DO = out_pages.shape
+    N = out_block_table.shape[0]
+    flat = out_pages.flatten(0, 1)
+    paged_advance_kernel[(N,)](
+        out_pages, out_block_table, seq_lens, emitted, y, out, H, block_size, stride, pre,
+        out_block_table.shape[1], P, page, flat.stride(0), flat.stride(1), flat.stride(2),
+        out_block_table.stride(0), out_block_table.stride(1), y.stride(0), y.stride(1), y.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        DO=DO, BLOCK_DO=min(MAX_BLOCK_D, next_pow2(DO)), num_warps=1)
