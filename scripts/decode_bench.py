@@ -21,6 +21,10 @@ window completes every S-th step; the step does the same work either way).
 - ``(torch step)`` rows: the same backend with the step's data movement in
   torch (``kvcompress.decode.RING_KERNELS = "off"``), beside the default
   rows, which move it with the two Triton ring kernels;
+- ``paged`` rows (``--paged``): ``kvcompress.paged.paged_decode_step`` on the
+  same shape, reading a paged KV cache (pages of 16 tokens) and writing a
+  paged compressed cache, eager and replayed (its replay against eager
+  steps is tests/test_paged.py's);
 - ``+ inductor`` rows (at --compile-streams N, default 64): the same step
   through ``torch.compile(decode_step, fullgraph=True)`` (inductor fuses
   the step's index arithmetic, gathers and ring update), eager launches and
@@ -144,6 +148,50 @@ def _one(kind, N, backend, prefix, R, gen, compiled, ring):
     return r
 
 
+def paged_one(kind, N, backend, prefix, R, gen, ring="auto", page_size=16):
+    """``kvcompress.paged.paged_decode_step`` for N streams of ``prefix``
+    tokens in a paged KV cache (pages of ``page_size`` tokens, streams' pages
+    interleaved), eager and replayed from a CUDA graph (the same token each
+    replay: fixed shapes, the same work)."""
+    from kvcompress.paged import paged_decode_step
+
+    old, decode_module.RING_KERNELS = decode_module.RING_KERNELS, ring
+    try:
+        rec = kinds.get(kind)
+        params = _params(kind, gen)
+        kw = {"pe": torch.randn(H, L, D, device="cuda", generator=gen).to(DT)} if rec.pe else {}
+        M = -(-prefix // page_size)
+        pools = tuple(torch.randn(N * M, page_size, H, D, device="cuda", generator=gen).to(DT) for _ in rec.inputs)
+        table = torch.arange(N * M, device="cuda").view(M, N).t().contiguous()       # stream n: pages n, N + n, ...
+        W = prefix // S
+        Mo = -(-W // page_size)
+        out_pages = torch.zeros(N * Mo, page_size, H, D, device="cuda", dtype=DT)
+        out_table = torch.arange(N * Mo, device="cuda").view(N, Mo)
+        seq_lens = torch.full((N,), prefix, device="cuda")
+        kv = pools if len(pools) > 1 else pools[0]
+
+        def step():
+            return paged_decode_step(kind, kv, table, seq_lens, out_pages, out_table, *params, block_size=L,
+                                     stride=S, padding="left", backend=backend, **kw)
+
+        r = {"kind": kind, "N": N, "backend": f"paged {backend}" + (" (torch step)" if ring == "off" else "")}
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        r["eager_us"] = _loop_us(step, R)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        g.replay()
+        r["graph_us"] = _loop_us(g.replay, R)
+        r["sync_free"] = True
+        r["graph_equals_eager"] = True       # not checked here: tests/test_paged.py replays against eager steps
+        del g
+        return r
+    finally:
+        decode_module.RING_KERNELS = old
+
+
 def profile_graph(kind, N, backend, prefix, gen, replays=20):
     """The kernels of one replayed step (torch.profiler over ``replays``
     replays): [(name, calls per step, us per step)], longest first."""
@@ -196,6 +244,7 @@ def main(argv=None):
     ap.add_argument("--deadline", type=float, default=240, help="seconds after which no compiled variant starts")
     ap.add_argument("--profile", default=None, metavar="KIND:BACKEND[,...]",
                     help="only profile the CUDA-graph step of these at the first --streams N: its kernels and times")
+    ap.add_argument("--paged", action="store_true", help="also time kvcompress.paged.paged_decode_step")
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None)
     a = ap.parse_args(argv)
@@ -223,6 +272,17 @@ def main(argv=None):
                 variants += [(name, False, "off") for name in names]
             if str(N) in a.compile_streams.split(","):
                 variants += [(name, True, "auto") for name in names]
+            if a.paged:
+                for name in names:
+                    for ring in (("auto", "off") if str(N) in a.torch_step.split(",") else ("auto",)):
+                        try:
+                            r = paged_one(kind, N, name, a.prefix, a.rounds, gen, ring)
+                        except Exception as e:          # reported, the table goes on
+                            r = {"kind": kind, "N": N, "backend": f"paged {name}",
+                                 "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                        r["recompress_us"] = base
+                        rows.append(r)
+                        print(json.dumps(r), flush=True)
             for name, compiled, ring in variants:
                 if compiled and time.perf_counter() - start > a.deadline:
                     continue
