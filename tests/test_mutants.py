@@ -257,15 +257,19 @@ def runs(request, tmp_path_factory) -> dict[tuple[str, ...], Run]:
     return done
 
 
-# per kind, one run with two --impl: the public function (every built-in
-# path through the dispatcher) and the mutants' bug-free control
-ACCEPTED = {k: (f"{k}=kvcompress.functional:{k}", c) for k, c in zip(KINDS, controls())}
+# per kind, one run of the mutants' bug-free control. (The public function,
+# every built-in path through the dispatcher, is not run here again: on the
+# CPU it is the torch backend, which the main session verifies with every
+# property in the same profile, and tests/test_plugin.py (mean_pool) and
+# scripts/check_wheel.sh (linear, from the wheel) verify it through --impl
+# as a contributor would.)
+ACCEPTED = {k: (c,) for k, c in zip(KINDS, controls())}
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_correct_implementations_accepted(runs, kind):
-    """The built-in path and the bug-free base of the mutants pass every
-    property: a kill below is then caused by the mutant's one bug."""
+    """The bug-free base of the mutants passes every property: a kill below
+    is then caused by the mutant's one bug."""
     r = runs[ACCEPTED[kind]]
     assert r.returncode == 0, f"--impl {' --impl '.join(r.impls)} was rejected (exit {r.returncode}):\n{r.output}"
     for impl in r.impls:

@@ -36,6 +36,7 @@ from kvcompress.testing.convert import DTYPES, to_numpy
 from kvcompress.testing.records import KINDS, RECORDS
 from tests.test_decode import (
     RING_EXAMPLES,
+    RING_KINDS,
     _check_against_full_pass,
     _compile_case,
     _emits,
@@ -75,13 +76,14 @@ def test_paged_decode_equals_full_pass(kind, data):
     _paged_property(kind, data)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", RING_KINDS)
 @settings(deadline=None, max_examples=RING_EXAMPLES)
 @given(data=st.data())
 def test_paged_kernels_equal_full_pass(kind, data):
     """The same property through the Triton kernels of the paged step
     (``paged_window``, ``paged_advance``; the CUDA default), forced on CPU
-    tensors in Triton's interpreter (test_decode.RING_EXAMPLES examples)."""
+    tensors in Triton's interpreter (test_decode.RING_EXAMPLES examples, the
+    kinds of test_decode.RING_KINDS)."""
     old, decode_module.RING_KERNELS = decode_module.RING_KERNELS, "on"
     try:
         _paged_property(kind, data)

@@ -4,10 +4,12 @@ The property suite (test_conformance.py, test_invariants.py) already checks
 every registered backend's forward against the reference. Here:
 
 - gradients of every input, float32 / float16 / bfloat16, drawn by
-  Hypothesis over the whole configuration space, with large and small
-  interpreter tiles: every kind against the exact float64 gradients within
-  the backward model of kvcompress/testing/gradients.py, the torch backend's
-  gradients held to the same bound (so the two agree);
+  Hypothesis over the whole configuration space on a GPU: every kind
+  against the exact float64 gradients within the backward model of
+  kvcompress/testing/gradients.py, the torch backend's gradients held to the
+  same bound (so the two agree); in the interpreter the emulated session
+  (README's second pytest) draws that property, and the fixed
+  configurations below run the small tiles;
 - fixed configurations the draws reach only by luck (non-power-of-two D, L,
   S, F; several tiles and feature blocks; mlp's group-chunked backward;
   attention_pool's split dx / dW passes and float32's blocked dx);
@@ -71,13 +73,12 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 # interpreted kernels cost ~0.3 s per call: a quarter of the profile's examples,
 # and the emulated backend's size caps (a drawn H = 6 or B = 3 costs its rows)
 EXAMPLES = max(4, settings.default.max_examples // 4)
-# test_gradients_match_torch in the interpreter: README's second pytest (the emulated session) already
-# runs the suite's gradient property on these kernels with their default tiles, the same size caps and
-# bound, ~10 examples per kind and dtype. Here every draw takes the small tiles (several window tiles and
-# feature blocks per call, which that session never reaches) and the torch backend is held to the same
-# bound: a tenth of the profile's examples (4 in ci). On a GPU the tiles are the kernels' own, and the
-# test keeps a quarter.
-GRADIENT_EXAMPLES = max(4, settings.default.max_examples // 10) if env.INTERPRET else EXAMPLES
+# In the interpreter (CI), the drawn gradient test below does not run: README's second pytest (the
+# emulated session) draws the suite's gradient property on these kernels with the same size caps and
+# bound (10 examples per kind and dtype), test_gradients_fixed_configurations and
+# test_gradients_fixed_half_precision run the small tiles (several window tiles and feature blocks per
+# call) on the configurations chosen to reach them, and the main session holds the torch backend's
+# gradients to the same bound. On a GPU it draws a quarter of the profile's examples.
 SIZES = EMULATED_LIMITS if env.INTERPRET else {}
 
 if not env.triton_available():
@@ -236,12 +237,14 @@ def check_gradients(case: Case, *, dy_exp: int = 0, small: bool = False, drawn: 
 
 @pytest.mark.parametrize("dtype", HALF_AND_SINGLE)
 @pytest.mark.parametrize("kind", KINDS)
-@settings(max_examples=GRADIENT_EXAMPLES)
+@pytest.mark.skipif(env.INTERPRET, reason="interpreter: the emulated session draws this property (README's "
+                    "second pytest); the fixed configurations below run the small tiles")
+@settings(max_examples=EXAMPLES)
 @given(data=st.data())
 def test_gradients_match_torch(kind, dtype, data):
     case = data.draw(cases(kind=kind, dtype=dtype, **SIZES), label="case")
     dy_exp = data.draw(st.integers(-6, 2) if dtype == "float16" else st.integers(-12, 12), label="dy_exp")
-    small = env.INTERPRET or data.draw(st.booleans(), label="small_tiles")
+    small = data.draw(st.booleans(), label="small_tiles")
     worst = check_gradients(case, dy_exp=dy_exp, small=small, drawn=True)
     note(f"worst error / bound per gradient: {worst}")
 
@@ -265,7 +268,9 @@ FIXED = [
 ]
 
 
-@pytest.mark.parametrize("small", [True, False], ids=["small_tiles", "large_tiles"])
+# in the interpreter the small tiles only: the emulated session draws these kernels with their own tiles
+@pytest.mark.parametrize("small", [True] if env.INTERPRET else [True, False],
+                         ids=["small_tiles"] if env.INTERPRET else ["small_tiles", "large_tiles"])
 @pytest.mark.parametrize("fixed", range(len(FIXED)))
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradients_fixed_configurations(kind, fixed, small):
