@@ -36,6 +36,13 @@ __all__ = ["paged_advance", "paged_window", "ring_advance", "ring_window"]
 MAX_BLOCK_D = 128   # features per tile (a window tile is L x this)
 
 
+def _window_warps(L: int, block_d: int) -> int:
+    """Warps for a window tile of next_pow2(L) x block_d: 8 from 4096
+    elements (L = 32, D >= 128: at 4 warps the paged kernel spills at D = 192,
+    two inputs, compiled for sm_90), else 4."""
+    return 8 if next_pow2(L) * block_d >= 4096 else 4
+
+
 @triton.jit
 def _window_input(ring, tok, win, n, h, j, slot, L, srn, srl, srh, stn, sth, std, swn, swh, swl, swd,
                   OFF: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -66,6 +73,22 @@ def _advance_input(ring, tok, n, h, slot, act, srn, srl, srh, stn, sth, std, OFF
         m = dm & (tl.zeros([BLOCK_D], tl.int32) + act != 0)
         new = tl.load(tok + n * stn + h * sth + d * std, mask=m, other=0.0)
         tl.store(ring + n * srn + slot * srl + h * srh + OFF + d, new.to(ring.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _output_row(y, out, n, h, e0, em, syn, syh, syd, son, soh, sod, DO: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """out[n, h, e0:e0 + BLOCK_DO] = y's features there if the row emitted
+    (em = 1), else exactly 0; returns (the values, their feature indices, the
+    mask of the features that exist where the row emitted)."""
+    e = e0 + tl.arange(0, BLOCK_DO)
+    em_ = e < DO
+    # the flag broadcast explicitly (Triton's interpreter rejects a mask of block & scalar)
+    emit = tl.zeros([BLOCK_DO], tl.int32) + em != 0
+    v = tl.load(y + n * syn + h * syh + e * syd, mask=em_ & emit, other=0.0)
+    # where, not a product: a NaN of a row that did not emit must not reach the output
+    v = tl.where(emit, v, 0.0)
+    tl.store(out + n * son + h * soh + e * sod, v.to(out.dtype.element_ty), mask=em_)
+    return v, e, em_ & emit
 
 
 @jit_kernel
@@ -113,13 +136,7 @@ def ring_advance_kernel(ring, tok0, tok1, n_tokens, n_windows, active, emitted, 
         if N_IN == 2:
             _advance_input(ring, tok1, n, h, slot, act, srn, srl, srh, st1n, st1h, st1d, D, D, BLOCK_D)
         for e0 in tl.static_range(0, DO, BLOCK_DO):
-            e = e0 + tl.arange(0, BLOCK_DO)
-            em_ = e < DO
-            emit = tl.zeros([BLOCK_DO], tl.int32) + em != 0
-            v = tl.load(y + n * syn + h * syh + e * syd, mask=em_ & emit, other=0.0)
-            # where, not a product: a NaN of a row that did not emit must not reach the output
-            v = tl.where(emit, v, 0.0)
-            tl.store(out + n * son + h * soh + e * sod, v.to(out.dtype.element_ty), mask=em_)
+            _output_row(y, out, n, h, e0, em, syn, syh, syd, son, soh, sod, DO, BLOCK_DO)
     tl.store(n_tokens + n, cnt + act.to(tl.int64))
     tl.store(n_windows + n, tl.load(n_windows + n) + em.to(tl.int64))
 
@@ -147,8 +164,9 @@ def ring_window(ring: torch.Tensor, tokens: tuple[torch.Tensor, ...], n_tokens: 
     args = dict(ring=ring, n_tokens=n_tokens, active=active, win=win, emitted=emitted, L=L, S=stride, PRE=pre,
                 srn=ring.stride(0), srl=ring.stride(1), srh=ring.stride(2),
                 swn=win.stride(0), swh=win.stride(1), swl=win.stride(2), swd=win.stride(3), **_token_args(tokens))
-    ring_window_kernel[(N, H)](**args, D=D, N_IN=len(tokens), BLOCK_L=next_pow2(L),
-                               BLOCK_D=min(MAX_BLOCK_D, next_pow2(D)), num_warps=4)
+    block_d = min(MAX_BLOCK_D, next_pow2(D))
+    ring_window_kernel[(N, H)](**args, D=D, N_IN=len(tokens), BLOCK_L=next_pow2(L), BLOCK_D=block_d,
+                               num_warps=_window_warps(L, block_d))
 
 
 def ring_advance(ring: torch.Tensor, tokens: tuple[torch.Tensor, ...], n_tokens: torch.Tensor,
@@ -247,13 +265,8 @@ def paged_advance_kernel(out_pool, out_table, seq_lens, emitted, y, out, H, L, S
     slot = _page_slot(out_table, n, w, stn, stm, M, P, PAGE)
     for h in range(0, H):
         for e0 in tl.static_range(0, DO, BLOCK_DO):
-            e = e0 + tl.arange(0, BLOCK_DO)
-            em_ = e < DO
-            emit = tl.zeros([BLOCK_DO], tl.int32) + em != 0
-            v = tl.load(y + n * syn + h * syh + e * syd, mask=em_ & emit, other=0.0)
-            v = tl.where(emit, v, 0.0)
-            tl.store(out + n * son + h * soh2 + e * sod2, v.to(out.dtype.element_ty), mask=em_)
-            tl.store(out_pool + slot * sos + h * soh + e * sod, v.to(out_pool.dtype.element_ty), mask=em_ & emit)
+            v, e, m = _output_row(y, out, n, h, e0, em, syn, syh, syd, son, soh2, sod2, DO, BLOCK_DO)
+            tl.store(out_pool + slot * sos + h * soh + e * sod, v.to(out_pool.dtype.element_ty), mask=m)
 
 
 def paged_window(pools: tuple[torch.Tensor, ...], fills: tuple[float, ...], block_table: torch.Tensor,
@@ -279,7 +292,7 @@ def paged_window(pools: tuple[torch.Tensor, ...], fills: tuple[float, ...], bloc
         flat.stride(0), flat.stride(1), flat.stride(2), block_table.stride(0), block_table.stride(1),
         win.stride(0), win.stride(1), win.stride(2), win.stride(3),
         D=D, N_IN=len(pools), HAS_ACTIVE=active is not None, BLOCK_L=next_pow2(block_size),
-        BLOCK_D=min(MAX_BLOCK_D, next_pow2(D)), num_warps=4)
+        BLOCK_D=min(MAX_BLOCK_D, next_pow2(D)), num_warps=_window_warps(block_size, min(MAX_BLOCK_D, next_pow2(D))))
 
 
 def paged_advance(out_pages: torch.Tensor, out_block_table: torch.Tensor, seq_lens: torch.Tensor,
