@@ -64,6 +64,10 @@ class Backend:
     "Numerics"): "strict" (only the output and each gradient rounded to the
     input dtype) or "io-intermediates" (also the intermediates SPEC 3c
     names); the property suite holds it to that class's bound.
+    lean: whether its extra memory stays of the order of its inputs and
+    output. False for a backend that stores a layer the size of mlp's
+    hidden layer (B * H * W * F units) between forward and backward;
+    ``kvcompress.functional.mlp(memory="lean")`` picks only lean backends.
     """
 
     kind: str
@@ -79,6 +83,7 @@ class Backend:
     emulated_devices: tuple[str, ...] = ()
     takes_total_windows: bool = False
     precision: str = "strict"
+    lean: bool = True
 
     def accepts_auto(self, x: torch.Tensor, *args, **kwargs) -> bool:
         """Whether backend="auto" may pick this backend for the call."""
@@ -101,7 +106,7 @@ def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[to
              auto_devices: tuple[str, ...] | None = None,
              batch_invariant: bool = False,
              emulated_devices: tuple[str, ...] = (),
-             precision: str = "strict") -> Callable[[Callable], Callable]:
+             precision: str = "strict", lean: bool = True) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as backend ``name`` of ``kind`` (the
     fields of ``Backend``)."""
     if kind not in KINDS:
@@ -116,7 +121,7 @@ def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[to
                                         available or (lambda: True), supports,
                                         None if auto_devices is None else tuple(auto_devices), batch_invariant,
                                         tuple(emulated_devices),
-                                        "total_windows" in inspect.signature(fn).parameters, precision)
+                                        "total_windows" in inspect.signature(fn).parameters, precision, bool(lean))
         return fn
 
     return deco

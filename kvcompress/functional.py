@@ -124,8 +124,10 @@ def _check_kind_args(kind: _kinds.Kind, x, tensors: tuple, options: dict, block_
     return dims.get("D_out", x.shape[3])
 
 
-def _call(name, x, tensors, options, *, block_size, stride, padding, pe, cu_seqlens, total_windows, backend):
-    """Validate a call of kind ``name`` by its record, then dispatch it."""
+def _call(name, x, tensors, options, *, block_size, stride, padding, pe, cu_seqlens, total_windows, backend,
+          lean=False):
+    """Validate a call of kind ``name`` by its record, then dispatch it
+    (``lean``: to a lean backend only, see _dispatch)."""
     kind = _kinds.get(name)
     if not kind.pe and pe is not None:
         raise TypeError(f"{name}: takes no pe (got a {type(pe).__name__})")
@@ -135,7 +137,7 @@ def _call(name, x, tensors, options, *, block_size, stride, padding, pe, cu_seql
     kw = dict(block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens, **options)
     if kind.pe:
         kw["pe"] = pe
-    return _dispatch(name, backend, total_windows, W, d_out, x, *tensors, **kw)
+    return _dispatch(name, backend, total_windows, W, d_out, x, *tensors, lean=lean, **kw)
 
 
 def _no_windows(x, d_out, *tensors):
@@ -148,17 +150,25 @@ def _no_windows(x, d_out, *tensors):
     return y
 
 
-def _dispatch(kind, backend, total_windows, W, d_out, x, *args, **kwargs):
-    """Pick the backend (validating ``backend``), then return the empty
-    output if there is no window (W == 0), else the backend's result."""
+def _dispatch(kind, backend, total_windows, W, d_out, x, *args, lean=False, **kwargs):
+    """Pick the backend (validating ``backend``; with ``lean``, among the
+    backends registered lean only), then return the empty output if there
+    is no window (W == 0), else the backend's result."""
     if not isinstance(backend, str):
         raise TypeError(f"{kind}: backend must be a str, 'auto' or a backend name, got {type(backend).__name__}")
     if backend == "auto":
-        b = next((b for b in _backends.backends(kind) if b.accepts_auto(x, *args, **kwargs)), None)
+        b = next((b for b in _backends.backends(kind) if (b.lean or not lean) and b.accepts_auto(x, *args, **kwargs)),
+                 None)
+        if b is None and lean:
+            raise ValueError(f"{kind}: memory='lean': no registered backend that keeps the hidden layer out of memory "
+                             f"runs on device {x.device.type} with dtype {x.dtype} (the Triton backend does, on CUDA)")
         if b is None:
             raise ValueError(f"{kind}: no registered backend runs on device {x.device.type} with dtype {x.dtype}")
     else:
         b = _backends.get(kind, backend)
+        if lean and not b.lean:
+            raise ValueError(f"{kind}: memory='lean', but backend {backend!r} stores the hidden layer "
+                             f"(use memory='auto', or a lean backend such as 'triton')")
         if not b.accepts(x, *args, **kwargs):
             raise ValueError(f"{kind}: backend {backend!r} does not support this call (device {x.device.type}, "
                              f"dtype {x.dtype}; it runs on {b.devices} with {b.dtypes})")
@@ -204,16 +214,26 @@ def linear(x, weight, bias=None, *, block_size, stride, padding="valid", pe=None
 
 
 def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="valid", pe=None, cu_seqlens=None,
-        total_windows=None, backend="auto"):
+        total_windows=None, backend="auto", memory="auto"):
     """Per-window two-layer MLP on the flattened window (token-major, the
     seed's ``(n d)``): y = act(flat(X) @ w1[g] + b1[g]) @ w2[g] + b2[g].
 
     x: (B, H, T, D); w1: (G, L*D, F); b1: (G, F) or None; w2: (G, F, D_out);
     b2: (G, D_out) or None; activation: "relu" (default), "gelu" (exact erf
     form) or "silu". Returns (B, H, W, D_out) in x's dtype.
+
+    memory: "auto" (default) lets backend="auto" take the fastest path,
+    which on CUDA stores the hidden layer (B * H * W * F units in x's dtype)
+    for the backward where it fits in the device's free memory (backend
+    "gemm", cuBLAS), and the fused Triton kernel otherwise; "lean" never
+    stores it (the fused kernel: extra memory of the output's order, about
+    1.5x the time), and raises ValueError where no lean backend runs (the
+    CPU) or when ``backend`` names one that stores it.
     """
+    check_choice("mlp", "memory", memory, ("auto", "lean"))
     return _call("mlp", x, (w1, b1, w2, b2), {"activation": activation}, block_size=block_size, stride=stride,
-                 padding=padding, pe=pe, cu_seqlens=cu_seqlens, total_windows=total_windows, backend=backend)
+                 padding=padding, pe=pe, cu_seqlens=cu_seqlens, total_windows=total_windows, backend=backend,
+                 lean=memory == "lean")
 
 
 def attention_pool(x, weight, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None, total_windows=None,

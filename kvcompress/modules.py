@@ -199,6 +199,9 @@ class GroupedMLP(nn.Module):
         expand_factor (number, default 1.): F = int(n * d * expand_factor),
             which must be >= 1 (the seed fails to build with F < 1).
         backend (keyword-only, default "auto"): the ``mlp`` backend.
+        memory (keyword-only, "auto" or "lean", default "auto"):
+            ``kvcompress.functional.mlp``'s memory mode ("lean": never store
+            the hidden layer for the backward).
 
     Parameters (the seed's einops ``EinMix`` layers, their initialisation):
     ``net.0.weight`` (h, n*d, F) = w1, ``net.0.bias`` (1, h, 1, F) = b1,
@@ -210,15 +213,17 @@ class GroupedMLP(nn.Module):
     Errors: the constructor raises TypeError for a non-integer size (bool
     and float included) or an expand_factor that is not a real number (a
     str, a bool, None), ValueError for sizes < 1 or an expand_factor giving
-    F < 1 (NaN and inf included). forward raises TypeError if kv is not a
+    F < 1 (NaN and inf included), and for a memory other than "auto" or
+    "lean" (TypeError for a non-str). forward raises TypeError if kv is not a
     tensor or has another dtype than the parameters; ValueError if kv is not
     5-D, h != heads, d != dim_head or n != compress_window_size (the seed
     raises for each of these), or kv is on another device.
     """
 
-    def __init__(self, dim_head, compress_window_size, heads, expand_factor=1., *, backend="auto"):
+    def __init__(self, dim_head, compress_window_size, heads, expand_factor=1., *, backend="auto", memory="auto"):
         super().__init__()
         fn = type(self).__name__
+        self.memory = check_choice(fn, "memory", memory, ("auto", "lean"))
         dim_head, compress_window_size, heads = (_check_pos_int(fn, name, v) for name, v in (
             ("dim_head", dim_head), ("compress_window_size", compress_window_size), ("heads", heads)))
         dim = dim_head * compress_window_size
@@ -251,7 +256,7 @@ class GroupedMLP(nn.Module):
         b1 = first.bias.view(H, self.dim_hidden)                          # [G, F], a view of (1, H, 1, F)
         b2 = last.bias.view(H, self.dim_head)                             # [G, D_out]
         return kf.mlp(_tokens(kv), first.weight, b1, last.weight, b2, activation="relu", block_size=L, stride=L,
-                      padding="valid", backend=self.backend)              # [b, h, w, d]
+                      padding="valid", backend=self.backend, memory=self.memory)  # [b, h, w, d]
 
 
 class SingleProjection(nn.Module):

@@ -183,7 +183,7 @@ def _small(dtype=torch.float32):
 @pytest.mark.parametrize("what", ["stride", "packed", "memory", "float16", "float64", "tf32"])
 def test_unsupported_calls_are_declined(what, monkeypatch):
     """supports_call declines a stride not dividing block_size, packed
-    input, a pre-activation beyond MAX_PREACTIVATION_BYTES, float32 with
+    input, a workspace that does not fit the device (``_fits``), float32 with
     reduced-precision float32 matmuls; the registry declines float16 and
     float64. backend="gemm" then raises ValueError before any work;
     backend="auto" takes another backend."""
@@ -195,9 +195,8 @@ def test_unsupported_calls_are_declined(what, monkeypatch):
         kw["cu_seqlens"] = torch.tensor([0, 4, 10])
         t["x"] = t["x"][:1]
     elif what == "memory":
-        # (B*H*W*F) * 4 bytes = 1 * 2 * 4 * 5 * 4 = 160: a cap below it declines
-        monkeypatch.setattr(gemm_impl, "MAX_PREACTIVATION_BYTES", 159)
-        assert gemm_impl.preactivation_bytes(t["x"], t["w1"], block_size=4, stride=2, padding="valid") == 160
+        asked = []
+        monkeypatch.setattr(gemm_impl, "_fits", lambda device, need: asked.append(need()) and False)
     elif what == "tf32":
         monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
     b = kb.get("mlp", "gemm")
@@ -208,17 +207,35 @@ def test_unsupported_calls_are_declined(what, monkeypatch):
     assert y.shape[2] == kf.num_windows(10 if what != "packed" else 4, 4, kw["stride"]) or what == "packed"
 
 
-def test_memory_rule_admits_the_nsa_shape():
-    """The NSA shape (bfloat16, B = 1, H = 4, T = 131072, D = 128, L = 32,
-    S = 16, F = 4096: 512 MiB of pre-activation) is inside the memory rule,
-    four times its batch (2 GiB) too, five times not."""
+def test_workspace_at_the_nsa_shape():
+    """The workspace estimate at the NSA shape (bfloat16, B = 1, H = 4, T =
+    131072, D = 128, L = 32, S = 16, F = 4096; u = 2**27 hidden units, v =
+    2**27 window elements): relu's forward holds the windows and the hidden
+    layer (2 * (v + u) bytes = 512 MiB), its backward the hidden layer, its
+    gradient and one group's float32 accumulators (2 * 2 * u + 4 * (one
+    head's chunked tokens + an (S*D, F) buffer) = 512 + 64 + 32 MiB (and one
+    extra chunk row)); gelu's float32 pre-activation path 12 * u."""
     x = torch.empty(1, 4, 131072, 128, dtype=torch.bfloat16, device="meta")
     w1 = torch.empty(4, 32 * 128, 4096, dtype=torch.bfloat16, device="meta")
     kw = dict(block_size=32, stride=16, padding="left")
-    assert gemm_impl.preactivation_bytes(x, w1, **kw) == 4 * 4 * 8192 * 4096
-    assert gemm_impl.supports_call(x, w1, None, None, None, **kw)
-    assert gemm_impl.supports_call(x.expand(4, -1, -1, -1), w1, None, None, None, **kw)
-    assert not gemm_impl.supports_call(x.expand(5, -1, -1, -1), w1, None, None, None, **kw)
+    u = 4 * 8192 * 4096
+    assert gemm_impl.workspace_bytes(x, w1, **kw) == 4 * u + 4 * (4 * (8192 + 2) * 16 * 128 + 16 * 128 * 4096)
+    assert gemm_impl.workspace_bytes(x, w1, activation="gelu", **kw) == 12 * u
+    assert gemm_impl.preactivation_bytes(x, w1, **kw) == 4 * u
+
+
+def test_fit_rule(monkeypatch):
+    """On CUDA a call is served when its workspace fits the allocator's free
+    memory, declined when one byte more is needed; not asked during graph
+    capture, nor on the CPU."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(gemm_impl, "_free_bytes", lambda device: 1000)
+    assert gemm_impl._fits(cuda, lambda: 1000)
+    assert not gemm_impl._fits(cuda, lambda: 1001)
+    assert gemm_impl._fits(torch.device("cpu"), lambda: 1 << 60)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert gemm_impl._fits(cuda, lambda: 1 << 60)
 
 
 def test_declined_while_torch_compile_traces():

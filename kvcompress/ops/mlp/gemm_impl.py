@@ -75,6 +75,8 @@ kernels (and summation order) by shape.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -83,9 +85,6 @@ from ...backends import register
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 DTYPES = (torch.bfloat16, torch.float32)
-# the largest pre-activation (float32, B * H * W * F units) "gemm" stores;
-# beyond it the call is declined (backend="auto" takes the fused Triton kernel)
-MAX_PREACTIVATION_BYTES = 2 << 30
 
 # what the property suite may draw for this backend (kvcompress.testing.Domain's
 # fields, as plain data: the runtime never imports the suite)
@@ -108,29 +107,68 @@ def _ieee_float32(device: torch.device) -> bool:
 
 
 def preactivation_bytes(x: torch.Tensor, w1: torch.Tensor, *, block_size: int, stride: int, padding: str) -> int:
-    """Bytes of the stored float32 pre-activation, 4 * B * H * W * F, for x
+    """Bytes of a float32 pre-activation, 4 * B * H * W * F, for x
     (B, H, T, D) and w1 (G, L*D, F)."""
     B, H, T = x.shape[:3]
     return 4 * B * H * _num_windows(T, block_size, stride, padding) * w1.shape[2]
 
 
+def workspace_bytes(x: torch.Tensor, w1: torch.Tensor, *, block_size: int, stride: int, padding: str,
+                    activation: str = "relu") -> int:
+    """The most memory a call allocates beyond its inputs, output and
+    gradients (u = B * H * W * F hidden units, e = x's element size, v =
+    B * H * W * L * D window elements): relu, the larger of the forward's
+    (windows and hidden layer, e * (v + u)) and the backward's (hidden
+    layer, its gradient and two float32 chunk accumulators of one group,
+    2 * e * u plus at most 4 * (x's size + L * D * F / L * S)); gelu and
+    silu 12 * u (float32 pre-activation, its float32 gradient and the
+    hidden layer, transiently its float32 activation). An estimate, not a
+    promise: the allocator's rounding and cuBLAS's workspace come on top."""
+    B, H, T, D = x.shape
+    L, S, F_ = block_size, stride, w1.shape[2]
+    W = _num_windows(T, L, S, padding)
+    u, v, e = B * H * W * F_, B * H * W * L * D, x.element_size()
+    if activation != "relu":
+        return 12 * u
+    return max(e * (v + u), 2 * e * u + 4 * (B * H * (W + L // S) * S * D + S * D * F_))
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Bytes the caching allocator can hand out on a CUDA ``device`` without
+    growing past the device: the driver's free memory plus what the
+    allocator holds reserved but unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def supports_call(x, w1, b1, w2, b2, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None,
-                  **_) -> bool:
+                  activation="relu", **_) -> bool:
     """The registry's per-call predicate (arguments already validated): dense
     input, stride dividing block_size, float32 only with IEEE float32 matmuls
-    (on the CPU every call computes in float32), and a pre-activation of at
-    most MAX_PREACTIVATION_BYTES; not while torch.compile traces the call
-    (its GEMMs write float32 outputs in place, out_dtype with out=, which
-    fake tensors reject: H200 run 46), so a compiled mlp keeps the Triton
-    backend's custom op."""
+    (on the CPU every call computes in float32), and on CUDA a workspace
+    (``workspace_bytes``) that fits in the device's free memory (the
+    hidden layer "would not fit" otherwise: backend="auto" then takes the
+    memory-lean fused Triton kernel); not while torch.compile traces the
+    call (its GEMMs write float32 outputs in place, out_dtype with out=,
+    which fake tensors reject: H200 run 46), so a compiled mlp keeps the
+    Triton backend's custom op. During CUDA-graph capture the free memory
+    is not asked (the eager warm-up before a capture made the choice)."""
     if torch.compiler.is_compiling():
         return False
     if cu_seqlens is not None or block_size % stride != 0:
         return False
     if (x.dtype == torch.float32 or x.device.type == "cpu") and not _ieee_float32(x.device):
         return False
-    return preactivation_bytes(x, w1, block_size=block_size, stride=stride, padding=padding) \
-        <= MAX_PREACTIVATION_BYTES
+    return _fits(x.device, lambda: workspace_bytes(x, w1, block_size=block_size, stride=stride, padding=padding,
+                                                    activation=activation))
+
+
+def _fits(device: torch.device, need) -> bool:
+    """Whether ``need()`` bytes fit in a CUDA device's free memory (always on
+    another device, and during CUDA-graph capture)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return True
+    return need() <= _free_bytes(device)
 
 
 # --------------------------------------------------------------------------- GEMMs
@@ -380,6 +418,166 @@ def _backward(dy, xt, w1, b1, w2, pe, pre, sh: _Shape, act: str, need):
     return dx, dw1, db1, dw2, db2, dpe
 
 
+# --------------------------------------------------------------------------- relu: one GEMM per group
+
+
+@contextlib.contextmanager
+def _float32_reductions(device: torch.device):
+    """cuBLAS keeps every reduction in float32 inside: a half-output GEMM may
+    otherwise reduce split-K partials in the output dtype
+    (``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction``,
+    on by default), a sum carried in bfloat16 that neither precision class
+    allows. The flag is global: restored on exit."""
+    if device.type != "cuda":
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    old = m.allow_bf16_reduced_precision_reduction
+    m.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        m.allow_bf16_reduced_precision_reduction = old
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The GEMMs' operand dtype: x's on CUDA (bfloat16 operands, float32
+    accumulation), float32 on the CPU (exact upcasts; no bfloat16 kernel
+    there promises one rounding)."""
+    return x.dtype if x.is_cuda else torch.float32
+
+
+def _windows(xt, pe, sh: _Shape, cd: torch.dtype) -> torch.Tensor:
+    """Every window's tokens plus pe, (G, B, Hg, W, L * D) in ``cd``: window
+    i, chunk c is x's chunk i + c - P plus pe[h]'s chunk c (pe's alone for a
+    left pad), each element x + pe rounded once (io-intermediates). C
+    strided adds, no pad copy of x."""
+    G, B, Hg, W, C, K = sh.G, sh.B, sh.Hg, sh.W, sh.C, sh.K
+    win = xt.new_empty((G, B, Hg, W, C, K), dtype=cd)
+    xs = _chunks(xt, sh).transpose(0, 1)                                      # [G, B, Hg, N, K]
+    pec = None if pe is None else pe.reshape(G, Hg, C, K).to(cd)
+    for c in range(C):
+        i0, r0, n = sh.rows(c)
+        p = None if pec is None else pec[:, None, :, None, c]                 # [G, 1, Hg, 1, K]
+        if n > 0:
+            dst, src = win[:, :, :, i0:, c], xs[:, :, :, r0: r0 + n]
+            if p is not None and src.dtype == cd:
+                torch.add(src, p, out=dst)
+            else:
+                dst.copy_(src)
+                if p is not None:
+                    dst.add_(p)
+        if i0 > 0:                                                            # left pads: pe's row, or zero
+            pad = win[:, :, :, :i0, c]
+            pad.zero_() if p is None else pad.copy_(p.expand_as(pad))
+    return win.view(G, sh.M, C * K)
+
+
+def _forward_relu(xt, w1, b1, w2, b2, pe, sh: _Shape):
+    """y (B, H, W, DO) in x's dtype and the hidden layer (G, M, F) in x's
+    dtype: per group g one GEMM hidden = relu(windows @ w1[g] + b1[g])
+    (bias added in the float32 accumulator, one rounding, relu in place:
+    relu commutes with rounding and keeps NaN), then y = hidden @ w2[g] +
+    b2[g]. xt: _chunkable(x)."""
+    dt, cd = xt.dtype, _compute_dtype(xt)
+    G, M, F_, DO = sh.G, sh.M, sh.F, sh.DO
+    win = _windows(xt, pe, sh, cd)                                            # [G, M, L*D]
+    w1_, w2_ = w1.to(cd), w2.to(cd)
+    hidden = xt.new_empty((G, M, F_), dtype=cd)
+    y = xt.new_empty((G, M, DO), dtype=cd)
+    with _float32_reductions(xt.device):
+        for g in range(G):
+            if b1 is None:
+                torch.mm(win[g], w1_[g], out=hidden[g])
+            else:
+                torch.addmm(b1[g].to(cd), win[g], w1_[g], out=hidden[g])
+        del win
+        hidden.relu_()
+        if cd != dt:
+            hidden = hidden.to(dt)                                            # CPU: rounded once, as on CUDA
+        h_ = hidden.to(cd)
+        for g in range(G):
+            if b2 is None:
+                torch.mm(h_[g], w2_[g], out=y[g])
+            else:
+                torch.addmm(b2[g].to(cd), h_[g], w2_[g], out=y[g])
+    del h_
+    y = y.to(dt).view(G, sh.B, sh.Hg, sh.W, DO).transpose(0, 1).reshape(sh.B, sh.H, sh.W, DO)
+    return y, hidden
+
+
+def _backward_relu(dy, xt, w1, b1, w2, pe, hidden, sh: _Shape, need):
+    """_backward's gradients for relu from the stored hidden layer (G, M, F)
+    in x's dtype: dh = dy @ w2^T rounded once to x's dtype (the hidden
+    layer's gradient, io-intermediates) and masked where hidden <= 0 (the
+    pre-activation's gradient, exact); dw2 = hidden^T @ dy one batched GEMM
+    (rounded once); dx by C chunk GEMMs per group into one group's float32
+    accumulator; dw1 per group and chunk into a float32 (S*D, F) buffer,
+    plus pe's share; db1 and dpe from the gradient summed over windows in
+    float32."""
+    need_x, need_w1, need_b1, need_w2, need_b2, need_pe = need
+    dt, cd, acc = xt.dtype, _compute_dtype(xt), sh.acc
+    G, B, Hg, W, F_, C, K, N = sh.G, sh.B, sh.Hg, sh.W, sh.F, sh.C, sh.K, sh.N
+    dx = dw1 = db1 = dw2 = db2 = dpe = None
+    dyg = dy.view(B, G, Hg, W, sh.DO).transpose(0, 1).reshape(G, sh.M, sh.DO).to(cd)   # group-major rows
+    if need_b2:
+        db2 = dyg.sum(1, dtype=acc).to(dt)
+    h_ = hidden.to(cd)
+    with _float32_reductions(xt.device):
+        if need_w2:
+            dw2 = torch.bmm(h_.mT, dyg).to(dt)
+        if not (need_x or need_w1 or need_b1 or need_pe):
+            return dx, dw1, db1, dw2, db2, dpe
+        dp = torch.bmm(dyg, w2.to(cd).mT).to(dt).to(cd)                       # dh, rounded once
+        torch.ops.aten.threshold_backward.grad_input(dp, h_, 0, grad_input=dp)   # dpre = dh where hidden > 0
+        del h_
+        dp = dp.view(G, B, Hg, W, F_)
+        cs = None
+        if need_b1 or need_pe or (need_w1 and pe is not None):
+            cs = dp.sum((1, 3), dtype=acc)                                    # [G, Hg, F]
+        if need_b1:
+            db1 = cs.sum(1).to(dt)
+        w1c = w1.to(cd).unflatten(1, (C, K))                                  # [G, C, K, F]
+        if need_x:
+            dx = xt.new_empty((B, sh.H, sh.T, sh.D))
+            dx[:, :, N * sh.S:] = 0                                           # tokens no window reads
+            dx32 = dy.new_empty((1, B, Hg, N, K), dtype=acc)                  # one group's accumulator
+            for g in range(G):
+                for k, c in enumerate(reversed(range(C))):
+                    i0, r0, n = sh.rows(c)
+                    if n == 0:
+                        continue
+                    if k == 0 and r0 > 0:
+                        dx32[:, :, :, :r0].zero_()
+                    for d, x_ in _pairs(dp[g: g + 1, :, :, i0:], dx32[:, :, :, r0: r0 + n], merge=True):
+                        _gemm(x_, d, _weight(w1c[g: g + 1, c].mT, d.shape[0]), accumulate=k > 0)
+                dx[:, g * Hg: (g + 1) * Hg, : N * sh.S].view(B, Hg, N, K).copy_(dx32[0])
+            del dx32
+        if need_w1:
+            xs = _chunks(xt, sh).transpose(0, 1).to(cd)                        # [G, B, Hg, N, K]
+            dw1 = w1.new_empty(w1.shape).view(G, C, K, F_)
+            part = dy.new_empty((1, K, F_), dtype=acc)
+            pec = None if pe is None else pe.reshape(G, Hg, C, K)
+            for g in range(G):
+                for c in range(C):
+                    i0, r0, n = sh.rows(c)
+                    pairs = _pairs(xs[g: g + 1, :, :, r0: r0 + n], dp[g: g + 1, :, :, i0:], merge=False) \
+                        if n > 0 else []
+                    if not pairs:
+                        part.zero_()
+                    for j, (a, m) in enumerate(pairs):
+                        _gemm(part, a.mT, m, accumulate=j > 0)               # summed over batch rows and heads
+                    if pec is not None:   # window + pe: dw1[g] chunk c += sum_i pe[h, c]^T cs[h]
+                        _gemm_mixed(part, pec[g: g + 1, :, c].mT.to(cd), cs[g: g + 1], bool(pairs))
+                    dw1[g, c].copy_(part[0])
+            dw1 = dw1.view(w1.shape)
+        if need_pe:              # dpe[h] = w1[g] @ cs[h]
+            dpe32 = dy.new_empty((G, Hg, C * K), dtype=acc)
+            _gemm_mixed(dpe32, cs, w1.to(cd).mT, False)
+            dpe = dpe32.view(sh.H, sh.L, sh.D).to(dt)
+    return dx, dw1, db1, dw2, db2, dpe
+
+
 # --------------------------------------------------------------------------- autograd and registration
 
 
@@ -392,22 +590,27 @@ class _MlpGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, pe, sh, act):
         xt = _chunkable(x, sh)
-        need_pre = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 5))
-        y, pre = _forward(xt, w1, b1, w2, b2, pe, sh, act, keep_pre=need_pre)
+        if act == "relu":
+            y, kept = _forward_relu(xt, w1, b1, w2, b2, pe, sh)
+        else:
+            need_pre = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 5))
+            y, kept = _forward(xt, w1, b1, w2, b2, pe, sh, act, keep_pre=need_pre)
         ctx.sh, ctx.act = sh, act
-        ctx.save_for_backward(xt, w1, b1, w2, pe, pre)
+        ctx.save_for_backward(xt, w1, b1, w2, pe, kept)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        xt, w1, b1, w2, pe, pre = ctx.saved_tensors
+        xt, w1, b1, w2, pe, kept = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:6])
-        return (*_backward(dy.contiguous(), xt, w1, b1, w2, pe, pre, ctx.sh, ctx.act, need), None, None)
+        back = _backward_relu if ctx.act == "relu" else _backward
+        args = (dy.contiguous(), xt, w1, b1, w2, pe, kept, ctx.sh)
+        return (*(back(*args, need) if ctx.act == "relu" else back(*args, ctx.act, need)), None, None)
 
 
 @register("mlp", "gemm", devices=("cpu", "cuda"), dtypes=DTYPES, priority=20, supports=supports_call,
-          auto_devices=("cuda",), precision="io-intermediates")
+          auto_devices=("cuda",), precision="io-intermediates", lean=False)
 def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="valid", pe=None, cu_seqlens=None):
     """Per-window two-layer MLP by chunked GEMMs (arguments already validated
     by ``kvcompress.functional.mlp``, which also checks ``supports_call``).
@@ -437,9 +640,12 @@ def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="va
     tensors = (x, w1, b1, w2, b2, pe)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _MlpGemm.apply(x, w1, b1, w2, b2, pe, sh, activation)
+    if activation == "relu":
+        return _forward_relu(_chunkable(x, sh), w1, b1, w2, b2, pe, sh)[0]
     return _forward(_chunkable(x, sh), w1, b1, w2, b2, pe, sh, activation, keep_pre=False)[0]
 
 
 mlp.__kvcompress_domain__ = DOMAIN
 
-__all__ = ["ACTIVATIONS", "DOMAIN", "DTYPES", "MAX_PREACTIVATION_BYTES", "mlp", "preactivation_bytes", "supports_call"]
+__all__ = ["ACTIVATIONS", "DOMAIN", "DTYPES", "mlp", "preactivation_bytes", "supports_call",
+           "workspace_bytes"]

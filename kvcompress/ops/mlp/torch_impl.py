@@ -15,7 +15,7 @@ _ACT = {"relu": lambda z: F.relu(z, inplace=True), "gelu": lambda z: F.gelu(z, a
         "silu": F.silu}
 
 
-@register("mlp", "torch", devices=("cpu", "cuda"))
+@register("mlp", "torch", devices=("cpu", "cuda"), lean=False)
 def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="valid", pe=None, cu_seqlens=None):
     """x (B, H, T, D), w1 (G, L*D, F), b1 (G, F) or None, w2 (G, F, D_out),
     b2 (G, D_out) or None -> (B, H, W, D_out); arguments already validated."""
