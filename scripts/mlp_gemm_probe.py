@@ -9,9 +9,10 @@ padding "left":
 - seed, seed+compile: the seed's GroupedMLP through the adapter
   (kvcompress/testing/adapters/seed.py), eager and torch.compile'd;
 - kvcompress-gemm: kvcompress.functional.mlp(backend="gemm")
-  (kvcompress/ops/mlp/gemm_impl.py): C = L / S chunk GEMMs over shifted row
-  ranges of x (no unfold), float32 pre-activation stored, hidden layer
-  rounded once to bf16, explicit chunked backward;
+  (kvcompress/ops/mlp/gemm_impl.py): relu, the windows x + pe formed once
+  in bf16, one GEMM per head with b1 in cuBLAS's bias epilogue, relu in
+  place, the hidden layer stored in bf16; explicit backward by C = L / S
+  chunk GEMMs over shifted row ranges of x;
 - gemm: windows copied once (L / S copies of each token, bf16), then cuBLAS
   with fused epilogues: baddbmm(b1 + flat(pe) @ w1, A, w1), relu in place,
   baddbmm(b2, hidden, w2); the backward is five bmm's and a fold of dA

@@ -279,3 +279,63 @@ def test_saves_x_weights_and_the_preactivation_only(layout):
     params = sum(v.numel() * 4 for k, v in t.items() if k != "x")
     x_bytes = t["x"].numel() * 4 * (2 if layout == "bthd" else 1)
     assert saved <= x_bytes + params + B * H * W * F * 4
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_cuda_values_gradients_nan_and_flag(activation):
+    """On CUDA (cuBLAS's bias epilogue, half outputs): bfloat16 output and
+    every gradient within the bfloat16 class of the float64 torch backend,
+    per-head, grouped and shared weights, both layouts; a NaN token stays in
+    its windows (cuBLAS's epilogue does not turn relu(NaN) into 0); torch's
+    allow_bf16_reduced_precision_reduction is as the caller left it."""
+    flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    for shape, layout in [((1, 4, 4, 512, 64, 32, 16, 256, 64), "bthd"), ((2, 4, 2, 300, 32, 8, 4, 96, 32),
+                                                                        "contiguous"),
+                          ((2, 2, 1, 64, 16, 4, 4, 24, 16), "bthd")]:
+        B, H, G, T, D, L, S, F, DO = shape
+        t = {k: None if v is None else v.cuda() for k, v in _inputs(B, H, G, T, D, L, F, DO, layout=layout).items()}
+        _compare(t, torch.bfloat16, 3e-2, block_size=L, stride=S, padding="left", activation=activation)
+    assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction == flag
+    t = {k: None if v is None else v.to("cuda", torch.bfloat16) for k, v in _inputs(1, 2, 1, 24, 4, 4, 6, 3).items()}
+    t["x"][0, 1, 9] = float("nan")
+    y = _call(t, "gemm", block_size=4, stride=2, padding="valid", activation=activation)
+    nan = torch.isnan(y).any(-1)
+    assert nan[0, 1, 3:5].all() and nan.sum() == 2
+    t["x"][0, 1, 9] = 0
+    t["w1"][0, 0, 1] = float("nan")
+    assert torch.isnan(_call(t, "gemm", block_size=4, stride=2, padding="valid", activation=activation)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_peak_memory_within_the_workspace_estimate():
+    """relu, bfloat16, a (B, T, H, D) x: the forward + backward's peak memory
+    beyond inputs, output, gradients and dy stays within workspace_bytes
+    (plus 64 MiB for cuBLAS's workspace and the allocator's rounding)."""
+    B, H, T, D, L, S = 1, 4, 16384, 128, 32, 16
+    F = L * D
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, T, H, D, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2).requires_grad_()
+    w1 = (torch.randn(H, L * D, F, device="cuda", generator=g) / (L * D) ** 0.5).to(torch.bfloat16).requires_grad_()
+    w2 = (torch.randn(H, F, D, device="cuda", generator=g) / F ** 0.5).to(torch.bfloat16).requires_grad_()
+    b1 = torch.zeros(H, F, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b2 = torch.zeros(H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    pe = torch.randn(H, L, D, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    kw = dict(block_size=L, stride=S, padding="left", pe=pe)
+    W = kf.num_windows(T, L, S, "left")
+    gy = torch.randn(B, H, W, D, device="cuda", generator=g).to(torch.bfloat16)
+    kf.mlp(x, w1, b1, w2, b2, backend="gemm", **kw).backward(gy)              # warm-up: cuBLAS handles, workspaces
+    for p in (x, w1, b1, w2, b2, pe):
+        p.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    kf.mlp(x, w1, b1, w2, b2, backend="gemm", **kw).backward(gy)
+    grads = sum(p.numel() * p.element_size() for p in (x, w1, b1, w2, b2, pe))
+    extra = torch.cuda.max_memory_allocated() - base - grads - gy.numel() * 2
+    assert extra <= gemm_impl.workspace_bytes(x, w1, block_size=L, stride=S, padding="left") + (64 << 20), extra

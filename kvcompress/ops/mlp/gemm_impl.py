@@ -1,76 +1,83 @@
-"""mlp through cuBLAS: the chunked-GEMM formulation with the hidden layer
-stored. Registered as backend "gemm" (CPU and CUDA; backend="auto" picks it
-on CUDA only, ahead of "triton", where ``supports_call`` accepts the call).
+"""mlp through cuBLAS with the hidden layer stored. Registered as backend
+"gemm" (CPU and CUDA; backend="auto" picks it on CUDA only, ahead of
+"triton", where ``supports_call`` accepts the call).
 
-Formulation. With S dividing L, a window is C = L / S consecutive
-non-overlapping chunks of S tokens, so
+relu (the default activation, the seed's): the windows, x + pe, are formed
+once, (G, B, Hg, W, L*D) in x's dtype (C = L / S strided adds; a left pad
+chunk is pe alone), and the first layer is one GEMM per group with b1 in
+cuBLAS's bias epilogue, its output in x's dtype, relu in place; then the
+second GEMM with b2 the same way. The windows are freed after the first
+GEMM; the hidden layer is saved for the backward (relu's derivative is
+read from its sign).
+
+gelu and silu: the chunked formulation. With S dividing L, a window is C =
+L / S consecutive non-overlapping chunks of S tokens, so
 
     flat(X_i) @ w1[g] = sum_c chunk_{i + c - P} @ w1[g][c*S*D : (c+1)*S*D]
 
 (P = C - 1 left-pad chunks with padding "left", else 0), and x (B, H, T, D)
 seen as (B, H, T // S, S*D) is a plain strided matrix per head (row stride
 S*D): the first layer is C batched GEMMs over shifted row ranges, each
-accumulating into the pre-activation, with no copy of x (no unfold). A left
-pad chunk is zero, so chunk c of window i takes part only where its source
-chunk i + c - P exists: the row ranges are sliced, pads never materialised.
-pe and b1 add the same row to every window of head h, pads included (a pad
-token becomes pe[h, j]): const[h] = flat(pe[h]) @ w1[g] + b1[g], which
-initialises the pre-activation before the C products accumulate into it.
-Then act (relu; gelu, exact erf form; silu), the second GEMM, + b2.
+accumulating into a float32 pre-activation, with no copy of x. A left pad
+chunk is zero, so chunk c of window i takes part only where its source
+chunk i + c - P exists. pe and b1 add the same row to every window of head
+h, pads included: const[h] = flat(pe[h]) @ w1[g] + b1[g] initialises the
+pre-activation. The float32 pre-activation is saved for the backward
+(their derivatives need it; rounding it is not in the precision class).
 
-Layout. The pre-activation, hidden layer and their gradients are stored
-group-major, (G, B, Hg, W, F) with Hg = H // G heads per group, so the second
-layer, dh = dy @ w2^T and dw2 = hidden^T @ dy are one batched GEMM each
-(batch G, M = B * Hg * W rows). The first layer, dx and dw1 read x's chunk
-rows, which for the heads of a group are separate matrices: one GEMM per
-(batch row, head of the group) per chunk, batched over the G groups (with
-one group, when x's (B, H) dims merge, a single GEMM batched over all heads).
+Backward (both): the chunk structure. dx[chunk j] = sum_c dpre_{j - c + P}
+@ w1[g][c]^T by C GEMMs into a float32 accumulator (relu: one group's at a
+time); dw1[g][c] = sum over windows of chunk^T @ dpre (+ pe's share, pe^T
+cs with cs = dpre summed over windows); dh = dy @ w2^T and dw2 = hidden^T @
+dy one batched GEMM each.
 
-Numerics (precision class io-intermediates, docs/semantics.md). bfloat16:
-every GEMM has bfloat16 operands, exact float32 products and float32
-accumulation *and output* (``out_dtype=torch.float32`` on CUDA, so cuBLAS
-never reduces in bfloat16, whatever
-``allow_bf16_reduced_precision_reduction`` says; on the CPU, where that
-kernel does not exist, the operands are upcast, exactly, and multiplied in
-float32: the same math up to summation order). The C chunk partials
-accumulate in float32; pre-activation and act are float32; the hidden
-layer is rounded once to bfloat16 as the second GEMM's operand; y is
-float32 until + b2, then rounded once. Backward: dh = dy @ w2^T and
-dpre = dh * act'(pre) in float32, dpre rounded once to bfloat16 as the
-operand of dx and dw1; db1 and pe's gradient sum dpre in float32; every
-gradient is accumulated in float32 and rounded once. The products with a
-float32 operand (pe's gradient: cs @ w1^T and pe^T @ cs, cs = dpre summed
-over windows) take it as bfloat16 hi + lo (residual 2**-16 relative), so no
-float32 GEMM, and hence no TF32, runs in a bfloat16 call. float32: plain
-float32 GEMMs; ``supports_call`` declines a float32 call on a device where
-torch would run float32 matmuls in reduced precision (TF32 on CUDA,
-``torch.backends.cuda.matmul.allow_tf32``; oneDNN's bf16/tf32 modes on the
-CPU), so backend="auto" falls back there. float16 is not supported: its
-hidden layer rounded to float16 can fall into float16's subnormals (values
-below 2**-14 lose relative precision), an absolute error the tolerance
-model does not grant; the Triton backend keeps that intermediate in tf32
-instead, which cuBLAS cannot be asked for per call. float64 is not
-supported either (the "torch" backend serves it).
+Layout. The hidden layer and its gradient are stored group-major, (G, B,
+Hg, W, F) with Hg = H // G heads per group (M = B * Hg * W rows per group).
 
-Memory (u = B * H * W * F hidden units, 4 bytes a float32 unit): the
-forward holds the pre-activation (4u) and the hidden layer (2u bfloat16,
-4u float32; gelu and silu 4u more, transiently); when a gradient is needed
-the pre-activation is saved for the backward (4u between forward and
-backward) and the hidden layer is recomputed from it there (2u, freed
-before dh). The backward adds dh / dpre in float32 (4u, in place), dpre
-rounded (2u), a float32 dx accumulator of x's chunked size and a float32
-dw1 of w1's size. At the NSA shape (B = 1, H = 4, T = 131072, F = 4096)
-u = 2**27: 512 MiB of pre-activation. An x whose tokens are not rows of
-stride D (keys stored (B, T, H, D), passed transposed) is copied once to
-(B, H, T, D) for the chunk view (and that copy is saved for the backward).
+Numerics (precision class io-intermediates, docs/semantics.md). Every GEMM
+has input-dtype operands, exact products and float32 accumulation; on
+CUDA either a float32 output (``out_dtype``) or one rounding of the
+float32 result, with ``allow_bf16_reduced_precision_reduction`` switched
+off around the calls (``_float32_reductions``), so cuBLAS never reduces
+split-K partials in bfloat16. On the CPU the operands are upcast, exactly,
+and multiplied in float32 (the same math up to summation order). Rounded
+once to the input dtype: relu's windows x + pe, its hidden layer (the
+float32 result + b1, then relu, which commutes with rounding) and the
+hidden layer's gradient dy @ w2^T (then masked, exactly); gelu's and silu's
+hidden layer (act of the float32 pre-activation) and dpre. y and every
+gradient: float32 sums, one rounding. The products with a float32 operand
+(pe's gradient: cs @ w1^T and pe^T @ cs) take it as bfloat16 hi + lo
+(residual 2**-16 relative), so no float32 GEMM, and hence no TF32, runs in
+a bfloat16 call. float32: plain float32 GEMMs; ``supports_call`` declines
+a float32 call on a device where torch would run float32 matmuls in
+reduced precision (TF32 on CUDA, ``torch.backends.cuda.matmul.allow_tf32``;
+oneDNN's bf16/tf32 modes on the CPU). float16 is not supported: its hidden
+layer rounded to float16 can fall into float16's subnormals, an absolute
+error the tolerance model does not grant (the Triton backend keeps that
+intermediate in tf32). float64 is not supported either (the "torch"
+backend serves it).
+
+Memory (u = B * H * W * F hidden units, v = B * H * W * L * D window
+elements, e bytes per element of x; ``workspace_bytes``). relu: the
+forward holds the windows and the hidden layer (e * (v + u)), the hidden
+layer stays until the backward (e * u), which adds its gradient (e * u) and
+one group's float32 dx accumulator and an (S*D, F) float32 dw1 buffer. At
+the NSA shape (bfloat16, B = 1, H = 4, T = 131072, F = 4096: u = v = 2**27)
+that is 512 MiB in the forward, 256 MiB between forward and backward and
+about 600 MiB in the backward, besides the gradients themselves. gelu and
+silu keep a float32 pre-activation (4u) and transient float32 buffers (up
+to 12u in all). An x whose tokens are not rows of stride D (keys stored
+(B, T, H, D), passed transposed) is copied once to (B, H, T, D) for the
+chunk view (and that copy is saved for the backward).
 
 Domain (``supports_call``): dense input (cu_seqlens None), S dividing L,
-bfloat16 and float32 (the latter with IEEE float32 matmuls), and a
-pre-activation of at most ``MAX_PREACTIVATION_BYTES`` (2 GiB: u <= 2**29):
-deterministic, from the shapes alone. Outside it backend="auto" picks
-another backend ("triton", the memory-lean fused kernel, on CUDA) and
-backend="gemm" raises ValueError. Not batch-invariant: cuBLAS picks its
-kernels (and summation order) by shape.
+bfloat16 and float32 (the latter with IEEE float32 matmuls), and on CUDA a
+workspace that fits the device's free memory (the caching allocator's
+unused reserve included; not asked during CUDA-graph capture). Outside it
+backend="auto" picks another backend ("triton", the memory-lean fused
+kernel, on CUDA; ``kvcompress.functional.mlp(memory="lean")`` asks for it
+outright) and backend="gemm" raises ValueError. Not batch-invariant: cuBLAS
+picks its kernels (and summation order) by shape.
 """
 
 from __future__ import annotations
@@ -278,7 +285,7 @@ def _chunkable(x: torch.Tensor, sh: _Shape) -> torch.Tensor:
     view) when its tokens are rows of stride D, else one contiguous copy."""
     xt = x[:, :, : sh.N * sh.S]
     try:
-        xt.view(sh.B, sh.H, sh.N, sh.K)
+        xt.view(sh.B, xt.shape[1], sh.N, sh.K)
         return xt
     except RuntimeError:
         return xt.contiguous()
@@ -447,18 +454,24 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.is_cuda else torch.float32
 
 
-def _windows(xt, pe, sh: _Shape, cd: torch.dtype) -> torch.Tensor:
-    """Every window's tokens plus pe, (G, B, Hg, W, L * D) in ``cd``: window
-    i, chunk c is x's chunk i + c - P plus pe[h]'s chunk c (pe's alone for a
+def _token_chunks(x, sh: _Shape) -> torch.Tensor:
+    """x's first N * S tokens as (G, B, Hg, N, S, D): a view, whatever x's
+    strides (a (B, T, H, D) tensor passed transposed included)."""
+    return x[:, :, : sh.N * sh.S].unflatten(2, (sh.N, sh.S)).unflatten(1, (sh.G, sh.Hg)).transpose(0, 1)
+
+
+def _windows(x, pe, sh: _Shape, cd: torch.dtype) -> torch.Tensor:
+    """Every window's tokens plus pe, (G, M, L * D) in ``cd``: window i,
+    chunk c is x's chunk i + c - P plus pe[h]'s chunk c (pe's alone for a
     left pad), each element x + pe rounded once (io-intermediates). C
-    strided adds, no pad copy of x."""
-    G, B, Hg, W, C, K = sh.G, sh.B, sh.Hg, sh.W, sh.C, sh.K
-    win = xt.new_empty((G, B, Hg, W, C, K), dtype=cd)
-    xs = _chunks(xt, sh).transpose(0, 1)                                      # [G, B, Hg, N, K]
-    pec = None if pe is None else pe.reshape(G, Hg, C, K).to(cd)
+    strided adds reading x where it lies (no copy of x, no pad copy)."""
+    G, B, Hg, W, C, S, D = sh.G, sh.B, sh.Hg, sh.W, sh.C, sh.S, sh.D
+    win = x.new_empty((G, B, Hg, W, C, S, D), dtype=cd)
+    xs = _token_chunks(x, sh)                                                 # [G, B, Hg, N, S, D]
+    pec = None if pe is None else pe.reshape(G, Hg, C, S, D).to(cd)
     for c in range(C):
         i0, r0, n = sh.rows(c)
-        p = None if pec is None else pec[:, None, :, None, c]                 # [G, 1, Hg, 1, K]
+        p = None if pec is None else pec[:, None, :, None, c]                 # [G, 1, Hg, 1, S, D]
         if n > 0:
             dst, src = win[:, :, :, i0:, c], xs[:, :, :, r0: r0 + n]
             if p is not None and src.dtype == cd:
@@ -470,18 +483,19 @@ def _windows(xt, pe, sh: _Shape, cd: torch.dtype) -> torch.Tensor:
         if i0 > 0:                                                            # left pads: pe's row, or zero
             pad = win[:, :, :, :i0, c]
             pad.zero_() if p is None else pad.copy_(p.expand_as(pad))
-    return win.view(G, sh.M, C * K)
+    return win.view(G, sh.M, C * S * D)
 
 
-def _forward_relu(xt, w1, b1, w2, b2, pe, sh: _Shape):
+def _forward_relu(x, w1, b1, w2, b2, pe, sh: _Shape):
     """y (B, H, W, DO) in x's dtype and the hidden layer (G, M, F) in x's
     dtype: per group g one GEMM hidden = relu(windows @ w1[g] + b1[g])
     (bias added in the float32 accumulator, one rounding, relu in place:
     relu commutes with rounding and keeps NaN), then y = hidden @ w2[g] +
-    b2[g]. xt: _chunkable(x)."""
+    b2[g]. x: (B, H, T, D), any strides."""
+    xt = x
     dt, cd = xt.dtype, _compute_dtype(xt)
     G, M, F_, DO = sh.G, sh.M, sh.F, sh.DO
-    win = _windows(xt, pe, sh, cd)                                            # [G, M, L*D]
+    win = _windows(x, pe, sh, cd)                                             # [G, M, L*D]
     w1_, w2_ = w1.to(cd), w2.to(cd)
     hidden = xt.new_empty((G, M, F_), dtype=cd)
     y = xt.new_empty((G, M, DO), dtype=cd)
@@ -506,16 +520,19 @@ def _forward_relu(xt, w1, b1, w2, b2, pe, sh: _Shape):
     return y, hidden
 
 
-def _backward_relu(dy, xt, w1, b1, w2, pe, hidden, sh: _Shape, need):
+def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
     """_backward's gradients for relu from the stored hidden layer (G, M, F)
     in x's dtype: dh = dy @ w2^T rounded once to x's dtype (the hidden
     layer's gradient, io-intermediates) and masked where hidden <= 0 (the
     pre-activation's gradient, exact); dw2 = hidden^T @ dy one batched GEMM
     (rounded once); dx by C chunk GEMMs per group into one group's float32
     accumulator; dw1 per group and chunk into a float32 (S*D, F) buffer,
-    plus pe's share; db1 and dpe from the gradient summed over windows in
-    float32."""
+    plus pe's share, reading x's chunk rows one group at a time (copied,
+    one group's worth, when x's tokens are not rows of stride D); db1 and
+    dpe from the gradient summed over windows in float32. x: (B, H, T, D),
+    any strides."""
     need_x, need_w1, need_b1, need_w2, need_b2, need_pe = need
+    xt = x
     dt, cd, acc = xt.dtype, _compute_dtype(xt), sh.acc
     G, B, Hg, W, F_, C, K, N = sh.G, sh.B, sh.Hg, sh.W, sh.F, sh.C, sh.K, sh.N
     dx = dw1 = db1 = dw2 = db2 = dpe = None
@@ -554,14 +571,15 @@ def _backward_relu(dy, xt, w1, b1, w2, pe, hidden, sh: _Shape, need):
                 dx[:, g * Hg: (g + 1) * Hg, : N * sh.S].view(B, Hg, N, K).copy_(dx32[0])
             del dx32
         if need_w1:
-            xs = _chunks(xt, sh).transpose(0, 1).to(cd)                        # [G, B, Hg, N, K]
             dw1 = w1.new_empty(w1.shape).view(G, C, K, F_)
             part = dy.new_empty((1, K, F_), dtype=acc)
             pec = None if pe is None else pe.reshape(G, Hg, C, K)
             for g in range(G):
+                xg = _chunkable(x[:, g * Hg: (g + 1) * Hg], sh).to(cd)           # [B, Hg, N*S, D]
+                xs = xg.view(1, B, Hg, N, K)
                 for c in range(C):
                     i0, r0, n = sh.rows(c)
-                    pairs = _pairs(xs[g: g + 1, :, :, r0: r0 + n], dp[g: g + 1, :, :, i0:], merge=False) \
+                    pairs = _pairs(xs[:, :, :, r0: r0 + n], dp[g: g + 1, :, :, i0:], merge=False) \
                         if n > 0 else []
                     if not pairs:
                         part.zero_()
@@ -589,10 +607,11 @@ class _MlpGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, pe, sh, act):
-        xt = _chunkable(x, sh)
         if act == "relu":
-            y, kept = _forward_relu(xt, w1, b1, w2, b2, pe, sh)
+            xt = x                                                  # read where it lies, forward and backward
+            y, kept = _forward_relu(x, w1, b1, w2, b2, pe, sh)
         else:
+            xt = _chunkable(x, sh)
             need_pre = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 5))
             y, kept = _forward(xt, w1, b1, w2, b2, pe, sh, act, keep_pre=need_pre)
         ctx.sh, ctx.act = sh, act
@@ -641,7 +660,7 @@ def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="va
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _MlpGemm.apply(x, w1, b1, w2, b2, pe, sh, activation)
     if activation == "relu":
-        return _forward_relu(_chunkable(x, sh), w1, b1, w2, b2, pe, sh)[0]
+        return _forward_relu(x, w1, b1, w2, b2, pe, sh)[0]
     return _forward(_chunkable(x, sh), w1, b1, w2, b2, pe, sh, activation, keep_pre=False)[0]
 
 
