@@ -161,6 +161,8 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=131072)
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, list kvcompress-gemm's kernels (forward, then forward + backward) by GPU time")
     ap.add_argument("--dry-run", action="store_true",
                     help="a small shape, every variant checked against the torch backend, nothing timed (no GPU "
                          "needed)")
@@ -246,9 +248,36 @@ def main(argv=None):
                   f"{v['fwd_ms'] / out['floor_fwd_ms']:.2f}x floor)  f+b {v['fb_ms']:.3f} ms "
                   f"({best['fb_ms'] / v['fb_ms']:.2f}x, {v['fb_ms'] / out['floor_fb_ms']:.2f}x floor)  "
                   f"rms {v['rms_rel_err']:.2e}  peak extra {v['fb_peak_extra_mib']:.0f} MiB")
+    if a.profile:
+        _profile(kvcompress_gemm, x, (w1, b1, w2, b2), kw, leaves)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def _profile(fn, x, params, kw, leaves):
+    """torch.profiler over three calls each of fn's forward and forward +
+    backward: every kernel with its total GPU time, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    xl, *ps, pel = leaves
+    for label in ("forward", "forward + backward"):
+        def call():
+            if label == "forward":
+                with torch.no_grad():
+                    fn(x, *params, **kw)
+            else:
+                y = fn(xl, *ps, **dict(kw, pe=pel))
+                y.backward(torch.ones_like(y))
+                for t in leaves:
+                    t.grad = None
+        call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                call()
+            torch.cuda.synchronize()
+        print(f"--- kvcompress-gemm {label}, 3 calls")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def _compare(t64, dtype, tol, *, grads=True, **kw):
     assert _rel(y, y64) <= tol, f"output: {_rel(y, y64)}"
     if not grads:
         return
-    gy = torch.randn(y64.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    gy = torch.randn(y64.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.device, dtype)
     names = [k for k in NAMES if leaves[k] is not None]
     got = torch.autograd.grad(y, [leaves[k] for k in names], gy)
     want = torch.autograd.grad(y64, [exact[k] for k in names], gy.double())
@@ -208,18 +208,19 @@ def test_unsupported_calls_are_declined(what, monkeypatch):
 
 
 def test_workspace_at_the_nsa_shape():
-    """The workspace estimate at the NSA shape (bfloat16, B = 1, H = 4, T =
-    131072, D = 128, L = 32, S = 16, F = 4096; u = 2**27 hidden units, v =
-    2**27 window elements): relu's forward holds the windows and the hidden
-    layer (2 * (v + u) bytes = 512 MiB), its backward the hidden layer, its
-    gradient and one group's float32 accumulators (2 * 2 * u + 4 * (one
-    head's chunked tokens + an (S*D, F) buffer) = 512 + 64 + 32 MiB (and one
-    extra chunk row)); gelu's float32 pre-activation path 12 * u."""
+    """The workspace estimate at the NSA shape (bfloat16, B = 1, H = G = 4,
+    T = 131072, D = 128, L = 32, S = 16, F = 4096; u = 2**27 hidden units):
+    relu keeps the hidden layer (2u bytes = 256 MiB) plus the backward's
+    per-group buffers, which outweigh one group's windows (64 MiB): the
+    hidden layer's gradient (64 MiB), the float32 dx accumulator (4 * n, n
+    = 8192 chunks of S * D = 2048 elements), a float32 (S*D, F) buffer (32
+    MiB) and a copy of the group's tokens (2n); gelu's float32 path 12u."""
     x = torch.empty(1, 4, 131072, 128, dtype=torch.bfloat16, device="meta")
     w1 = torch.empty(4, 32 * 128, 4096, dtype=torch.bfloat16, device="meta")
     kw = dict(block_size=32, stride=16, padding="left")
-    u = 4 * 8192 * 4096
-    assert gemm_impl.workspace_bytes(x, w1, **kw) == 4 * u + 4 * (4 * (8192 + 2) * 16 * 128 + 16 * 128 * 4096)
+    u, n = 4 * 8192 * 4096, 8192 * 2048
+    assert gemm_impl.workspace_bytes(x, w1, **kw) == 2 * u + 2 * u // 4 + 4 * n + 4 * 2048 * 4096 + 2 * n
+    assert gemm_impl.workspace_bytes(x, w1, **kw) == 448 << 20
     assert gemm_impl.workspace_bytes(x, w1, activation="gelu", **kw) == 12 * u
     assert gemm_impl.preactivation_bytes(x, w1, **kw) == 4 * u
 

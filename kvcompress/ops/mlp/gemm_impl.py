@@ -59,12 +59,12 @@ backend serves it).
 
 Memory (u = B * H * W * F hidden units, v = B * H * W * L * D window
 elements, e bytes per element of x; ``workspace_bytes``). relu: the
-forward holds the windows and the hidden layer (e * (v + u)), the hidden
-layer stays until the backward (e * u), which adds its gradient (e * u) and
-one group's float32 dx accumulator and an (S*D, F) float32 dw1 buffer. At
-the NSA shape (bfloat16, B = 1, H = 4, T = 131072, F = 4096: u = v = 2**27)
-that is 512 MiB in the forward, 256 MiB between forward and backward and
-about 600 MiB in the backward, besides the gradients themselves. gelu and
+hidden layer (e * u) lives from the forward to the end of the backward;
+besides it the forward holds one group's windows (e * v / G) and the
+backward one group's hidden-layer gradient, float32 dx accumulator and
+(S*D, F) float32 dw1 buffer. At the NSA shape (bfloat16, B = 1, H = G = 4,
+T = 131072, F = 4096: u = v = 2**27) that is 256 MiB of hidden layer plus
+at most 192 MiB, besides the gradients themselves. gelu and
 silu keep a float32 pre-activation (4u) and transient float32 buffers (up
 to 12u in all). An x whose tokens are not rows of stride D (keys stored
 (B, T, H, D), passed transposed) is copied once to (B, H, T, D) for the
@@ -122,22 +122,28 @@ def preactivation_bytes(x: torch.Tensor, w1: torch.Tensor, *, block_size: int, s
 
 def workspace_bytes(x: torch.Tensor, w1: torch.Tensor, *, block_size: int, stride: int, padding: str,
                     activation: str = "relu") -> int:
-    """The most memory a call allocates beyond its inputs, output and
-    gradients (u = B * H * W * F hidden units, e = x's element size, v =
-    B * H * W * L * D window elements): relu, the larger of the forward's
-    (windows and hidden layer, e * (v + u)) and the backward's (hidden
-    layer, its gradient and two float32 chunk accumulators of one group,
-    2 * e * u plus at most 4 * (x's size + L * D * F / L * S)); gelu and
-    silu 12 * u (float32 pre-activation, its float32 gradient and the
-    hidden layer, transiently its float32 activation). An estimate, not a
-    promise: the allocator's rounding and cuBLAS's workspace come on top."""
+    """The most memory a call allocates beyond its inputs, output, dy and
+    gradients, x (B, H, T, D), w1 (G, L*D, F): with u = B * H * W * F hidden
+    units, v = B * H * W * L * D window elements, e x's element size and
+    one group's chunked tokens n = B * (H / G) * N * S * D (N = W + C - 1 -
+    P chunks read), relu holds the hidden layer (e * u) from the forward to
+    the end of the backward, plus the larger of one group's windows
+    (forward, e * v / G) and the backward's per-group buffers (the hidden
+    layer's gradient e * u / G, the float32 dx accumulator 4 * n, a float32
+    (S*D, F) dw1 buffer, and a copy of the group's tokens e * n when x's
+    tokens are not rows of stride D); gelu and silu 12 * u (float32
+    pre-activation, its float32 gradient and the hidden layer, transiently
+    its float32 activation). An estimate, not a promise: the allocator's
+    rounding and cuBLAS's workspace come on top."""
     B, H, T, D = x.shape
-    L, S, F_ = block_size, stride, w1.shape[2]
+    L, S, G, F_ = block_size, stride, w1.shape[0], w1.shape[2]
     W = _num_windows(T, L, S, padding)
     u, v, e = B * H * W * F_, B * H * W * L * D, x.element_size()
     if activation != "relu":
         return 12 * u
-    return max(e * (v + u), 2 * e * u + 4 * (B * H * (W + L // S) * S * D + S * D * F_))
+    C = L // S
+    n = B * (H // G) * (W + C - 1 - (C - 1 if padding == "left" else 0)) * S * D
+    return e * u + max(e * v // G, e * u // G + 4 * n + 4 * S * D * F_ + e * n)
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -460,127 +466,120 @@ def _token_chunks(x, sh: _Shape) -> torch.Tensor:
     return x[:, :, : sh.N * sh.S].unflatten(2, (sh.N, sh.S)).unflatten(1, (sh.G, sh.Hg)).transpose(0, 1)
 
 
-def _windows(x, pe, sh: _Shape, cd: torch.dtype) -> torch.Tensor:
-    """Every window's tokens plus pe, (G, M, L * D) in ``cd``: window i,
-    chunk c is x's chunk i + c - P plus pe[h]'s chunk c (pe's alone for a
-    left pad), each element x + pe rounded once (io-intermediates). C
-    strided adds reading x where it lies (no copy of x, no pad copy)."""
-    G, B, Hg, W, C, S, D = sh.G, sh.B, sh.Hg, sh.W, sh.C, sh.S, sh.D
-    win = x.new_empty((G, B, Hg, W, C, S, D), dtype=cd)
-    xs = _token_chunks(x, sh)                                                 # [G, B, Hg, N, S, D]
-    pec = None if pe is None else pe.reshape(G, Hg, C, S, D).to(cd)
+def _windows(x, pe, sh: _Shape, g: int, out: torch.Tensor) -> torch.Tensor:
+    """Group g's windows plus pe into ``out`` (B, Hg, W, C, S, D), returned
+    as (M, L * D): window i, chunk c is x's chunk i + c - P plus pe[h]'s
+    chunk c (pe's alone for a left pad), each element x + pe rounded once
+    to out's dtype (io-intermediates). C strided adds reading x where it
+    lies (no copy of x, no pad copy)."""
+    Hg, C, S, D = sh.Hg, sh.C, sh.S, sh.D
+    xs = _token_chunks(x, sh)[g]                                             # [B, Hg, N, S, D]
+    pec = None if pe is None else pe.reshape(sh.G, Hg, C, S, D)[g].to(out.dtype)
     for c in range(C):
         i0, r0, n = sh.rows(c)
-        p = None if pec is None else pec[:, None, :, None, c]                 # [G, 1, Hg, 1, S, D]
+        p = None if pec is None else pec[None, :, None, c]                    # [1, Hg, 1, S, D]
         if n > 0:
-            dst, src = win[:, :, :, i0:, c], xs[:, :, :, r0: r0 + n]
-            if p is not None and src.dtype == cd:
+            dst, src = out[:, :, i0:, c], xs[:, :, r0: r0 + n]
+            if p is not None and src.dtype == out.dtype:
                 torch.add(src, p, out=dst)
             else:
                 dst.copy_(src)
                 if p is not None:
                     dst.add_(p)
         if i0 > 0:                                                            # left pads: pe's row, or zero
-            pad = win[:, :, :, :i0, c]
+            pad = out[:, :, :i0, c]
             pad.zero_() if p is None else pad.copy_(p.expand_as(pad))
-    return win.view(G, sh.M, C * S * D)
+    return out.view(sh.M, C * S * D)
 
 
 def _forward_relu(x, w1, b1, w2, b2, pe, sh: _Shape):
     """y (B, H, W, DO) in x's dtype and the hidden layer (G, M, F) in x's
-    dtype: per group g one GEMM hidden = relu(windows @ w1[g] + b1[g])
-    (bias added in the float32 accumulator, one rounding, relu in place:
-    relu commutes with rounding and keeps NaN), then y = hidden @ w2[g] +
-    b2[g]. x: (B, H, T, D), any strides."""
-    xt = x
-    dt, cd = xt.dtype, _compute_dtype(xt)
+    dtype. Per group g: its windows (one group's buffer, reused), one GEMM
+    hidden = windows @ w1[g] + b1[g] (bias added in the float32
+    accumulator, one rounding), relu in place (relu commutes with rounding
+    and keeps NaN, which cuBLAS's relu epilogue, max(x, 0), need not), and
+    y = hidden @ w2[g] + b2[g]. x: (B, H, T, D), any strides."""
+    dt, cd = x.dtype, _compute_dtype(x)
     G, M, F_, DO = sh.G, sh.M, sh.F, sh.DO
-    win = _windows(x, pe, sh, cd)                                             # [G, M, L*D]
+    buf = x.new_empty((sh.B, sh.Hg, sh.W, sh.C, sh.S, sh.D), dtype=cd)
     w1_, w2_ = w1.to(cd), w2.to(cd)
-    hidden = xt.new_empty((G, M, F_), dtype=cd)
-    y = xt.new_empty((G, M, DO), dtype=cd)
-    with _float32_reductions(xt.device):
+    hidden = x.new_empty((G, M, F_), dtype=dt)
+    y = x.new_empty((G, M, DO), dtype=cd)
+    with _float32_reductions(x.device):
         for g in range(G):
+            win = _windows(x, pe, sh, g, buf)                                 # [M, L*D]
+            h = hidden[g] if cd == dt else torch.empty((M, F_), dtype=cd, device=x.device)
             if b1 is None:
-                torch.mm(win[g], w1_[g], out=hidden[g])
+                torch.mm(win, w1_[g], out=h)
             else:
-                torch.addmm(b1[g].to(cd), win[g], w1_[g], out=hidden[g])
-        del win
-        hidden.relu_()
-        if cd != dt:
-            hidden = hidden.to(dt)                                            # CPU: rounded once, as on CUDA
-        h_ = hidden.to(cd)
-        for g in range(G):
+                torch.addmm(b1[g].to(cd), win, w1_[g], out=h)
+            h.relu_()
+            if cd != dt:
+                hidden[g].copy_(h)                                            # CPU: rounded once, as on CUDA
+                h = hidden[g].to(cd)
             if b2 is None:
-                torch.mm(h_[g], w2_[g], out=y[g])
+                torch.mm(h, w2_[g], out=y[g])
             else:
-                torch.addmm(b2[g].to(cd), h_[g], w2_[g], out=y[g])
-    del h_
+                torch.addmm(b2[g].to(cd), h, w2_[g], out=y[g])
+    del buf
     y = y.to(dt).view(G, sh.B, sh.Hg, sh.W, DO).transpose(0, 1).reshape(sh.B, sh.H, sh.W, DO)
     return y, hidden
 
 
 def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
     """_backward's gradients for relu from the stored hidden layer (G, M, F)
-    in x's dtype: dh = dy @ w2^T rounded once to x's dtype (the hidden
-    layer's gradient, io-intermediates) and masked where hidden <= 0 (the
-    pre-activation's gradient, exact); dw2 = hidden^T @ dy one batched GEMM
-    (rounded once); dx by C chunk GEMMs per group into one group's float32
-    accumulator; dw1 per group and chunk into a float32 (S*D, F) buffer,
-    plus pe's share, reading x's chunk rows one group at a time (copied,
-    one group's worth, when x's tokens are not rows of stride D); db1 and
-    dpe from the gradient summed over windows in float32. x: (B, H, T, D),
-    any strides."""
+    in x's dtype, one group at a time (the hidden layer's gradient exists
+    for one group only): dh = dy @ w2[g]^T rounded once to x's dtype (the
+    hidden layer's gradient, io-intermediates) and masked where hidden <= 0
+    (the pre-activation's gradient, exact); dw2 = hidden^T @ dy one batched
+    GEMM (rounded once); dx by C chunk GEMMs into one group's float32
+    accumulator; dw1 per chunk into a float32 (S*D, F) buffer, plus pe's
+    share, reading x's chunk rows (copied, one group's worth, when x's
+    tokens are not rows of stride D); db1 and dpe from the gradient summed
+    over windows in float32. x: (B, H, T, D), any strides."""
     need_x, need_w1, need_b1, need_w2, need_b2, need_pe = need
-    xt = x
-    dt, cd, acc = xt.dtype, _compute_dtype(xt), sh.acc
+    dt, cd, acc = x.dtype, _compute_dtype(x), sh.acc
     G, B, Hg, W, F_, C, K, N = sh.G, sh.B, sh.Hg, sh.W, sh.F, sh.C, sh.K, sh.N
     dx = dw1 = db1 = dw2 = db2 = dpe = None
     dyg = dy.view(B, G, Hg, W, sh.DO).transpose(0, 1).reshape(G, sh.M, sh.DO).to(cd)   # group-major rows
     if need_b2:
         db2 = dyg.sum(1, dtype=acc).to(dt)
-    h_ = hidden.to(cd)
-    with _float32_reductions(xt.device):
+    with _float32_reductions(x.device):
         if need_w2:
-            dw2 = torch.bmm(h_.mT, dyg).to(dt)
+            dw2 = torch.bmm(hidden.to(cd).mT, dyg).to(dt)
         if not (need_x or need_w1 or need_b1 or need_pe):
             return dx, dw1, db1, dw2, db2, dpe
-        dp = torch.bmm(dyg, w2.to(cd).mT).to(dt).to(cd)                       # dh, rounded once
-        torch.ops.aten.threshold_backward.grad_input(dp, h_, 0, grad_input=dp)   # dpre = dh where hidden > 0
-        del h_
-        dp = dp.view(G, B, Hg, W, F_)
-        cs = None
-        if need_b1 or need_pe or (need_w1 and pe is not None):
-            cs = dp.sum((1, 3), dtype=acc)                                    # [G, Hg, F]
-        if need_b1:
-            db1 = cs.sum(1).to(dt)
         w1c = w1.to(cd).unflatten(1, (C, K))                                  # [G, C, K, F]
+        w2_ = w2.to(cd)
+        pec = None if pe is None else pe.reshape(G, Hg, C, K)
+        cs = dy.new_empty((G, Hg, F_), dtype=acc)                             # the gradient summed over windows
         if need_x:
-            dx = xt.new_empty((B, sh.H, sh.T, sh.D))
+            dx = x.new_empty((B, sh.H, sh.T, sh.D))
             dx[:, :, N * sh.S:] = 0                                           # tokens no window reads
             dx32 = dy.new_empty((1, B, Hg, N, K), dtype=acc)                  # one group's accumulator
-            for g in range(G):
+        if need_w1:
+            dw1 = w1.new_empty(w1.shape).view(G, C, K, F_)
+            part = dy.new_empty((1, K, F_), dtype=acc)
+        for g in range(G):
+            dp = torch.mm(dyg[g], w2_[g].mT).to(dt).to(cd)                    # dh, rounded once
+            torch.ops.aten.threshold_backward.grad_input(dp, hidden[g].to(cd), 0, grad_input=dp)   # where hidden > 0
+            dp = dp.view(1, B, Hg, W, F_)
+            torch.sum(dp[0], (0, 2), dtype=acc, out=cs[g])
+            if need_x:
                 for k, c in enumerate(reversed(range(C))):
                     i0, r0, n = sh.rows(c)
                     if n == 0:
                         continue
                     if k == 0 and r0 > 0:
                         dx32[:, :, :, :r0].zero_()
-                    for d, x_ in _pairs(dp[g: g + 1, :, :, i0:], dx32[:, :, :, r0: r0 + n], merge=True):
+                    for d, x_ in _pairs(dp[:, :, :, i0:], dx32[:, :, :, r0: r0 + n], merge=True):
                         _gemm(x_, d, _weight(w1c[g: g + 1, c].mT, d.shape[0]), accumulate=k > 0)
                 dx[:, g * Hg: (g + 1) * Hg, : N * sh.S].view(B, Hg, N, K).copy_(dx32[0])
-            del dx32
-        if need_w1:
-            dw1 = w1.new_empty(w1.shape).view(G, C, K, F_)
-            part = dy.new_empty((1, K, F_), dtype=acc)
-            pec = None if pe is None else pe.reshape(G, Hg, C, K)
-            for g in range(G):
-                xg = _chunkable(x[:, g * Hg: (g + 1) * Hg], sh).to(cd)           # [B, Hg, N*S, D]
-                xs = xg.view(1, B, Hg, N, K)
+            if need_w1:
+                xs = _chunkable(x[:, g * Hg: (g + 1) * Hg], sh).to(cd).view(1, B, Hg, N, K)
                 for c in range(C):
                     i0, r0, n = sh.rows(c)
-                    pairs = _pairs(xs[:, :, :, r0: r0 + n], dp[g: g + 1, :, :, i0:], merge=False) \
-                        if n > 0 else []
+                    pairs = _pairs(xs[:, :, :, r0: r0 + n], dp[:, :, :, i0:], merge=False) if n > 0 else []
                     if not pairs:
                         part.zero_()
                     for j, (a, m) in enumerate(pairs):
@@ -588,7 +587,13 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
                     if pec is not None:   # window + pe: dw1[g] chunk c += sum_i pe[h, c]^T cs[h]
                         _gemm_mixed(part, pec[g: g + 1, :, c].mT.to(cd), cs[g: g + 1], bool(pairs))
                     dw1[g, c].copy_(part[0])
+            del dp
+        if need_x:
+            del dx32
+        if need_w1:
             dw1 = dw1.view(w1.shape)
+        if need_b1:
+            db1 = cs.sum(1).to(dt)
         if need_pe:              # dpe[h] = w1[g] @ cs[h]
             dpe32 = dy.new_empty((G, Hg, C * K), dtype=acc)
             _gemm_mixed(dpe32, cs, w1.to(cd).mT, False)
