@@ -2,12 +2,14 @@
 "gemm" (CPU and CUDA; backend="auto" picks it on CUDA only, ahead of
 "triton", where ``supports_call`` accepts the call).
 
-relu (the default activation, the seed's): the windows, x + pe, are formed
-once, (G, B, Hg, W, L*D) in x's dtype (C = L / S strided adds; a left pad
-chunk is pe alone), and the first layer is one GEMM per group with b1 in
-cuBLAS's bias epilogue, its output in x's dtype, relu in place; then the
-second GEMM with b2 the same way. The windows are freed after the first
-GEMM; the hidden layer is saved for the backward (relu's derivative is
+relu (the default activation, the seed's): per group, the windows are
+copied once into one group's buffer (M, L*D) in x's dtype (C strided
+copies; left pads stay zero), and the first layer is one GEMM, its output
+in x's dtype, relu in place; pe's and b1's per-head constant
+flat(pe[h]) @ w1[g] + b1[g] enters the GEMM's float32 accumulator through a
+few extra columns of the windows and rows of w1 (``_relu_buffers``), b1
+alone through cuBLAS's bias epilogue; then the second GEMM with b2 the
+same way. The hidden layer is saved for the backward (relu's derivative is
 read from its sign).
 
 gelu and silu: the chunked formulation. With S dividing L, a window is C =
@@ -41,9 +43,9 @@ float32 result, with ``allow_bf16_reduced_precision_reduction`` switched
 off around the calls (``_float32_reductions``), so cuBLAS never reduces
 split-K partials in bfloat16. On the CPU the operands are upcast, exactly,
 and multiplied in float32 (the same math up to summation order). Rounded
-once to the input dtype: relu's windows x + pe, its hidden layer (the
-float32 result + b1, then relu, which commutes with rounding) and the
-hidden layer's gradient dy @ w2^T (then masked, exactly); gelu's and silu's
+once to the input dtype: relu's hidden layer (the float32 pre-activation,
+then relu, which commutes with rounding) and the hidden layer's gradient
+dy @ w2^T (then masked, exactly); gelu's and silu's
 hidden layer (act of the float32 pre-activation) and dpre. y and every
 gradient: float32 sums, one rounding. The products with a float32 operand
 (pe's gradient: cs @ w1^T and pe^T @ cs) take it as bfloat16 hi + lo
@@ -60,8 +62,8 @@ backend serves it).
 Memory (u = B * H * W * F hidden units, v = B * H * W * L * D window
 elements, e bytes per element of x; ``workspace_bytes``). relu: the
 hidden layer (e * u) lives from the forward to the end of the backward;
-besides it the forward holds one group's windows (e * v / G) and the
-backward one group's hidden-layer gradient, float32 dx accumulator and
+besides it the forward holds one group's windows (e * v / G) and w1's
+augmented copy and the backward one group's hidden-layer gradient, float32 dx accumulator and
 (S*D, F) float32 dw1 buffer. At the NSA shape (bfloat16, B = 1, H = G = 4,
 T = 131072, F = 4096: u = v = 2**27) that is 256 MiB of hidden layer plus
 at most 192 MiB, besides the gradients themselves. gelu and
@@ -127,8 +129,9 @@ def workspace_bytes(x: torch.Tensor, w1: torch.Tensor, *, block_size: int, strid
     units, v = B * H * W * L * D window elements, e x's element size and
     one group's chunked tokens n = B * (H / G) * N * S * D (N = W + C - 1 -
     P chunks read), relu holds the hidden layer (e * u) from the forward to
-    the end of the backward, plus the larger of one group's windows
-    (forward, e * v / G) and the backward's per-group buffers (the hidden
+    the end of the backward, plus the larger of one group's windows and
+    w1 augmented by pe's constant (forward, e * (v / G + L * D * F)) and
+    the backward's per-group buffers (the hidden
     layer's gradient e * u / G, the float32 dx accumulator 4 * n, a float32
     (S*D, F) dw1 buffer, and a copy of the group's tokens e * n when x's
     tokens are not rows of stride D); gelu and silu 12 * u (float32
@@ -143,7 +146,7 @@ def workspace_bytes(x: torch.Tensor, w1: torch.Tensor, *, block_size: int, strid
         return 12 * u
     C = L // S
     n = B * (H // G) * (W + C - 1 - (C - 1 if padding == "left" else 0)) * S * D
-    return e * u + max(e * v // G, e * u // G + 4 * n + 4 * S * D * F_ + e * n)
+    return e * u + max(e * (v // G + L * D * F_), e * u // G + 4 * n + 4 * S * D * F_ + e * n)
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -466,50 +469,89 @@ def _token_chunks(x, sh: _Shape) -> torch.Tensor:
     return x[:, :, : sh.N * sh.S].unflatten(2, (sh.N, sh.S)).unflatten(1, (sh.G, sh.Hg)).transpose(0, 1)
 
 
-def _windows(x, pe, sh: _Shape, g: int, out: torch.Tensor) -> torch.Tensor:
-    """Group g's windows plus pe into ``out`` (B, Hg, W, C, S, D), returned
-    as (M, L * D): window i, chunk c is x's chunk i + c - P plus pe[h]'s
-    chunk c (pe's alone for a left pad), each element x + pe rounded once
-    to out's dtype (io-intermediates). C strided adds reading x where it
-    lies (no copy of x, no pad copy)."""
-    Hg, C, S, D = sh.Hg, sh.C, sh.S, sh.D
+def _windows(x, sh: _Shape, g: int, out: torch.Tensor) -> None:
+    """Group g's windows into the first L * D columns of ``out`` (M, K_a),
+    K_a >= L * D: window i, chunk c is x's chunk i + c - P, copied exactly
+    (C strided copies reading x where it lies, no copy of x). The left
+    pads' entries are not written: zero since ``_relu_buffers``."""
+    view = out[:, : sh.L * sh.D].view(sh.B, sh.Hg, sh.W, sh.C, sh.S, sh.D)
     xs = _token_chunks(x, sh)[g]                                             # [B, Hg, N, S, D]
-    pec = None if pe is None else pe.reshape(sh.G, Hg, C, S, D)[g].to(out.dtype)
-    for c in range(C):
+    for c in range(sh.C):
         i0, r0, n = sh.rows(c)
-        p = None if pec is None else pec[None, :, None, c]                    # [1, Hg, 1, S, D]
         if n > 0:
-            dst, src = out[:, :, i0:, c], xs[:, :, r0: r0 + n]
-            if p is not None and src.dtype == out.dtype:
-                torch.add(src, p, out=dst)
-            else:
-                dst.copy_(src)
-                if p is not None:
-                    dst.add_(p)
-        if i0 > 0:                                                            # left pads: pe's row, or zero
-            pad = out[:, :, :i0, c]
-            pad.zero_() if p is None else pad.copy_(p.expand_as(pad))
-    return out.view(sh.M, C * S * D)
+            view[:, :, i0:, c].copy_(xs[:, :, r0: r0 + n])
+
+
+def _pieces(t: torch.Tensor, cd: torch.dtype) -> list[torch.Tensor]:
+    """A float32 tensor as terms in ``cd`` whose float32 sum is t: itself
+    for float32; for bfloat16 hi + mid + lo (8 bits of mantissa each: all
+    24 of float32's, barring underflow)."""
+    if cd == t.dtype:
+        return [t]
+    out, r = [], t
+    for _ in range(3):
+        p = r.to(cd)
+        out.append(p)
+        r = r - p.to(t.dtype)
+    return out
+
+
+def _relu_buffers(x, sh: _Shape, cd, const):
+    """One group's buffers, reused across groups: the windows (M, K_a) and,
+    when there is a per-head constant, w1 augmented (K_a, F). With const
+    (G, Hg, F) float32 (pe's and b1's share), K_a = L*D + the constant's
+    columns rounded up to 8 (cuBLAS's 16-byte alignment): window row of
+    head i has ones in columns L*D + p*Hg + i for each of const's pieces p
+    (``_pieces``), w1's augmented rows there hold the pieces, so the GEMM
+    adds const[g, i] in its float32 accumulator, to float32 accuracy (b1
+    alone, exact in x's dtype, goes through the bias epilogue instead).
+    Entries that no window writes (left pads, unused columns) are zero."""
+    LD = sh.L * sh.D
+    npieces = 0 if const is None else len(_pieces(const[:1, :1, :1], cd))
+    ka = LD if const is None else LD + -(-npieces * sh.Hg // 8) * 8
+    win = x.new_empty((sh.M, ka), dtype=cd)
+    if sh.P > 0 or ka > LD:
+        win.zero_()
+    if const is not None:
+        rows = win[:, LD:].view(sh.B, sh.Hg, sh.W, ka - LD)
+        for p in range(npieces):
+            for i in range(sh.Hg):
+                rows[:, i, :, p * sh.Hg + i] = 1
+    w1a = None if const is None else x.new_zeros((ka, sh.F), dtype=cd)
+    return win, w1a, npieces
 
 
 def _forward_relu(x, w1, b1, w2, b2, pe, sh: _Shape):
     """y (B, H, W, DO) in x's dtype and the hidden layer (G, M, F) in x's
-    dtype. Per group g: its windows (one group's buffer, reused), one GEMM
-    hidden = windows @ w1[g] + b1[g] (bias added in the float32
-    accumulator, one rounding), relu in place (relu commutes with rounding
-    and keeps NaN, which cuBLAS's relu epilogue, max(x, 0), need not), and
-    y = hidden @ w2[g] + b2[g]. x: (B, H, T, D), any strides."""
+    dtype. Per group g: its windows (exact copies of x's tokens, one
+    group's buffer, reused), one GEMM hidden = windows @ w1[g] + const[g]
+    with const = flat(pe[h]) @ w1[g] + b1[g] in the float32 accumulator
+    (``_relu_buffers``; b1 alone through the bias epilogue), one rounding,
+    relu in place (it commutes with rounding and keeps NaN, which cuBLAS's
+    relu epilogue, max(x, 0), need not), then y = hidden @ w2[g] + b2[g].
+    The pre-activation is exact up to float32 accumulation, so relu's
+    derivative, read from the hidden layer's sign, is what float32 gives:
+    rounding x + pe to bfloat16 first (the seed's order) moves near-zero
+    pre-activations across 0 and made the gradients' RMS error 13x larger
+    (3.4e-2 against 2.6e-3 at the NSA shape, H200 run 52). x: (B, H, T,
+    D), any strides."""
     dt, cd = x.dtype, _compute_dtype(x)
-    G, M, F_, DO = sh.G, sh.M, sh.F, sh.DO
-    buf = x.new_empty((sh.B, sh.Hg, sh.W, sh.C, sh.S, sh.D), dtype=cd)
+    G, M, F_, DO, LD = sh.G, sh.M, sh.F, sh.DO, sh.L * sh.D
+    const = None if pe is None else _constant(w1, b1, pe, sh)                 # [G, Hg, F] float32
+    win, w1a, npieces = _relu_buffers(x, sh, cd, const)
     w1_, w2_ = w1.to(cd), w2.to(cd)
     hidden = x.new_empty((G, M, F_), dtype=dt)
     y = x.new_empty((G, M, DO), dtype=cd)
     with _float32_reductions(x.device):
         for g in range(G):
-            win = _windows(x, pe, sh, g, buf)                                 # [M, L*D]
+            _windows(x, sh, g, win)
             h = hidden[g] if cd == dt else torch.empty((M, F_), dtype=cd, device=x.device)
-            if b1 is None:
+            if const is not None:
+                w1a[:LD].copy_(w1_[g])
+                for p, piece in enumerate(_pieces(const[g], cd)):
+                    w1a[LD + p * sh.Hg: LD + (p + 1) * sh.Hg].copy_(piece)
+                torch.mm(win, w1a, out=h)
+            elif b1 is None:
                 torch.mm(win, w1_[g], out=h)
             else:
                 torch.addmm(b1[g].to(cd), win, w1_[g], out=h)
@@ -521,7 +563,7 @@ def _forward_relu(x, w1, b1, w2, b2, pe, sh: _Shape):
                 torch.mm(h, w2_[g], out=y[g])
             else:
                 torch.addmm(b2[g].to(cd), h, w2_[g], out=y[g])
-    del buf
+    del win, w1a
     y = y.to(dt).view(G, sh.B, sh.Hg, sh.W, DO).transpose(0, 1).reshape(sh.B, sh.H, sh.W, DO)
     return y, hidden
 
