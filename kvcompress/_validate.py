@@ -127,13 +127,26 @@ def check_cu_seqlens(fn: str, cu, x: torch.Tensor, *, read_values: bool = True) 
     not read. Reading the values synchronises with a GPU; ``read_values=False``
     (the caller passed total_windows) checks the rest only. On the CPU the
     values are always read (it costs nothing)."""
+    check_cu_seqlens_layout(fn, cu, x)
+    if not read_values and cu.device.type != "cpu":
+        return None
+    return check_cu_seqlens_values(fn, cu, x)
+
+
+def check_cu_seqlens_layout(fn: str, cu, x: torch.Tensor) -> None:
+    """What ``check_cu_seqlens`` checks without reading the values: cu_seqlens
+    a (N+1,) int32/int64 tensor on x's device, x of batch size 1."""
     check_cu_seqlens_tensor(fn, cu)
     if cu.device != x.device:
         raise ValueError(f"{fn}: cu_seqlens must be on x's device {x.device}, got {cu.device}")
     if x.shape[0] != 1:
         raise ValueError(f"{fn}: with cu_seqlens, x must hold the packed sequences in batch 1, got B={x.shape[0]}")
-    if not read_values and cu.device.type != "cpu":
-        return None
+
+
+def check_cu_seqlens_values(fn: str, cu: torch.Tensor, x: torch.Tensor) -> list[int]:
+    """The values of a cu_seqlens that passed ``check_cu_seqlens_layout``, read
+    on the host (a synchronisation on a GPU): non-decreasing from 0 to x's T.
+    Returns them as a list; ValueError otherwise."""
     T = x.shape[2]
     vals = cu.tolist()
     if vals[0] != 0 or vals[-1] != T or any(a > b for a, b in zip(vals, vals[1:])):

@@ -132,11 +132,24 @@ def backends(kind: str) -> list[Backend]:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     _load(kind)
-    return sorted(_REGISTRY[kind].values(), key=lambda b: -b.priority)
+    current = tuple(_REGISTRY[kind].values())
+    cached = _SORTED.get(kind)
+    # sorted once per state of the registry: the entries themselves are compared (by identity first), so an
+    # entry replaced without ``register`` (the test suite's tripwire) is seen too
+    if cached is None or cached[0] != current:
+        cached = _SORTED[kind] = (current, sorted(current, key=lambda b: -b.priority))
+    return list(cached[1])
+
+
+_SORTED: dict[str, tuple[tuple[Backend, ...], list[Backend]]] = {}
 
 
 def get(kind: str, name: str) -> Backend:
     """The backend ``name`` of ``kind``; ValueError naming the choices if none."""
+    if kind in _LOADED and type(name) is str:     # the registry's own entry, without sorting every backend
+        b = _REGISTRY[kind].get(name)
+        if b is not None:
+            return b
     for b in backends(kind):
         if b.name == name:
             return b

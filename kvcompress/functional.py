@@ -54,11 +54,14 @@ weight and pe.
 
 from __future__ import annotations
 
+import torch
+
 from . import backends as _backends
 from . import kinds as _kinds
 from ._validate import (
     check_choice,
-    check_cu_seqlens,
+    check_cu_seqlens_layout,
+    check_cu_seqlens_values,
     check_groups,
     check_param,
     check_pe,
@@ -82,13 +85,11 @@ def _common(fn, x, block_size, stride, padding, pe, cu_seqlens, total_windows):
     total_windows = check_total_windows(fn, total_windows, cu_seqlens)
     if cu_seqlens is None:
         return block_size, stride, total_windows, _num_windows(x.shape[2], block_size, stride, padding)
-    vals = check_cu_seqlens(fn, cu_seqlens, x, read_values=total_windows is None)
-    if vals is None:           # values trusted on the device: total_windows is the count
+    check_cu_seqlens_layout(fn, cu_seqlens, x)
+    if total_windows is not None and cu_seqlens.device.type != "cpu":   # values trusted on the device
         return block_size, stride, total_windows, total_windows
-    W = sum(_num_windows(b - a, block_size, stride, padding) for a, b in zip(vals, vals[1:]))
-    if total_windows is not None and total_windows != W:
-        raise ValueError(f"{fn}: total_windows={total_windows}, but cu_seqlens gives {W} windows")
-    return block_size, stride, total_windows, W
+    return block_size, stride, total_windows, _cu_values(fn, x, cu_seqlens, block_size, stride, padding,
+                                                         total_windows)
 
 
 def _check_kind_args(kind: _kinds.Kind, x, tensors: tuple, options: dict, block_size: int, stride: int) -> int:
@@ -124,18 +125,84 @@ def _check_kind_args(kind: _kinds.Kind, x, tensors: tuple, options: dict, block_
     return dims.get("D_out", x.shape[3])
 
 
-def _call(name, x, tensors, options, *, block_size, stride, padding, pe, cu_seqlens, total_windows, backend,
-          lean=False):
-    """Validate a call of kind ``name`` by its record, then dispatch it
-    (``lean``: to a lean backend only, see _dispatch)."""
+# The validation fast path: the normalised results of a valid call's checks, keyed on everything the
+# checks read (each tensor's exact type, shape, dtype and device; the plain ints, strs and bools; which
+# optional tensors are given). Strides and values are not read by any check (cu_seqlens' values are, and
+# are checked again on every call that reads them: _cu_values). A miss runs every check in order, so a
+# bad call raises exactly what it always did; only a call that passed them all is remembered.
+_VALID: dict[tuple, tuple] = {}
+_VALID_MAX = 256        # cleared when full: a working set of a few shapes per kind stays cached
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_OPTIONS = (str, bool)
+
+
+def _valid_key(name, x, tensors, options, block_size, stride, padding, pe, cu_seqlens, total_windows):
+    """The fast path's key of a call, or None when it must take the slow path:
+    a tensor argument of another type (a subclass, fake or traced tensor, a
+    non-tensor), a scalar that is not exactly an int / str / bool (True == 1
+    and 4.0 == 4 would share a key), or torch.compile tracing."""
+    if type(block_size) is not int or type(stride) is not int or type(padding) is not str \
+            or (total_windows is not None and type(total_windows) is not int) or torch.compiler.is_compiling():
+        return None
+    key = [name, block_size, stride, padding, total_windows]
+    for v in options.values():
+        if type(v) not in _PLAIN_OPTIONS:
+            return None
+        key.append(v)
+    # each tensor slot is None or (shape, dtype, device): never ambiguous, a torch.Size is never None
+    for t in (x, pe, cu_seqlens, *tensors):
+        if t is None:
+            key.append(None)
+        elif type(t) in _PLAIN_TENSORS:
+            key += (t.shape, t.dtype, t.device)
+        else:
+            return None
+    return tuple(key)
+
+
+def _cu_values(fn, x, cu_seqlens, block_size, stride, padding, total_windows):
+    """W of a packed call whose cu_seqlens values are read on the host, the
+    value checks of ``_common`` (run on every call: values are never cached)."""
+    vals = check_cu_seqlens_values(fn, cu_seqlens, x)
+    W = sum(_num_windows(b - a, block_size, stride, padding) for a, b in zip(vals, vals[1:]))
+    if total_windows is not None and total_windows != W:
+        raise ValueError(f"{fn}: total_windows={total_windows}, but cu_seqlens gives {W} windows")
+    return W
+
+
+def _validate(name, x, tensors, options, block_size, stride, padding, pe, cu_seqlens, total_windows):
+    """Every check of a call of kind ``name``, in order -> (block_size, stride,
+    total_windows, W, d_out) normalised (``_common``, ``_check_kind_args``),
+    from the fast path's cache when the same key passed them before."""
+    key = _valid_key(name, x, tensors, options, block_size, stride, padding, pe, cu_seqlens, total_windows)
+    hit = _VALID.get(key) if key is not None else None
+    if hit is not None:
+        block_size, stride, total_windows, W, d_out, reads_values = hit
+        if reads_values:        # the only check whose outcome a key cannot fix: cu_seqlens' values
+            W = _cu_values(name, x, cu_seqlens, block_size, stride, padding, total_windows)
+        return block_size, stride, total_windows, W, d_out
     kind = _kinds.get(name)
     if not kind.pe and pe is not None:
         raise TypeError(f"{name}: takes no pe (got a {type(pe).__name__})")
     block_size, stride, total_windows, W = _common(name, x, block_size, stride, padding, pe, cu_seqlens,
                                                    total_windows)
     d_out = _check_kind_args(kind, x, tensors, options, block_size, stride)
+    if key is not None:
+        if len(_VALID) >= _VALID_MAX:
+            _VALID.clear()
+        reads_values = cu_seqlens is not None and (total_windows is None or cu_seqlens.device.type == "cpu")
+        _VALID[key] = (block_size, stride, total_windows, None if reads_values else W, d_out, reads_values)
+    return block_size, stride, total_windows, W, d_out
+
+
+def _call(name, x, tensors, options, *, block_size, stride, padding, pe, cu_seqlens, total_windows, backend,
+          lean=False):
+    """Validate a call of kind ``name`` by its record, then dispatch it
+    (``lean``: to a lean backend only, see _dispatch)."""
+    block_size, stride, total_windows, W, d_out = _validate(name, x, tensors, options, block_size, stride, padding,
+                                                            pe, cu_seqlens, total_windows)
     kw = dict(block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens, **options)
-    if kind.pe:
+    if pe is not None or _kinds.get(name).pe:
         kw["pe"] = pe
     return _dispatch(name, backend, total_windows, W, d_out, x, *tensors, lean=lean, **kw)
 

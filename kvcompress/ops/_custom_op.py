@@ -162,17 +162,23 @@ def kernel_op(name: str, *, inputs: str, grads: Mapping[str, str], saved: Sequen
 
     bwd_op.register_fake(fake_backward)
 
+    # positions, computed once: in (*inputs, *outputs) of what is saved; in (*saved_t, *saved_v) of saved
+    at = {n: i for i, n in enumerate([*names, *outputs])}
+    saved_t_at, saved_v_at = [at[n] for n in saved_t], [at[n] for n in saved_v]
+    unpack_at = [[*saved_t, *saved_v].index(n) for n in saved]
+
     def keep(ctx, values, results):
         """What the backward needs, on ctx: saved tensors, the other saved arguments."""
-        kw = dict(zip(names, values), **dict(zip(outputs, results)))
-        ctx.save_for_backward(*(kw[n] for n in saved_t))
-        ctx.kept = tuple(kw[n] for n in saved_v)
+        both = (*values, *results)
+        ctx.save_for_backward(*[both[i] for i in saved_t_at])
+        ctx.kept = tuple([both[i] for i in saved_v_at])
         if len(results) > 1:
             ctx.mark_non_differentiable(*results[1:])
 
     def unpack(ctx):
-        kw = dict(zip(saved_t, ctx.saved_tensors), **dict(zip(saved_v, ctx.kept)))
-        return tuple(kw[n] for n in saved), [ctx.needs_input_grad[i] for i in grad_pos]
+        both = (*ctx.saved_tensors, *ctx.kept)
+        needs = ctx.needs_input_grad
+        return tuple([both[i] for i in unpack_at]), [needs[i] for i in grad_pos]
 
     def per_input(grads_out, needs):
         out = [None] * len(names)

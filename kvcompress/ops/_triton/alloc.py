@@ -11,9 +11,18 @@ import torch
 __all__ = ["empty", "empty_like", "poison_enabled"]
 
 
+# CPython's os.environ keeps the variables encoded in ``_data``; reading it there skips Mapping.get's
+# layers (encode, __getitem__, KeyError, decode): 0.07 instead of 0.75 us, paid on every allocation
+_POISON_KEY = os.environ.encodekey("KVCOMPRESS_POISON") if type(os.environ) is os._Environ else None
+_POISON_ON = os.environ.encodevalue("1") if _POISON_KEY is not None else None
+
+
 def poison_enabled() -> bool:
     """Whether KVCOMPRESS_POISON=1 (read on every allocation: tests set it)."""
-    return os.environ.get("KVCOMPRESS_POISON", "0") == "1"
+    env = os.environ
+    if _POISON_KEY is not None and type(env) is os._Environ:
+        return env._data.get(_POISON_KEY) == _POISON_ON
+    return env.get("KVCOMPRESS_POISON", "0") == "1"
 
 
 def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:

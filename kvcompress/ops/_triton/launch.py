@@ -86,21 +86,30 @@ def kernel_args(kernel, /, **named) -> tuple:
     Raises TypeError for a name the kernel lacks or a parameter left out.
     """
     params = kernel.runtime_args
+    if len(named) == len(params):      # then every parameter found means no unknown name either
+        try:
+            return tuple([named[n] for n in params])
+        except KeyError:
+            pass
     unknown = named.keys() - set(params)
     missing = [n for n in params if n not in named]
-    if unknown or missing:
-        raise TypeError(f"{kernel.__name__}: unknown arguments {sorted(unknown)}, missing {missing}")
-    return tuple(named[n] for n in params)
+    raise TypeError(f"{kernel.__name__}: unknown arguments {sorted(unknown)}, missing {missing}")
 
 
 def strides(prefix: str, t: torch.Tensor | None, axes: str) -> dict:
     """{prefix + axis: stride} for each letter of ``axes`` (one per dimension
     of t), all 0 when t is None (an absent optional tensor): e.g.
     ``strides("sx", x, "bhtd")`` gives sxb, sxh, sxt, sxd."""
+    names = _STRIDE_NAMES.get((prefix, axes))
+    if names is None:
+        names = _STRIDE_NAMES[prefix, axes] = tuple(prefix + a for a in axes)
     values = t.stride() if t is not None else (0,) * len(axes)
     if len(values) != len(axes):
         raise ValueError(f"strides: {prefix} names {len(axes)} axes, the tensor has {len(values)}")
-    return {prefix + a: v for a, v in zip(axes, values)}
+    return dict(zip(names, values))
+
+
+_STRIDE_NAMES: dict[tuple[str, str], tuple[str, ...]] = {}    # (prefix, axes) -> the parameter names
 
 
 _SMALL_TILES = False
@@ -178,6 +187,7 @@ class Launcher:
         self.tuned = None
         self._key_pos = [(kernel.arg_names.index(k), k) for k in key]
         self.best: dict[tuple, triton.Config] = {}   # tuning key -> the autotuner's pick
+        self._picked: dict[tuple, dict] = {}          # tuning key -> its pick's launch keywords
         if not INTERPRET:
             early = None
             if prune is not None:
@@ -190,19 +200,22 @@ class Launcher:
 
     def __call__(self, grid, *args, **kwargs):
         if self.tuned is None:
-            named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+            named = dict(zip(self.kernel.arg_names, args))
+            named.update(kwargs)
             meta = self.interpret_meta(named)
-            self.kernel[grid({**named, **meta})](*args, **kwargs, **meta)
+            named.update(meta)
+            self.kernel[grid(named)](*args, **kwargs, **meta)
         elif AUTOTUNE:
             # Once a key is tuned, launch its pick directly: triton's Autotuner.run rebuilds its key
             # from every argument on each call, ~15-25 us of host time per launch (GPU run 11, cProfile)
             key = self.tuning_key(args, kwargs)
-            cfg = self.best.get(key)
-            if cfg is None:
+            picked = self._picked.get(key)
+            if picked is None:
                 self.tuned[grid](*args, **kwargs)          # tunes this key (once), then launches its pick
                 self.best[key] = self.tuned.best_config
+                self._picked[key] = self.tuned.best_config.all_kwargs()   # built once, not per launch
             else:
-                self.kernel[grid](*args, **kwargs, **cfg.all_kwargs())
+                self.kernel[grid](*args, **kwargs, **picked)
         else:
             named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
             tried = first_config(self.configs, self.prune, named)
@@ -218,6 +231,7 @@ class Launcher:
     def tuning_key(self, args, kwargs) -> tuple:
         """The autotuner's key of a call: the values of the ``key`` arguments
         and the dtypes of the tensor arguments (as triton's Autotuner keys)."""
-        vals = tuple(args[i] if i < len(args) else kwargs[name] for i, name in self._key_pos)
-        return vals + tuple(a.dtype for a in args if isinstance(a, torch.Tensor)) \
-            + tuple(v.dtype for v in kwargs.values() if isinstance(v, torch.Tensor))
+        n = len(args)
+        return (*[args[i] if i < n else kwargs[name] for i, name in self._key_pos],
+                *[a.dtype for a in args if isinstance(a, torch.Tensor)],
+                *[v.dtype for v in kwargs.values() if isinstance(v, torch.Tensor)])

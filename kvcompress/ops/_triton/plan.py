@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..._windows import compressed_cu_seqlens, num_windows
+from ..._windows import _num_windows, compressed_cu_seqlens
 from .launch import cdiv, next_pow2
 
 __all__ = ["SEQ_ARGS", "SeqPlan", "WINDOW_INPUTS", "WINDOW_SAVED", "backward_plan", "seq_plan", "total_windows_arg",
@@ -71,7 +71,11 @@ class SeqPlan:
 
     def seq_kwargs(self) -> dict:
         """The sequence arguments by their kernel parameter names (``seq_args``)."""
-        return dict(zip(SEQ_ARGS, self.seq_args()))
+        kw = self.__dict__.get("_seq_kwargs")
+        if kw is None:     # built once per plan (the forward's is the eager backward's too), then copied
+            kw = dict(zip(SEQ_ARGS, self.seq_args()))
+            object.__setattr__(self, "_seq_kwargs", kw)
+        return kw.copy()
 
 
 def seq_plan(x: torch.Tensor, *, block_size: int, stride: int, padding: str, cu_seqlens: torch.Tensor | None,
@@ -84,15 +88,22 @@ def seq_plan(x: torch.Tensor, *, block_size: int, stride: int, padding: str, cu_
     given, it is checked on the device (``torch._assert_async``), without a
     synchronisation.
     """
+    if cu_seqlens is None:
+        key = (*x.shape, block_size, stride, padding)
+        try:
+            sizes = _FIXED.get(key)
+        except TypeError:     # a symbolic size (tracing) is not hashable: computed, never cached
+            return SeqPlan(*_fixed_sizes(*key), x, x, x)
+        if sizes is None:
+            if len(_FIXED) >= 256:
+                _FIXED.clear()
+            sizes = _FIXED[key] = _fixed_sizes(*key)
+        # placeholders: the IS_VARLEN=False branches never read them
+        return SeqPlan(*sizes, x, x, x)
     B, H, T, D = x.shape
     L, S = block_size, stride
     PRE = L - S if padding == "left" else 0
     C = cdiv(L, S)
-    if cu_seqlens is None:
-        W = num_windows(T, L, S, padding)
-        NQ = cdiv(PRE + T, S) if T > 0 else 0
-        # placeholders: the IS_VARLEN=False branches never read them
-        return SeqPlan(B, H, T, D, L, S, PRE, C, next_pow2(C), False, B, W, NQ, 0, x, x, x)
     N = cu_seqlens.shape[0] - 1
     cu64 = cu_seqlens.to(torch.int64)
     ccu = compressed_cu_seqlens(cu64, L, S, padding)                       # [N+1] window offsets
@@ -108,6 +119,18 @@ def seq_plan(x: torch.Tensor, *, block_size: int, stride: int, padding: str, cu_
     NQ = (T + N * (PRE + S - 1)) // S                                      # >= sum(nq), from shapes
     return SeqPlan(B, H, T, D, L, S, PRE, C, next_pow2(C), True, N, W, NQ, max(N - 1, 0).bit_length(),
                    cu_seqlens, ccu, cq)
+
+
+_FIXED: dict[tuple, tuple] = {}    # (B, H, T, D, L, S, padding) -> a fixed-length plan's sizes (_fixed_sizes)
+
+
+def _fixed_sizes(B: int, H: int, T: int, D: int, L: int, S: int, padding: str) -> tuple:
+    """The integer fields of a fixed-length SeqPlan, in field order (before cu, ccu, cq)."""
+    PRE = L - S if padding == "left" else 0
+    C = cdiv(L, S)
+    W = _num_windows(T, L, S, padding)
+    NQ = cdiv(PRE + T, S) if T > 0 else 0
+    return B, H, T, D, L, S, PRE, C, next_pow2(C), False, B, W, NQ, 0
 
 
 def total_windows_arg(fn: str, total_windows, cu_seqlens) -> int:

@@ -431,18 +431,21 @@ def _pe_logits(pe, weight, H):
                      D, D, D, D).view(H, L, D)
 
 
-def _forward(x, weight, pe, plan, need_lse):
-    """(y (B, H, W, D) in x's dtype, stats): stats (B, H, W, 2, D) float32,
-    [..., 0, :] the log-sum-exp and [..., 1, :] y unrounded, if need_lse,
-    else (0,)."""
+def _forward(x, weight, pe, plan, need_lse, cpe=None):
+    """(y (B, H, W, D) in x's dtype, stats, cpe): stats (B, H, W, 2, D)
+    float32, [..., 0, :] the log-sum-exp and [..., 1, :] y unrounded, if
+    need_lse, else (0,); cpe (H, L, D) float32, pe's logits (``_pe_logits``,
+    computed here unless given; None without pe or windows), which an eager
+    backward takes from the forward instead of launching its kernel again."""
     B, H, T, D = x.shape
     G = weight.shape[0]
     y = empty((B, H, plan.W, D), dtype=x.dtype, device=x.device)
     stats = empty((B, H, plan.W, 2, D), dtype=torch.float32, device=x.device) if need_lse else x.new_empty(0)
     if y.numel() == 0:
-        return y, stats
+        return y, stats, cpe
     lse, y32 = (stats[:, :, :, 0], stats[:, :, :, 1]) if need_lse else (None, None)
-    cpe = _pe_logits(pe, weight, H) if pe is not None else None
+    if cpe is None and pe is not None:
+        cpe = _pe_logits(pe, weight, H)
     rows = plan.NQ if plan.varlen else plan.W
     BD = max(16, next_pow2(D))
     _FWD(lambda meta: (cdiv(rows, meta["BLOCK_K"] - plan.C + 1), cdiv(D, meta["BLOCK_C"]), B * H),
@@ -454,7 +457,7 @@ def _forward(x, weight, pe, plan, need_lse):
                       D=D, C=plan.C, WORK=size_class(B * H * plan.NQ)),
          C_PAD=plan.C_PAD, BLOCK_D=BD, IS_VARLEN=plan.varlen, HAS_PE=pe is not None,
          HAS_LSE=need_lse, DOT_F32=dot_f32(x.dtype))
-    return y, stats
+    return y, stats, cpe
 
 
 def bwd_programs(nq: int, rows: int, sms: int) -> int:
@@ -465,8 +468,9 @@ def bwd_programs(nq: int, rows: int, sms: int) -> int:
     return max(1, min(cdiv(nq, 16), cdiv(2 * sms, max(rows, 1))))
 
 
-def _backward(dy, y, stats, x, weight, pe, plan, need_x, need_w, need_pe):
-    """stats: ``_forward``'s (empty: recomputed here); y, the rounded output, is not read."""
+def _backward(dy, y, stats, x, weight, pe, plan, need_x, need_w, need_pe, cpe=None):
+    """stats: ``_forward``'s (empty: recomputed here); y, the rounded output, is not read; cpe: the
+    forward's pe logits if it kept them (else computed here)."""
     B, H, T, D = x.shape
     G = weight.shape[0]
     HG = H // G
@@ -476,9 +480,10 @@ def _backward(dy, y, stats, x, weight, pe, plan, need_x, need_w, need_pe):
     dw = x.new_empty(0)
     dpe = x.new_empty(0)
     if stats.dim() != 5:   # the forward ran without autograd: recompute the statistics (empty if y is)
-        stats = _forward(x, weight, pe, plan, True)[1]
+        _, stats, cpe = _forward(x, weight, pe, plan, True, cpe)
     lse, y = stats[:, :, :, 0], stats[:, :, :, 1]         # y: the output unrounded, float32
-    cpe = _pe_logits(pe, weight, H) if pe is not None else None
+    if cpe is None and pe is not None:
+        cpe = _pe_logits(pe, weight, H)
     bb = bwd_blocks(D, x.dtype)
     need_pe_sums = pe is not None and (need_pe or need_w)
     # programs per (b, h) row, each running tiles i_p, i_p + n_prog, ...: fill the GPU twice; in the
@@ -544,13 +549,15 @@ def _backward(dy, y, stats, x, weight, pe, plan, need_x, need_w, need_pe):
 def _op_forward(x, weight, pe, cu_seqlens, block_size, stride, padding, total_windows, need_lse):
     plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                     total_windows=total_windows)
-    return _forward(x, weight, pe, plan, need_lse), plan
+    y, stats, cpe = _forward(x, weight, pe, plan, need_lse)
+    return (y, stats), (plan, cpe)      # an eager backward takes the plan and pe's logits (H, L, D)
 
 
 def _op_backward(dy, y, stats, x, weight, pe, cu_seqlens, block_size, stride, padding, need_x, need_w, need_pe,
                  state):
-    plan = backward_plan(state, dy, x, cu_seqlens, block_size, stride, padding)
-    return _backward(dy, y, stats, x, weight, pe, plan, need_x, need_w, need_pe)
+    plan, cpe = state if state is not None else (None, None)
+    plan = backward_plan(plan, dy, x, cu_seqlens, block_size, stride, padding)
+    return _backward(dy, y, stats, x, weight, pe, plan, need_x, need_w, need_pe, cpe)
 
 
 def _fake(x, cu_seqlens, block_size, stride, padding, total_windows, need_lse, **_):

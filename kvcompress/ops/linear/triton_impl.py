@@ -477,8 +477,9 @@ def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
     B, H, T, D = x.shape
     G, L, _, DO = weight.shape
     HG = H // G
-    # a gradient not asked for is a fresh empty tensor (custom op outputs may not alias)
-    dx, dw, db, dpe = (x.new_empty(0) for _ in range(4))
+    # a gradient not asked for is a fresh empty tensor (custom op outputs may not alias), made at the end:
+    # one asked for is allocated where it is computed
+    dx = dw = db = dpe = None
     need_pe = need_pe and pe is not None
     need_cs = need_b or need_pe or (need_w and pe is not None)
     pcs, nslot = None, 0
@@ -520,7 +521,7 @@ def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
     if need_w:
         dw = empty(weight.shape, dtype=x.dtype, device=x.device)
         weight_grad(_DW, dw, x, dy, pe, cs, plan, B, H, HG, D, DO, G * L * cdiv(D, 64) * cdiv(DO, 128))
-    return dx, dw, db, dpe
+    return tuple(x.new_empty(0) if g is None else g for g in (dx, dw, db, dpe))
 
 
 def _splits(rows: int, programs: int, device) -> int:

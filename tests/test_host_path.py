@@ -1,0 +1,212 @@
+"""The host path's caches change no behaviour (issue 14, item 2): the
+validation fast path of ``kvcompress.functional`` (``_VALID``), the
+registry's sorted backends, the fixed-length plans. Behaviour only: the
+host time is measured by scripts/host_overhead.py, never here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvcompress.functional as kf
+from kvcompress import backends as kb
+from kvcompress.ops._triton import plan as tplan
+from kvcompress.testing.impls import arm_tripwire
+
+
+@pytest.fixture
+def clean_cache():
+    """An empty validation cache before and after the test."""
+    kf._VALID.clear()
+    yield kf._VALID
+    kf._VALID.clear()
+
+
+def _linear_args(*, dtype=torch.float32, B=1, H=2, T=9, D=3, L=4, DO=5):
+    x = torch.randn(B, H, T, D, dtype=dtype)
+    w = torch.randn(H, L, D, DO, dtype=dtype)
+    b = torch.randn(H, DO, dtype=dtype)
+    pe = torch.randn(H, L, D, dtype=dtype)
+    return x, w, b, pe
+
+
+def test_a_valid_call_is_cached_and_gives_the_same_result(clean_cache):
+    x, w, b, pe = _linear_args()
+    y0 = kf.linear(x, w, b, block_size=4, stride=2, pe=pe, backend="torch")
+    assert len(clean_cache) == 1
+    y1 = kf.linear(x, w, b, block_size=4, stride=2, pe=pe, backend="torch")
+    assert len(clean_cache) == 1
+    torch.testing.assert_close(y0, y1, rtol=0, atol=0)
+
+
+BAD = [
+    # (what, mutate(x, w, b, pe) -> (x, w, b, pe), exception, message): each shares every shape with the good call
+    ("weight dtype", lambda x, w, b, pe: (x, w.double(), b, pe), TypeError, "weight must have x's dtype"),
+    ("bias dtype", lambda x, w, b, pe: (x, w, b.half(), pe), TypeError, "bias must have x's dtype"),
+    ("pe dtype", lambda x, w, b, pe: (x, w, b, pe.double()), TypeError, "pe must have x's dtype"),
+    ("x dtype", lambda x, w, b, pe: (x.long(), w, b, pe), TypeError, "x must have a dtype in"),
+    ("weight device", lambda x, w, b, pe: (x, w.to("meta"), b, pe), ValueError, "weight must be on x's device"),
+    ("pe device", lambda x, w, b, pe: (x, w, b, pe.to("meta")), ValueError, "pe must be on x's device"),
+    ("weight not a tensor", lambda x, w, b, pe: (x, w.numpy(), b, pe), TypeError, "weight must be a torch.Tensor"),
+    ("bias not a tensor", lambda x, w, b, pe: (x, w, b.tolist(), pe), TypeError, "bias must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("what, mutate, exc, match", BAD, ids=[c[0] for c in BAD])
+def test_a_bad_call_after_a_good_one_of_the_same_shapes_raises(clean_cache, monkeypatch, what, mutate, exc, match):
+    """The cached good call does not let a bad property through, and the
+    error still comes before any backend runs."""
+    x, w, b, pe = _linear_args()
+    kf.linear(x, w, b, block_size=4, stride=2, pe=pe, backend="torch")
+    arm_tripwire(monkeypatch)
+    x2, w2, b2, pe2 = mutate(x, w, b, pe)
+    with pytest.raises(exc, match=match):
+        kf.linear(x2, w2, b2, block_size=4, stride=2, pe=pe2, backend="torch")
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (dict(block_size=4.0), TypeError, "block_size must be an int"),
+    (dict(block_size=True), TypeError, "block_size must be an int"),
+    (dict(stride=2.0), TypeError, "stride must be an int"),
+    (dict(stride=True), TypeError, "stride must be an int"),
+    (dict(padding="same"), ValueError, "padding must be one of"),
+])
+def test_scalars_equal_to_a_cached_call_still_raise(clean_cache, bad, exc, match):
+    """4.0 == 4 and True == 1 in a dict key: the fast path takes exact ints only."""
+    x = torch.randn(1, 2, 9, 3)
+    kf.mean_pool(x, block_size=4, stride=2, backend="torch")
+    kf.mean_pool(x, block_size=1, stride=1, backend="torch")
+    kw = dict(block_size=4, stride=2) if "block_size" not in bad or bad["block_size"] is not True else {"stride": 1}
+    kw.update(bad)
+    with pytest.raises(exc, match=match):
+        kf.mean_pool(x, **kw, backend="torch")
+
+
+def test_requires_grad_and_grad_mode_take_effect_on_a_cached_call(clean_cache):
+    x, w, b, pe = _linear_args()
+    y = kf.linear(x, w, b, block_size=4, stride=2, pe=pe, backend="torch")
+    assert not y.requires_grad
+    w.requires_grad_(True)
+    y = kf.linear(x, w, b, block_size=4, stride=2, pe=pe, backend="torch")
+    assert y.requires_grad
+    y.sum().backward()
+    assert w.grad is not None and w.grad.shape == w.shape
+    with torch.no_grad():
+        assert not kf.linear(x, w, b, block_size=4, stride=2, pe=pe, backend="torch").requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_calls_differing_in_strides_or_dtype_both_validate(clean_cache, dtype):
+    """A transposed x (other strides) and another dtype each give the torch
+    backend's own answer, and a mismatch of the two still raises."""
+    x, w, b, pe = _linear_args(dtype=dtype)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)          # same values, (B, T, H, D) strides
+    assert xt.stride() != x.stride()
+    y = kf.linear(x, w, b, block_size=4, stride=2, pe=pe, backend="torch")
+    yt = kf.linear(xt, w, b, block_size=4, stride=2, pe=pe, backend="torch")
+    torch.testing.assert_close(y, yt, rtol=0, atol=0)
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    with pytest.raises(TypeError, match="pe must have x's dtype"):     # pe is checked before the parameters
+        kf.linear(x.to(other), w, b, block_size=4, stride=2, pe=pe, backend="torch")
+
+
+def test_the_cache_is_bounded(clean_cache):
+    x = torch.randn(1, 1, 8, 2)
+    for T in range(1, 3 * kf._VALID_MAX):
+        kf.mean_pool(x[:, :, : T % 8 + 1], block_size=T % 7 + 1, stride=1, backend="torch")
+        kf.mean_pool(torch.randn(1, 1, T, 1), block_size=1, stride=1, backend="torch")
+        assert len(clean_cache) <= kf._VALID_MAX
+
+
+def test_cu_seqlens_values_are_checked_on_every_call(clean_cache, monkeypatch):
+    """cu_seqlens' values are read on the host (the CPU always reads them):
+    a cached key never vouches for them."""
+    x = torch.randn(1, 2, 9, 3)
+    good = torch.tensor([0, 4, 9], dtype=torch.int32)
+    y = kf.mean_pool(x, block_size=2, stride=2, cu_seqlens=good, backend="torch")
+    assert y.shape[2] == 2 + 2
+    assert len(clean_cache) == 1
+    # the same shapes, dtype and device: only the values differ
+    for bad in (torch.tensor([0, 6, 4], dtype=torch.int32), torch.tensor([1, 4, 9], dtype=torch.int32),
+                torch.tensor([0, 4, 8], dtype=torch.int32)):
+        arm_tripwire(monkeypatch)
+        with pytest.raises(ValueError, match="non-decreasing from 0 to T=9"):
+            kf.mean_pool(x, block_size=2, stride=2, cu_seqlens=bad, backend="torch")
+        monkeypatch.undo()
+    # other valid values, other window counts
+    y = kf.mean_pool(x, block_size=2, stride=2, cu_seqlens=torch.tensor([0, 1, 9], dtype=torch.int32),
+                     backend="torch")
+    assert y.shape[2] == 0 + 4
+    # total_windows is compared with the values' count on every call
+    x10 = torch.randn(1, 2, 10, 3)
+    kf.mean_pool(x10, block_size=2, stride=2, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32),
+                 total_windows=5, backend="torch")
+    with pytest.raises(ValueError, match="total_windows=5, but cu_seqlens gives 4 windows"):
+        kf.mean_pool(x10, block_size=2, stride=2, cu_seqlens=torch.tensor([0, 3, 10], dtype=torch.int32),
+                     total_windows=5, backend="torch")
+
+
+def test_cu_seqlens_values_are_read_again_on_a_hit(clean_cache, monkeypatch):
+    reads = []
+    real = kf.check_cu_seqlens_values
+
+    def counting(*a):
+        reads.append(1)
+        return real(*a)
+    monkeypatch.setattr(kf, "check_cu_seqlens_values", counting)
+    x = torch.randn(1, 2, 9, 3)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int64)
+    for _ in range(3):
+        kf.mean_pool(x, block_size=2, stride=2, cu_seqlens=cu, backend="torch")
+    assert len(reads) == 3
+
+
+def test_no_windows_from_a_cached_key(clean_cache):
+    """W comes from the cache only where shapes fix it: T < L gives the empty output each time."""
+    x = torch.randn(1, 2, 3, 3, requires_grad=True)
+    for _ in range(2):
+        y = kf.mean_pool(x, block_size=4, stride=2, backend="torch")
+        assert y.shape == (1, 2, 0, 3)
+        y.sum().backward()
+        assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_a_tensor_subclass_takes_the_slow_path(clean_cache):
+    class Sub(torch.Tensor):
+        pass
+    x = torch.randn(1, 2, 9, 3).as_subclass(Sub)
+    kf.mean_pool(x, block_size=4, stride=2, backend="torch")
+    assert len(clean_cache) == 0
+
+
+def test_the_backend_order_follows_the_registry(monkeypatch):
+    """The sorted list is cached per state of the registry: an entry replaced
+    without ``register`` (as the tripwire does) is what a look-up returns."""
+    import dataclasses
+    first = kb.backends("mean_pool")
+    assert [b.priority for b in first] == sorted((b.priority for b in first), reverse=True)
+    b0 = first[-1]
+    moved = dataclasses.replace(b0, priority=max(b.priority for b in first) + 1)
+    monkeypatch.setitem(kb._REGISTRY["mean_pool"], b0.name, moved)
+    assert kb.backends("mean_pool")[0] is moved
+    assert kb.get("mean_pool", b0.name) is moved
+    monkeypatch.undo()
+    assert kb.backends("mean_pool") == first
+    assert kb.get("mean_pool", b0.name) is b0
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        kb.get("mean_pool", "no-such-backend")
+
+
+def test_fixed_plans_are_cached_by_shape_and_keep_their_tensors():
+    x = torch.randn(1, 2, 9, 3)
+    p1 = tplan.seq_plan(x, block_size=4, stride=2, padding="left", cu_seqlens=None)
+    x2 = torch.randn(1, 2, 9, 3)
+    p2 = tplan.seq_plan(x2, block_size=4, stride=2, padding="left", cu_seqlens=None)
+    assert p1.cu is x and p2.cu is x2            # the placeholders are the call's own x
+    assert (p1.W, p1.NQ, p1.PRE, p1.C) == (p2.W, p2.NQ, p2.PRE, p2.C) == (9 // 2, 6, 2, 2)
+    assert p2.seq_kwargs()["cu"] is x2 and p2.seq_kwargs() is not p2.seq_kwargs()
+    p3 = tplan.seq_plan(x, block_size=4, stride=2, padding="valid", cu_seqlens=None)
+    assert p3.W == (9 - 4) // 2 + 1 and p3.PRE == 0
+    for T in range(600):
+        tplan.seq_plan(torch.empty(1, 1, T, 1), block_size=1, stride=1, padding="valid", cu_seqlens=None)
+    assert len(tplan._FIXED) <= 256
