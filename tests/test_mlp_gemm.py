@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 
 import pytest
 import torch
@@ -115,6 +116,44 @@ def test_half_operands_as_on_cuda(monkeypatch, pe, bias, layout):
                        torch.autograd.grad(y64, [exact[k] for k in names], gy.double())):
         rms = float((a.double() - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
         assert rms <= 8e-3, f"d/d{k}: RMS relative error {rms:.2e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the window kernel needs CUDA or Triton's interpreter")
+@pytest.mark.parametrize("layout", ["contiguous", "bthd"])
+@pytest.mark.parametrize("padding", ["valid", "left"])
+def test_window_kernel_equals_the_torch_copies(monkeypatch, layout, padding):
+    """The Triton window copy (CUDA's default; here in the interpreter, or
+    natively on a GPU) gives the bit-identical output of the torch copies,
+    per-head, grouped and shared weights, with and without pe, and is the
+    path taken (one launch per group; the backward's chunk rows of a
+    (B, T, H, D) x too), gradients included."""
+    from kvcompress.ops.mlp import _window_copy
+    monkeypatch.setattr(gemm_impl, "_compute_dtype", lambda x: x.dtype)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    launches = []
+    real = _window_copy.copy_windows
+    monkeypatch.setattr(_window_copy, "copy_windows", lambda *a, **k: launches.append(1) or real(*a, **k))
+    for (B, H, G, T, D, L, S, F, DO), pe in itertools.product(SHAPES, (True, False)):
+        t = {k: None if v is None else v.to(dev, torch.bfloat16)
+             for k, v in _inputs(B, H, G, T, D, L, F, DO, layout=layout, pe=pe).items()}
+        kw = dict(block_size=L, stride=S, padding=padding)
+        names = [k for k in NAMES if t[k] is not None]
+
+        def run():
+            leaves = {k: None if v is None else v.clone().requires_grad_() for k, v in t.items()}
+            y = _call(leaves, "gemm", **kw)
+            return [y, *torch.autograd.grad(y, [leaves[k] for k in names], torch.ones_like(y))] \
+                if y.numel() else [y]
+
+        monkeypatch.setattr(gemm_impl, "WINDOW_KERNEL", "off")
+        want = run()
+        monkeypatch.setattr(gemm_impl, "WINDOW_KERNEL", "on")
+        n = len(launches)
+        got = run()
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (B, H, G, T, pe)
+        # one launch per group in the forward; the backward copies a (B, T, H, D) x's chunk rows per group
+        assert len(launches) - n == (0 if want[0].shape[2] == 0 else G * (2 if layout == "bthd" else 1))
 
 
 def test_gradients_only_for_inputs_that_require_them():

@@ -469,11 +469,33 @@ def _token_chunks(x, sh: _Shape) -> torch.Tensor:
     return x[:, :, : sh.N * sh.S].unflatten(2, (sh.N, sh.S)).unflatten(1, (sh.G, sh.Hg)).transpose(0, 1)
 
 
+# "auto": the windows are copied by one Triton launch per group on CUDA (kvcompress/ops/mlp/_window_copy.py),
+# by torch elsewhere; "on": also under Triton's interpreter on the CPU (tests); "off": torch everywhere
+WINDOW_KERNEL = "auto"
+
+
+def _window_kernel(x: torch.Tensor, cd: torch.dtype) -> bool:
+    """Whether ``_windows`` copies with the Triton kernel (WINDOW_KERNEL)."""
+    if WINDOW_KERNEL == "off" or x.dtype != cd or torch.compiler.is_compiling():
+        return False
+    from ..._optional import has_triton
+    if not has_triton():
+        return False
+    from .._triton.env import INTERPRET
+    return x.is_cuda or (WINDOW_KERNEL == "on" and INTERPRET and x.device.type == "cpu")
+
+
 def _windows(x, sh: _Shape, g: int, out: torch.Tensor) -> None:
     """Group g's windows into the first L * D columns of ``out`` (M, K_a),
-    K_a >= L * D: window i, chunk c is x's chunk i + c - P, copied exactly
-    (C strided copies reading x where it lies, no copy of x). The left
-    pads' entries are not written: zero since ``_relu_buffers``."""
+    K_a >= L * D: window i, chunk c is x's chunk i + c - P, copied exactly,
+    reading x where it lies (no copy of x): one Triton launch where
+    ``_window_kernel`` says so (it also writes the left pads' zeros), else
+    C strided torch copies (the left pads' entries are not written: zero
+    since ``_relu_buffers``)."""
+    if _window_kernel(x, out.dtype):
+        from ._window_copy import copy_windows
+        copy_windows(x[:, g * sh.Hg: (g + 1) * sh.Hg], out, W=sh.W, L=sh.L, S=sh.S, P=sh.P)
+        return
     view = out[:, : sh.L * sh.D].view(sh.B, sh.Hg, sh.W, sh.C, sh.S, sh.D)
     xs = _token_chunks(x, sh)[g]                                             # [B, Hg, N, S, D]
     for c in range(sh.C):
@@ -568,6 +590,35 @@ def _forward_relu(x, w1, b1, w2, b2, pe, sh: _Shape):
     return y, hidden
 
 
+def _rows_view(xg, sh: _Shape):
+    """xg (B, Hg, T, D)'s first N chunks as rows (B, Hg, N, S*D), a view,
+    or None when its tokens are not rows of stride D."""
+    try:
+        return xg[:, :, : sh.N * sh.S].view(xg.shape[0], xg.shape[1], sh.N, sh.K)
+    except RuntimeError:
+        return None
+
+
+def _group_rows(x, sh: _Shape, g: int, cd: torch.dtype, buf) -> torch.Tensor:
+    """Group g's tokens as chunk rows (B, Hg, N, S*D) in ``cd``: a view of x
+    when its tokens are rows of stride D, else copied into ``buf`` (B * Hg
+    * N, S*D) (the Triton window kernel with L = S where it runs: torch's
+    strided copy of a (B, T, H, D) x ran at a third of the bandwidth), or a
+    new tensor (the CPU's float32 upcast)."""
+    xg = x[:, g * sh.Hg: (g + 1) * sh.Hg]
+    v = _rows_view(xg, sh)
+    if v is not None:
+        return v.to(cd)
+    if buf is None:
+        return _rows_view(xg.to(cd, memory_format=torch.contiguous_format), sh)
+    if _window_kernel(x, cd):
+        from ._window_copy import copy_windows
+        copy_windows(xg, buf, W=sh.N, L=sh.S, S=sh.S, P=0)
+    else:
+        buf.view(sh.B, sh.Hg, sh.N * sh.S, sh.D).copy_(xg[:, :, : sh.N * sh.S])
+    return buf.view(sh.B, sh.Hg, sh.N, sh.K)
+
+
 def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
     """_backward's gradients for relu from the stored hidden layer (G, M, F)
     in x's dtype, one group at a time (the hidden layer's gradient exists
@@ -602,6 +653,8 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
         if need_w1:
             dw1 = w1.new_empty(w1.shape).view(G, C, K, F_)
             part = dy.new_empty((1, K, F_), dtype=acc)
+            rows = None if _rows_view(x[:, :Hg], sh) is not None or cd != dt else \
+                x.new_empty((B * Hg * N, K))                                  # one group's tokens as chunk rows
         for g in range(G):
             dp = torch.mm(dyg[g], w2_[g].mT).to(dt).to(cd)                    # dh, rounded once
             torch.ops.aten.threshold_backward.grad_input(dp, hidden[g].to(cd), 0, grad_input=dp)   # where hidden > 0
@@ -618,7 +671,7 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
                         _gemm(x_, d, _weight(w1c[g: g + 1, c].mT, d.shape[0]), accumulate=k > 0)
                 dx[:, g * Hg: (g + 1) * Hg, : N * sh.S].view(B, Hg, N, K).copy_(dx32[0])
             if need_w1:
-                xs = _chunkable(x[:, g * Hg: (g + 1) * Hg], sh).to(cd).view(1, B, Hg, N, K)
+                xs = _group_rows(x, sh, g, cd, rows).view(1, B, Hg, N, K)
                 for c in range(C):
                     i0, r0, n = sh.rows(c)
                     pairs = _pairs(xs[:, :, :, r0: r0 + n], dp[:, :, :, i0:], merge=False) if n > 0 else []
@@ -626,9 +679,11 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
                         part.zero_()
                     for j, (a, m) in enumerate(pairs):
                         _gemm(part, a.mT, m, accumulate=j > 0)               # summed over batch rows and heads
-                    if pec is not None:   # window + pe: dw1[g] chunk c += sum_i pe[h, c]^T cs[h]
-                        _gemm_mixed(part, pec[g: g + 1, :, c].mT.to(cd), cs[g: g + 1], bool(pairs))
+                    if pec is not None:   # window + pe: dw1[g] chunk c += sum_i pe[h, c]^T cs[h], exact in float32
+                        for i in range(Hg):
+                            part[0].addcmul_(pec[g, i, c].to(acc)[:, None], cs[g, i][None, :])
                     dw1[g, c].copy_(part[0])
+                del xs
             del dp
         if need_x:
             del dx32
