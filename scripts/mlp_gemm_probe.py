@@ -161,6 +161,9 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=131072)
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--host", action="store_true",
+                    help="only kvcompress-gemm: host time per call (issued without waiting), the GPU's busy time "
+                         "(CUDA events), and any synchronising call (torch.cuda.set_sync_debug_mode)")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, list kvcompress-gemm's kernels (forward, then forward + backward) by GPU time")
     ap.add_argument("--dry-run", action="store_true",
@@ -194,6 +197,8 @@ def main(argv=None):
     def triton_mlp(x, *p, **k):
         return kf.mlp(x, *p, backend="triton", **k)
 
+    if a.host:
+        return _host(kvcompress_gemm, x, (w1, b1, w2, b2), kw)
     variants = {"triton": triton_mlp, "kvcompress-gemm": kvcompress_gemm, "gemm": gemm_mlp, "seed": seed.mlp,
                 "seed+compile": torch.compile(seed.mlp, dynamic=False)}
     # the floor: the forward's flops at the rate of a bf16 bmm of the first layer's shape
@@ -253,6 +258,50 @@ def main(argv=None):
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def _host(fn, x, params, kw):
+    """Host microseconds to issue one forward and one forward + backward of
+    fn (20 calls queued without waiting, after a warm-up), against the wall
+    time per call with the GPU's work included; then one forward + backward
+    under torch.cuda.set_sync_debug_mode("warn"), printing every
+    synchronising call."""
+    import time
+    import warnings
+    leaves = [t.detach().requires_grad_() for t in (x, *params, kw["pe"])]
+    xl, *ps, pel = leaves
+
+    def fwd():
+        with torch.no_grad():
+            fn(x, *params, **kw)
+
+    def fb():
+        y = fn(xl, *ps, **dict(kw, pe=pel))
+        y.backward(torch.ones_like(y))
+        for t in leaves:
+            t.grad = None
+    for name, f in (("forward", fwd), ("forward + backward", fb)):
+        f()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            f()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        print(f"{name}: host {1e3 * (t1 - t0) / 20:.3f} ms per call issued, wall {1e3 * (t2 - t0) / 20:.3f} ms per call")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fb()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message)[:200] for w in caught if "synchroniz" in str(w.message).lower()]
+    print(f"synchronising calls in one forward + backward: {len(syncs)}")
+    for m in syncs[:10]:
+        print("  ", m)
+    return 0
 
 
 def _profile(fn, x, params, kw, leaves):
