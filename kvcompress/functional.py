@@ -291,7 +291,8 @@ def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="va
 
     memory: "auto" (default) lets backend="auto" take the fastest path,
     which on CUDA stores the hidden layer (B * H * W * F units in x's dtype)
-    for the backward where it fits in the device's free memory (backend
+    for the backward where it fits in what the process's CUDA allocator can
+    still hand out (backend
     "gemm", cuBLAS), and the fused Triton kernel otherwise; "lean" never
     stores it (the fused kernel: extra memory of the output's order, about
     1.5x the time), and raises ValueError where no lean backend runs (the

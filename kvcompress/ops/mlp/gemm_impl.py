@@ -74,8 +74,10 @@ chunk view (and that copy is saved for the backward).
 
 Domain (``supports_call``): dense input (cu_seqlens None), S dividing L,
 bfloat16 and float32 (the latter with IEEE float32 matmuls), and on CUDA a
-workspace that fits the device's free memory (the caching allocator's
-unused reserve included; not asked during CUDA-graph capture). Outside it
+workspace that fits what this process's allocator can still hand out (the
+device's total memory less what is allocated and a reserve for the CUDA
+context; other processes on the device are not seen; not asked during
+CUDA-graph capture). Outside it
 backend="auto" picks another backend ("triton", the memory-lean fused
 kernel, on CUDA; ``kvcompress.functional.mlp(memory="lean")`` asks for it
 outright) and backend="gemm" raises ValueError. Not batch-invariant: cuBLAS
@@ -149,12 +151,19 @@ def workspace_bytes(x: torch.Tensor, w1: torch.Tensor, *, block_size: int, strid
     return e * u + max(e * (v // G + L * D * F_), e * u // G + 4 * n + 4 * S * D * F_ + e * n)
 
 
+# what the CUDA context and cuBLAS's workspaces take outside the caching allocator, kept free
+CONTEXT_RESERVE = 1 << 30
+
+
 def _free_bytes(device: torch.device) -> int:
-    """Bytes the caching allocator can hand out on a CUDA ``device`` without
-    growing past the device: the driver's free memory plus what the
-    allocator holds reserved but unused."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    """Bytes this process's caching allocator can still hand out on a CUDA
+    ``device``: the device's total memory less what it has handed out and
+    CONTEXT_RESERVE. Host-side counters only: cudaMemGetInfo, the driver's
+    count (which would also see other processes), waits for the device, and
+    asked once per call it serialised the host with the GPU (H200 run 54:
+    the host took 2.25 ms to issue a 2.3 ms forward)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    return total - torch.cuda.memory_allocated(device) - CONTEXT_RESERVE
 
 
 def supports_call(x, w1, b1, w2, b2, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None,
@@ -162,12 +171,13 @@ def supports_call(x, w1, b1, w2, b2, *, block_size, stride, padding="valid", pe=
     """The registry's per-call predicate (arguments already validated): dense
     input, stride dividing block_size, float32 only with IEEE float32 matmuls
     (on the CPU every call computes in float32), and on CUDA a workspace
-    (``workspace_bytes``) that fits in the device's free memory (the
-    hidden layer "would not fit" otherwise: backend="auto" then takes the
+    (``workspace_bytes``) that fits in the memory this process's allocator
+    can still hand out (``_free_bytes``; the hidden layer "would not fit"
+    otherwise: backend="auto" then takes the
     memory-lean fused Triton kernel); not while torch.compile traces the
     call (its GEMMs write float32 outputs in place, out_dtype with out=,
     which fake tensors reject: H200 run 46), so a compiled mlp keeps the
-    Triton backend's custom op. During CUDA-graph capture the free memory
+    Triton backend's custom op. During CUDA-graph capture the memory
     is not asked (the eager warm-up before a capture made the choice)."""
     if torch.compiler.is_compiling():
         return False
@@ -180,7 +190,7 @@ def supports_call(x, w1, b1, w2, b2, *, block_size, stride, padding="valid", pe=
 
 
 def _fits(device: torch.device, need) -> bool:
-    """Whether ``need()`` bytes fit in a CUDA device's free memory (always on
+    """Whether ``need()`` bytes fit in what a CUDA device's allocator can hand out (always on
     another device, and during CUDA-graph capture)."""
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return True
@@ -527,13 +537,16 @@ def _relu_buffers(x, sh: _Shape, cd, const):
     (``_pieces``), w1's augmented rows there hold the pieces, so the GEMM
     adds const[g, i] in its float32 accumulator, to float32 accuracy (b1
     alone, exact in x's dtype, goes through the bias epilogue instead).
-    Entries that no window writes (left pads, unused columns) are zero."""
+    Entries that ``_windows`` does not write (left pads where torch copies,
+    unused columns) are zero."""
     LD = sh.L * sh.D
     npieces = 0 if const is None else len(_pieces(const[:1, :1, :1], cd))
     ka = LD if const is None else LD + -(-npieces * sh.Hg // 8) * 8
     win = x.new_empty((sh.M, ka), dtype=cd)
-    if sh.P > 0 or ka > LD:
+    if sh.P > 0 and not _window_kernel(x, cd):          # the torch copies leave the left pads unwritten
         win.zero_()
+    elif ka > LD:
+        win[:, LD:].zero_()
     if const is not None:
         rows = win[:, LD:].view(sh.B, sh.Hg, sh.W, ka - LD)
         for p in range(npieces):
