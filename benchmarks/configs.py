@@ -24,7 +24,7 @@ from kvcompress.testing.cases import Case
 from kvcompress.testing.records import KINDS, RECORDS
 
 DIRECTIONS = ("fwd", "fwd+bwd")
-SIZES = ("quick", "default", "full")
+SIZES = ("quick", "default", "record", "full")
 
 NSA = dict(B=1, H=4, block_size=32, stride=16)
 
@@ -33,11 +33,14 @@ NSA = dict(B=1, H=4, block_size=32, stride=16)
 GPU_SHAPES = {
     "quick": [(128, 8192)],
     "default": [(128, 131072), (128, 8192), (192, 131072), (192, 8192)],
+    # the benchmark record in docs/bench/ (issue 14 item 5): every kind at three lengths and both head dims
+    "record": [(128, 131072), (128, 65536), (128, 8192), (192, 131072), (192, 65536), (192, 8192)],
     "full": [(D, T) for D in (128, 192) for T in (131072, 65536, 32768, 16384, 8192)],
 }
 CPU_SHAPES = {
     "quick": [(64, 2048)],
     "default": [(64, 8192), (64, 2048)],
+    "record": [(64, 8192), (128, 8192), (64, 2048), (128, 2048)],
     "full": [(64, T) for T in (8192, 4096, 2048)],
 }
 # Where the loop reference is timed (the floor of readability): it runs
@@ -214,11 +217,13 @@ def cost(case: Case, direction: str, itemsize: int) -> tuple[int, int]:
 GPU_DECODE = {
     "quick": [(128, 4096, (64,))],
     "default": [(128, 4096, (1, 8, 64, 256))],
+    "record": [(128, 4096, (1, 8, 64, 256))],
     "full": [(128, 4096, (1, 8, 64, 256)), (128, 16384, (1, 8, 64, 256))],
 }
 CPU_DECODE = {
     "quick": [(32, 256, (8,))],
     "default": [(64, 512, (1, 8))],
+    "record": [(64, 512, (1, 8))],
     "full": [(64, 512, (1, 8, 64))],
 }
 

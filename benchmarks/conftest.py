@@ -5,7 +5,7 @@ options work as usual, ``--benchmark-disable`` included):
 
 - ``--kvbench-device auto|cpu|cuda``: where to run (auto: cuda if available).
 - ``--kvbench-dtype NAME``: input dtype (default bfloat16 on cuda, float32 on cpu).
-- ``--kvbench-sizes quick|default|full``: the shape set (benchmarks/configs.py).
+- ``--kvbench-sizes quick|default|record|full``: the shape set (benchmarks/configs.py).
 - ``--kvbench-kinds LIST``: comma list of kinds (default: all).
 - ``--kvbench-compile auto|on|off``: time the seed under torch.compile (auto:
   on, except with --benchmark-disable, where a compile would check nothing
@@ -48,7 +48,7 @@ def pytest_addoption(parser):
                 help="device to benchmark on (auto: cuda if available, else cpu)")
     g.addoption("--kvbench-dtype", default=None, choices=tuple(DTYPES),
                 help="input dtype (default: bfloat16 on cuda, float32 on cpu)")
-    g.addoption("--kvbench-sizes", default="default", choices=("quick", "default", "full"),
+    g.addoption("--kvbench-sizes", default="default", choices=("quick", "default", "record", "full"),
                 help="shape set: quick (one shape, for CI), default, full")
     g.addoption("--kvbench-kinds", default=None, metavar="LIST", help="comma list of kinds (default: all)")
     g.addoption("--kvbench-compile", default="auto", choices=("auto", "on", "off"),

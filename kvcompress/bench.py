@@ -403,6 +403,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default=None, metavar="LIST", help="comma list of kinds (default: all)")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="sizes", const="quick", help="one small shape")
+    size.add_argument("--record", action="store_const", dest="sizes", const="record",
+                      help="the record of docs/bench/: T 8192, 65536, 131072 and D 128, 192 on CUDA")
     size.add_argument("--full", action="store_const", dest="sizes", const="full", help="more sequence lengths")
     ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                     help="time the seed under torch.compile too (auto: on unless --check-only)")
