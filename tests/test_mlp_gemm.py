@@ -406,3 +406,44 @@ def test_cuda_peak_memory_within_the_workspace_estimate():
     grads = sum(p.numel() * p.element_size() for p in (x, w1, b1, w2, b2, pe))
     extra = torch.cuda.max_memory_allocated() - base - grads - gy.numel() * 2
     assert extra <= gemm_impl.workspace_bytes(x, w1, block_size=L, stride=S, padding="left") + (64 << 20), extra
+
+
+# --------------------------------------------------------------------------- memory="lean"
+
+
+def test_memory_argument():
+    """kvcompress.functional.mlp(memory=...): "auto" or "lean" (TypeError for
+    a non-str, ValueError for another str, before any backend runs);
+    "lean" with a backend that stores the hidden layer (gemm, torch) raises
+    ValueError naming memory; with no lean backend for the device (the CPU:
+    the Triton backend is picked automatically on CUDA only) it raises
+    ValueError naming memory; a lean backend named explicitly (Triton, here
+    in its interpreter) runs and gives what it gives without memory."""
+    t = _small()
+    kw = dict(block_size=4, stride=2)
+    with pytest.raises(TypeError, match="memory must be a str"):
+        _call(t, "auto", memory=1, **kw)
+    with pytest.raises(ValueError, match=r"memory must be one of \('auto', 'lean'\)"):
+        _call(t, "auto", memory="small", **kw)
+    for name in ("gemm", "torch"):
+        assert not kb.get("mlp", name).lean
+        with pytest.raises(ValueError, match=f"memory='lean', but backend '{name}' stores the hidden layer"):
+            _call(t, name, memory="lean", **kw)
+    with pytest.raises(ValueError, match="memory='lean': no registered backend"):
+        _call(t, "auto", memory="lean", **kw)
+    assert torch.equal(_call(t, "auto", memory="auto", **kw), _call(t, "auto", **kw))
+    triton = kb.get("mlp", "triton")
+    assert triton.lean
+    if triton.accepts(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], pe=t["pe"], padding="valid", **kw):
+        assert torch.equal(_call(t, "triton", memory="lean", **kw), _call(t, "triton", **kw))
+
+
+def test_grouped_mlp_memory():
+    from kvcompress.modules import GroupedMLP
+    with pytest.raises(ValueError, match="GroupedMLP: memory must be one of"):
+        GroupedMLP(8, 4, 2, memory="none")
+    with pytest.raises(TypeError, match="GroupedMLP: memory must be a str"):
+        GroupedMLP(8, 4, 2, memory=None)
+    m = GroupedMLP(8, 4, 2, memory="lean")
+    with pytest.raises(ValueError, match="memory='lean'"):          # the CPU has no lean backend
+        m(torch.randn(1, 2, 3, 4, 8))
