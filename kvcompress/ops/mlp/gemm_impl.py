@@ -160,7 +160,7 @@ def _free_bytes(device: torch.device) -> int:
     ``device``: the device's total memory less what it has handed out and
     CONTEXT_RESERVE. Host-side counters only: cudaMemGetInfo, the driver's
     count (which would also see other processes), waits for the device, and
-    asked once per call it serialised the host with the GPU (H200 run 54:
+    asked once per call it serialised the host with the GPU (H200 run 55:
     the host took 2.25 ms to issue a 2.3 ms forward)."""
     total = torch.cuda.get_device_properties(device).total_memory
     return total - torch.cuda.memory_allocated(device) - CONTEXT_RESERVE
