@@ -156,6 +156,29 @@ def test_window_kernel_equals_the_torch_copies(monkeypatch, layout, padding):
         assert len(launches) - n == (0 if want[0].shape[2] == 0 else G * (2 if layout == "bthd" else 1))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the kernel needs CUDA or Triton's interpreter")
+def test_rows_to_tokens_rounds_as_torch():
+    """The backward's store of float32 sums into a (B, T, H, D) gradient
+    rounds to nearest even as torch does, bit for bit (ties both ways, the
+    largest floats to inf, inf, subnormals, -0.0), and NaN stays NaN (its
+    payload may differ)."""
+    from kvcompress.ops.mlp._window_copy import rows_to_tokens
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    special = [float("inf"), -float("inf"), 3.3895e38, -3.3895e38, 1e-40, -1e-41, -0.0, 1.00390625, 1.01171875,
+               1.0078125, 1.00390626, -1.00390625]
+    src = torch.cat([torch.tensor(special), torch.randn(60, generator=torch.Generator().manual_seed(0))])
+    src = src.view(2 * 3, 12).to(dev)                                        # B * Hg * N rows of S * D = 3 * 4
+    dst = torch.zeros(1, 10, 2, 4, dtype=torch.bfloat16, device=dev).transpose(1, 2)   # (B, Hg, T, D), bthd
+    rows_to_tokens(src, dst, N=3, S=3)
+    want = src.view(1, 2, 9, 4).to(torch.bfloat16)
+    assert torch.equal(dst[:, :, :9].view(torch.int16), want.view(torch.int16))
+    assert (dst[:, :, 9:] == 0).all()                                        # tokens past N * S untouched
+    src[0, 0] = float("nan")
+    rows_to_tokens(src, dst, N=3, S=3)
+    assert torch.isnan(dst[0, 0, 0, 0])
+
+
 def test_gradients_only_for_inputs_that_require_them():
     t = _inputs(2, 4, 2, 20, 3, 4, 6, 5)
     kw = dict(block_size=4, stride=2, padding="left", activation="gelu")

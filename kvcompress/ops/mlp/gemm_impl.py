@@ -632,6 +632,21 @@ def _group_rows(x, sh: _Shape, g: int, cd: torch.dtype, buf) -> torch.Tensor:
     return buf.view(sh.B, sh.Hg, sh.N, sh.K)
 
 
+def _store_rows(rows32, dxg, sh: _Shape, x) -> None:
+    """One group's float32 chunk-row sums (B, Hg, N, S*D) rounded once into
+    dxg (B, Hg, T, D)'s first N * S tokens, any strides: a view copy when
+    its tokens are rows of stride D, else the Triton kernel where the window
+    kernel runs, else torch's strided copy."""
+    v = _rows_view(dxg, sh)
+    if v is not None:
+        v.copy_(rows32)
+    elif _window_kernel(x, dxg.dtype):
+        from ._window_copy import rows_to_tokens
+        rows_to_tokens(rows32.view(-1, sh.K), dxg, N=sh.N, S=sh.S)
+    else:
+        dxg[:, :, : sh.N * sh.S].copy_(rows32.view(sh.B, sh.Hg, sh.N * sh.S, sh.D))
+
+
 def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
     """_backward's gradients for relu from the stored hidden layer (G, M, F)
     in x's dtype, one group at a time (the hidden layer's gradient exists
@@ -660,7 +675,9 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
         pec = None if pe is None else pe.reshape(G, Hg, C, K)
         cs = dy.new_empty((G, Hg, F_), dtype=acc)                             # the gradient summed over windows
         if need_x:
-            dx = x.new_empty((B, sh.H, sh.T, sh.D))
+            # in x's layout (a (B, T, H, D) x gets a gradient of its strides): autograd then takes it as x.grad
+            # instead of copying it into one (a second x-sized buffer and a strided copy: 0.17 ms, run 54)
+            dx = torch.empty_like(x)
             dx[:, :, N * sh.S:] = 0                                           # tokens no window reads
             dx32 = dy.new_empty((1, B, Hg, N, K), dtype=acc)                  # one group's accumulator
         if need_w1:
@@ -682,7 +699,7 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
                         dx32[:, :, :, :r0].zero_()
                     for d, x_ in _pairs(dp[:, :, :, i0:], dx32[:, :, :, r0: r0 + n], merge=True):
                         _gemm(x_, d, _weight(w1c[g: g + 1, c].mT, d.shape[0]), accumulate=k > 0)
-                dx[:, g * Hg: (g + 1) * Hg, : N * sh.S].view(B, Hg, N, K).copy_(dx32[0])
+                _store_rows(dx32[0], dx[:, g * Hg: (g + 1) * Hg], sh, x)
             if need_w1:
                 xs = _group_rows(x, sh, g, cd, rows).view(1, B, Hg, N, K)
                 for c in range(C):
