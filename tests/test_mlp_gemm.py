@@ -151,7 +151,13 @@ def test_window_kernel_equals_the_torch_copies(monkeypatch, layout, padding):
         monkeypatch.setattr(gemm_impl, "WINDOW_KERNEL", "on")
         n = len(launches)
         got = run()
-        assert all(torch.equal(a, b) for a, b in zip(got, want)), (B, H, G, T, pe)
+        for name, a, b in zip(["y", *names], got, want):
+            if name == "w1" and pe and dev == "cuda":
+                # finish_dw1's pe * cs + part may compile to one fused multiply-add, torch's to two roundings:
+                # the same float32 sums to within their last bit, then rounded to bfloat16
+                assert torch.allclose(a.float(), b.float(), rtol=2 ** -8, atol=0), (B, H, G, T, pe)
+            else:
+                assert torch.equal(a, b), (name, B, H, G, T, pe)
         # one launch per group in the forward; the backward copies a (B, T, H, D) x's chunk rows per group
         assert len(launches) - n == (0 if want[0].shape[2] == 0 else G * (2 if layout == "bthd" else 1))
 

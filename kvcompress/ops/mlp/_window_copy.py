@@ -1,10 +1,13 @@
-"""The windows of mlp's "gemm" backend (relu) in one Triton launch per
-group: row r = (b, i, w) of ``out`` (M, K_a) gets tokens (w - P) * S ..
+"""Data movement of mlp's "gemm" backend (relu) in Triton. ``copy_windows``:
+a group's windows in one launch: row r = (b, i, w) of ``out`` (M, K_a) gets tokens (w - P) * S ..
 (w - P) * S + L - 1 of head i of x, L*D elements (zero before the first
 token: left pads), from x with any strides (a (B, T, H, D) tensor passed
 transposed included). torch's strided copy of the same views (C copies of
 5-D views) took 48 us per 32 MiB on an H200 (run 53), about a third of the
 bandwidth; a tile here is a contiguous run of the output row.
+``rows_to_tokens``: float32 chunk-row sums rounded into a gradient of x's
+layout. ``finish_dw1``: pe's share of w1's gradient added to a float32
+chunk of it and rounded, one pass.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import triton.language as tl
 
 from .._triton.launch import jit_kernel, next_pow2
 
-__all__ = ["copy_windows", "rows_to_tokens"]
+__all__ = ["copy_windows", "finish_dw1", "rows_to_tokens"]
 
 BLOCK = 2048     # output elements per program (a row of L*D is split across programs beyond it)
 
@@ -48,6 +51,17 @@ def copy_windows(xg: torch.Tensor, out: torch.Tensor, *, W: int, L: int, S: int,
                         num_warps=4)
 
 
+@triton.jit
+def _bf16_rne(v):
+    """float32 -> bfloat16 to nearest even, by its bits: what the GPU's cvt.rn
+    and torch's copy do, written out because Triton's interpreter truncates
+    (tests/test_interpreter_defects.py). NaN stays NaN (quiet)."""
+    u = v.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    u = tl.where(v != v, 0x7FC0, u)
+    return u.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
 @jit_kernel
 def _rows_to_tokens(src, dst, N, S, HG, sdb, sdh, sdt, sdd, ROW, D: tl.constexpr, BLOCK_E: tl.constexpr,
                     TO_BF16: tl.constexpr):
@@ -60,12 +74,7 @@ def _rows_to_tokens(src, dst, N, S, HG, sdb, sdh, sdt, sdd, ROW, D: tl.constexpr
     m = e < ROW
     v = tl.load(src + r * ROW + e, mask=m)
     if TO_BF16:
-        # float32 -> bfloat16 to nearest even, by its bits: the conversion the GPU's cvt.rn does and torch's
-        # copy does, written out because Triton's interpreter truncates (tests/test_interpreter_defects.py)
-        u = v.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        u = tl.where(v != v, 0x7FC0, u)                                   # NaN stays NaN (quiet)
-        out = u.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = _bf16_rne(v)
     else:
         out = v.to(dst.dtype.element_ty)
     tl.store(dst + b * sdb + i * sdh + (n * S + e // D) * sdt + (e % D) * sdd, out, mask=m)
@@ -82,3 +91,35 @@ def rows_to_tokens(src: torch.Tensor, dstg: torch.Tensor, *, N: int, S: int) -> 
     grid = (B * Hg * N, triton.cdiv(row, be))
     _rows_to_tokens[grid](src, dstg, N, S, Hg, *dstg.stride(), row, D=D, BLOCK_E=be,
                           TO_BF16=src.dtype == torch.float32 and dstg.dtype == torch.bfloat16, num_warps=4)
+
+
+@jit_kernel
+def _finish_dw1(part, pe, cs, out, K, F, HG, spi, spk, sci, scf,
+                BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, TO_BF16: tl.constexpr):
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    m = (k < K)[:, None] & (f < F)[None, :]
+    off = k.to(tl.int64)[:, None] * F + f[None, :]
+    acc = tl.load(part + off, mask=m, other=0.0)
+    for i in range(HG):
+        p = tl.load(pe + i * spi + k * spk, mask=k < K, other=0.0).to(tl.float32)
+        c = tl.load(cs + i * sci + f * scf, mask=f < F, other=0.0)
+        acc += p[:, None] * c[None, :]
+    if TO_BF16:
+        tl.store(out + off, _bf16_rne(acc), mask=m)
+    else:
+        tl.store(out + off, acc.to(out.dtype.element_ty), mask=m)
+
+
+def finish_dw1(part: torch.Tensor, pe: torch.Tensor, cs: torch.Tensor, out: torch.Tensor) -> None:
+    """out (K, F) = part (K, F) float32 + sum_i pe[i, :, None] * cs[i, None, :]
+    for pe (Hg, K) in any float dtype and cs (Hg, F) float32, each term a
+    float32 product added in order i = 0, 1, ..., then rounded once to out's
+    dtype (bfloat16: to nearest even): pe's share of a chunk of w1's
+    gradient and its rounding in one pass (as torch's addcmul_ per head and
+    copy_ do in two). part and out contiguous."""
+    K, F = part.shape
+    bk, bf = 32, 128
+    grid = (triton.cdiv(K, bk), triton.cdiv(F, bf))
+    _finish_dw1[grid](part, pe, cs, out, K, F, pe.shape[0], *pe.stride(), *cs.stride(), BLOCK_K=bk, BLOCK_F=bf,
+                      TO_BF16=out.dtype == torch.bfloat16, num_warps=4)

@@ -709,10 +709,15 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
                         part.zero_()
                     for j, (a, m) in enumerate(pairs):
                         _gemm(part, a.mT, m, accumulate=j > 0)               # summed over batch rows and heads
-                    if pec is not None:   # window + pe: dw1[g] chunk c += sum_i pe[h, c]^T cs[h], exact in float32
+                    if pec is None:
+                        dw1[g, c].copy_(part[0])
+                    elif _window_kernel(x, cd):   # window + pe: dw1[g] chunk c += sum_i pe[h, c]^T cs[h], exact
+                        from ._window_copy import finish_dw1
+                        finish_dw1(part[0], pec[g, :, c], cs[g], dw1[g, c])
+                    else:
                         for i in range(Hg):
                             part[0].addcmul_(pec[g, i, c].to(acc)[:, None], cs[g, i][None, :])
-                    dw1[g, c].copy_(part[0])
+                        dw1[g, c].copy_(part[0])
                 del xs
             del dp
         if need_x:
