@@ -32,7 +32,9 @@
 #   precision scripts/precision_table.py at T = PRECISION_T (16384): error against the bound per kind, dtype and
 #             tensor, "before" from the tree unpacked in .head/before (git archive REV kvcompress benchmarks), then
 #             this tree (issue 13's table)
-#   hostprof  scripts/host_profile.py: where the host time of a call goes (cProfile, tiny inputs)
+#   hostprof  scripts/host_profile.py: where the host time of a call goes (cProfile, tiny inputs; HOST_CALLS, 1000)
+#   ncu       Nsight Compute on one tuned call of NCU_KIND (attention_pool) at the NSA shape (scripts/ncu_kernel.py,
+#             NCU_ARGS adds e.g. --fwdbwd): speed of light, occupancy, warp stalls, clocks left alone
 #   peers     scripts/verify_peers.py: the public kernels' adapters through the suite (sources in .peers/, wheels in .whl/)
 #   production  the production-shape tier (test_production.py) for every backend on CUDA, ci profile
 #   pytest    python3 -m pytest $PYTEST_ARGS [-k "$PYTEST_K"] (-q -p no:cacheprovider, on XDIST workers), untuned
@@ -117,7 +119,10 @@ for arg in "$@"; do
                    PYTHONPATH=.head/before:$PYTHONPATH python3 scripts/precision_table.py --T $T --label before \
                    --out "$OUT/precision_before.json"; python3 scripts/precision_table.py --T $T --label after \
                    --out "$OUT/precision_after.json"' ;;
-        hostprof) run hostprof 240 python3 scripts/host_profile.py --calls 1000 --out "$OUT" ;;
+        hostprof) run hostprof 240 python3 scripts/host_profile.py --calls "${HOST_CALLS:-1000}" --out "$OUT" ;;
+        ncu) run ncu 150 ncu --nvtx --nvtx-include "measured/" --clock-control none --section SpeedOfLight \
+                   --section Occupancy --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
+                   python3 scripts/ncu_kernel.py --kind "${NCU_KIND:-attention_pool}" ${NCU_ARGS:-} ;;
         mlpprobe) run mlpprobe 300 python3 scripts/mlp_gemm_probe.py --out "$OUT/mlp_probe.json" ;;
         decodebench) run decodebench 300 python3 scripts/decode_bench.py --out "$OUT/decode.json" --md "$OUT/decode.md" \
                    ${DECODE_ARGS:-} ;;
