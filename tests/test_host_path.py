@@ -210,3 +210,114 @@ def test_fixed_plans_are_cached_by_shape_and_keep_their_tensors():
     for T in range(600):
         tplan.seq_plan(torch.empty(1, 1, T, 1), block_size=1, stride=1, padding="valid", cu_seqlens=None)
     assert len(tplan._FIXED) <= 256
+
+
+# --------------------------------------------------------------------------- the Triton wrappers' launch caches
+
+
+def _triton_caches():
+    """Every launch cache of the pooling kinds', gated_pool's and mlp's Triton wrappers."""
+    from kvcompress.ops import _triton_pool as tpool
+    from kvcompress.ops.gated_pool import triton_impl as gated
+    from kvcompress.ops.mlp import triton_impl as mlp
+    return (tpool._FWD_LAUNCH, tpool._BWD_LAUNCH, gated._FWD_LAUNCH, gated._BWD_LAUNCH, mlp._FWD_LAUNCH,
+            mlp._DP_LAUNCH)
+
+
+# (dtype, layout, T, pe, packed): each differs from the first in one property a launch's integers depend on
+LAUNCH_VARIANTS = [(torch.float32, "bhtd", 9, True, False), (torch.bfloat16, "bhtd", 9, True, False),
+                   (torch.float32, "bthd", 9, True, False), (torch.float32, "bhtd", 11, True, False),
+                   (torch.float32, "bhtd", 9, False, False), (torch.float32, "bhtd", 9, True, True)]
+
+
+def _launch_call(kind, dtype, layout, T, use_pe, packed):
+    """Output and every gradient of one small Triton call (real launches on the interpreter)."""
+    g = torch.Generator().manual_seed(T)
+    H, D, L = 2, 4, 4
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+    x = rnd(1, T, H, D).transpose(1, 2) if layout == "bthd" else rnd(1, H, T, D)
+    params = {"mean_pool": lambda: [], "weighted_pool": lambda: [rnd(1, L)],
+              "gated_pool": lambda: [rnd(1, H, T, D), rnd(H, L, D)],
+              "mlp": lambda: [rnd(H, L * D, 6) / 4, rnd(H, 6), rnd(H, 6, 3) / 2, rnd(H, 3)]}[kind]()
+    kw = dict(block_size=L, stride=2, padding="left", cu_seqlens=torch.tensor([0, 3, T]) if packed else None)
+    if use_pe and kind != "gated_pool":
+        kw["pe"] = rnd(H, L, D)
+    leaves = [t.requires_grad_(True) for t in (x, *params, kw.get("pe")) if t is not None]
+    y = getattr(kf, kind)(x, *params, **kw, backend="triton")
+    y.backward(torch.randn(y.shape, generator=g).to(dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("kind", ["mean_pool", "weighted_pool", "gated_pool", "mlp"])
+def test_launch_caches_key_on_dtype_strides_shape_and_options(kind):
+    """Each launch's integer arguments, grid and constexprs are built once
+    per key: calls differing only in dtype, strides, length, pe or packing
+    give the bits of the same call run with empty caches, and calling them
+    all again adds no entry."""
+    caches = _triton_caches()
+    cold = []
+    for v in LAUNCH_VARIANTS:
+        for c in caches:
+            c.clear()
+        cold.append(_launch_call(kind, *v))
+    for c in caches:
+        c.clear()
+
+    def check(i):
+        got = _launch_call(kind, *LAUNCH_VARIANTS[i])
+        assert len(got) == len(cold[i])
+        for a, b in zip(got, cold[i]):
+            assert torch.equal(a, b) and a.stride() == b.stride(), f"{kind}, {LAUNCH_VARIANTS[i]}"
+    for i in range(len(LAUNCH_VARIANTS)):
+        check(i)
+    sizes = [len(c) for c in caches]
+    assert sum(sizes) > 0
+    for i in reversed(range(len(LAUNCH_VARIANTS))):
+        check(i)
+    assert [len(c) for c in caches] == sizes
+
+
+def test_launch_caches_are_bounded(monkeypatch):
+    from kvcompress.ops import _triton_pool as tpool
+    from kvcompress.ops._triton import launch
+    monkeypatch.setattr(launch, "LAUNCH_CACHE_SIZE", 2)
+    tpool._FWD_LAUNCH.clear()
+    for T in (9, 10, 11, 12):
+        x = torch.randn(1, 2, T, 4)
+        y = kf.mean_pool(x, block_size=4, stride=2, backend="triton")
+        torch.testing.assert_close(y, kf.mean_pool(x, block_size=4, stride=2, backend="torch"))
+        assert len(tpool._FWD_LAUNCH) <= 2
+
+
+def test_mlp_eager_backward_takes_the_forward_constant(monkeypatch):
+    """An eager mlp call with pe computes the first layer's per-head constant
+    (one head_gemv launch) in the forward only: the backward takes it from the
+    forward (its other head_gemv is dpe's), and gives the custom op's bits."""
+    from kvcompress.ops.mlp import triton_impl as mlp
+    calls = []
+    real = mlp.head_gemv
+
+    def spy(H, vec, *args, **kwargs):
+        calls.append(vec.dtype)       # the constant's vec is pe (x's dtype), dpe's the float32 column sums
+        return real(H, vec, *args, **kwargs)
+    monkeypatch.setattr(mlp, "head_gemv", spy)
+    g = torch.Generator().manual_seed(0)
+    x, w1, b1, w2, b2, pe = (torch.randn(*s, generator=g).to(torch.bfloat16)
+                             for s in [(1, 2, 9, 4), (2, 16, 6), (2, 6), (2, 6, 3), (2, 3), (2, 4, 4)])
+    grads = {}
+    for path in ("eager", "op"):
+        leaves = [t.detach().requires_grad_(True) for t in (x, w1, b1, w2, b2, pe)]
+        calls.clear()
+        if path == "eager":
+            y = kf.mlp(*leaves[:5], pe=leaves[5], block_size=4, stride=2, padding="left", backend="triton")
+            assert calls == [torch.bfloat16]
+        else:
+            y = torch.ops.kvcompress.mlp_triton(*leaves, None, 4, 2, "left", "relu", -1)
+        calls.clear()
+        y.backward(torch.ones_like(y))
+        assert calls == ([torch.float32] if path == "eager" else [torch.bfloat16, torch.float32])
+        grads[path] = [y.detach()] + [t.grad for t in leaves]
+    for a, b in zip(grads["eager"], grads["op"]):
+        assert torch.equal(a, b)

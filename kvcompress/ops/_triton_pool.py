@@ -44,6 +44,7 @@ from ._triton.env import INTERPRET, num_sms
 from ._triton.lang import chunk_rows
 from ._triton.launch import (
     Launcher,
+    cache_put,
     cdiv,
     interpret_block,
     jit_kernel,
@@ -195,19 +196,38 @@ def pool_forward(launcher: Launcher, x: torch.Tensor, weight: torch.Tensor | Non
     y = empty((B, H, plan.W, D), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
+    key = (x.shape, x.stride(), None if weight is None else (weight.shape, weight.stride()),
+           None if pe is None else (pe.shape, pe.stride()), plan.varlen, *plan.seq_args()[3:])
+    launch = _FWD_LAUNCH.get(key)
+    if launch is None:
+        launch = cache_put(_FWD_LAUNCH, key, _fwd_launch(x, weight, pe, y, plan))
+    ints, grid, constexprs = launch
+    launcher(grid, x, weight if weight is not None else x, pe if pe is not None else x, y, plan.cu, plan.ccu, plan.cq,
+             *ints, **constexprs)
+    return y
+
+
+# The launches' arguments after their tensors, their grid and constexprs depend only on shapes, strides and
+# the plan's sizes: built once per key (``_fwd_launch``, ``_bwd_launch``) instead of ~40 named arguments a
+# call (host time, issue 14 item 2). Each kernel takes its tensors first, in this order.
+assert pool_fwd_kernel.runtime_args[:7] == ("x", "wt", "pe", "y", "cu", "ccu", "cq")
+_FWD_LAUNCH: dict[tuple, tuple] = {}
+
+def _fwd_launch(x, weight, pe, y, plan):
+    """(integer arguments, grid, constexprs) of pool_forward's launch."""
+    B, H, T, D = x.shape
     G = 1 if weight is None else weight.shape[0]
     rows = plan.NQ if plan.varlen else plan.W    # packed: every chunk row may start a window
+    C = plan.C
 
     def grid(meta):    # axis 0: (tile, D block), D block fastest (see pool_fwd_kernel)
-        return (cdiv(rows, meta["BLOCK_K"] - plan.C + 1) * cdiv(D, meta["BLOCK_D"]), 1, B * H)
-    launcher(grid, *kernel_args(pool_fwd_kernel, x=x, wt=weight if weight is not None else x,
-                                pe=pe if pe is not None else x, y=y, **plan.seq_kwargs(), **strides("sx", x, "bhtd"),
-                                **strides("sy", y, "bhwd"), **strides("sw", weight, "gl"),
-                                **strides("sp", pe, "hjd"), H=H, HG=H // G, D=D, C=plan.C,
-                                WORK=size_class(B * H * rows)),
-             UNIT=weight is None, HAS_PE=pe is not None, IS_VARLEN=plan.varlen, C_PAD=plan.C_PAD,
-             PE_J=min(16, next_pow2(plan.L)))
-    return y
+        return (cdiv(rows, meta["BLOCK_K"] - C + 1) * cdiv(D, meta["BLOCK_D"]), 1, B * H)
+    args = kernel_args(pool_fwd_kernel, x=x, wt=weight if weight is not None else x, pe=pe if pe is not None else x,
+                       y=y, **plan.seq_kwargs(), **strides("sx", x, "bhtd"), **strides("sy", y, "bhwd"),
+                       **strides("sw", weight, "gl"), **strides("sp", pe, "hjd"), H=H, HG=H // G, D=D, C=plan.C,
+                       WORK=size_class(B * H * rows))
+    return args[7:], grid, dict(UNIT=weight is None, HAS_PE=pe is not None, IS_VARLEN=plan.varlen,
+                                C_PAD=plan.C_PAD, PE_J=min(16, next_pow2(plan.L)))
 
 
 # --------------------------------------------------------------------------- backward
@@ -452,7 +472,6 @@ def pool_backward(launcher: Launcher, dy: torch.Tensor, x: torch.Tensor, weight:
     B, H, T, D = x.shape
     L = plan.L
     G = 1 if weight is None else weight.shape[0]
-    HG = H // G
     need_w = need_w and weight is not None
     need_pe = need_pe and pe is not None
     need_cs = pe is not None and (need_pe or need_w)
@@ -466,22 +485,54 @@ def pool_backward(launcher: Launcher, dy: torch.Tensor, x: torch.Tensor, weight:
     P = bwd_programs(plan, x.device)
     pw = empty((B * H * P * L,), dtype=torch.float32, device=x.device) if need_w else x
     pcs = empty((B * H * P * D,), dtype=torch.float32, device=x.device) if need_cs else x
+    key = (x.shape, x.stride(), dy.stride(), dx.stride() if need_x else None,
+           None if weight is None else (weight.shape, weight.stride()), None if pe is None else (pe.shape, pe.stride()),
+           plan.varlen, *plan.seq_args()[3:], need_x, need_w, need_pe, P)
+    launch = _BWD_LAUNCH.get(key)
+    if launch is None:
+        launch = cache_put(_BWD_LAUNCH, key, _bwd_launch(dy, x, weight, pe, dx, pw, pcs, plan, P, need_x, need_w,
+                                                          need_pe, need_cs))
+    (ints, grid, constexprs), fin = launch
+    wt = weight if weight is not None else x
+    if ints is not None:
+        launcher(grid, dy, x, wt, dx if need_x else x, pw, pcs, plan.cu, plan.ccu, plan.cq, *ints, **constexprs)
+    ints, grid, constexprs = fin
+    if ints is not None:
+        pool_bwd_kernel_finalize[grid](pw, pcs, wt, pe if pe is not None else x, dw if need_w else x,
+                                       dpe if need_pe else x, *ints, **constexprs)
+    return dx, dw, dpe
+
+
+assert pool_bwd_kernel.runtime_args[:9] == ("dy", "x", "wt", "dx", "pw", "pcs", "cu", "ccu", "cq")
+assert pool_bwd_kernel_finalize.runtime_args[:6] == ("pw", "pcs", "wt", "pe", "dw", "dpe")
+_BWD_LAUNCH: dict[tuple, tuple] = {}
+
+
+def _bwd_launch(dy, x, weight, pe, dx, pw, pcs, plan, P, need_x, need_w, need_pe, need_cs):
+    """((integer arguments, grid, constexprs) of pool_bwd_kernel's launch, the
+    finalize's (the same, grid a tuple)) of pool_backward: integer arguments
+    None for a launch that does not run."""
+    B, H, T, D = x.shape
+    L = plan.L
+    G = 1 if weight is None else weight.shape[0]
+    HG = H // G
+    wt = weight if weight is not None else x
+    main = fin = (None, None, None)
     if need_x or need_w or need_cs:
-        launcher(lambda meta: (P, B * H),
-                 *kernel_args(pool_bwd_kernel, dy=dy, x=x, wt=weight if weight is not None else x,
-                              dx=dx if need_x else x, pw=pw, pcs=pcs, **plan.seq_kwargs(), **strides("sd", dy, "bhwd"),
-                              **strides("sx", x, "bhtd"), **strides("sg", dx if need_x else x, "bhtd"),
-                              **strides("sw", weight, "gl"), H=H, HG=HG, D=D, C=plan.C, P=P,
-                              WORK=size_class(B * H * plan.NQ)),
-                 UNIT=weight is None, NEED_DX=need_x, NEED_DW=need_w, NEED_CS=need_cs, IS_VARLEN=plan.varlen,
-                 S_PAD=next_pow2(plan.S), C_PAD=plan.C_PAD)
+        args = kernel_args(pool_bwd_kernel, dy=dy, x=x, wt=wt, dx=dx if need_x else x, pw=pw, pcs=pcs,
+                           **plan.seq_kwargs(), **strides("sd", dy, "bhwd"), **strides("sx", x, "bhtd"),
+                           **strides("sg", dx if need_x else x, "bhtd"), **strides("sw", weight, "gl"), H=H, HG=HG,
+                           D=D, C=plan.C, P=P, WORK=size_class(B * H * plan.NQ))
+        main = (args[9:], lambda meta: (P, B * H),
+                dict(UNIT=weight is None, NEED_DX=need_x, NEED_DW=need_w, NEED_CS=need_cs, IS_VARLEN=plan.varlen,
+                     S_PAD=next_pow2(plan.S), C_PAD=plan.C_PAD))
     if need_w or need_pe:
         BJ = min(next_pow2(L), 64)
         BD = min(max(16, next_pow2(D)), 128 if not INTERPRET else 64)
-        pool_bwd_kernel_finalize[(G, cdiv(L, BJ))](
-            pw=pw, pcs=pcs, wt=weight if weight is not None else x, pe=pe if pe is not None else x,
-            dw=dw if need_w else x, dpe=dpe if need_pe else x, B=B, H=H, HG=HG, L=L, D=D, P=P,
-            **strides("sw", weight, "gl"), **strides("sp", pe, "hjd"),
-            UNIT=weight is None, NEED_W=need_w, NEED_PE=need_pe, NEED_CS=need_cs,
-            BLOCK_R=16 if INTERPRET else 32, BLOCK_J=BJ, BLOCK_D=BD)
-    return dx, dw, dpe
+        args = kernel_args(pool_bwd_kernel_finalize, pw=pw, pcs=pcs, wt=wt, pe=pe if pe is not None else x, dw=x,
+                           dpe=x, B=B, H=H, HG=HG, L=L, D=D, P=P, **strides("sw", weight, "gl"),
+                           **strides("sp", pe, "hjd"))
+        fin = (args[6:], (G, cdiv(L, BJ)),
+               dict(UNIT=weight is None, NEED_W=need_w, NEED_PE=need_pe, NEED_CS=need_cs,
+                    BLOCK_R=16 if INTERPRET else 32, BLOCK_J=BJ, BLOCK_D=BD))
+    return main, fin

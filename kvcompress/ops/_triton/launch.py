@@ -21,7 +21,7 @@ import triton
 
 from .env import INTERPRET
 
-__all__ = ["AUTOTUNE", "Launcher", "SIZE_ARGS", "cdiv", "fill_factor", "first_config", "interpret_block",
+__all__ = ["AUTOTUNE", "LAUNCH_CACHE_SIZE", "Launcher", "cache_put", "SIZE_ARGS", "cdiv", "fill_factor", "first_config", "interpret_block",
            "jit_kernel", "kernel_args", "next_pow2", "size_class", "small_tiles", "small_tiles_active", "strides",
            "tile_configs"]
 
@@ -52,6 +52,20 @@ def jit_kernel(fn):
     kernel.unspecialized = names
     kernel.runtime_args = runtime
     return kernel
+
+
+LAUNCH_CACHE_SIZE = 256   # entries of a per-kernel launch-argument cache before it is emptied
+
+
+def cache_put(cache: dict, key, value):
+    """cache[key] = value, returned; the cache is emptied first when it holds
+    LAUNCH_CACHE_SIZE entries (bounded: packed calls key on their window
+    counts). For the wrappers' caches of launch arguments built once per
+    (shapes, strides, dtypes, plan sizes) key."""
+    if len(cache) >= LAUNCH_CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def next_pow2(n: int) -> int:

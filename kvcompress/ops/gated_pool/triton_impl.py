@@ -48,6 +48,7 @@ from .._triton.env import DEVICES, DTYPES, INTERPRET, supports_call, triton_avai
 from .._triton.lang import chunk_rows, window_rows
 from .._triton.launch import (
     Launcher,
+    cache_put,
     cdiv,
     interpret_block,
     jit_kernel,
@@ -280,15 +281,39 @@ def _forward(x, z, bias, plan, *, split, need_stats):
     ya = empty(shape, dtype=acc, device=x.device) if has_ya else x.new_empty(0)
     if y.numel() == 0:
         return y, lse, ya
-    G = bias.shape[0] if bias is not None else 1
-    _FWD(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), cdiv(Do, meta["BLOCK_F"]), B * H),
-         *kernel_args(gated_pool_fwd_kernel, x=x, z=z, bias=bias if bias is not None else x, y=y,
-                      lse=lse if need_stats else y, ya=ya if has_ya else y, **plan.seq_kwargs(),
-                      **strides("sx", x, "bhtd"), **strides("sz", z, "bhtd"), **strides("sb", bias, "gjd"),
-                      **strides("sy", y, "bhwd"), H=H, HG=H // G, DO=Do, WORK=size_class(B * H * plan.W * Do)),
-         SPLIT=split, HAS_BIAS=bias is not None, HAS_LSE=need_stats, HAS_YA=has_ya, IS_VARLEN=plan.varlen,
-         ACC=_acc(x.dtype))
+    key = (x.shape, x.stride(), z.stride(), None if bias is None else (bias.shape, bias.stride()), x.dtype,
+           plan.varlen, *plan.seq_args()[3:], split, need_stats)
+    launch = _FWD_LAUNCH.get(key)
+    if launch is None:
+        launch = cache_put(_FWD_LAUNCH, key, _fwd_launch(x, z, bias, y, plan, split, need_stats, has_ya))
+    ints, grid, constexprs = launch
+    _FWD(grid, x, z, bias if bias is not None else x, y, lse if need_stats else y, ya if has_ya else y,
+         plan.cu, plan.ccu, plan.cq, *ints, **constexprs)
     return y, lse, ya
+
+
+# The launches' arguments after their tensors, their grid and constexprs depend only on shapes, strides,
+# dtypes, the plan's sizes and the flags: built once per key (``_fwd_launch``, ``_bwd_launch``) instead of
+# ~50 named arguments a call (host time, issue 14 item 2). Each kernel takes its tensors first, in this order.
+assert gated_pool_fwd_kernel.runtime_args[:9] == ("x", "z", "bias", "y", "lse", "ya", "cu", "ccu", "cq")
+assert gated_pool_bwd_kernel.runtime_args[:12] == ("x", "z", "bias", "dy", "ys", "lse", "dx", "dz", "pb", "cu",
+                                                   "ccu", "cq")
+_FWD_LAUNCH: dict[tuple, tuple] = {}
+_BWD_LAUNCH: dict[tuple, tuple] = {}
+
+def _fwd_launch(x, z, bias, y, plan, split, need_stats, has_ya):
+    """(integer arguments, grid, constexprs) of ``_forward``'s launch."""
+    B, H, T, Dx = x.shape
+    Do = _d_out(Dx, plan, split)
+    G = bias.shape[0] if bias is not None else 1
+    W = plan.W
+    args = kernel_args(gated_pool_fwd_kernel, x=x, z=z, bias=bias if bias is not None else x, y=y, lse=y, ya=y,
+                       **plan.seq_kwargs(), **strides("sx", x, "bhtd"), **strides("sz", z, "bhtd"),
+                       **strides("sb", bias, "gjd"), **strides("sy", y, "bhwd"), H=H, HG=H // G, DO=Do,
+                       WORK=size_class(B * H * W * Do))
+    return (args[9:], lambda meta: (cdiv(W, meta["BLOCK_W"]), cdiv(Do, meta["BLOCK_F"]), B * H),
+            dict(SPLIT=split, HAS_BIAS=bias is not None, HAS_LSE=need_stats, HAS_YA=has_ya, IS_VARLEN=plan.varlen,
+                 ACC=_acc(x.dtype)))
 
 
 def _backward_impl(dy, y, lse, ya, x, z, bias, plan, *, split, need_x, need_z, need_b):
@@ -301,36 +326,50 @@ def _backward_impl(dy, y, lse, ya, x, z, bias, plan, *, split, need_x, need_z, n
     G = bias.shape[0] if bias is not None else 1
     HG = H // G
     need_b = need_b and bias is not None
-    acc = accumulation_dtype(x.dtype)
     dx = empty_like(x) if need_x else x.new_empty(0)
     dz = empty_like(z) if need_z else x.new_empty(0)
-    db = x.new_empty(0)
     if B * H * T * Dx == 0 or plan.W == 0:      # no window holds a token: every gradient is zero
         dx.zero_()
         dz.zero_()
-        if need_b:
-            db = torch.zeros(bias.shape, dtype=x.dtype, device=x.device)
+        db = torch.zeros(bias.shape, dtype=x.dtype, device=x.device) if need_b else x.new_empty(0)
         return dx, dz, db
     if lse.numel() == 0:
         y, lse, ya = _forward(x, z, bias, plan, split=split, need_stats=True)
     ys = ya if ya.numel() > 0 else y                # y before rounding (y itself for float32/float64)
     BQ = interpret_block(plan.NQ, 16, small=2) if INTERPRET else BWD_BLOCK_Q
     NT = cdiv(plan.NQ, BQ)
-    pb = empty((B * H * NT * L * Do,), dtype=acc, device=x.device) if need_b else x
+    pb = empty((B * H * NT * L * Do,), dtype=accumulation_dtype(x.dtype), device=x.device) if need_b else x
     if need_x or need_z or need_b:
-        _BWD(lambda meta: (NT, cdiv(Dx, meta["BLOCK_K"]), B * H),
-             *kernel_args(gated_pool_bwd_kernel, x=x, z=z, bias=bias if bias is not None else x, dy=dy, ys=ys,
-                          lse=lse, dx=dx if need_x else x, dz=dz if need_z else x, pb=pb, **plan.seq_kwargs(),
-                          **strides("sx", x, "bhtd"), **strides("sz", z, "bhtd"), **strides("sb", bias, "gjd"),
-                          **strides("sd", dy, "bhwd"), **strides("ss", ys, "bhwd"),
-                          **strides("sg", dx if need_x else None, "bhtd"),
-                          **strides("sh", dz if need_z else None, "bhtd"),
-                          H=H, HG=HG, DX=Dx, DO=Do, NT=NT, WORK=size_class(B * H * plan.NQ * Dx)),
-             SPLIT=split, HAS_BIAS=bias is not None, NEED_DX=need_x, NEED_DZ=need_z, NEED_DB=need_b,
-             IS_VARLEN=plan.varlen, ACC=_acc(x.dtype), BLOCK_Q=BQ)
-    if need_b:   # the second stage: a fixed-order sum over (batch, heads of the group, tiles)
-        db = pb.view(B, G, HG, NT, L, Do).sum(dim=(0, 2, 3)).to(x.dtype)        # [G, L, D_out]
+        key = (x.shape, x.stride(), z.stride(), None if bias is None else (bias.shape, bias.stride()), x.dtype,
+               dy.stride(), ys.stride(), dx.stride() if need_x else None, dz.stride() if need_z else None,
+               plan.varlen, *plan.seq_args()[3:], split, need_x, need_z, need_b, BQ)
+        launch = _BWD_LAUNCH.get(key)
+        if launch is None:
+            launch = cache_put(_BWD_LAUNCH, key, _bwd_launch(dy, ys, x, z, bias, dx, dz, pb, plan, split, need_x,
+                                                              need_z, need_b, BQ))
+        ints, grid, constexprs = launch
+        _BWD(grid, x, z, bias if bias is not None else x, dy, ys, lse, dx if need_x else x, dz if need_z else x, pb,
+             plan.cu, plan.ccu, plan.cq, *ints, **constexprs)
+    # the second stage: a fixed-order sum over (batch, heads of the group, tiles)
+    db = pb.view(B, G, HG, NT, L, Do).sum(dim=(0, 2, 3)).to(x.dtype) if need_b else x.new_empty(0)   # [G, L, D_out]
     return dx, dz, db
+
+
+def _bwd_launch(dy, ys, x, z, bias, dx, dz, pb, plan, split, need_x, need_z, need_b, BQ):
+    """(integer arguments, grid, constexprs) of ``_backward_impl``'s launch."""
+    B, H, T, Dx = x.shape
+    Do = _d_out(Dx, plan, split)
+    G = bias.shape[0] if bias is not None else 1
+    NT = cdiv(plan.NQ, BQ)
+    args = kernel_args(gated_pool_bwd_kernel, x=x, z=z, bias=bias if bias is not None else x, dy=dy, ys=ys, lse=ys,
+                       dx=dx if need_x else x, dz=dz if need_z else x, pb=pb, **plan.seq_kwargs(),
+                       **strides("sx", x, "bhtd"), **strides("sz", z, "bhtd"), **strides("sb", bias, "gjd"),
+                       **strides("sd", dy, "bhwd"), **strides("ss", ys, "bhwd"),
+                       **strides("sg", dx if need_x else None, "bhtd"), **strides("sh", dz if need_z else None, "bhtd"),
+                       H=H, HG=H // G, DX=Dx, DO=Do, NT=NT, WORK=size_class(B * H * plan.NQ * Dx))
+    return (args[12:], lambda meta: (NT, cdiv(Dx, meta["BLOCK_K"]), B * H),
+            dict(SPLIT=split, HAS_BIAS=bias is not None, NEED_DX=need_x, NEED_DZ=need_z, NEED_DB=need_b,
+                 IS_VARLEN=plan.varlen, ACC=_acc(x.dtype), BLOCK_Q=BQ))
 
 
 # --------------------------------------------------------------------------- torch.library

@@ -46,6 +46,7 @@ from .._triton.gemv import head_gemv
 from .._triton.lang import round_tf32, window_gemm, window_rows
 from .._triton.launch import (
     Launcher,
+    cache_put,
     cdiv,
     fill_factor,
     interpret_block,
@@ -382,14 +383,17 @@ def _first_layer_constant(x, w1, b1, pe, L):
 
 
 def _forward(x, w1, b1, w2, b2, pe, plan, act):
+    """(y (B, H, W, D_out) in x's dtype, contiguous; the first layer's
+    constant ``(cst, HG_C)`` it used, None when it computed none), which an
+    eager backward takes instead of computing it again."""
     B, H, T, D = x.shape
     G, LD, F = w1.shape
     DO = w2.shape[2]
     HG = H // G
     y = empty((B, H, plan.W, DO), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
-        return y
-    cst, hg_c = _first_layer_constant(x, w1, b1, pe, plan.L)
+        return y, None
+    cst, hg_c = const = _first_layer_constant(x, w1, b1, pe, plan.L)
     BN = block_n(DO)
     NB = cdiv(DO, BN)
     splits = fwd_splits(B * H * plan.W, NB, F, x.device)
@@ -400,22 +404,48 @@ def _forward(x, w1, b1, w2, b2, pe, plan, act):
         chunk = F
     # one split writes y; several write float32 partials (S, B, H, W, D_out), summed below in a fixed order
     out = y if splits == 1 else empty((splits, B, H, plan.W, DO), dtype=torch.float32, device=x.device)
-    o_strides = {"sys": 0, **strides("sy", y, "bhwd")} if splits == 1 else strides("sy", out, "sbhwd")
-    _FWD(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), NB * splits, B * H),
-         *kernel_args(mlp_fwd_kernel, x=x, w1=w1, cst=cst if cst is not None else x, w2=w2,
-                      b2=b2 if b2 is not None else x, y=out, **plan.seq_kwargs(), **strides("sx", x, "bhtd"),
-                      **strides("s1", w1, "gkf"), **strides("sc", cst, "gf"), **strides("s2", w2, "gfn"),
-                      **strides("sb", b2, "gn"), **o_strides, H=H, HG=HG, HG_C=hg_c, D=D, F=F, DO=DO,
-                      F_CHUNK=chunk, WORK=size_class(B * H * plan.W)),
-         BLOCK_N=BN, ACT=ACTIVATIONS.index(act), IS_VARLEN=plan.varlen, HAS_CONST=cst is not None,
-         HAS_B2=b2 is not None and splits == 1, HID_TF32=tf32_intermediate(x.dtype), DOT_F32=dot_f32(x.dtype),
-         SPLIT_F=splits > 1)
+    key = (x.shape, x.stride(), w1.shape, w1.stride(), None if cst is None else (cst.shape, cst.stride(), hg_c),
+           w2.shape, w2.stride(), None if b2 is None else (b2.shape, b2.stride()), x.dtype, plan.varlen,
+           *plan.seq_args()[3:], act, BN, splits, chunk)
+    launch = _FWD_LAUNCH.get(key)
+    if launch is None:
+        launch = cache_put(_FWD_LAUNCH, key, _fwd_launch(x, w1, cst, hg_c, w2, b2, out, plan, act, BN, splits, chunk))
+    ints, grid, constexprs = launch
+    _FWD(grid, x, w1, cst if cst is not None else x, w2, b2 if b2 is not None else x, out, plan.cu, plan.ccu, plan.cq,
+         *ints, **constexprs)
     if splits > 1:
         acc = out.sum(0)                                                       # (B, H, W, D_out) float32
         if b2 is not None:
             acc += b2.to(torch.float32).repeat_interleave(HG, 0)[None, :, None, :]
         y.copy_(acc)
-    return y
+    return y, const
+
+
+# The launches' arguments after their tensors, their grid and constexprs depend only on shapes, strides,
+# dtypes, the plan's sizes and the host's choices (tiles, splits, flags): built once per key
+# (``_fwd_launch``, ``_dp_launch``) instead of ~50 named arguments a call (host time, issue 14 item 2).
+# Each kernel takes its tensors first, in this order.
+assert mlp_fwd_kernel.runtime_args[:9] == ("x", "w1", "cst", "w2", "b2", "y", "cu", "ccu", "cq")
+assert mlp_bwd_kernel_dp.runtime_args[:10] == ("x", "w1", "cst", "w2", "dy", "dp", "hid", "cu", "ccu", "cq")
+_FWD_LAUNCH: dict[tuple, tuple] = {}
+_DP_LAUNCH: dict[tuple, tuple] = {}
+
+def _fwd_launch(x, w1, cst, hg_c, w2, b2, out, plan, act, BN, splits, chunk):
+    """(integer arguments, grid, constexprs) of ``_forward``'s launch; out: y or the F splits' partials."""
+    B, H, T, D = x.shape
+    G, LD, F = w1.shape
+    DO = w2.shape[2]
+    W, NB = plan.W, cdiv(DO, BN)
+    o_strides = {"sys": 0, **strides("sy", out, "bhwd")} if splits == 1 else strides("sy", out, "sbhwd")
+    args = kernel_args(mlp_fwd_kernel, x=x, w1=w1, cst=cst if cst is not None else x, w2=w2,
+                       b2=b2 if b2 is not None else x, y=out, **plan.seq_kwargs(), **strides("sx", x, "bhtd"),
+                       **strides("s1", w1, "gkf"), **strides("sc", cst, "gf"), **strides("s2", w2, "gfn"),
+                       **strides("sb", b2, "gn"), **o_strides, H=H, HG=H // G, HG_C=hg_c, D=D, F=F, DO=DO,
+                       F_CHUNK=chunk, WORK=size_class(B * H * W))
+    return (args[9:], lambda meta: (cdiv(W, meta["BLOCK_W"]), NB * splits, B * H),
+            dict(BLOCK_N=BN, ACT=ACTIVATIONS.index(act), IS_VARLEN=plan.varlen, HAS_CONST=cst is not None,
+                 HAS_B2=b2 is not None and splits == 1, HID_TF32=tf32_intermediate(x.dtype),
+                 DOT_F32=dot_f32(x.dtype), SPLIT_F=splits > 1))
 
 
 def _groups_per_chunk(B, HG, W, F, G, elt) -> int:
@@ -425,51 +455,63 @@ def _groups_per_chunk(B, HG, W, F, G, elt) -> int:
     return max(1, min(G, DP_CHUNK_BYTES // per_group))
 
 
-def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w2, need_b2, need_pe):
+def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w2, need_b2, need_pe, const=None):
+    """const: the forward's first-layer constant (``_forward``) if it kept it, else computed here."""
     B, H, T, D = x.shape
     G, LD, F = w1.shape
     DO = w2.shape[2]
     HG = H // G
     L, W = plan.L, plan.W
     dev, dt = x.device, x.dtype
-    # a gradient not asked for is a fresh empty tensor (custom op outputs may not alias)
-    dx = empty_like(x) if need_x else x.new_empty(0)
-    dw1 = empty(w1.shape, dtype=dt, device=dev) if need_w1 else x.new_empty(0)
-    db1 = empty((G, F), dtype=dt, device=dev) if need_b1 else x.new_empty(0)
-    dw2 = empty(w2.shape, dtype=dt, device=dev) if need_w2 else x.new_empty(0)
-    db2 = dy.sum(dim=(0, 2), dtype=torch.float32).view(G, HG, DO).sum(1).to(dt) if need_b2 else x.new_empty(0)
-    dpe = empty((H, L, D), dtype=dt, device=dev) if need_pe else x.new_empty(0)
     need_dp = need_x or need_w1 or need_b1 or need_pe
-    if not (need_dp or need_w2):
-        return dx, dw1, db1, dw2, db2, dpe
-    cst, hg_c = _first_layer_constant(x, w1, b1, pe, L)
-    ACT = ACTIVATIONS.index(act)
     hid_tf32 = tf32_intermediate(dt)
     hid_dt = torch.float32 if hid_tf32 else dt          # the hidden layer as the forward rounds it
-    w1v = w1.unflatten(1, (L, D))                                                          # [G, L, D, F] view
     elt = (x.element_size() if need_dp else 0) + (hid_dt.itemsize if need_w2 else 0)
     gpc = _groups_per_chunk(B, HG, W, F, G, elt)
+    # one chunk (the usual case) is the whole problem: the tensors themselves rather than views of them,
+    # and db1, dpe taken from their computation rather than copied into a buffer
+    whole = gpc >= G
+    # a gradient not asked for is a fresh empty tensor (custom op outputs may not alias); db1 and dpe of one
+    # chunk are made where they are computed (None until then)
+    dx = empty_like(x) if need_x else x.new_empty(0)
+    dw1 = empty(w1.shape, dtype=dt, device=dev) if need_w1 else x.new_empty(0)
+    db1 = empty((G, F), dtype=dt, device=dev) if need_b1 and not whole else None if need_b1 else x.new_empty(0)
+    dw2 = empty(w2.shape, dtype=dt, device=dev) if need_w2 else x.new_empty(0)
+    if need_b2:    # the sum over a group's heads only when there is more than one (a sum of one is exact)
+        db2 = dy.sum(dim=(0, 2), dtype=torch.float32)                                      # [H, D_out]
+        db2 = (db2.view(G, HG, DO).sum(1) if HG > 1 else db2).to(dt)
+    else:
+        db2 = x.new_empty(0)
+    dpe = empty((H, L, D), dtype=dt, device=dev) if need_pe and not whole else None if need_pe else x.new_empty(0)
+    if not (need_dp or need_w2):
+        return dx, dw1, db1, dw2, db2, dpe
+    cst, hg_c = const if const is not None else _first_layer_constant(x, w1, b1, pe, L)
     for g0 in range(0, G, gpc):
         g1 = min(G, g0 + gpc)
         Gc, h0, h1 = g1 - g0, g0 * HG, g1 * HG
-        # the chunk is a sub-problem of whole groups: views, no copies
-        xc, dyc, w1c, w2c = x[:, h0:h1], dy[:, h0:h1], w1[g0:g1], w2[g0:g1]
-        cc = None if cst is None else (cst[h0:h1] if hg_c == 1 else cst[g0:g1])
-        pec = None if pe is None else pe[h0:h1]
-        pc = dataclasses.replace(plan, H=h1 - h0)
+        if whole:
+            xc, dyc, w1c, w2c, cc, pec, pc = x, dy, w1, w2, cst, pe, plan
+        else:
+            # the chunk is a sub-problem of whole groups: views, no copies
+            xc, dyc, w1c, w2c = x[:, h0:h1], dy[:, h0:h1], w1[g0:g1], w2[g0:g1]
+            cc = None if cst is None else (cst[h0:h1] if hg_c == 1 else cst[g0:g1])
+            pec = None if pe is None else pe[h0:h1]
+            pc = dataclasses.replace(plan, H=h1 - h0)
         rows = B * HG * W
         dp = empty((B, h1 - h0, W, F), dtype=dt, device=dev) if need_dp else x
         hid = empty((B, h1 - h0, W, F), dtype=hid_dt, device=dev) if need_w2 else x
         if rows > 0 and F > 0:
-            _DP(lambda meta, n=B * (h1 - h0): (cdiv(W, meta["BLOCK_W"]), cdiv(F, meta["BLOCK_F"]), n),
-                *kernel_args(mlp_bwd_kernel_dp, x=xc, w1=w1c, cst=cc if cc is not None else x, w2=w2c, dy=dyc,
-                             dp=dp, hid=hid, **pc.seq_kwargs(), **strides("sx", xc, "bhtd"),
-                             **strides("s1", w1c, "gkf"), **strides("sc", cc, "gf"), **strides("s2", w2c, "gfn"),
-                             **strides("sd", dyc, "bhwn"), **strides("sp", dp if need_dp else None, "bhwf"),
-                             **strides("sh", hid if need_w2 else None, "bhwf"), H=h1 - h0, HG=HG, HG_C=hg_c, D=D,
-                             F=F, DO=DO, WORK=size_class(rows)),
-                BLOCK_N=dp_block_n(DO), ACT=ACT, IS_VARLEN=plan.varlen, HAS_CONST=cc is not None,
-                NEED_DP=need_dp, NEED_H=need_w2, HID_TF32=hid_tf32, DOT_F32=dot_f32(dt))
+            BN = dp_block_n(DO)
+            key = (xc.shape, xc.stride(), w1c.shape, w1c.stride(),
+                   None if cc is None else (cc.shape, cc.stride(), hg_c), w2c.shape, w2c.stride(), dyc.stride(), dt,
+                   pc.varlen, *pc.seq_args()[3:], act, BN, need_dp, need_w2)
+            launch = _DP_LAUNCH.get(key)
+            if launch is None:
+                launch = cache_put(_DP_LAUNCH, key, _dp_launch(xc, w1c, cc, hg_c, w2c, dyc, dp, hid, pc, HG, act, BN,
+                                                                need_dp, need_w2))
+            ints, grid, constexprs = launch
+            _DP(grid, xc, w1c, cc if cc is not None else x, w2c, dyc, dp, hid, pc.cu, pc.ccu, pc.cq, *ints,
+                **constexprs)
         if need_w2 and F * DO > 0:
             if rows == 0:
                 dw2[g0:g1] = 0
@@ -477,25 +519,53 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
                 # dw2[g] = sum over the group's rows of hid^T dy: linear's weight gradient with the
                 # hidden units as the tokens' features (one window position, stride 1, no pe)
                 hplan = seq_plan(hid, block_size=1, stride=1, padding="valid", cu_seqlens=None)
-                weight_grad(_DW2, dw2[g0:g1].unsqueeze(1), hid, dyc, None, None, hplan, B, h1 - h0, HG, F, DO,
-                            Gc * cdiv(F, 128) * cdiv(DO, 128), dot_tf32=hid_tf32)
+                weight_grad(_DW2, (dw2 if whole else dw2[g0:g1]).unsqueeze(1), hid, dyc, None, None, hplan, B,
+                            h1 - h0, HG, F, DO, Gc * cdiv(F, 128) * cdiv(DO, 128), dot_tf32=hid_tf32)
         if not need_dp:
             continue
         cs = None
         if need_b1 or need_pe or (need_w1 and pe is not None):
             cs = dp.sum(dim=(0, 2), dtype=torch.float32)                                   # [Hc, F]
         if need_x and xc.numel() > 0:
-            x_grad(_DX, dx[:, h0:h1], dp, w1v[g0:g1], pc, HG, dx_phase_per(pc.NQ, B * (h1 - h0), plan.S, dev))
+            w1v = w1c.unflatten(1, (L, D))                                                  # [Gc, L, D, F] view
+            x_grad(_DX, dx if whole else dx[:, h0:h1], dp, w1v, pc, HG,
+                   dx_phase_per(pc.NQ, B * (h1 - h0), plan.S, dev))
         if need_w1:
-            weight_grad(_DW1, dw1[g0:g1].unflatten(1, (L, D)), xc, dp, pec, cs, pc, B, h1 - h0, HG, D, F,
-                        Gc * L * cdiv(D, 64) * cdiv(F, 128))
+            weight_grad(_DW1, (dw1 if whole else dw1[g0:g1]).unflatten(1, (L, D)), xc, dp, pec, cs, pc, B, h1 - h0,
+                        HG, D, F, Gc * L * cdiv(D, 64) * cdiv(F, 128))
         if need_b1:
-            db1[g0:g1] = cs.view(Gc, HG, F).sum(1).to(dt)
+            s1 = (cs.view(Gc, HG, F).sum(1) if HG > 1 else cs).to(dt)                      # [Gc, F]
+            if whole:
+                db1 = s1
+            else:
+                db1[g0:g1] = s1
         if need_pe:   # dpe[h, j, d] = sum_f w1[g, j*D + d, f] cs[h, f]
-            dpe[h0:h1] = head_gemv(h1 - h0, cs, (cs.stride(0), 0, cs.stride(1)), 1, w1c,
-                                   (w1c.stride(0), 0, w1c.stride(2), 0, w1c.stride(1)), HG,
-                                   F, F, L * D, L * D).view(h1 - h0, L, D).to(dt)
+            s_pe = head_gemv(h1 - h0, cs, (cs.stride(0), 0, cs.stride(1)), 1, w1c,
+                             (w1c.stride(0), 0, w1c.stride(2), 0, w1c.stride(1)), HG,
+                             F, F, L * D, L * D).view(h1 - h0, L, D).to(dt)
+            if whole:
+                dpe = s_pe
+            else:
+                dpe[h0:h1] = s_pe
     return dx, dw1, db1, dw2, db2, dpe
+
+
+def _dp_launch(xc, w1c, cc, hg_c, w2c, dyc, dp, hid, pc, HG, act, BN, need_dp, need_w2):
+    """(integer arguments, grid, constexprs) of ``_backward``'s mlp_bwd_kernel_dp launch for one chunk of
+    groups (pc: its plan)."""
+    B, Hc, T, D = xc.shape
+    F, DO = w1c.shape[2], w2c.shape[2]
+    W = pc.W
+    dt = xc.dtype
+    args = kernel_args(mlp_bwd_kernel_dp, x=xc, w1=w1c, cst=cc if cc is not None else xc, w2=w2c, dy=dyc, dp=dp,
+                       hid=hid, **pc.seq_kwargs(), **strides("sx", xc, "bhtd"), **strides("s1", w1c, "gkf"),
+                       **strides("sc", cc, "gf"), **strides("s2", w2c, "gfn"), **strides("sd", dyc, "bhwn"),
+                       **strides("sp", dp if need_dp else None, "bhwf"),
+                       **strides("sh", hid if need_w2 else None, "bhwf"), H=Hc, HG=HG, HG_C=hg_c, D=D, F=F, DO=DO,
+                       WORK=size_class(B * HG * W))
+    return (args[10:], lambda meta: (cdiv(W, meta["BLOCK_W"]), cdiv(F, meta["BLOCK_F"]), B * Hc),
+            dict(BLOCK_N=BN, ACT=ACTIVATIONS.index(act), IS_VARLEN=pc.varlen, HAS_CONST=cc is not None,
+                 NEED_DP=need_dp, NEED_H=need_w2, HID_TF32=tf32_intermediate(dt), DOT_F32=dot_f32(dt)))
 
 
 # --------------------------------------------------------------------------- torch.library
@@ -504,13 +574,16 @@ def _backward(dy, x, w1, b1, w2, pe, plan, act, need_x, need_w1, need_b1, need_w
 def _op_forward(x, w1, b1, w2, b2, pe, cu_seqlens, block_size, stride, padding, activation, total_windows):
     plan = seq_plan(x, block_size=block_size, stride=stride, padding=padding, cu_seqlens=cu_seqlens,
                     total_windows=total_windows)
-    return _forward(x, w1, b1, w2, b2, pe, plan, activation), plan
+    y, const = _forward(x, w1, b1, w2, b2, pe, plan, activation)
+    return y, (plan, const)      # an eager backward takes the plan and the first layer's constant
 
 
 def _op_backward(dy, x, w1, b1, w2, pe, cu_seqlens, block_size, stride, padding, activation, need_x, need_w1,
                  need_b1, need_w2, need_b2, need_pe, state):
-    plan = backward_plan(state, dy, x, cu_seqlens, block_size, stride, padding)
-    return _backward(dy, x, w1, b1, w2, pe, plan, activation, need_x, need_w1, need_b1, need_w2, need_b2, need_pe)
+    plan, const = state if state is not None else (None, None)
+    plan = backward_plan(plan, dy, x, cu_seqlens, block_size, stride, padding)
+    return _backward(dy, x, w1, b1, w2, pe, plan, activation, need_x, need_w1, need_b1, need_w2, need_b2, need_pe,
+                     const)
 
 
 def _fake(x, w2, cu_seqlens, block_size, stride, padding, total_windows, **_):
