@@ -85,7 +85,8 @@ class Prepared:
 
 
 class Entrant:
-    """Base: ``name`` (test id), ``family`` ("kvcompress" or "peer"), ``label``."""
+    """Base: ``name`` (test id), ``family`` ("kvcompress" or "peer"), ``label``,
+    ``precision``: the class its result is gated by (benchmarks/checks.py)."""
 
     name = ""
     family = "peer"
@@ -93,6 +94,15 @@ class Entrant:
 
     def label(self, cfg) -> str:
         return self.name
+
+    def precision(self, cfg) -> str:
+        """The gate's class: a registered backend's precision class (SPEC 3c);
+        "peer" for a peer, which promises neither class (the seed's modules
+        compute in the input dtype, their window sums included) and is held
+        to the RMS check of ``checks.PEER_RMS`` instead; the entrants that
+        run kvcompress's default backend, whichever it is, take the looser
+        of our classes."""
+        return "peer" if self.family == "peer" else "io-intermediates"
 
     def skip_reason(self, cfg) -> str | None:
         return None
@@ -135,6 +145,9 @@ class Backend(Entrant):
 
     def label(self, cfg) -> str:
         return f"kvcompress.functional.{cfg.kind}(backend={self.name!r})"
+
+    def precision(self, cfg) -> str:
+        return kb.get(cfg.kind, self.name).precision
 
     def skip_reason(self, cfg) -> str | None:
         return _backend_skip_reason(cfg, self.name)
@@ -475,6 +488,9 @@ class Reference(Entrant):
     def label(self, cfg) -> str:
         return f"reference.{cfg.kind} (NumPy, Python loops)"
 
+    def precision(self, cfg) -> str:
+        return "strict"
+
     def skip_reason(self, cfg) -> str | None:
         if cfg.direction != "fwd":
             return "the reference has no backward"
@@ -575,6 +591,9 @@ class DecodeStep(Entrant):
         self.backend, self.graph = backend, graph
         self.name = f"{backend}+graph" if graph else backend
 
+    def precision(self, cfg) -> str:
+        return kb.get(cfg.kind, self.backend).precision
+
     def label(self, cfg) -> str:
         return (f"kvcompress.decode.decode_step(backend={self.backend!r})"
                 + (" captured in a CUDA graph, replayed" if self.graph else ", eager"))
@@ -644,6 +663,9 @@ class Recompress(Entrant):
     (default backend), the windows a step would otherwise recompute."""
 
     name = "recompress"
+
+    def precision(self, cfg) -> str:      # kvcompress's default backend: the looser of our classes
+        return "io-intermediates"
     output = "windows"
 
     def label(self, cfg) -> str:
@@ -671,6 +693,9 @@ class Streaming(Entrant):
     host and allocates a new state every step."""
 
     name = "streaming"
+
+    def precision(self, cfg) -> str:      # kvcompress's default backend: the looser of our classes
+        return "io-intermediates"
     output = "step"
 
     def label(self, cfg) -> str:

@@ -44,7 +44,8 @@ def test_compress(benchmark, kvbench, bench_item):
         y = prepared.forward(0)
     synchronize(cfg.device)
     first_call = time.perf_counter() - t0
-    ratio = kvbench.checker.forward(case, sets, y, who)
+    precision = entrant.precision(cfg)
+    ratio = kvbench.checker.forward(case, sets, y, who, precision)
     grad_ratio = None
     if grad and not (isinstance(y, torch.Tensor) and y.requires_grad):
         pytest.skip(f"{entrant.name}: its output does not require grad (no backward): fwd+bwd not measured")
@@ -59,7 +60,7 @@ def test_compress(benchmark, kvbench, bench_item):
             if i == 0:                       # the first backward's compile and autotuning
                 first_call += time.perf_counter() - t0
             grad_ratio = max(grad_ratio, kvbench.checker.gradients(case, sets, prepared.to_ours(list(grads)), who,
-                                                                   part))
+                                                                   part, precision))
             del grads
     del y
     if entrant.compiled:
@@ -80,7 +81,8 @@ def test_compress(benchmark, kvbench, bench_item):
     flops, nbytes = cost(case, cfg.direction, sets.itemsize)
     extra = dict(cfg.info(), entrant=entrant.name, family=entrant.family, label=entrant.label(cfg),
                  flops=flops, bytes=nbytes, n_sets=prepared.n_sets, first_call_s=first_call,
-                 check_worst_error_over_bound=ratio, check_worst_gradient_error_over_bound=grad_ratio, **info)
+                 check_worst_error_over_bound=ratio, check_worst_gradient_error_over_bound=grad_ratio,
+                 check_precision=precision, **info)
     if benchmark.enabled:
         with nullcontext() if grad else torch.no_grad():
             extra["peak_extra_bytes"] = peak_extra_bytes(call, cfg.device)

@@ -70,13 +70,14 @@ def test_decode(benchmark, kvbench, decode_item):
             synchronize(cfg.device)
             first_call = time.perf_counter() - t0
             bit_exact = None
+            precision = entrant.precision(cfg)
             if entrant.output == "windows":
-                ratio = kvbench.checker.forward(case, sets, y, who)
+                ratio = kvbench.checker.forward(case, sets, y, who, precision)
             else:
                 if emitted is not None and not bool(emitted.all()):
                     raise CheckFailed(f"{who}: token P - 1 = {case.T - 1} completes a window of every stream, but "
                                       f"{int((~emitted).sum())} of {case.B} streams emitted none; not timed")
-                ratio = kvbench.checker.last_window(case, sets, y, who)
+                ratio = kvbench.checker.last_window(case, sets, y, who, precision)
                 if getattr(entrant, "bit_exact", None) is not None and entrant.bit_exact(cfg):
                     kvbench.checker.same_bits(case, sets, y, entrant.backend, who)
                     bit_exact = True

@@ -183,3 +183,45 @@ def test_gate_rejects_wrong_gradients():
     wrong["weight"][0, 1, 0, 0] = float(gb.exact["weight"][0, 1, 0, 0] - 1.5 * gb.bound["weight"][0, 1, 0, 0])
     with pytest.raises(CheckFailed, match="gradient of weight is wrong on the last windows"):
         checker.gradients(case, sets, wrong, "torch", "last")
+
+
+def test_gate_by_precision_class_and_peer_check():
+    """The gate holds each entrant to its own class: an error between the
+    strict and the io-intermediates bound fails "strict" and passes
+    "io-intermediates"; a peer ("peer") is held to the RMS check, which
+    passes noise of a few units of the dtype on every element and fails a
+    window that is another window's values (an O(1) error), forward and
+    gradients."""
+    from benchmarks.checks import PEER_RMS_ULPS, _unit
+    case, sets = _linear_case()
+    p = sets.params[0]
+    y = kf.linear(sets.x[0], p["weight"], p["bias"], block_size=case.L, stride=case.S, padding=case.padding,
+                  pe=sets.pe[0], backend="torch")
+    checker = Checker()
+    _, expected, strict, _ = checker._head_forward(case, sets, "strict")
+    _, _, io, _ = checker._head_forward(case, sets, "io-intermediates")
+    i = np.unravel_index(np.argmax(io.bound - strict.bound), io.bound.shape)
+    assert io.bound[i] > strict.bound[i]
+    between = y.double().numpy().copy()
+    between[:, :, : expected.shape[2]] = expected
+    between[i] = expected[i] + (strict.bound[i] + io.bound[i]) / 2
+    with pytest.raises(CheckFailed):
+        checker.forward(case, sets, between, "x", "strict")
+    assert checker.forward(case, sets, between, "x", "io-intermediates") <= 1.0
+    rng = np.random.default_rng(0)
+    noisy = y.double().numpy() * (1 + 2 * _unit(case.dtype) * rng.standard_normal(y.shape))
+    assert checker.forward(case, sets, noisy, "peer", "peer") <= 1.0
+    louder = y.double().numpy() * (1 + 4 * PEER_RMS_ULPS * _unit(case.dtype) * rng.standard_normal(y.shape))
+    with pytest.raises(CheckFailed, match="RMS error"):
+        checker.forward(case, sets, louder, "peer", "peer")
+    shifted = y.double().numpy().copy()
+    shifted[:, :, 1] = shifted[:, :, 2]
+    with pytest.raises(CheckFailed, match="RMS error"):
+        checker.forward(case, sets, shifted, "peer", "peer")
+    names, leaves = _leaves(sets)
+    yg = _call(kf.linear, case, sets, leaves)
+    grads = dict(zip(names, torch.autograd.grad(yg, [leaves[n] for n in names], checker.cotangent(case, sets))))
+    assert checker.gradients(case, sets, grads, "peer", precision="peer") <= 1.0
+    wrong = dict(grads, weight=grads["weight"].flip(1))
+    with pytest.raises(CheckFailed, match="gradient of weight is wrong.*RMS error"):
+        checker.gradients(case, sets, wrong, "peer", precision="peer")
