@@ -73,13 +73,20 @@ def _unit(dtype: str) -> float:
     return {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 2.0 ** -24, "float64": 2.0 ** -53}[dtype]
 
 
-def _peer_ratio(got64: np.ndarray, exact: np.ndarray, dtype: str) -> float:
-    """RMS(got - exact) / (PEER_RMS_ULPS u RMS(exact)): at most 1 passes (inf for a non-finite result)."""
+def _peer_check(got64: np.ndarray, exact: np.ndarray, dtype: str, what: str) -> float:
+    """A peer's check: RMS(got - exact) / (PEER_RMS_ULPS u RMS(exact)) (inf for
+    a non-finite result), returned when at most 1, else CheckFailed naming
+    ``what`` ("<who> is wrong on ...")."""
     if not np.isfinite(got64).all():
-        return float("inf")
-    scale = float(np.sqrt(np.mean(exact ** 2))) if exact.size else 0.0
-    err = float(np.sqrt(np.mean((got64 - exact) ** 2))) if exact.size else 0.0
-    return err / max(PEER_RMS_ULPS * _unit(dtype) * scale, np.finfo(np.float64).tiny)
+        ratio = float("inf")
+    else:
+        scale = float(np.sqrt(np.mean(exact ** 2))) if exact.size else 0.0
+        err = float(np.sqrt(np.mean((got64 - exact) ** 2))) if exact.size else 0.0
+        ratio = err / max(PEER_RMS_ULPS * _unit(dtype) * scale, np.finfo(np.float64).tiny)
+    if not ratio <= 1:
+        raise CheckFailed(f"{what}: its RMS error is {ratio:.3g} times {PEER_RMS_ULPS} units of {dtype} relative to "
+                          f"the exact values' RMS (a peer's check); not timed")
+    return ratio
 
 
 class CheckFailed(AssertionError):
@@ -181,12 +188,8 @@ class Checker:
         worst = 0.0
         for where, w0, w1, exp, b, sub in parts:
             if b is None:                   # a peer: the RMS check
-                ratio = _peer_ratio(_to64(y[:, :, w0:w1]), exp, case.dtype)
-                worst = max(worst, ratio)
-                if not ratio <= 1:
-                    raise CheckFailed(f"{who} is wrong on the {where} windows of {case!r}: its RMS error is "
-                                      f"{ratio:.3g} times {PEER_RMS_ULPS} units of {case.dtype} relative to the "
-                                      f"exact values' RMS (a peer's check); not timed")
+                worst = max(worst, _peer_check(_to64(y[:, :, w0:w1]), exp, case.dtype,
+                                               f"{who} is wrong on the {where} windows of {case!r}"))
                 continue
             if not b.well_conditioned:
                 raise CheckFailed(f"{who}: the check of the {where} windows is ill-conditioned under the tolerance "
@@ -219,11 +222,8 @@ class Checker:
             self._last[key] = (_expected(sub, inputs), _bound(sub, inputs, precision), sub)
         expected, b, sub = self._last[key]
         if b is None:
-            ratio = _peer_ratio(_to64(y[:, :, None]), expected, case.dtype)
-            if not ratio <= 1:
-                raise CheckFailed(f"{who} is wrong on the last window of {case!r}: its RMS error is {ratio:.3g} times "
-                                  f"{PEER_RMS_ULPS} units of {case.dtype} relative to the exact values' RMS; not timed")
-            return ratio
+            return _peer_check(_to64(y[:, :, None]), expected, case.dtype,
+                               f"{who} is wrong on the last window of {case!r}")
         if not b.well_conditioned:
             raise CheckFailed(f"{who}: the check of the last window is ill-conditioned under the tolerance model "
                               f"({sub!r}): choose another seed for this configuration")
@@ -325,12 +325,8 @@ class Checker:
                 raise CheckFailed(f"{who}: gradient of {name} has shape {got64.shape} in the checked region, "
                                   f"expected {exact.shape}")
             if precision == "peer":
-                r = _peer_ratio(got64, exact, case.dtype)
-                worst = max(worst, r)
-                if not r <= 1:
-                    raise CheckFailed(f"{who}: the gradient of {name} is wrong on {where}: its RMS error is {r:.3g} "
-                                      f"times {PEER_RMS_ULPS} units of {case.dtype} relative to the exact values' RMS "
-                                      f"({case!r}); not timed")
+                worst = max(worst, _peer_check(got64, exact, case.dtype,
+                                               f"{who}: the gradient of {name} is wrong on {where} ({case!r})"))
                 continue
             err = np.where(np.isfinite(got64), np.abs(got64 - exact), np.inf)
             ratio = err / bound
