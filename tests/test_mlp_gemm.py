@@ -463,7 +463,8 @@ def test_memory_argument():
     assert torch.equal(_call(t, "auto", memory="auto", **kw), _call(t, "auto", **kw))
     triton = kb.get("mlp", "triton")
     assert triton.lean
-    if triton.accepts(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], pe=t["pe"], padding="valid", **kw):
+    if os.environ.get("TRITON_INTERPRET") == "1":     # the suite's CPU sessions (conftest sets it without CUDA)
+        assert triton.accepts(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], pe=t["pe"], padding="valid", **kw)
         assert torch.equal(_call(t, "triton", memory="lean", **kw), _call(t, "triton", **kw))
 
 

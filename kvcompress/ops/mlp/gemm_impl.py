@@ -303,11 +303,7 @@ def _chunkable(x: torch.Tensor, sh: _Shape) -> torch.Tensor:
     """x's first N * S tokens in a layout whose chunks are rows: x itself (a
     view) when its tokens are rows of stride D, else one contiguous copy."""
     xt = x[:, :, : sh.N * sh.S]
-    try:
-        xt.view(sh.B, xt.shape[1], sh.N, sh.K)
-        return xt
-    except RuntimeError:
-        return xt.contiguous()
+    return xt if _rows_view(xt, sh) is not None else xt.contiguous()
 
 
 def _chunks(xt: torch.Tensor, sh: _Shape) -> torch.Tensor:
@@ -495,14 +491,14 @@ def _window_kernel(x: torch.Tensor, cd: torch.dtype) -> bool:
     return x.is_cuda or (WINDOW_KERNEL == "on" and INTERPRET and x.device.type == "cpu")
 
 
-def _windows(x, sh: _Shape, g: int, out: torch.Tensor) -> None:
+def _windows(x, sh: _Shape, g: int, out: torch.Tensor, kernel: bool) -> None:
     """Group g's windows into the first L * D columns of ``out`` (M, K_a),
     K_a >= L * D: window i, chunk c is x's chunk i + c - P, copied exactly,
-    reading x where it lies (no copy of x): one Triton launch where
-    ``_window_kernel`` says so (it also writes the left pads' zeros), else
+    reading x where it lies (no copy of x): one Triton launch with
+    ``kernel`` (``_window_kernel``; it also writes the left pads' zeros), else
     C strided torch copies (the left pads' entries are not written: zero
     since ``_relu_buffers``)."""
-    if _window_kernel(x, out.dtype):
+    if kernel:
         from ._window_copy import copy_windows
         copy_windows(x[:, g * sh.Hg: (g + 1) * sh.Hg], out, W=sh.W, L=sh.L, S=sh.S, P=sh.P)
         return
@@ -528,7 +524,7 @@ def _pieces(t: torch.Tensor, cd: torch.dtype) -> list[torch.Tensor]:
     return out
 
 
-def _relu_buffers(x, sh: _Shape, cd, const):
+def _relu_buffers(x, sh: _Shape, cd, const, kernel: bool):
     """One group's buffers, reused across groups: the windows (M, K_a) and,
     when there is a per-head constant, w1 augmented (K_a, F). With const
     (G, Hg, F) float32 (pe's and b1's share), K_a = L*D + the constant's
@@ -540,10 +536,10 @@ def _relu_buffers(x, sh: _Shape, cd, const):
     Entries that ``_windows`` does not write (left pads where torch copies,
     unused columns) are zero."""
     LD = sh.L * sh.D
-    npieces = 0 if const is None else len(_pieces(const[:1, :1, :1], cd))
+    npieces = 0 if const is None else (1 if cd == const.dtype else 3)          # len(_pieces(const, cd))
     ka = LD if const is None else LD + -(-npieces * sh.Hg // 8) * 8
     win = x.new_empty((sh.M, ka), dtype=cd)
-    if sh.P > 0 and not _window_kernel(x, cd):          # the torch copies leave the left pads unwritten
+    if sh.P > 0 and not kernel:                          # the torch copies leave the left pads unwritten
         win.zero_()
     elif ka > LD:
         win[:, LD:].zero_()
@@ -573,13 +569,14 @@ def _forward_relu(x, w1, b1, w2, b2, pe, sh: _Shape):
     dt, cd = x.dtype, _compute_dtype(x)
     G, M, F_, DO, LD = sh.G, sh.M, sh.F, sh.DO, sh.L * sh.D
     const = None if pe is None else _constant(w1, b1, pe, sh)                 # [G, Hg, F] float32
-    win, w1a, npieces = _relu_buffers(x, sh, cd, const)
+    kernel = _window_kernel(x, cd)                                             # decided once per call
+    win, w1a, npieces = _relu_buffers(x, sh, cd, const, kernel)
     w1_, w2_ = w1.to(cd), w2.to(cd)
     hidden = x.new_empty((G, M, F_), dtype=dt)
     y = x.new_empty((G, M, DO), dtype=cd)
     with _float32_reductions(x.device):
         for g in range(G):
-            _windows(x, sh, g, win)
+            _windows(x, sh, g, win, kernel)
             h = hidden[g] if cd == dt else torch.empty((M, F_), dtype=cd, device=x.device)
             if const is not None:
                 w1a[:LD].copy_(w1_[g])
@@ -612,10 +609,10 @@ def _rows_view(xg, sh: _Shape):
         return None
 
 
-def _group_rows(x, sh: _Shape, g: int, cd: torch.dtype, buf) -> torch.Tensor:
+def _group_rows(x, sh: _Shape, g: int, cd: torch.dtype, buf, kernel: bool) -> torch.Tensor:
     """Group g's tokens as chunk rows (B, Hg, N, S*D) in ``cd``: a view of x
     when its tokens are rows of stride D, else copied into ``buf`` (B * Hg
-    * N, S*D) (the Triton window kernel with L = S where it runs: torch's
+    * N, S*D) (with ``kernel``, the Triton window kernel with L = S: torch's
     strided copy of a (B, T, H, D) x ran at a third of the bandwidth), or a
     new tensor (the CPU's float32 upcast)."""
     xg = x[:, g * sh.Hg: (g + 1) * sh.Hg]
@@ -624,7 +621,7 @@ def _group_rows(x, sh: _Shape, g: int, cd: torch.dtype, buf) -> torch.Tensor:
         return v.to(cd)
     if buf is None:
         return _rows_view(xg.to(cd, memory_format=torch.contiguous_format), sh)
-    if _window_kernel(x, cd):
+    if kernel:
         from ._window_copy import copy_windows
         copy_windows(xg, buf, W=sh.N, L=sh.S, S=sh.S, P=0)
     else:
@@ -632,15 +629,15 @@ def _group_rows(x, sh: _Shape, g: int, cd: torch.dtype, buf) -> torch.Tensor:
     return buf.view(sh.B, sh.Hg, sh.N, sh.K)
 
 
-def _store_rows(rows32, dxg, sh: _Shape, x) -> None:
+def _store_rows(rows32, dxg, sh: _Shape, kernel: bool) -> None:
     """One group's float32 chunk-row sums (B, Hg, N, S*D) rounded once into
     dxg (B, Hg, T, D)'s first N * S tokens, any strides: a view copy when
-    its tokens are rows of stride D, else the Triton kernel where the window
-    kernel runs, else torch's strided copy."""
+    its tokens are rows of stride D, else the Triton kernel with ``kernel``
+    (``_window_kernel``), else torch's strided copy."""
     v = _rows_view(dxg, sh)
     if v is not None:
         v.copy_(rows32)
-    elif _window_kernel(x, dxg.dtype):
+    elif kernel:
         from ._window_copy import rows_to_tokens
         rows_to_tokens(rows32.view(-1, sh.K), dxg, N=sh.N, S=sh.S)
     else:
@@ -660,6 +657,7 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
     over windows in float32. x: (B, H, T, D), any strides."""
     need_x, need_w1, need_b1, need_w2, need_b2, need_pe = need
     dt, cd, acc = x.dtype, _compute_dtype(x), sh.acc
+    kernel = _window_kernel(x, cd)                                            # decided once per call
     G, B, Hg, W, F_, C, K, N = sh.G, sh.B, sh.Hg, sh.W, sh.F, sh.C, sh.K, sh.N
     dx = dw1 = db1 = dw2 = db2 = dpe = None
     dyg = dy.view(B, G, Hg, W, sh.DO).transpose(0, 1).reshape(G, sh.M, sh.DO).to(cd)   # group-major rows
@@ -699,9 +697,9 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
                         dx32[:, :, :, :r0].zero_()
                     for d, x_ in _pairs(dp[:, :, :, i0:], dx32[:, :, :, r0: r0 + n], merge=True):
                         _gemm(x_, d, _weight(w1c[g: g + 1, c].mT, d.shape[0]), accumulate=k > 0)
-                _store_rows(dx32[0], dx[:, g * Hg: (g + 1) * Hg], sh, x)
+                _store_rows(dx32[0], dx[:, g * Hg: (g + 1) * Hg], sh, kernel)
             if need_w1:
-                xs = _group_rows(x, sh, g, cd, rows).view(1, B, Hg, N, K)
+                xs = _group_rows(x, sh, g, cd, rows, kernel).view(1, B, Hg, N, K)
                 for c in range(C):
                     i0, r0, n = sh.rows(c)
                     pairs = _pairs(xs[:, :, :, r0: r0 + n], dp[:, :, :, i0:], merge=False) if n > 0 else []
@@ -711,7 +709,7 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
                         _gemm(part, a.mT, m, accumulate=j > 0)               # summed over batch rows and heads
                     if pec is None:
                         dw1[g, c].copy_(part[0])
-                    elif _window_kernel(x, cd):   # window + pe: dw1[g] chunk c += sum_i pe[h, c]^T cs[h], exact
+                    elif kernel:   # window + pe: dw1[g] chunk c += sum_i pe[h, c]^T cs[h], exact
                         from ._window_copy import finish_dw1
                         finish_dw1(part[0], pec[g, :, c], cs[g], dw1[g, c])
                     else:
