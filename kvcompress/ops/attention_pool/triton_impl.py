@@ -177,12 +177,7 @@ def attention_pool_bwd_kernel(x, w, cpe, pe, dy, y, lse, dx, pw, pp, cu, ccu, cq
     - NEED_DW (NCB = 1): pw[bh, i_p, :, block] = sum over the program's tokens
       x^T (sum_c dz);
     - NEED_PE (NCB = 1): pp[bh, i_p, 0 / 1, j, block] = column sums of dz / pg
-      per position (pe's shares: v = x + pe[h, j] and z = x W + pe W),
-      summed in place: the program zeroes its own rows, each (r, c) of a tile
-      reads, adds to and writes row j, and a barrier ends each tile (the same
-      order every run). Register accumulators [L_PAD, BLOCK_C], updated by a
-      select per (r, c), had cost the dW pass 0.57 ms of 1.27 at the NSA shape
-      (scripts/ap_sweep.py, GPU run 57).
+      per position (pe's shares: v = x + pe[h, j] and z = x W + pe W).
     The sum of dz is rounded to x's dtype for the tensor-core dots (to tf32
     for float16: tf32_intermediate). Partial sums are summed by torch.
     """
@@ -210,15 +205,8 @@ def attention_pool_bwd_kernel(x, w, cpe, pe, dy, y, lse, dx, pw, pp, cu, ccu, cq
         if HID_TF32 or DOT_F32:
             b_wt1 = b_wt1.to(tl.float32)
     b_dw = tl.zeros([BLOCK_D, BLOCK_C], dtype=tl.float32)
-    o_prog = (i_bh.to(tl.int64) * n_prog + i_p)
-    if NEED_PE:   # this program's rows of pp, zeroed here, then one read-add-write per position and tile
-        p_pp = pp + o_prog * 2 * L * D
-        o_c0 = i_c * BLOCK_C + o_cb
-        m_pp = (o_l < L)[:, None] & (o_c0 < D)[None, :]
-        tl.store(p_pp + o_l[:, None] * D + o_c0[None, :], tl.zeros([L_PAD, BLOCK_C], dtype=tl.float32), mask=m_pp)
-        tl.store(p_pp + L * D + o_l[:, None] * D + o_c0[None, :], tl.zeros([L_PAD, BLOCK_C], dtype=tl.float32),
-                 mask=m_pp)
-        tl.debug_barrier()
+    b_sz = tl.zeros([L_PAD, BLOCK_C], dtype=tl.float32)
+    b_sd = tl.zeros([L_PAD, BLOCK_C], dtype=tl.float32)
     n_tiles = tl.cdiv(NQ, BLOCK_K)
     for i_t in range(i_p, n_tiles, n_prog):
         t_base, bos, eos, q, n_win, win_base, m_q = chunk_rows(i_t * BLOCK_K + o_k, cu, ccu, cq, N, N_STEPS, T, W,
@@ -268,11 +256,10 @@ def attention_pool_bwd_kernel(x, w, cpe, pe, dy, y, lse, dx, pw, pp, cu, ccu, cq
                     b_dz = tl.where(m2, b_pg * (b_vj - b_yw), 0.)
                     b_dzs += b_dz
                     b_pgs += b_pg
-                    if NEED_PE:   # position j's column sums: one (r, c) of the tile writes row j
-                        p_j = p_pp + j * D + o_c
-                        tl.store(p_j, tl.load(p_j, mask=m_c, other=0.) + tl.sum(b_dz, axis=0), mask=m_c)
-                        tl.store(p_j + L * D, tl.load(p_j + L * D, mask=m_c, other=0.) + tl.sum(b_pg, axis=0),
-                                 mask=m_c)
+                    if NEED_PE:
+                        hit = (o_l == j)[:, None]
+                        b_sz += tl.where(hit, tl.sum(b_dz, axis=0)[None, :], 0.)
+                        b_sd += tl.where(hit, tl.sum(b_pg, axis=0)[None, :], 0.)
                 if HID_TF32:
                     b_dzr = round_tf32(b_dzs)
                 else:
@@ -317,12 +304,16 @@ def attention_pool_bwd_kernel(x, w, cpe, pe, dy, y, lse, dx, pw, pp, cu, ccu, cq
             if NEED_DX:
                 tl.store(dx + i_b.to(tl.int64) * sgb + i_h.to(tl.int64) * sgh + t[:, None] * sgt
                          + o_d[None, :] * sgd, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
-        if NEED_PE:   # the next tile reads rows this one wrote, maybe from other threads
-            tl.debug_barrier()
+    o_prog = (i_bh.to(tl.int64) * n_prog + i_p)
     o_c = i_c * BLOCK_C + o_cb
     m_c = o_c < D
     if NEED_DW:
         tl.store(pw + o_prog * D * D + o_d[:, None] * D + o_c[None, :], b_dw, mask=m_d[:, None] & m_c[None, :])
+    if NEED_PE:
+        p_pp = pp + o_prog * 2 * L * D + o_l[:, None] * D + o_c[None, :]
+        m_pp = (o_l < L)[:, None] & m_c[None, :]
+        tl.store(p_pp, b_sz, mask=m_pp)
+        tl.store(p_pp + L * D, b_sd, mask=m_pp)
 
 
 # --------------------------------------------------------------------------- launch configurations
@@ -350,9 +341,10 @@ def _bwd_prune(configs, kw):
     --compile-only): [BLOCK_K, BLOCK_D] float32 tiles of at most 16 elements
     per thread (8 for float32 input, whose IEEE dots hold operands in
     registers); with the dW accumulator [BLOCK_D, BLOCK_C], that plus four
-    such tiles at most 128 (bfloat16, D = 128: BLOCK_K 32 with 8 warps, 228
-    registers and no spill, 0.70 ms against 0.92 for BLOCK_K 16; 64 rows or
-    4 warps spill: GPU run 57). The half-precision dx pass also needs BLOCK_K
+    such tiles at most 128 (bfloat16, D = 128, GPU run 57: BLOCK_K 32 with 8
+    warps 228 registers and no spill, 0.70 ms against 0.92 for BLOCK_K 16;
+    with pe's column sums 16 spills, still 1.27 against 1.74 ms; 64 rows or 4
+    warps spill more). The half-precision dx pass also needs BLOCK_K
     >= 4 * num_warps (at 16 rows and 8 warps its tensor-core tiles spill)."""
     BD, BC = kw["BLOCK_D"], kw["BLOCK_C"]
     f32 = kw["x"].dtype == torch.float32
