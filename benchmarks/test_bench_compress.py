@@ -44,7 +44,7 @@ def test_compress(benchmark, kvbench, bench_item):
         y = prepared.forward(0)
     synchronize(cfg.device)
     first_call = time.perf_counter() - t0
-    precision = entrant.precision(cfg)
+    precision = kvbench.checker.gate_class(case, sets, entrant.precision(cfg), grad)
     ratio = kvbench.checker.forward(case, sets, y, who, precision)
     grad_ratio = None
     if grad and not (isinstance(y, torch.Tensor) and y.requires_grad):
@@ -82,7 +82,7 @@ def test_compress(benchmark, kvbench, bench_item):
     extra = dict(cfg.info(), entrant=entrant.name, family=entrant.family, label=entrant.label(cfg),
                  flops=flops, bytes=nbytes, n_sets=prepared.n_sets, first_call_s=first_call,
                  check_worst_error_over_bound=ratio, check_worst_gradient_error_over_bound=grad_ratio,
-                 check_precision=precision, **info)
+                 check_precision=precision, precision_class=entrant.precision(cfg), **info)
     if benchmark.enabled:
         with nullcontext() if grad else torch.no_grad():
             extra["peak_extra_bytes"] = peak_extra_bytes(call, cfg.device)
