@@ -181,17 +181,31 @@ def check(kind, case):
     # the exact values and the harness's tolerance model, on the device: each backend held to its class
     from kvcompress import backends as kb
     classes = {b: kb.get(kind, b).precision for b in ("triton", "torch")}
-    models = {}
+    models, conditioned = {}, {}
     for precision in set(classes.values()):
-        models[precision], ok = harness_model(kind, x, params, pe, dy, L=L, S=S, padding=padding,
-                                              seqlens=seqlens, activation=activation, precision=precision)
-        out["well_conditioned"] = out.get("well_conditioned", True) and ok
-        out["ok"] &= ok
+        models[precision], conditioned[precision] = harness_model(
+            kind, x, params, pe, dy, L=L, S=S, padding=padding, seqlens=seqlens, activation=activation,
+            precision=precision)
+    # as the benchmark gate (benchmarks/checks.py, Checker.gate_class): where a class's model is
+    # ill-conditioned (attention_pool's io-intermediates bound with pe at D >= 64, H200 run 63), the
+    # backend is held to the RMS check instead (PEER_RMS_ULPS units of bfloat16 of the exact values' RMS)
+    from benchmarks.checks import PEER_RMS_ULPS, _unit
+
+    def rms_judge(got, exact, _bound):
+        if not bool(torch.isfinite(got).all()):
+            return float("inf")
+        err = float(((got.double() - exact) ** 2).mean().sqrt()) if got.numel() else 0.0
+        scale = float((exact ** 2).mean().sqrt()) if exact.numel() else 0.0
+        return err / max(PEER_RMS_ULPS * _unit("bfloat16") * scale, 1e-300)
+
+    judges = {b: judge if conditioned[classes[b]] else rms_judge for b in classes}
+    out["well_conditioned"] = all(conditioned.values())
+    out["checked_by"] = {b: classes[b] if conditioned[classes[b]] else "rms" for b in classes}
     out["precision"] = classes
     out["torch_ratios"] = {}
     for key, got, ref in [("y", y_tr, y_to)] + [(k, g_tr[k], g_to[k]) for k in g_tr]:
-        out["ratios"][key] = judge(got, *models[classes["triton"]][key])
-        out["torch_ratios"][key] = judge(ref, *models[classes["torch"]][key])
+        out["ratios"][key] = judges["triton"](got, *models[classes["triton"]][key])
+        out["torch_ratios"][key] = judges["torch"](ref, *models[classes["torch"]][key])
         out["ok"] &= out["ratios"][key] <= 1.0
     del models
     return out
@@ -752,7 +766,8 @@ def summary(res):
         if "torch_ratios" in r:
             tw = max(r["torch_ratios"].values()) if r["torch_ratios"] else 0.0
             extra = f"  (vs exact model; torch backend worst {tw:.2g}" + \
-                ("" if r.get("well_conditioned", True) else "; ILL-CONDITIONED case") + ")"
+                ("" if r.get("well_conditioned", True) else
+                 f"; ill-conditioned class bound: checked by {r.get('checked_by')}") + ")"
         log(f"correct  {r['kind']:14s} {r['case']:8s} T={r['T']:<7d} {'PASS' if r['ok'] else 'FAIL'}  "
             f"worst error/bound {worst:.3g}  " + " ".join(f"{k}={v:.2g}" for k, v in r["ratios"].items()) + extra)
     for r in res.get("timing", []):
