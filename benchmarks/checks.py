@@ -167,10 +167,12 @@ class Checker:
             self._tail[key] = (first, _expected(sub, inputs), _bound(sub, inputs, precision), sub)
         return self._tail[key]
 
-    def gate_class(self, case, sets, precision: str, grad: bool) -> str:
+    def gate_class(self, case, sets, precision: str, grad: bool, last: bool = False) -> str:
         """The class the gate holds an entrant of class ``precision`` to on
         ``case``: that class, or "peer" (the RMS check) where one of its
-        bounds for the checked windows is ill-conditioned.
+        bounds for the checked windows is ill-conditioned (the first and last
+        windows; with ``grad`` their gradients; with ``last`` the last
+        window of every row, which a decoding step emits).
 
         The worst-case model says nothing where a logit's error Delta may
         exceed 1/8 (kvcompress/testing/tolerance.py): the property suite then
@@ -188,10 +190,21 @@ class Checker:
         tail = self._tail_forward(case, sets, precision)
         if tail is not None:
             bounds.append(tail[2])
+        if last:
+            bounds.append(self._last_forward(case, sets, precision)[1])
         ok = all(b.well_conditioned for b in bounds)
         if ok and grad:
             ok = all(self._grad(case, sets, part, precision)[-1].well_conditioned for part in self.grad_parts(case))
         return precision if ok else "peer"
+
+    def _last_forward(self, case, sets, precision="strict"):
+        key = (case, precision)
+        if key not in self._last:
+            sub, inputs, _ = _slice(case, sets, case.W - 1, case.W)
+            if not any(k[0] == case for k in self._last):
+                self._last.clear()          # one configuration at a time keeps memory bounded
+            self._last[key] = (_expected(sub, inputs), _bound(sub, inputs, precision), sub)
+        return self._last[key]
 
     def forward(self, case, sets, y, who: str, precision: str = "strict") -> float:
         """Compare the first and last windows of ``y`` (B, H, W, D_out; a
@@ -240,13 +253,7 @@ class Checker:
                               f"= {(case.B, case.H, sets.d_out)}; not timed")
         if y.dtype != sets.dtype:
             raise CheckFailed(f"{who}: output dtype {y.dtype}, expected the input's {sets.dtype}; not timed")
-        key = (case, precision)
-        if key not in self._last:
-            sub, inputs, _ = _slice(case, sets, case.W - 1, case.W)
-            if not any(k[0] == case for k in self._last):
-                self._last.clear()          # one configuration at a time keeps memory bounded
-            self._last[key] = (_expected(sub, inputs), _bound(sub, inputs, precision), sub)
-        expected, b, sub = self._last[key]
+        expected, b, sub = self._last_forward(case, sets, precision)
         if b is None:
             return _peer_check(_to64(y[:, :, None]), expected, case.dtype,
                                f"{who} is wrong on the last window of {case!r}")

@@ -70,7 +70,8 @@ def test_decode(benchmark, kvbench, decode_item):
             synchronize(cfg.device)
             first_call = time.perf_counter() - t0
             bit_exact = None
-            precision = entrant.precision(cfg)
+            precision = kvbench.checker.gate_class(case, sets, entrant.precision(cfg), grad=False,
+                                                   last=entrant.output != "windows")
             if entrant.output == "windows":
                 ratio = kvbench.checker.forward(case, sets, y, who, precision)
             else:
@@ -84,7 +85,8 @@ def test_decode(benchmark, kvbench, decode_item):
             del y, emitted
             extra = dict(cfg.info(), entrant=entrant.name, family=entrant.family, label=entrant.label(cfg),
                          steps=prepared.steps, prepare_s=prepare_s, first_call_s=first_call,
-                         check_worst_error_over_bound=ratio, bit_exact=bit_exact)
+                         check_worst_error_over_bound=ratio, check_precision=precision,
+                         precision_class=entrant.precision(cfg), bit_exact=bit_exact)
             if prepared.probe is not None:
                 extra.update(prepared.probe())
             extra.update(prepared.info)

@@ -241,6 +241,7 @@ def test_gate_class_falls_back_to_the_rms_check_only_where_the_bound_says_nothin
     assert checker._head_forward(case, sets, "strict")[2].well_conditioned
     assert checker.gate_class(case, sets, "io-intermediates", grad=False) == "peer"
     assert checker.gate_class(case, sets, "io-intermediates", grad=True) == "peer"
+    assert checker.gate_class(case, sets, "io-intermediates", grad=False, last=True) == "peer"
     assert checker.gate_class(case, sets, "strict", grad=True) == "strict"
     lcase, lsets = _linear_case()
     assert checker.gate_class(lcase, lsets, "io-intermediates", grad=True) == "io-intermediates"
