@@ -93,9 +93,9 @@ class KvBench:
         self.deadline = opt("--kvbench-deadline")
         gpu = device == "cuda"
         # CUDA rounds of 50 ms: a round of one call (every call over 2 ms had one with the former 2 ms rounds)
-        # also times the host's head start before its first kernel, which steady-state calls hide: GPU runs
-        # 60-61 timed mlp's gemm forward at 2.67 ms that way against 2.13 under do_bench, the seed's eager
-        # pipeline at 4.20 against 2.95 ms, a single-kernel entrant within 6%
+        # also times the host's head start before its first kernel, which steady-state calls hide; the likely
+        # cause of GPU runs 60-61's gaps to do_bench (mlp's gemm forward 2.67 against 2.13 ms, the seed's eager
+        # pipeline 4.20 against 2.95 ms, a one-kernel entrant within 6%); docs/benchmarks.md, "Timing"
         self.case_time = opt("--kvbench-case-time") or (0.3 if gpu else 0.4)
         self.round_time = opt("--kvbench-round-time") or (0.05 if gpu else 0.01)
         self.min_rounds = opt("benchmark_min_rounds")
