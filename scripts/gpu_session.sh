@@ -43,6 +43,8 @@
 #             seed eager and compiled, bf16 at the NSA shape, with the matmul floor (issue 14.1)
 #   decodebench  scripts/decode_bench.py: issue 15's decode-step latency table (every kind and CUDA backend, N
 #             streams 1/8/64/256, eager and CUDA-graph replay, against recompressing the prefixes; DECODE_ARGS adds)
+#   apsweep   scripts/ap_sweep.py: attention_pool's kernels one launch configuration at a time at the NSA shape (time,
+#             registers, spills; more backward programs; a profiled tuned forward + backward)
 #   perf      scripts/gpu_perf.py: linear and the pools, CUDA-graph and eager times, per-kernel profile, host time
 #             (docs/triton-perf.md); LABEL=name names the run (compare saved runs with gpu_perf.py --compare)
 # The other property-suite phases run pytest-xdist with XDIST workers (default 8) when it is importable: on a GPU
@@ -126,6 +128,7 @@ for arg in "$@"; do
         mlpprobe) run mlpprobe 300 python3 scripts/mlp_gemm_probe.py --out "$OUT/mlp_probe.json" ;;
         decodebench) run decodebench 300 python3 scripts/decode_bench.py --out "$OUT/decode.json" --md "$OUT/decode.md" \
                    ${DECODE_ARGS:-} ;;
+        apsweep) run apsweep 200 python3 scripts/ap_sweep.py --out "$OUT/ap_sweep.json" ;;
         perf) run perf 400 python3 scripts/gpu_perf.py --label "${LABEL:-this}" --out "$OUT/perf.json" ;;
         bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench${BENCH_TAG:-}" ${BENCH_ARGS:-} ;;
         streambench) run streambench 300 python3 -m pytest benchmarks/test_bench_streaming.py --benchmark-only -q \
