@@ -294,3 +294,21 @@ def test_host_profile_script_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (tmp_path / "host_profile.txt").read_text()
     assert "### mean_pool fwd:" in report and "### mean_pool fwdbwd:" in report and "by tottime" in report
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--dry-run runs the kernels in Triton's interpreter on the CPU")
+def test_ap_sweep_script_dry_run(tmp_path):
+    """scripts/ap_sweep.py (attention_pool's kernels one launch configuration
+    at a time, GPU runs 57-58) runs every step on a tiny shape in the
+    interpreter: the forward, each backward pass (dx, dW with and without
+    pe's sums) and the tuned forward + backward, with no step failing, so a
+    GPU call cannot be lost to a bug of the script itself."""
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ap_sweep.py"), "--dry-run", "--out",
+                           str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["fwd"] and all("error" not in r and r["same_as_tuned"] for r in res["fwd"])
+    assert {r["pass_"] for r in res["bwd"]} == {"dx", "dw+pe", "dw"}
+    assert all("error" not in r for r in res["bwd"])
