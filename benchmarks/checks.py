@@ -181,7 +181,7 @@ class Checker:
         stored in the dtype (2 u_o per unit of logit magnitude A), so with
         the benchmark's inputs (x and pe N(0, 1), W N(0, 1/D)) A reaches 16
         and Delta 1/8 on the first windows at D = 128 (reproduced on the CPU;
-        the strict class's Delta is 300 times smaller and well conditioned).
+        the strict class's Delta is about 1000 times smaller, well conditioned).
         The RMS check still fails an O(1) error (a wrong window, position or
         layout) by far; the property suite is the precise proof."""
         if precision in ("peer", "strict"):
