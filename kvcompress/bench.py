@@ -173,6 +173,10 @@ def render(data: dict, outcomes: _Outcomes | None = None, compared: dict | None 
                               "the same thing (its chunks never overlap, so NSA's S < L cannot be compared).")
                 if e["role"] == "readability":
                     notes.add(f"T={e['T']} D={e['D']} rows: the readability floor, where the loop reference runs.")
+                if e.get("precision_class") not in (None, e.get("check_precision")):
+                    notes.add(f"`{name}` at D={e['D']}: held to the peers' RMS check, not to the bound of its class "
+                              f"({e['precision_class']}), which is ill-conditioned on the checked windows "
+                              "(docs/benchmarks.md, the correctness gate).")
         labels = sorted({(b["extra_info"]["entrant"], b["extra_info"]["label"]) for k in keys
                          for b in groups[k].values()})
         out += ["", "Entrants: " + "; ".join(f"`{n}` = {lab}" for n, lab in labels) + "."]

@@ -161,3 +161,17 @@ def test_decode_switch(monkeypatch, tmp_path, flag):
         assert ignored == [f"--ignore={bench._checkout() / bench.SUITE / bench.DECODE_MODULE}"]
     else:
         assert ignored == []
+
+
+def test_a_gate_fallback_is_named_in_the_tables():
+    """An entrant held to the RMS check because its class's bound was
+    ill-conditioned (benchmarks/checks.py, ``Checker.gate_class``) gets a
+    note under its kind's table; one checked under its own class gets none."""
+    data = _data()
+    b = data["benchmarks"][0]
+    assert "RMS check" not in bench.render(data)
+    b["extra_info"].update(precision_class="io-intermediates", check_precision="peer")
+    text = bench.render(data)
+    assert "`triton` at D=128: held to the peers' RMS check" in text and "(io-intermediates)" in text
+    b["extra_info"].update(check_precision="io-intermediates")
+    assert "RMS check" not in bench.render(data)
