@@ -26,6 +26,11 @@ pytest-benchmark, then writes to the output directory:
     kvcompress-bench --out results --check-only               # correctness only, nothing timed (CI)
     kvcompress-bench --out results --no-decode                # without the decoding benchmarks
     kvcompress-bench --out results -k test_bench_decode       # only the decoding benchmarks
+    kvcompress-bench --out record --render part1 part2        # one report from the runs in part1/, part2/
+
+A run also writes ``outcomes.json`` (what passed, failed or was not
+measured, and why), so that ``--render`` can merge several runs made on one
+machine (a record larger than one call's time limit) into one report.
 """
 
 from __future__ import annotations
@@ -68,6 +73,50 @@ class _Outcomes:
         elif report.skipped:
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             self.skipped.append((report.nodeid, reason.removeprefix("Skipped: ")))
+
+
+    def to_json(self, seconds: float) -> dict:
+        return {"passed": self.passed, "failed": [list(f) for f in self.failed],
+                "skipped": [list(k) for k in self.skipped], "seconds": seconds}
+
+    @classmethod
+    def from_json(cls, parts: list[dict]) -> _Outcomes:
+        """The outcomes of several runs together (``to_json``'s dicts)."""
+        o = cls()
+        for d in parts:
+            o.passed += d["passed"]
+            o.failed += [tuple(f) for f in d["failed"]]
+            o.skipped += [tuple(k) for k in d["skipped"]]
+        return o
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """One pytest-benchmark JSON from the ``bench.json`` of several runs of
+    kvcompress-bench on one machine (a record split over calls).
+
+    The runs must agree on the device, GPU or CPU model, torch and dtype
+    (ValueError naming the field otherwise), and no benchmark may appear in
+    two of them (ValueError naming it): nothing is silently picked. The
+    result keeps the first run's header and lists every run under
+    ``kvcompress["parts"]`` (its date, size set and measured ceilings); each
+    benchmark keeps the roofline fraction of its own run's ceilings."""
+    if not runs:
+        raise ValueError("merge_runs: no runs given")
+    first = runs[0].get("kvcompress", {})
+    for field in ("device", "gpu", "cpu", "torch", "dtype"):
+        seen = {r.get("kvcompress", {}).get(field) for r in runs}
+        if len(seen) > 1:
+            raise ValueError(f"merge_runs: the runs differ in {field!r}: {sorted(map(str, seen))}")
+    names, benchmarks = {}, []
+    for i, r in enumerate(runs):
+        for b in r.get("benchmarks", []):
+            if b["fullname"] in names:
+                raise ValueError(f"merge_runs: {b['fullname']} is in runs {names[b['fullname']]} and {i}")
+            names[b["fullname"]] = i
+            benchmarks.append(b)
+    parts = [{"datetime": r.get("datetime", ""), "sizes": r.get("kvcompress", {}).get("sizes"),
+              "ceilings": r.get("kvcompress", {}).get("ceilings")} for r in runs]
+    return dict(runs[0], benchmarks=benchmarks, kvcompress=dict(first, parts=parts))
 
 
 def _one_line(text: str) -> str:
@@ -122,7 +171,16 @@ def render(data: dict, outcomes: _Outcomes | None = None, compared: dict | None 
                  f"({info.get('torch_threads')} intra-op threads)")
     out.append(f"Machine: {where}; dtype {info.get('dtype')}; size set `{info.get('sizes')}`; "
                f"{data.get('datetime', '')[:19]}.")
-    if ceil:
+    parts = info.get("parts") or []
+    if len(parts) > 1:
+        out.append(f"Merged from {len(parts)} runs on this machine (`kvcompress-bench --render`), each with its own "
+                   "ceilings; every row's % of roofline uses its run's:")
+        for p in parts:
+            c = p.get("ceilings") or {}
+            roofs = (f"copy {c['bandwidth_gbps']:.4g} GB/s, matmul {c['matmul_tflops']:.4g} TFLOP/s" if c
+                     else "no ceilings")
+            out.append(f"- {p.get('datetime', '')[:19]}, size set `{p.get('sizes')}`: {roofs}.")
+    elif ceil:
         out.append(f"Ceilings measured in this run: copy {ceil['bandwidth_gbps']:.4g} GB/s (bytes read + written, "
                    f"{ceil['copy_bytes'] >> 20} MiB), matmul {ceil['matmul_tflops']:.4g} TFLOP/s "
                    f"({ceil['matmul_dtype']}, n = {ceil['matmul_n']}).")
@@ -427,9 +485,14 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
                     help="the decoding benchmarks (one step of N streams, benchmarks/test_bench_decode.py; "
                          "default: on; only them: -k test_bench_decode)")
+    ap.add_argument("--render", nargs="+", default=None, metavar="DIR",
+                    help="run nothing: merge the runs in these output directories (their bench.json and "
+                         "outcomes.json, one machine) into one bench.md, bench.json and roofline.png in --out")
     ap.add_argument("-k", dest="keyword", default=None, help="pytest -k expression selecting benchmarks")
     ap.add_argument("--pytest-args", default="", help="more pytest arguments, one string")
     args = ap.parse_args(argv)
+    if args.render:
+        return _render_dirs([Path(d) for d in args.render], Path(args.out))
 
     try:
         import pytest
@@ -499,9 +562,39 @@ def main(argv=None) -> int:
         text = render(data, outcomes, compared) + f"\n{summary}.\n"
         print(plot(data, out / "roofline.png"))
     (out / "bench.md").write_text(text)
+    (out / "outcomes.json").write_text(json.dumps(outcomes.to_json(seconds), indent=1))
     print(text)
     print(f"kvcompress-bench: wrote {out / 'bench.md'}" + ("" if args.check_only else f", {json_path}"))
     return 0 if code == pytest.ExitCode.OK else 1
+
+
+def _render_dirs(dirs: list[Path], out: Path) -> int:
+    """``--render``: one report from the runs in ``dirs`` (``merge_runs``)."""
+    runs, outs = [], []
+    for d in dirs:
+        if not (d / "bench.json").is_file():
+            raise SystemExit(f"kvcompress-bench --render: {d / 'bench.json'} does not exist")
+        runs.append(json.loads((d / "bench.json").read_text()))
+        if (d / "outcomes.json").is_file():
+            outs.append(json.loads((d / "outcomes.json").read_text()))
+    try:
+        data = merge_runs(runs)
+    except ValueError as e:
+        raise SystemExit(f"kvcompress-bench --render: {e}") from None
+    outcomes = _Outcomes.from_json(outs) if outs else None
+    text = render(data, outcomes)
+    if outs:
+        text += (f"\n{len(outcomes.passed)} passed, {len(outcomes.failed)} failed, {len(outcomes.skipped)} not "
+                 f"measured in {sum(o['seconds'] for o in outs):.0f} s over {len(outs)} runs.\n")
+    if len(outs) < len(runs):
+        text += f"\n({len(runs) - len(outs)} of the runs had no outcomes.json: their failures are not listed.)\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(data))
+    (out / "bench.md").write_text(text)
+    print(plot(data, out / "roofline.png"))
+    print(text)
+    print(f"kvcompress-bench: wrote {out / 'bench.md'}, {out / 'bench.json'}")
+    return 0
 
 
 if __name__ == "__main__":

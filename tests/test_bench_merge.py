@@ -1,0 +1,64 @@
+"""``kvcompress-bench --render``: one report from several runs on one machine
+(kvcompress/bench.py, ``merge_runs``), for a record larger than one call's
+time limit; from small synthetic pytest-benchmark JSONs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvcompress import bench
+
+
+def _run(tmp_path, name, entrants, *, gpu="H200", T=8192, failed=(), when="2026-12-04T10:00:00"):
+    """An output directory as kvcompress-bench leaves it: bench.json with one
+    linear forward row per entrant, and outcomes.json."""
+    benchmarks = []
+    for entrant, median, family in entrants:
+        info = dict(kind="linear", role="nsa", direction="fwd", D=128, T=T, L=32, S=16, dtype="bfloat16",
+                    device="cuda", entrant=entrant, family=family, label=f"label of {entrant}", flops=10 ** 9,
+                    bytes=10 ** 8, tflops=1.0, gbps=100.0, roofline_fraction=0.5, peak_extra_bytes=None,
+                    median_s=median)
+        benchmarks.append({"fullname": f"benchmarks/test_bench_compress.py::test_compress[linear-T{T}-{entrant}]",
+                           "stats": {"median": median, "rounds": 5}, "extra_info": info})
+    ceil = {"bandwidth_gbps": 4000.0, "matmul_tflops": 700.0, "copy_bytes": 1 << 30, "matmul_dtype": "bfloat16",
+            "matmul_n": 8192}
+    data = {"datetime": when, "benchmarks": benchmarks,
+            "kvcompress": {"device": "cuda", "gpu": gpu, "cuda": "13.0", "torch": "2.11", "dtype": "bfloat16",
+                           "sizes": "record", "ceilings": ceil}}
+    d = tmp_path / name
+    d.mkdir()
+    (d / "bench.json").write_text(json.dumps(data))
+    (d / "outcomes.json").write_text(json.dumps({"passed": [b["fullname"] for b in benchmarks],
+                                                 "failed": [[f, "CheckFailed: wrong"] for f in failed],
+                                                 "skipped": [], "seconds": 100.0}))
+    return d
+
+
+def test_render_merges_runs_into_one_report(tmp_path):
+    a = _run(tmp_path, "a", [("triton", 1e-4, "kvcompress"), ("seed", 4e-4, "peer")], T=8192)
+    b = _run(tmp_path, "b", [("triton", 2e-4, "kvcompress"), ("seed", 6e-4, "peer")], T=65536,
+             failed=["test_compress[linear-T65536-torch]"], when="2026-12-04T10:10:00")
+    out = tmp_path / "merged"
+    assert bench.main(["--render", str(a), str(b), "--out", str(out)]) == 0
+    text = (out / "bench.md").read_text()
+    assert "Merged from 2 runs" in text and "2026-12-04T10:00:00" in text and "2026-12-04T10:10:00" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| fwd |")]
+    assert {r.split("|")[2].strip() for r in rows} == {"8192", "65536"}
+    assert "4x" in text and "3x" in text                        # each triton row against its own run's seed
+    assert "test_compress[linear-T65536-torch]" in text and "4 passed, 1 failed" in text
+    merged = json.loads((out / "bench.json").read_text())
+    assert len(merged["benchmarks"]) == 4 and len(merged["kvcompress"]["parts"]) == 2
+
+
+def test_render_refuses_runs_of_different_machines_or_repeated_benchmarks(tmp_path):
+    a = _run(tmp_path, "a", [("triton", 1e-4, "kvcompress")])
+    other = _run(tmp_path, "other", [("triton", 1e-4, "kvcompress")], gpu="H100", T=65536)
+    with pytest.raises(SystemExit, match="differ in 'gpu'"):
+        bench.main(["--render", str(a), str(other), "--out", str(tmp_path / "x")])
+    again = _run(tmp_path, "again", [("triton", 1e-4, "kvcompress")])
+    with pytest.raises(SystemExit, match=r"test_compress\[linear-T8192-triton\] is in runs 0 and 1"):
+        bench.main(["--render", str(a), str(again), "--out", str(tmp_path / "y")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        bench.main(["--render", str(tmp_path / "none"), "--out", str(tmp_path / "z")])
