@@ -74,7 +74,6 @@ class _Outcomes:
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             self.skipped.append((report.nodeid, reason.removeprefix("Skipped: ")))
 
-
     def to_json(self, seconds: float) -> dict:
         return {"passed": self.passed, "failed": [list(f) for f in self.failed],
                 "skipped": [list(k) for k in self.skipped], "seconds": seconds}
