@@ -62,3 +62,25 @@ def test_render_refuses_runs_of_different_machines_or_repeated_benchmarks(tmp_pa
         bench.main(["--render", str(a), str(again), "--out", str(tmp_path / "y")])
     with pytest.raises(SystemExit, match="does not exist"):
         bench.main(["--render", str(tmp_path / "none"), "--out", str(tmp_path / "z")])
+
+
+def test_a_run_writes_its_outcomes(monkeypatch, tmp_path):
+    """What --render merges: a run's outcomes.json lists what passed, what
+    failed and why (pytest itself replaced here by a fake that reports two
+    tests through the run's plugin)."""
+    from types import SimpleNamespace
+
+    def fake_main(args, plugins=()):
+        for p in plugins:
+            p.pytest_runtest_logreport(SimpleNamespace(when="call", passed=True, failed=False, skipped=False,
+                                                       nodeid="test_compress[ok]"))
+            p.pytest_runtest_logreport(SimpleNamespace(when="call", passed=False, failed=True, skipped=False,
+                                                       nodeid="test_compress[bad]",
+                                                       longreprtext="E   CheckFailed: wrong"))
+        return pytest.ExitCode.TESTS_FAILED
+
+    monkeypatch.setattr(pytest, "main", fake_main)
+    assert bench.main(["--out", str(tmp_path), "--device", "cpu", "--check-only"]) == 1
+    got = json.loads((tmp_path / "outcomes.json").read_text())
+    assert got["passed"] == ["test_compress[ok]"] and got["failed"] == [["test_compress[bad]", "CheckFailed: wrong"]]
+    assert got["skipped"] == [] and got["seconds"] >= 0
