@@ -45,6 +45,8 @@
 #             streams 1/8/64/256, eager and CUDA-graph replay, against recompressing the prefixes; DECODE_ARGS adds)
 #   apsweep   scripts/ap_sweep.py: attention_pool's kernels one launch configuration at a time at the NSA shape (time,
 #             registers, spills; more backward programs; a profiled tuned forward + backward)
+#   profile   scripts/kind_profile.py: per-kernel profile and do_bench of kvcompress-bench's configuration of PROFILE_KIND
+#             (gated_pool) at setting PROFILE_SETTING (0), D 128, T 131072, every entrant (PROFILE_ARGS adds options)
 #   perf      scripts/gpu_perf.py: linear and the pools, CUDA-graph and eager times, per-kernel profile, host time
 #             (docs/triton-perf.md); LABEL=name names the run (compare saved runs with gpu_perf.py --compare)
 # The other property-suite phases run pytest-xdist with XDIST workers (default 8) when it is importable: on a GPU
@@ -128,6 +130,8 @@ for arg in "$@"; do
         mlpprobe) run mlpprobe 300 python3 scripts/mlp_gemm_probe.py --out "$OUT/mlp_probe.json" ;;
         decodebench) run decodebench 300 python3 scripts/decode_bench.py --out "$OUT/decode.json" --md "$OUT/decode.md" \
                    ${DECODE_ARGS:-} ;;
+        profile) run profile 300 python3 scripts/kind_profile.py --kind "${PROFILE_KIND:-gated_pool}" \
+                   --setting "${PROFILE_SETTING:-0}" --out "$OUT/profile_${PROFILE_KIND:-gated_pool}.json" ${PROFILE_ARGS:-} ;;
         apsweep) run apsweep 200 python3 scripts/ap_sweep.py --out "$OUT/ap_sweep.json" ;;
         perf) run perf 400 python3 scripts/gpu_perf.py --label "${LABEL:-this}" --out "$OUT/perf.json" ;;
         bench) run bench 420 python3 -m kvcompress.bench --out "$OUT/bench${BENCH_TAG:-}" ${BENCH_ARGS:-} ;;

@@ -312,3 +312,22 @@ def test_ap_sweep_script_dry_run(tmp_path):
     assert res["fwd"] and all("error" not in r and r["same_as_tuned"] for r in res["fwd"])
     assert {r["pass_"] for r in res["bwd"]} == {"dx", "dw+pe", "dw"}
     assert all("error" not in r for r in res["bwd"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--dry-run runs the kernels in Triton's interpreter on the CPU")
+def test_kind_profile_script_dry_run(tmp_path):
+    """scripts/kind_profile.py (the per-kernel profile of kvcompress-bench's
+    configuration beside its peers) runs each entrant of gated_pool's CSA
+    setting in both directions on a tiny shape, the Triton one in the
+    interpreter, with no entrant failing; the compiled peer is the only one
+    left out (no torch.compile in the dry run)."""
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "kind_profile.py"), "--kind", "gated_pool",
+                           "--dry-run", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    ran = {(r["direction"], r["entrant"]) for r in rows if "host_us_per_call" in r}
+    assert ran == {(d, e) for d in ("fwd", "fwd+bwd") for e in ("triton", "torch", "deepseek-v4")}, rows
+    assert all("error" not in r for r in rows)
+    assert {r["entrant"] for r in rows if "skipped" in r} == {"deepseek-v4+compile"}
