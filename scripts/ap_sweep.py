@@ -8,8 +8,9 @@ For every configuration of the forward and of each backward pass (the dx
 pass; the dW pass with and without pe's column sums) the script compiles it
 alone, reads its registers and spills from the compiled kernel, and times
 it (``triton.testing.do_bench`` median, ms). The backward passes are also
-timed with more programs per (b, h) row than ``bwd_programs`` gives. A
-``torch.profiler`` table of one tuned forward + backward ends the output.
+timed with more programs per (b, h) row than ``bwd_programs`` gives, and
+the tuned forward + backward once. (Its per-kernel profile beside the
+peers: ``scripts/kind_profile.py --kind attention_pool``.)
 
 NSA shape: bfloat16, B = 1, H = 4, T = 131072, D = 128, L = 32, S = 16,
 padding "left", pe on, keys (B, T, H, D), weights per head (G = H).
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
                 res["bwd"].append(row)
                 print("bwd", row, flush=True)
 
-    # ------------------------------------------------------------ one tuned forward + backward, profiled
+    # ------------------------------------------------------------ one tuned forward + backward
     xg = x.detach().requires_grad_(True)
     wg = w.detach().requires_grad_(True)
     pg = pe.detach().requires_grad_(True)
@@ -171,15 +172,6 @@ def main(argv=None) -> int:
     res["tuned_fb_ms"] = bench(fb)
     res["tuned_fwd"] = {str(k): str(v) for k, v in ap_mod._FWD.best.items()}
     res["tuned_bwd"] = {str(k): str(v) for k, v in ap_mod._BWD.best.items()}
-    if dev == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                fb()
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
-        res["profile"] = table
-        print(table)
     print("tuned f+b ms", res["tuned_fb_ms"], res["tuned_fwd"], res["tuned_bwd"])
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1, default=str))
