@@ -73,16 +73,25 @@ def _unit(dtype: str) -> float:
     return {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 2.0 ** -24, "float64": 2.0 ** -53}[dtype]
 
 
+def rms_ratio(got64, exact, dtype: str) -> float:
+    """RMS(got - exact) / (PEER_RMS_ULPS u RMS(exact)), u the unit roundoff of
+    ``dtype``; inf where got has a non-finite element. float64 NumPy arrays
+    or torch tensors (both of one kind, any device), of one shape."""
+    finite = got64.isfinite().all() if isinstance(got64, torch.Tensor) else np.isfinite(got64).all()
+    if not bool(finite):
+        return float("inf")
+    n = got64.numel() if isinstance(got64, torch.Tensor) else got64.size
+    if not n:
+        return 0.0
+    scale = float((exact ** 2).mean()) ** 0.5
+    err = float(((got64 - exact) ** 2).mean()) ** 0.5
+    return err / max(PEER_RMS_ULPS * _unit(dtype) * scale, np.finfo(np.float64).tiny)
+
+
 def _peer_check(got64: np.ndarray, exact: np.ndarray, dtype: str, what: str) -> float:
-    """A peer's check: RMS(got - exact) / (PEER_RMS_ULPS u RMS(exact)) (inf for
-    a non-finite result), returned when at most 1, else CheckFailed naming
-    ``what`` ("<who> is wrong on ...")."""
-    if not np.isfinite(got64).all():
-        ratio = float("inf")
-    else:
-        scale = float(np.sqrt(np.mean(exact ** 2))) if exact.size else 0.0
-        err = float(np.sqrt(np.mean((got64 - exact) ** 2))) if exact.size else 0.0
-        ratio = err / max(PEER_RMS_ULPS * _unit(dtype) * scale, np.finfo(np.float64).tiny)
+    """A peer's check: ``rms_ratio``, returned when at most 1, else
+    CheckFailed naming ``what`` ("<who> is wrong on ...")."""
+    ratio = rms_ratio(got64, exact, dtype)
     if not ratio <= 1:
         raise CheckFailed(f"{what}: its RMS error is {ratio:.3g} times {PEER_RMS_ULPS} units of {dtype} relative to "
                           f"the exact values' RMS (a peer's check); not timed")
