@@ -44,7 +44,7 @@
 #   decodebench  scripts/decode_bench.py: issue 15's decode-step latency table (every kind and CUDA backend, N
 #             streams 1/8/64/256, eager and CUDA-graph replay, against recompressing the prefixes; DECODE_ARGS adds)
 #   apsweep   scripts/ap_sweep.py: attention_pool's kernels one launch configuration at a time at the NSA shape (time,
-#             registers, spills; more backward programs; a profiled tuned forward + backward)
+#             registers, spills; more backward programs; the tuned forward + backward)
 #   profile   scripts/kind_profile.py: per-kernel profile and do_bench of kvcompress-bench's configuration of PROFILE_KIND
 #             (gated_pool) at setting PROFILE_SETTING (0), D 128, T 131072, every entrant (PROFILE_ARGS adds options)
 #   perf      scripts/gpu_perf.py: linear and the pools, CUDA-graph and eager times, per-kernel profile, host time
