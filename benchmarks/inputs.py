@@ -99,7 +99,7 @@ def nsa_arguments(kind: str, *, B: int, H: int, T: int, D: int, L: int, S: int, 
                   layout: str = "bhtd", pe: bool = False, bias: bool = False, grad: bool = False, seed: int = 0,
                   expand: float = 1.0):
     """(x, params, pe) for one call of ``kind`` (mean_pool, weighted_pool,
-    linear, mlp or attention_pool) with G = H, as the GPU scripts time and
+    linear, mlp, attention_pool or gated_pool, split off) with G = H, as the GPU scripts time and
     check it.
 
     x: (B, H, T, D), contiguous for layout "bhtd", a (B, T, H, D) tensor seen
@@ -125,7 +125,10 @@ def nsa_arguments(kind: str, *, B: int, H: int, T: int, D: int, L: int, S: int, 
               "linear": lambda: [rnd(H, L, D, D, scale=(L * D) ** -0.5), rnd(H, D) if bias else None],
               "mlp": lambda: [rnd(H, L * D, F, scale=(L * D) ** -0.5), rnd(H, F) if bias else None,
                               rnd(H, F, D, scale=F ** -0.5), rnd(H, D) if bias else None],
-              "attention_pool": lambda: [rnd(H, D, D, scale=D ** -0.5)]}[kind]()
+              "attention_pool": lambda: [rnd(H, D, D, scale=D ** -0.5)],
+              # gated_pool (split off): z like x, bias (G, L, D) or None
+              "gated_pool": lambda: [rnd(B, T, H, D).transpose(1, 2) if layout == "bthd" else rnd(B, H, T, D),
+                                     rnd(H, L, D) if bias else None]}[kind]()
     pe_t = rnd(H, L, D) if pe else None
     if grad:
         for t in [x, *params, pe_t]:

@@ -32,7 +32,8 @@
 #   precision scripts/precision_table.py at T = PRECISION_T (16384): error against the bound per kind, dtype and
 #             tensor, "before" from the tree unpacked in .head/before (git archive REV kvcompress benchmarks), then
 #             this tree (issue 13's table)
-#   hostprof  scripts/host_profile.py: where the host time of a call goes (cProfile, tiny inputs; HOST_CALLS, 1000)
+#   hostprof  scripts/host_profile.py: where the host time of a call goes (cProfile, tiny inputs; HOST_CALLS, 1000;
+#             HOST_ARGS adds options, e.g. "--kinds gated_pool")
 #   ncu       Nsight Compute on one tuned call of NCU_KIND (attention_pool) at the NSA shape (scripts/ncu_kernel.py,
 #             NCU_ARGS adds e.g. --fwdbwd): speed of light, occupancy, warp stalls, clocks left alone
 #   peers     scripts/verify_peers.py: the public kernels' adapters through the suite (sources in .peers/, wheels in .whl/)
@@ -123,7 +124,7 @@ for arg in "$@"; do
                    PYTHONPATH=.head/before:$PYTHONPATH python3 scripts/precision_table.py --T $T --label before \
                    --out "$OUT/precision_before.json"; python3 scripts/precision_table.py --T $T --label after \
                    --out "$OUT/precision_after.json"' ;;
-        hostprof) run hostprof 240 python3 scripts/host_profile.py --calls "${HOST_CALLS:-1000}" --out "$OUT" ;;
+        hostprof) run hostprof 240 python3 scripts/host_profile.py --calls "${HOST_CALLS:-1000}" --out "$OUT" ${HOST_ARGS:-} ;;
         ncu) run ncu 150 ncu --nvtx --nvtx-include "measured/" --clock-control none --section SpeedOfLight \
                    --section Occupancy --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
                    python3 scripts/ncu_kernel.py --kind "${NCU_KIND:-attention_pool}" ${NCU_ARGS:-} ;;

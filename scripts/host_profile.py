@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-KINDS = ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool")
+KINDS = ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool", "gated_pool")
 
 
 def inputs(kind, device, dtype, grad):
@@ -59,13 +59,17 @@ def main(argv=None) -> int:
         x, params, pe = inputs(kind, device, torch.bfloat16, grad=False)
         xg, pg, peg = inputs(kind, device, torch.bfloat16, grad=True)
         kw = dict(block_size=4, stride=2, padding="left", backend="triton")
-        dy = torch.ones_like(fn(x, *params, pe=pe, **kw))
+        if kind == "gated_pool":        # no pe (its bias takes pe's place)
+            pe = peg = None
+        else:
+            kw = dict(kw, pe=pe)
+        dy = torch.ones_like(fn(x, *params, **kw))
 
-        def fwd(fn=fn, x=x, params=params, pe=pe, kw=kw):
-            fn(x, *params, pe=pe, **kw)
+        def fwd(fn=fn, x=x, params=params, kw=kw):
+            fn(x, *params, **kw)
 
         def fwdbwd(fn=fn, xg=xg, pg=pg, peg=peg, kw=kw, dy=dy):
-            fn(xg, *pg, pe=peg, **kw).backward(dy)
+            fn(xg, *pg, **(dict(kw, pe=peg) if "pe" in kw else kw)).backward(dy)
         for name, step in (("fwd", fwd), ("fwdbwd", fwdbwd)):
             for _ in range(3):
                 step()                              # compile, autotune

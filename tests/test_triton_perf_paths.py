@@ -289,11 +289,13 @@ def test_host_profile_script_runs_on_cpu(tmp_path):
     backward through kvcompress.functional (in the interpreter here) and
     writes its report."""
     script = os.path.join(ROOT, "scripts", "host_profile.py")
-    proc = subprocess.run([sys.executable, script, "--kinds", "mean_pool", "--top", "5", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, script, "--kinds", "mean_pool,gated_pool", "--top", "5",
+                           "--out", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (tmp_path / "host_profile.txt").read_text()
-    assert "### mean_pool fwd:" in report and "### mean_pool fwdbwd:" in report and "by tottime" in report
+    assert all(f"### {k} {d}:" in report for k in ("mean_pool", "gated_pool") for d in ("fwd", "fwdbwd"))
+    assert "by tottime" in report
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--dry-run runs the kernels in Triton's interpreter on the CPU")

@@ -21,9 +21,9 @@ import triton
 
 from .env import INTERPRET
 
-__all__ = ["AUTOTUNE", "LAUNCH_CACHE_SIZE", "Launcher", "cache_put", "SIZE_ARGS", "cdiv", "fill_factor", "first_config", "interpret_block",
-           "jit_kernel", "kernel_args", "next_pow2", "size_class", "small_tiles", "small_tiles_active", "strides",
-           "tile_configs"]
+__all__ = ["AUTOTUNE", "FAST_LAUNCH", "LAUNCH_CACHE_SIZE", "Launcher", "cache_put", "SIZE_ARGS", "cdiv",
+           "fill_factor", "first_config", "interpret_block", "jit_kernel", "kernel_args", "next_pow2", "size_class",
+           "small_tiles", "small_tiles_active", "strides", "tile_configs"]
 
 # Problem sizes and counts among the kernels' arguments. Triton specialises an
 # int argument on == 1 and on divisibility by 16 unless told not to, so every
@@ -176,6 +176,34 @@ def _autotune_setting() -> bool:
 AUTOTUNE = _autotune_setting()
 
 
+def _fast_launch_setting() -> bool:
+    value = os.environ.get("KVCOMPRESS_TRITON_FAST_LAUNCH", "1").lower()
+    if value not in ("0", "1", "false", "true", "off", "on"):
+        raise ValueError(f"KVCOMPRESS_TRITON_FAST_LAUNCH must be 0 or 1, got {value!r}")
+    return value in ("1", "true", "on")
+
+
+def _triton_version() -> tuple[int, int]:
+    try:
+        major, minor = triton.__version__.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return (0, 0)
+
+
+# Versions whose JITFunction.run hands the compiled kernel's launcher every parameter of the kernel, constexprs
+# included, in signature order (read in the sources of 3.6, the GPU runs' version, and 3.9); the direct launch
+# below does the same. Other versions launch through JITFunction.run.
+FAST_LAUNCH_VERSIONS = ((3, 6), (3, 9))
+
+# KVCOMPRESS_TRITON_FAST_LAUNCH=0 (read once at import) turns the direct launch off (see Launcher).
+FAST_LAUNCH = (_fast_launch_setting() and not INTERPRET
+               and FAST_LAUNCH_VERSIONS[0] <= _triton_version() <= FAST_LAUNCH_VERSIONS[1])
+
+
+_Tensor = torch.Tensor
+
+
 def first_config(configs, prune, named):
     """The configurations to try in order without autotuning: those ``prune``
     keeps (all when it keeps none, as the autotuner does), first first."""
@@ -196,6 +224,11 @@ class Launcher:
 
     def __init__(self, kernel, *, configs, key, interpret_meta, prune=None):
         self.kernel = kernel
+        # the direct launch: (grid, device, keywords, argument specialisations) -> (compiled kernel's launcher for
+        # that grid, the constexpr values after the positional arguments); None when off
+        self._direct: dict | None = {} if FAST_LAUNCH else None
+        self._defaults = {p.name: p.default for p in getattr(kernel, "params", ())
+                          if p.default is not inspect.Parameter.empty}
         self.interpret_meta = interpret_meta
         self.configs, self.prune = list(configs), prune
         self.tuned = None
@@ -229,18 +262,62 @@ class Launcher:
                 self.best[key] = self.tuned.best_config
                 self._picked[key] = self.tuned.best_config.all_kwargs()   # built once, not per launch
             else:
-                self.kernel[grid](*args, **kwargs, **picked)
+                self.launch(grid, args, {**kwargs, **picked})
         else:
             named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
             tried = first_config(self.configs, self.prune, named)
             for i, cfg in enumerate(tried):
                 try:
-                    self.kernel[grid({**named, **cfg.kwargs})](*args, **kwargs, **cfg.kwargs,
-                                                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    self.launch(grid, args, {**kwargs, **cfg.kwargs, "num_warps": cfg.num_warps,
+                                             "num_stages": cfg.num_stages})
                     return
                 except triton.runtime.errors.OutOfResources:   # as the autotuner skips it: the next one
                     if i == len(tried) - 1:
                         raise
+
+    def launch(self, grid, args: tuple, kwargs: dict):
+        """``self.kernel[grid](*args, **kwargs)`` (kwargs: constexprs and
+        compile options). With FAST_LAUNCH, from the second call of a
+        specialisation on, the compiled kernel's own launcher is called
+        directly: Triton's JITFunction.run binds and specialises every
+        argument and rebuilds its cache key on each call (~33 native calls,
+        about half of a small forward's host time, GPU run 56). The direct
+        launch's key is everything that run specialises on: the grid function
+        (the wrappers cache one per shapes and strides), the current device,
+        the keywords, each tensor's dtype and 16-byte alignment and every
+        other argument's value; a call that differs in any of them compiles
+        or looks up through JITFunction.run, whose kernel is then cached.
+        Launch hooks (e.g. Proton) still see every launch: the compiled
+        kernel's launcher calls them."""
+        direct = self._direct
+        if direct is None:
+            self.kernel[grid](*args, **kwargs)
+            return
+        try:
+            # what Triton specialises each argument on: a tensor's dtype and 16-byte alignment, any other
+            # value itself (an int's == 1 and divisibility by 16 follow from it); inline, as a function call per
+            # argument would double the key's cost (~5 us for 50 arguments on a 2-core Xeon)
+            key = (grid, torch.cuda.current_device(), *kwargs.items(),
+                   *[a if a.__class__ is int else (a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor) else a
+                     for a in args])
+            hit = direct.get(key)
+        except TypeError:                                   # an unhashable keyword or argument: Triton's way
+            key = hit = None
+        if hit is not None:
+            runner, tail = hit
+            runner(*args, *tail)
+            return
+        compiled = self.kernel[grid](*args, **kwargs)
+        if key is None or not hasattr(compiled, "__getitem__"):
+            return
+        names = self.kernel.arg_names
+        try:
+            tail = tuple([kwargs[n] if n in kwargs else self._defaults[n] for n in names[len(args):]])
+        except KeyError:                                    # a parameter passed some other way: not cached
+            return
+        g = grid(dict(zip(names, (*args, *tail)))) if callable(grid) else grid
+        g = (*g, 1, 1)[:3]
+        cache_put(direct, key, (compiled[g], tail))
 
     def tuning_key(self, args, kwargs) -> tuple:
         """The autotuner's key of a call: the values of the ``key`` arguments

@@ -1,0 +1,127 @@
+"""The Launcher's direct launch (kvcompress/ops/_triton/launch.py,
+``Launcher.launch``), which calls a compiled kernel's own launcher instead of
+Triton's JITFunction.run once a specialisation has been launched. It runs only
+on a GPU (the GPU suite covers its results); here a fake kernel records what
+each path receives, so that the cache key and the argument order are checked
+on any machine:
+
+- the first call of a specialisation goes through ``kernel[grid]``, the next
+  ones through the compiled kernel's launcher, given every parameter in
+  signature order (constexprs and defaults after the positional arguments)
+  and the grid evaluated on them;
+- a different dtype, 16-byte alignment, integer value, keyword or grid
+  function goes through ``kernel[grid]`` again (a new specialisation);
+- an unhashable argument, a parameter the launch cannot place, or the switch
+  off (``_direct`` None) never take the direct path.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kvcompress.ops._triton import launch as tc  # noqa: E402
+
+
+class _Param:
+    def __init__(self, name, default=inspect.Parameter.empty):
+        self.name, self.default = name, default
+
+
+class _FakeCompiled:
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("direct", grid, args))
+
+
+class _FakeKernel:
+    """JITFunction's surface that Launcher.launch uses: arg_names, params,
+    kernel[grid](*args, **kwargs) returning the compiled kernel."""
+
+    arg_names = ["x", "n", "y", "BLOCK", "FLAG"]
+    params = [_Param("x"), _Param("n"), _Param("y"), _Param("BLOCK"), _Param("FLAG", default=True)]
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("jit", grid, args, kwargs))
+            return _FakeCompiled(self.log)
+        return run
+
+
+@pytest.fixture
+def launcher(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    lau = tc.Launcher.__new__(tc.Launcher)
+    lau.kernel = _FakeKernel()
+    lau._direct = {}
+    lau._defaults = {p.name: p.default for p in lau.kernel.params if p.default is not inspect.Parameter.empty}
+    return lau
+
+
+def grid(meta):
+    return (meta["n"] // meta["BLOCK"], 2)
+
+
+def test_second_call_is_direct_with_every_parameter_in_order(launcher):
+    x, y = torch.zeros(8), torch.ones(8)
+    launcher.launch(grid, (x, 64, y), {"BLOCK": 16, "num_warps": 4})
+    launcher.launch(grid, (x, 64, y), {"BLOCK": 16, "num_warps": 4})
+    log = launcher.kernel.log
+    assert [e[0] for e in log] == ["jit", "direct"]
+    _, g, args = log[1]
+    assert g == (4, 2, 1)                                   # grid(meta) on the bound parameters, padded to 3
+    assert args[:3] == (x, 64, y) and args[3:] == (16, True)    # constexpr, then FLAG's default; no num_warps
+
+
+@pytest.mark.parametrize("change", ["dtype", "alignment", "int", "keyword", "grid"])
+def test_a_new_specialisation_goes_through_jit(launcher, change):
+    x, y = torch.zeros(16), torch.ones(16)
+    base = ((x, 64, y), {"BLOCK": 16})
+    launcher.launch(grid, *base)
+    args, kw, g = (x, 64, y), {"BLOCK": 16}, grid
+    if change == "dtype":
+        args = (x.double(), 64, y)
+    elif change == "alignment":
+        args = (x[1:], 64, y)                               # 4 bytes past an aligned address
+    elif change == "int":
+        args = (x, 65, y)
+    elif change == "keyword":
+        kw = {"BLOCK": 32}
+    else:
+        def g(meta):
+            return (1,)
+    launcher.launch(g, args, kw)
+    assert [e[0] for e in launcher.kernel.log] == ["jit", "jit"]
+    launcher.launch(g, args, kw)                            # and that one is cached in turn
+    assert launcher.kernel.log[-1][0] == "direct"
+
+
+def test_unhashable_or_unplaceable_or_off_stays_on_jit(launcher):
+    x = torch.zeros(8)
+    for _ in range(2):
+        launcher.launch(grid, (x, 64, [1]), {"BLOCK": 16})  # a list argument: no key
+    for _ in range(2):
+        launcher.launch(grid, (x, 64), {"BLOCK": 16})       # y given nowhere: no argument list to cache
+    launcher._direct = None
+    for _ in range(2):
+        launcher.launch(grid, (x, 64, x), {"BLOCK": 16})
+    assert [e[0] for e in launcher.kernel.log] == ["jit"] * 6
+
+
+def test_switch_is_read_and_validated(monkeypatch):
+    monkeypatch.setenv("KVCOMPRESS_TRITON_FAST_LAUNCH", "maybe")
+    with pytest.raises(ValueError, match="KVCOMPRESS_TRITON_FAST_LAUNCH"):
+        tc._fast_launch_setting()
+    monkeypatch.setenv("KVCOMPRESS_TRITON_FAST_LAUNCH", "0")
+    assert tc._fast_launch_setting() is False
+    if tc.INTERPRET:
+        assert tc.FAST_LAUNCH is False                      # the interpreter has no compiled kernels
