@@ -22,7 +22,7 @@ import inspect
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from kvcompress.ops._triton import launch as tc  # noqa: E402
 
@@ -59,9 +59,13 @@ class _FakeKernel:
 
 @pytest.fixture
 def launcher(monkeypatch):
+    """A GPU-side Launcher (tuned, untuned launches: the first configuration)
+    around the fake kernel, the direct launch on."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(tc, "AUTOTUNE", False)
     lau = tc.Launcher.__new__(tc.Launcher)
     lau.kernel = _FakeKernel()
+    lau.configs, lau.prune, lau.tuned = [triton.Config({"BLOCK": 16}, num_warps=4, num_stages=2)], None, object()
     lau._direct = {}
     lau._defaults = {p.name: p.default for p in lau.kernel.params if p.default is not inspect.Parameter.empty}
     return lau
@@ -73,21 +77,21 @@ def grid(meta):
 
 def test_second_call_is_direct_with_every_parameter_in_order(launcher):
     x, y = torch.zeros(8), torch.ones(8)
-    launcher.launch(grid, (x, 64, y), {"BLOCK": 16, "num_warps": 4})
-    launcher.launch(grid, (x, 64, y), {"BLOCK": 16, "num_warps": 4})
+    launcher(grid, x, 64, y)
+    launcher(grid, x, 64, y)
     log = launcher.kernel.log
     assert [e[0] for e in log] == ["jit", "direct"]
+    assert log[0][3] == {"BLOCK": 16, "num_warps": 4, "num_stages": 2}     # the configuration, through JIT
     _, g, args = log[1]
     assert g == (4, 2, 1)                                   # grid(meta) on the bound parameters, padded to 3
-    assert args[:3] == (x, 64, y) and args[3:] == (16, True)    # constexpr, then FLAG's default; no num_warps
+    assert args[:3] == (x, 64, y) and args[3:] == (16, True)    # BLOCK, then FLAG's default; no options
 
 
 @pytest.mark.parametrize("change", ["dtype", "alignment", "int", "keyword", "grid"])
 def test_a_new_specialisation_goes_through_jit(launcher, change):
     x, y = torch.zeros(16), torch.ones(16)
-    base = ((x, 64, y), {"BLOCK": 16})
-    launcher.launch(grid, *base)
-    args, kw, g = (x, 64, y), {"BLOCK": 16}, grid
+    launcher(grid, x, 64, y)
+    args, kw, g = (x, 64, y), {}, grid
     if change == "dtype":
         args = (x.double(), 64, y)
     elif change == "alignment":
@@ -95,25 +99,26 @@ def test_a_new_specialisation_goes_through_jit(launcher, change):
     elif change == "int":
         args = (x, 65, y)
     elif change == "keyword":
-        kw = {"BLOCK": 32}
+        kw = {"FLAG": False}
     else:
         def g(meta):
             return (1,)
-    launcher.launch(g, args, kw)
+    launcher(g, *args, **kw)
     assert [e[0] for e in launcher.kernel.log] == ["jit", "jit"]
-    launcher.launch(g, args, kw)                            # and that one is cached in turn
+    launcher(g, *args, **kw)                                # and that one is cached in turn
     assert launcher.kernel.log[-1][0] == "direct"
+    assert launcher.kernel.log[-1][2][4] == kw.get("FLAG", True)
 
 
 def test_unhashable_or_unplaceable_or_off_stays_on_jit(launcher):
     x = torch.zeros(8)
     for _ in range(2):
-        launcher.launch(grid, (x, 64, [1]), {"BLOCK": 16})  # a list argument: no key
+        launcher(grid, x, 64, [1])                          # a list argument: no key
     for _ in range(2):
-        launcher.launch(grid, (x, 64), {"BLOCK": 16})       # y given nowhere: no argument list to cache
+        launcher(grid, x, 64)                               # y given nowhere: no argument list to cache
     launcher._direct = None
     for _ in range(2):
-        launcher.launch(grid, (x, 64, x), {"BLOCK": 16})
+        launcher(grid, x, 64, x)
     assert [e[0] for e in launcher.kernel.log] == ["jit"] * 6
 
 

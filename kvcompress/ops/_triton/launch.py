@@ -252,7 +252,24 @@ class Launcher:
             meta = self.interpret_meta(named)
             named.update(meta)
             self.kernel[grid(named)](*args, **kwargs, **meta)
-        elif AUTOTUNE:
+            return
+        direct, dkey = self._direct, None
+        if direct is not None:
+            try:
+                # what JITFunction.run specialises on (see ``launch``): a tensor's dtype and 16-byte alignment, any
+                # other value itself (an int's == 1 and divisibility by 16 follow from it); inline, as a function
+                # call per argument would double the key's cost (~5 us for 50 arguments on a 2-core Xeon)
+                dkey = (grid, torch.cuda.current_device(), *kwargs.items(),
+                        *[a if a.__class__ is int else (a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor)
+                          else a for a in args])
+                hit = direct.get(dkey)
+            except TypeError:                               # an unhashable keyword or argument: Triton's way
+                dkey = hit = None
+            if hit is not None:
+                runner, tail = hit
+                runner(*args, *tail)
+                return
+        if AUTOTUNE:
             # Once a key is tuned, launch its pick directly: triton's Autotuner.run rebuilds its key
             # from every argument on each call, ~15-25 us of host time per launch (GPU run 11, cProfile)
             key = self.tuning_key(args, kwargs)
@@ -262,53 +279,40 @@ class Launcher:
                 self.best[key] = self.tuned.best_config
                 self._picked[key] = self.tuned.best_config.all_kwargs()   # built once, not per launch
             else:
-                self.launch(grid, args, {**kwargs, **picked})
+                self.launch(grid, args, {**kwargs, **picked}, dkey)
         else:
             named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
             tried = first_config(self.configs, self.prune, named)
             for i, cfg in enumerate(tried):
                 try:
                     self.launch(grid, args, {**kwargs, **cfg.kwargs, "num_warps": cfg.num_warps,
-                                             "num_stages": cfg.num_stages})
+                                             "num_stages": cfg.num_stages}, dkey)
                     return
                 except triton.runtime.errors.OutOfResources:   # as the autotuner skips it: the next one
                     if i == len(tried) - 1:
                         raise
 
-    def launch(self, grid, args: tuple, kwargs: dict):
+    def launch(self, grid, args: tuple, kwargs: dict, key=None):
         """``self.kernel[grid](*args, **kwargs)`` (kwargs: constexprs and
-        compile options). With FAST_LAUNCH, from the second call of a
-        specialisation on, the compiled kernel's own launcher is called
-        directly: Triton's JITFunction.run binds and specialises every
+        compile options, the configuration's included), then, with
+        FAST_LAUNCH, the compiled kernel's own launcher cached under ``key``
+        (that of the caller's call in ``__call__``), where the next call with
+        that key goes straight, before any tuning key or configuration is
+        looked up. Triton's JITFunction.run binds and specialises every
         argument and rebuilds its cache key on each call (~33 native calls,
-        about half of a small forward's host time, GPU run 56). The direct
-        launch's key is everything that run specialises on: the grid function
-        (the wrappers cache one per shapes and strides), the current device,
-        the keywords, each tensor's dtype and 16-byte alignment and every
-        other argument's value; a call that differs in any of them compiles
-        or looks up through JITFunction.run, whose kernel is then cached.
-        Launch hooks (e.g. Proton) still see every launch: the compiled
-        kernel's launcher calls them."""
-        direct = self._direct
-        if direct is None:
-            self.kernel[grid](*args, **kwargs)
-            return
-        try:
-            # what Triton specialises each argument on: a tensor's dtype and 16-byte alignment, any other
-            # value itself (an int's == 1 and divisibility by 16 follow from it); inline, as a function call per
-            # argument would double the key's cost (~5 us for 50 arguments on a 2-core Xeon)
-            key = (grid, torch.cuda.current_device(), *kwargs.items(),
-                   *[a if a.__class__ is int else (a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor) else a
-                     for a in args])
-            hit = direct.get(key)
-        except TypeError:                                   # an unhashable keyword or argument: Triton's way
-            key = hit = None
-        if hit is not None:
-            runner, tail = hit
-            runner(*args, *tail)
-            return
+        about half of a small forward's host time, GPU run 56; the direct
+        launch took a mean_pool forward from 161 to 71 us of host time, run
+        65). The key is everything that run specialises on: the grid
+        function (the wrappers cache one per shapes and strides), the current
+        device, the caller's keywords (which with the arguments fix the
+        configuration), each tensor's dtype and 16-byte alignment and every
+        other argument's value; a call that differs in any of them goes
+        through JITFunction.run (compiling if need be), and its kernel is
+        cached in turn. Launch hooks (e.g. Proton) still see every launch:
+        the compiled kernel's launcher calls them."""
         compiled = self.kernel[grid](*args, **kwargs)
-        if key is None or not hasattr(compiled, "__getitem__"):
+        direct = self._direct
+        if direct is None or key is None or not hasattr(compiled, "__getitem__"):
             return
         names = self.kernel.arg_names
         try:
