@@ -9,8 +9,9 @@ on any machine:
   ones through the compiled kernel's launcher, given every parameter in
   signature order (constexprs and defaults after the positional arguments)
   and the grid evaluated on them;
-- a different dtype, 16-byte alignment, integer value, keyword or grid
-  function goes through ``kernel[grid]`` again (a new specialisation);
+- a different dtype, 16-byte alignment, integer value or keyword goes
+  through ``kernel[grid]`` again (a new specialisation); a different grid
+  function does not (it is evaluated on every call);
 - an unhashable argument, a parameter the launch cannot place, or the switch
   off (``_direct`` None) never take the direct path.
 """
@@ -87,7 +88,7 @@ def test_second_call_is_direct_with_every_parameter_in_order(launcher):
     assert args[:3] == (x, 64, y) and args[3:] == (16, True)    # BLOCK, then FLAG's default; no options
 
 
-@pytest.mark.parametrize("change", ["dtype", "alignment", "int", "keyword", "grid"])
+@pytest.mark.parametrize("change", ["dtype", "alignment", "int", "keyword"])
 def test_a_new_specialisation_goes_through_jit(launcher, change):
     x, y = torch.zeros(16), torch.ones(16)
     launcher(grid, x, 64, y)
@@ -98,16 +99,33 @@ def test_a_new_specialisation_goes_through_jit(launcher, change):
         args = (x[1:], 64, y)                               # 4 bytes past an aligned address
     elif change == "int":
         args = (x, 65, y)
-    elif change == "keyword":
-        kw = {"FLAG": False}
     else:
-        def g(meta):
-            return (1,)
+        kw = {"FLAG": False}
     launcher(g, *args, **kw)
     assert [e[0] for e in launcher.kernel.log] == ["jit", "jit"]
     launcher(g, *args, **kw)                                # and that one is cached in turn
     assert launcher.kernel.log[-1][0] == "direct"
     assert launcher.kernel.log[-1][2][4] == kw.get("FLAG", True)
+
+
+def test_each_call_evaluates_its_own_grid(launcher):
+    """The grid is not in the key (attention_pool and linear build a new grid
+    function a call): a hit evaluates the call's grid, on the constexprs alone
+    when it reads only those."""
+    x, y = torch.zeros(8), torch.ones(8)
+    launcher(grid, x, 64, y)
+    seen = []
+
+    def by_block(meta):
+        seen.append(dict(meta))
+        return (meta["BLOCK"], 3)
+    launcher(by_block, x, 64, y)
+    launcher(grid, x, 128, y)                               # another int: a new specialisation, through JIT
+    launcher(grid, x, 128, y)
+    log = launcher.kernel.log
+    assert [e[0] for e in log] == ["jit", "direct", "jit", "direct"]
+    assert log[1][1] == (16, 3, 1) and seen == [{"BLOCK": 16, "FLAG": True}]
+    assert log[3][1] == (8, 2, 1)
 
 
 def test_unhashable_or_unplaceable_or_off_stays_on_jit(launcher):

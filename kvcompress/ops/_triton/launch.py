@@ -224,8 +224,8 @@ class Launcher:
 
     def __init__(self, kernel, *, configs, key, interpret_meta, prune=None):
         self.kernel = kernel
-        # the direct launch: (grid, device, keywords, argument specialisations) -> (compiled kernel's launcher for
-        # that grid, the constexpr values after the positional arguments); None when off
+        # the direct launch: (device, keywords, argument specialisations) -> (compiled kernel, the constexpr values
+        # after the positional arguments, those as a dict for the grid function); None when off
         self._direct: dict | None = {} if FAST_LAUNCH else None
         self._defaults = {p.name: p.default for p in getattr(kernel, "params", ())
                           if p.default is not inspect.Parameter.empty}
@@ -259,15 +259,19 @@ class Launcher:
                 # what JITFunction.run specialises on (see ``launch``): a tensor's dtype and 16-byte alignment, any
                 # other value itself (an int's == 1 and divisibility by 16 follow from it); inline, as a function
                 # call per argument would double the key's cost (~5 us for 50 arguments on a 2-core Xeon)
-                dkey = (grid, torch.cuda.current_device(), *kwargs.items(),
+                dkey = (torch.cuda.current_device(), *kwargs.items(),
                         *[a if a.__class__ is int else (a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor)
                           else a for a in args])
                 hit = direct.get(dkey)
             except TypeError:                               # an unhashable keyword or argument: Triton's way
                 dkey = hit = None
             if hit is not None:
-                runner, tail = hit
-                runner(*args, *tail)
+                compiled, tail, meta = hit
+                try:
+                    g = grid(meta)                          # the grids of kvcompress read only constexprs
+                except KeyError:
+                    g = grid(dict(zip(self.kernel.arg_names, (*args, *tail))))
+                compiled[(*g, 1, 1)[:3]](*args, *tail)
                 return
         if AUTOTUNE:
             # Once a key is tuned, launch its pick directly: triton's Autotuner.run rebuilds its key
@@ -302,26 +306,27 @@ class Launcher:
         argument and rebuilds its cache key on each call (~33 native calls,
         about half of a small forward's host time, GPU run 56; the direct
         launch took a mean_pool forward from 161 to 71 us of host time, run
-        65). The key is everything that run specialises on: the grid
-        function (the wrappers cache one per shapes and strides), the current
+        65). The key is everything that run specialises on: the current
         device, the caller's keywords (which with the arguments fix the
         configuration), each tensor's dtype and 16-byte alignment and every
         other argument's value; a call that differs in any of them goes
         through JITFunction.run (compiling if need be), and its kernel is
-        cached in turn. Launch hooks (e.g. Proton) still see every launch:
-        the compiled kernel's launcher calls them."""
+        cached in turn. The grid is not in the key (it does not change the
+        compiled kernel; several wrappers build a new grid function a call):
+        each call evaluates its own grid function on the constexprs (on
+        every parameter if it reads another one). Launch hooks (e.g.
+        Proton) still see every launch: the compiled kernel's launcher calls
+        them."""
         compiled = self.kernel[grid](*args, **kwargs)
         direct = self._direct
-        if direct is None or key is None or not hasattr(compiled, "__getitem__"):
+        if direct is None or key is None or not hasattr(compiled, "__getitem__") or not callable(grid):
             return
         names = self.kernel.arg_names
         try:
             tail = tuple([kwargs[n] if n in kwargs else self._defaults[n] for n in names[len(args):]])
         except KeyError:                                    # a parameter passed some other way: not cached
             return
-        g = grid(dict(zip(names, (*args, *tail)))) if callable(grid) else grid
-        g = (*g, 1, 1)[:3]
-        cache_put(direct, key, (compiled[g], tail))
+        cache_put(direct, key, (compiled, tail, dict(zip(names[len(args):], tail))))
 
     def tuning_key(self, args, kwargs) -> tuple:
         """The autotuner's key of a call: the values of the ``key`` arguments
