@@ -540,16 +540,35 @@ def _relu_buffers(x, sh: _Shape, cd, const, kernel: bool):
     ka = LD if const is None else LD + -(-npieces * sh.Hg // 8) * 8
     win = x.new_empty((sh.M, ka), dtype=cd)
     if sh.P > 0 and not kernel:                          # the torch copies leave the left pads unwritten
-        win.zero_()
-    elif ka > LD:
-        win[:, LD:].zero_()
-    if const is not None:
-        rows = win[:, LD:].view(sh.B, sh.Hg, sh.W, ka - LD)
-        for p in range(npieces):
-            for i in range(sh.Hg):
-                rows[:, i, :, p * sh.Hg + i] = 1
+        win[:, :LD].zero_()
+    if const is not None:                                # the ones and zeros of the extra columns: one copy
+        win[:, LD:].view(sh.B, sh.Hg, sh.W, ka - LD).copy_(_ones_columns(sh.Hg, npieces, ka - LD, cd,
+                                                                          x.device)[:, None])
     w1a = None if const is None else x.new_zeros((ka, sh.F), dtype=cd)
     return win, w1a, npieces
+
+
+_ONES: dict[tuple, torch.Tensor] = {}
+
+
+def _ones_columns(hg: int, npieces: int, width: int, cd: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(hg, width) in ``cd``: row i has ones in columns p * hg + i for p <
+    npieces, zeros elsewhere (the extra columns of a window row of head i,
+    ``_relu_buffers``). Built once per (sizes, dtype, device): the former
+    per-(piece, head) fills were 3 * hg torch calls of host time a forward
+    (the gemm backend is host-bound at every record size, H200 runs 66-67);
+    built afresh, not kept, during CUDA-graph capture (the capture's memory
+    pool owns what it allocates)."""
+    key = (hg, npieces, width, cd, device)
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = torch.zeros((hg, width), dtype=cd, device=device)
+        ones[:, : npieces * hg] = torch.eye(hg, dtype=cd, device=device).repeat(1, npieces)
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            if len(_ONES) >= 64:                         # bounded (one entry per shape class in practice)
+                _ONES.clear()
+            _ONES[key] = ones
+    return ones
 
 
 def _forward_relu(x, w1, b1, w2, b2, pe, sh: _Shape):
@@ -574,14 +593,16 @@ def _forward_relu(x, w1, b1, w2, b2, pe, sh: _Shape):
     w1_, w2_ = w1.to(cd), w2.to(cd)
     hidden = x.new_empty((G, M, F_), dtype=dt)
     y = x.new_empty((G, M, DO), dtype=cd)
+    # const's pieces for every group at once, (G, npieces * Hg, F), piece p of head i in row p * Hg + i: the rows
+    # of w1a after w1 (one copy a group; per group and piece, they were 4 torch calls each)
+    pieces = None if const is None else torch.cat(_pieces(const, cd), dim=1)
     with _float32_reductions(x.device):
         for g in range(G):
             _windows(x, sh, g, win, kernel)
             h = hidden[g] if cd == dt else torch.empty((M, F_), dtype=cd, device=x.device)
             if const is not None:
                 w1a[:LD].copy_(w1_[g])
-                for p, piece in enumerate(_pieces(const[g], cd)):
-                    w1a[LD + p * sh.Hg: LD + (p + 1) * sh.Hg].copy_(piece)
+                w1a[LD: LD + npieces * sh.Hg].copy_(pieces[g])
                 torch.mm(win, w1a, out=h)
             elif b1 is None:
                 torch.mm(win, w1_[g], out=h)
