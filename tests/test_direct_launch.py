@@ -148,3 +148,62 @@ def test_switch_is_read_and_validated(monkeypatch):
     assert tc._fast_launch_setting() is False
     if tc.INTERPRET:
         assert tc.FAST_LAUNCH is False                      # the interpreter has no compiled kernels
+
+
+def _launchers():
+    """Every Launcher of the Triton backends' modules."""
+    import importlib
+    found = []
+    for kind in ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool", "gated_pool"):
+        mod = importlib.import_module(f"kvcompress.ops.{kind}.triton_impl")
+        found += [v for v in vars(mod).values() if isinstance(v, tc.Launcher)]
+    return found
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not tc.FAST_LAUNCH, reason="the direct launch is off (Triton version or switch)")
+@pytest.mark.parametrize("kind", ["mean_pool", "weighted_pool", "linear", "mlp", "attention_pool", "gated_pool"])
+def test_gpu_repeat_calls_skip_jit_run_and_match_it(kind, monkeypatch):
+    """On a GPU: once a call's kernels have run, a call on new tensors of the
+    same shapes launches every Launcher's kernel directly (no
+    JITFunction.run for them), and its outputs and gradients are bit for bit
+    those of the same call with the direct launch off."""
+    from triton.runtime.jit import JITFunction
+
+    import kvcompress.functional as kf
+    from benchmarks.inputs import nsa_arguments
+
+    launched = {id(lau.kernel) for lau in _launchers()}
+    fn = getattr(kf, kind)
+
+    def call(seed):
+        x, params, pe = nsa_arguments(kind, B=1, H=4, T=1024, D=64, L=32, S=16, dtype=torch.bfloat16,
+                                      device="cuda", layout="bthd", pe=kind != "gated_pool", bias=True,
+                                      grad=True, seed=seed)
+        kw = dict(block_size=32, stride=16, padding="left", backend="triton")
+        if kind != "gated_pool":
+            kw["pe"] = pe
+        y = fn(x, *params, **kw)
+        leaves = [t for t in (x, *params, pe) if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+        torch.cuda.synchronize()
+        return (y, *grads)
+
+    call(0)
+    call(1)
+    ran = []
+    real = JITFunction.run
+
+    def spy(self, *args, **kwargs):
+        if id(self) in launched:                            # kernels launched without a Launcher may run it
+            ran.append(self.fn.__name__)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(JITFunction, "run", spy)
+    direct = call(2)
+    assert not ran, f"JITFunction.run still ran for {ran}"
+    for lau in _launchers():
+        monkeypatch.setattr(lau, "_direct", None)
+    through_jit = call(2)
+    for a, b in zip(direct, through_jit):
+        assert torch.equal(a, b)
