@@ -140,6 +140,25 @@ def test_unhashable_or_unplaceable_or_off_stays_on_jit(launcher):
     assert [e[0] for e in launcher.kernel.log] == ["jit"] * 6
 
 
+def test_direct_wrapper_of_a_plain_launch(monkeypatch):
+    """``Direct`` (kernels launched without autotuning): a tuple grid, the
+    second call direct with the grid as given; a keyword tensor never
+    direct (it would be keyed by identity and kept alive by the cache)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    d = tc.Direct.__new__(tc.Direct)
+    d.kernel, d._direct = _FakeKernel(), {}
+    d._defaults = tc._defaults(d.kernel)
+    x, y = torch.zeros(8), torch.ones(8)
+    for _ in range(2):
+        d((3, 2), x, 64, y, BLOCK=16, num_warps=4)
+    for _ in range(2):
+        d((3,), x, 64, y=y, BLOCK=16)
+    log = d.kernel.log
+    assert [e[0] for e in log] == ["jit", "direct", "jit", "jit"]
+    assert log[1][1] == (3, 2, 1) and log[1][2] == (x, 64, y, 16, True)
+    assert len(d._direct) == 1
+
+
 def test_switch_is_read_and_validated(monkeypatch):
     monkeypatch.setenv("KVCOMPRESS_TRITON_FAST_LAUNCH", "maybe")
     with pytest.raises(ValueError, match="KVCOMPRESS_TRITON_FAST_LAUNCH"):

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .alloc import empty
 from .env import INTERPRET, num_sms
-from .launch import cdiv, jit_kernel, next_pow2
+from .launch import Direct, cdiv, jit_kernel, kernel_args, next_pow2
 
 __all__ = ["head_gemv", "head_gemv_kernel"]
 
@@ -42,6 +42,9 @@ def head_gemv_kernel(vec, mat, bias, out, K, K2, M, M2, HG_V, HG_M, HG_B, DIV,
     tl.store(out + i_h.to(tl.int64) * M + o_m, b_acc, mask=m_m)
 
 
+_HEAD_GEMV = Direct(head_gemv_kernel)     # one launch a call of attention_pool, linear and mlp with pe: no JIT run
+
+
 def head_gemv(H: int, vec: torch.Tensor, vec_strides, hg_v: int, mat: torch.Tensor, mat_strides, hg_m: int,
               K: int, K2: int, M: int, M2: int, *, bias: torch.Tensor | None = None, bias_strides=(0, 0),
               hg_b: int = 1, div: float = 1.0) -> torch.Tensor:
@@ -63,9 +66,9 @@ def head_gemv(H: int, vec: torch.Tensor, vec_strides, hg_v: int, mat: torch.Tens
         # 130 us, GPU run 11); a tile of at most 8192 elements
         BLOCK_M = min(128, max(16, next_pow2(cdiv(H * M, 4 * num_sms(mat.device, cpu=4)))))
         BLOCK_K = max(16, min(256, 8192 // BLOCK_M))
-    head_gemv_kernel[(H, cdiv(M, BLOCK_M))](
-        vec=vec, mat=mat, bias=bias if bias is not None else mat, out=out, K=K, K2=max(K2, 1), M=M, M2=max(M2, 1),
-        HG_V=hg_v, HG_M=hg_m, HG_B=hg_b, DIV=div, **dict(zip(("s_vh", "s_vk1", "s_vk2"), vec_strides)),
+    _HEAD_GEMV((H, cdiv(M, BLOCK_M)), *kernel_args(
+        head_gemv_kernel, vec=vec, mat=mat, bias=bias if bias is not None else mat, out=out, K=K, K2=max(K2, 1), M=M,
+        M2=max(M2, 1), HG_V=hg_v, HG_M=hg_m, HG_B=hg_b, DIV=div, **dict(zip(("s_vh", "s_vk1", "s_vk2"), vec_strides)),
         **dict(zip(("s_mg", "s_mk1", "s_mk2", "s_mm1", "s_mm2"), mat_strides)),
-        **dict(zip(("s_bg", "s_bm"), bias_strides)), HAS_BIAS=bias is not None, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M)
+        **dict(zip(("s_bg", "s_bm"), bias_strides))), HAS_BIAS=bias is not None, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M)
     return out

@@ -21,7 +21,7 @@ import triton
 
 from .env import INTERPRET
 
-__all__ = ["AUTOTUNE", "FAST_LAUNCH", "LAUNCH_CACHE_SIZE", "Launcher", "cache_put", "SIZE_ARGS", "cdiv",
+__all__ = ["AUTOTUNE", "Direct", "FAST_LAUNCH", "LAUNCH_CACHE_SIZE", "Launcher", "cache_put", "SIZE_ARGS", "cdiv",
            "fill_factor", "first_config", "interpret_block", "jit_kernel", "kernel_args", "next_pow2", "size_class",
            "small_tiles", "small_tiles_active", "strides", "tile_configs"]
 
@@ -204,6 +204,89 @@ FAST_LAUNCH = (_fast_launch_setting() and not INTERPRET
 _Tensor = torch.Tensor
 
 
+def _direct_lookup(direct: dict, args: tuple, kwargs: dict):
+    """(key, cached entry or None) of a call for the direct launch (see
+    ``Launcher.launch``); key None when the call has none: a keyword tensor
+    (it would be keyed by identity) or an unhashable argument. The key is
+    what JITFunction.run specialises on: the current device, the keywords,
+    a tensor's dtype and 16-byte alignment, any other value itself (an
+    int's == 1 and divisibility by 16 follow from it); built inline, as a
+    function call per argument would double its cost (~5 us for 50
+    arguments on a 2-core Xeon)."""
+    for v in kwargs.values():
+        if isinstance(v, _Tensor):
+            return None, None
+    key = (torch.cuda.current_device(), *kwargs.items(),
+           *[a if a.__class__ is int else (a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor) else a
+             for a in args])
+    try:
+        return key, direct.get(key)
+    except TypeError:
+        return None, None
+
+
+def _run_direct(hit, grid, args: tuple, names) -> None:
+    """Launch a cached compiled kernel (``_capture``'s entry) on ``args``,
+    the call's grid evaluated on the constexprs (on every parameter if the
+    grid reads another one)."""
+    compiled, tail, meta = hit
+    if callable(grid):
+        try:
+            g = grid(meta)                                  # the grids of kvcompress read only constexprs
+        except KeyError:
+            g = grid(dict(zip(names, (*args, *tail))))
+    else:
+        g = grid
+    compiled[(*g, 1, 1)[:3]](*args, *tail)
+
+
+def _capture(direct: dict, kernel, defaults: dict, key, compiled, args: tuple, kwargs: dict) -> None:
+    """Cache ``compiled`` (what ``kernel[grid](*args, **kwargs)`` returned)
+    under ``key``, with the constexpr values that follow the positional
+    arguments (from kwargs, else the kernel's defaults); nothing when the key
+    is None, the launch returned no compiled kernel, or a parameter was
+    given some other way."""
+    if key is None or not hasattr(compiled, "__getitem__"):
+        return
+    names = kernel.arg_names
+    try:
+        tail = tuple([kwargs[n] if n in kwargs else defaults[n] for n in names[len(args):]])
+    except KeyError:
+        return
+    cache_put(direct, key, (compiled, tail, dict(zip(names[len(args):], tail))))
+
+
+def _defaults(kernel) -> dict:
+    """A JIT kernel's parameters with defaults: {name: default}."""
+    return {p.name: p.default for p in getattr(kernel, "params", ()) if p.default is not inspect.Parameter.empty}
+
+
+class Direct:
+    """A kernel launched without autotuning, through the direct launch of
+    ``Launcher.launch``: ``Direct(kernel)(grid, *args, **kwargs)`` is
+    ``kernel[grid](*args, **kwargs)`` (grid a tuple, or grid(meta) ->
+    tuple), the compiled kernel's own launcher from the second call of a
+    specialisation on. Runtime arguments positional (``kernel_args``), the
+    constexprs and options as keywords; a keyword tensor launches through
+    JITFunction.run every time."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self._direct: dict | None = {} if FAST_LAUNCH else None
+        self._defaults = _defaults(kernel)
+
+    def __call__(self, grid, *args, **kwargs):
+        direct = self._direct
+        if direct is None:
+            self.kernel[grid](*args, **kwargs)
+            return
+        key, hit = _direct_lookup(direct, args, kwargs)
+        if hit is not None:
+            _run_direct(hit, grid, args, self.kernel.arg_names)
+            return
+        _capture(direct, self.kernel, self._defaults, key, self.kernel[grid](*args, **kwargs), args, kwargs)
+
+
 def first_config(configs, prune, named):
     """The configurations to try in order without autotuning: those ``prune``
     keeps (all when it keeps none, as the autotuner does), first first."""
@@ -227,8 +310,7 @@ class Launcher:
         # the direct launch: (device, keywords, argument specialisations) -> (compiled kernel, the constexpr values
         # after the positional arguments, those as a dict for the grid function); None when off
         self._direct: dict | None = {} if FAST_LAUNCH else None
-        self._defaults = {p.name: p.default for p in getattr(kernel, "params", ())
-                          if p.default is not inspect.Parameter.empty}
+        self._defaults = _defaults(kernel)
         self.interpret_meta = interpret_meta
         self.configs, self.prune = list(configs), prune
         self.tuned = None
@@ -255,23 +337,9 @@ class Launcher:
             return
         direct, dkey = self._direct, None
         if direct is not None:
-            try:
-                # what JITFunction.run specialises on (see ``launch``): a tensor's dtype and 16-byte alignment, any
-                # other value itself (an int's == 1 and divisibility by 16 follow from it); inline, as a function
-                # call per argument would double the key's cost (~5 us for 50 arguments on a 2-core Xeon)
-                dkey = (torch.cuda.current_device(), *kwargs.items(),
-                        *[a if a.__class__ is int else (a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor)
-                          else a for a in args])
-                hit = direct.get(dkey)
-            except TypeError:                               # an unhashable keyword or argument: Triton's way
-                dkey = hit = None
+            dkey, hit = _direct_lookup(direct, args, kwargs)
             if hit is not None:
-                compiled, tail, meta = hit
-                try:
-                    g = grid(meta)                          # the grids of kvcompress read only constexprs
-                except KeyError:
-                    g = grid(dict(zip(self.kernel.arg_names, (*args, *tail))))
-                compiled[(*g, 1, 1)[:3]](*args, *tail)
+                _run_direct(hit, grid, args, self.kernel.arg_names)
                 return
         if AUTOTUNE:
             # Once a key is tuned, launch its pick directly: triton's Autotuner.run rebuilds its key
@@ -318,15 +386,8 @@ class Launcher:
         Proton) still see every launch: the compiled kernel's launcher calls
         them."""
         compiled = self.kernel[grid](*args, **kwargs)
-        direct = self._direct
-        if direct is None or key is None or not hasattr(compiled, "__getitem__") or not callable(grid):
-            return
-        names = self.kernel.arg_names
-        try:
-            tail = tuple([kwargs[n] if n in kwargs else self._defaults[n] for n in names[len(args):]])
-        except KeyError:                                    # a parameter passed some other way: not cached
-            return
-        cache_put(direct, key, (compiled, tail, dict(zip(names[len(args):], tail))))
+        if self._direct is not None:
+            _capture(self._direct, self.kernel, self._defaults, key, compiled, args, kwargs)
 
     def tuning_key(self, args, kwargs) -> tuple:
         """The autotuner's key of a call: the values of the ``key`` arguments

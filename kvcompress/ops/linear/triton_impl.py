@@ -34,6 +34,7 @@ from .._triton.alloc import empty, empty_like
 from .._triton.env import DEVICES, DTYPES, INTERPRET, dot_f32, num_sms, supports_call, triton_available
 from .._triton.lang import chunk_rows, window_gemm, window_rows
 from .._triton.launch import (
+    Direct,
     Launcher,
     cdiv,
     fill_factor,
@@ -362,6 +363,10 @@ def dx_phase_per(NQ: int, BH: int, S: int, device) -> int:
     return cdiv(S, min(S, fill_factor(cdiv(NQ, 128) * BH, num_sms(device, cpu=CPU_SMS), 2)))
 
 
+# launched without autotuning, through the direct launch (no JITFunction.run once a specialisation has run)
+_PE, _FINALIZE = Direct(linear_pe_kernel), Direct(linear_bwd_kernel_finalize)
+
+
 def dx_launcher(rows, prune) -> Launcher:
     """linear_bwd_kernel_dx over the (BLOCK_K, BLOCK_D, BLOCK_N, warps,
     stages) ``rows``; mlp launches it too, with F as D_out."""
@@ -456,9 +461,9 @@ def _forward(x, weight, bias, pe, plan):
     if pe is not None and D > 0:
         pep = empty((L, H, DO), dtype=torch.float32, device=x.device)                    # [L, H, D_out]
         BN = min(128, max(16, next_pow2(DO)))
-        linear_pe_kernel[(L, H, cdiv(DO, BN))](pe=pe, w=weight, out=pep, H=H, HG=HG, L=L, D=D, DO=DO,
-                                               **strides("sp", pe, "hjd"), **strides("sw", weight, "gldn"),
-                                               BLOCK_D=min(64, max(16, next_pow2(D))), BLOCK_N=BN)
+        _PE((L, H, cdiv(DO, BN)), *kernel_args(linear_pe_kernel, pe=pe, w=weight, out=pep, H=H, HG=HG, L=L, D=D,
+                                                DO=DO, **strides("sp", pe, "hjd"), **strides("sw", weight, "gldn")),
+            BLOCK_D=min(64, max(16, next_pow2(D))), BLOCK_N=BN)
     _FWD(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), cdiv(DO, meta["BLOCK_N"]), B * H),
          *kernel_args(linear_fwd_kernel, x=x, w=weight, pep=pep if pep is not None else x,
                       bias=bias if bias is not None else x, y=y, **plan.seq_kwargs(), **strides("sx", x, "bhtd"),
@@ -511,10 +516,10 @@ def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
             dpe = empty((H, L, D), dtype=x.dtype, device=x.device)
         if H > 0 and DO > 0:
             DO_PAD = max(16, next_pow2(DO))
-            linear_bwd_kernel_finalize[(H, L if need_pe else 1)](
-                pcs=pcs, w=weight, cs=cs, db=db if need_b else cs, dpe=dpe if need_pe else cs, B=B, H=H, HG=HG, L=L,
-                D=D, DO=DO, NSLOT=nslot, **strides("sw", weight, "gldn"), NEED_CS=True, NEED_B=need_b,
-                NEED_PE=need_pe, DO_PAD=DO_PAD,
+            _FINALIZE((H, L if need_pe else 1), *kernel_args(
+                linear_bwd_kernel_finalize, pcs=pcs, w=weight, cs=cs, db=db if need_b else cs,
+                dpe=dpe if need_pe else cs, B=B, H=H, HG=HG, L=L, D=D, DO=DO, NSLOT=nslot,
+                **strides("sw", weight, "gldn")), NEED_CS=True, NEED_B=need_b, NEED_PE=need_pe, DO_PAD=DO_PAD,
                 BLOCK_R=16 if INTERPRET else 32, BLOCK_D=max(16, min(128, 8192 // DO_PAD)))
         elif need_pe:           # D_out = 0: pe does not reach the output
             dpe.zero_()
