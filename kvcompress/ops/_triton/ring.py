@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import jit_kernel, next_pow2
+from .launch import Direct, jit_kernel, kernel_args, next_pow2
 
 __all__ = ["paged_advance", "paged_window", "ring_advance", "ring_window"]
 
@@ -148,6 +148,11 @@ def _token_args(tokens: tuple[torch.Tensor, ...]) -> dict:
                 st1n=t1.stride(0), st1h=t1.stride(1), st1d=t1.stride(2))
 
 
+# decode steps launch these once each (eager, or once in a CUDA graph's capture): through the direct launch, no
+# JITFunction.run once a specialisation has run
+_RING_WINDOW, _RING_ADVANCE = Direct(ring_window_kernel), Direct(ring_advance_kernel)
+
+
 def ring_window(ring: torch.Tensor, tokens: tuple[torch.Tensor, ...], n_tokens: torch.Tensor,
                 active: torch.Tensor, win: torch.Tensor, emitted: torch.Tensor, *, stride: int, pre: int) -> None:
     """Write every stream's window ending at its new token into ``win`` and
@@ -165,8 +170,8 @@ def ring_window(ring: torch.Tensor, tokens: tuple[torch.Tensor, ...], n_tokens: 
                 srn=ring.stride(0), srl=ring.stride(1), srh=ring.stride(2),
                 swn=win.stride(0), swh=win.stride(1), swl=win.stride(2), swd=win.stride(3), **_token_args(tokens))
     block_d = min(MAX_BLOCK_D, next_pow2(D))
-    ring_window_kernel[(N, H)](**args, D=D, N_IN=len(tokens), BLOCK_L=next_pow2(L), BLOCK_D=block_d,
-                               num_warps=_window_warps(L, block_d))
+    _RING_WINDOW((N, H), *kernel_args(ring_window_kernel, **args), D=D, N_IN=len(tokens), BLOCK_L=next_pow2(L),
+                 BLOCK_D=block_d, num_warps=_window_warps(L, block_d))
 
 
 def ring_advance(ring: torch.Tensor, tokens: tuple[torch.Tensor, ...], n_tokens: torch.Tensor,
@@ -186,8 +191,8 @@ def ring_advance(ring: torch.Tensor, tokens: tuple[torch.Tensor, ...], n_tokens:
                 H=H, L=L, PRE=pre, srn=ring.stride(0), srl=ring.stride(1), srh=ring.stride(2),
                 syn=y.stride(0), syh=y.stride(1), syd=y.stride(2),
                 son=out.stride(0), soh=out.stride(1), sod=out.stride(2), **_token_args(tokens))
-    ring_advance_kernel[(N,)](**args, D=D, DO=DO, N_IN=len(tokens), BLOCK_D=min(MAX_BLOCK_D, next_pow2(D)),
-                              BLOCK_DO=min(MAX_BLOCK_D, next_pow2(DO)), num_warps=1)
+    _RING_ADVANCE((N,), *kernel_args(ring_advance_kernel, **args), D=D, DO=DO, N_IN=len(tokens),
+                  BLOCK_D=min(MAX_BLOCK_D, next_pow2(D)), BLOCK_DO=min(MAX_BLOCK_D, next_pow2(DO)), num_warps=1)
 
 
 
@@ -269,6 +274,9 @@ def paged_advance_kernel(out_pool, out_table, seq_lens, emitted, y, out, H, L, S
             tl.store(out_pool + slot * sos + h * soh + e * sod, v.to(out_pool.dtype.element_ty), mask=m)
 
 
+_PAGED_WINDOW, _PAGED_ADVANCE = Direct(paged_window_kernel), Direct(paged_advance_kernel)
+
+
 def paged_window(pools: tuple[torch.Tensor, ...], fills: tuple[float, ...], block_table: torch.Tensor,
                  seq_lens: torch.Tensor, active: torch.Tensor | None, win: torch.Tensor, emitted: torch.Tensor,
                  *, block_size: int, stride: int, pre: int) -> None:
@@ -286,8 +294,8 @@ def paged_window(pools: tuple[torch.Tensor, ...], fills: tuple[float, ...], bloc
     N = block_table.shape[0]
     p1 = pools[1] if len(pools) > 1 else pools[0]
     flat = pools[0].flatten(0, 1)
-    paged_window_kernel[(N, H)](
-        pools[0], p1, block_table, seq_lens, active if active is not None else emitted, win, emitted,
+    _PAGED_WINDOW(
+        (N, H), pools[0], p1, block_table, seq_lens, active if active is not None else emitted, win, emitted,
         block_size, stride, pre, block_table.shape[1], P, page, float(fills[0]), float(fills[-1]),
         flat.stride(0), flat.stride(1), flat.stride(2), block_table.stride(0), block_table.stride(1),
         win.stride(0), win.stride(1), win.stride(2), win.stride(3),
@@ -306,8 +314,8 @@ def paged_advance(out_pages: torch.Tensor, out_block_table: torch.Tensor, seq_le
     P, page, H, DO = out_pages.shape
     N = out_block_table.shape[0]
     flat = out_pages.flatten(0, 1)
-    paged_advance_kernel[(N,)](
-        out_pages, out_block_table, seq_lens, emitted, y, out, H, block_size, stride, pre,
+    _PAGED_ADVANCE(
+        (N,), out_pages, out_block_table, seq_lens, emitted, y, out, H, block_size, stride, pre,
         out_block_table.shape[1], P, page, flat.stride(0), flat.stride(1), flat.stride(2),
         out_block_table.stride(0), out_block_table.stride(1), y.stride(0), y.stride(1), y.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
