@@ -170,22 +170,25 @@ def test_switch_is_read_and_validated(monkeypatch):
 
 
 def _launchers():
-    """Every Launcher of the Triton backends' modules."""
+    """Every Launcher and Direct of the Triton backends' modules (and of mlp's
+    gemm backend's data-movement kernels)."""
     import importlib
-    found = []
-    for kind in ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool", "gated_pool"):
-        mod = importlib.import_module(f"kvcompress.ops.{kind}.triton_impl")
-        found += [v for v in vars(mod).values() if isinstance(v, tc.Launcher)]
-    return found
+    mods = [f"kvcompress.ops.{k}.triton_impl" for k in ("mean_pool", "weighted_pool", "linear", "mlp",
+                                                          "attention_pool", "gated_pool")]
+    mods += ["kvcompress.ops._triton.gemv", "kvcompress.ops._triton.ring", "kvcompress.ops.mlp._window_copy"]
+    return [v for m in mods for v in vars(importlib.import_module(m)).values()
+            if isinstance(v, (tc.Launcher, tc.Direct))]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.skipif(not tc.FAST_LAUNCH, reason="the direct launch is off (Triton version or switch)")
-@pytest.mark.parametrize("kind", ["mean_pool", "weighted_pool", "linear", "mlp", "attention_pool", "gated_pool"])
-def test_gpu_repeat_calls_skip_jit_run_and_match_it(kind, monkeypatch):
+@pytest.mark.parametrize("kind, backend", [(k, "triton") for k in ("mean_pool", "weighted_pool", "linear", "mlp",
+                                                                      "attention_pool", "gated_pool")]
+                         + [("mlp", "gemm")])
+def test_gpu_repeat_calls_skip_jit_run_and_match_it(kind, backend, monkeypatch):
     """On a GPU: once a call's kernels have run, a call on new tensors of the
-    same shapes launches every Launcher's kernel directly (no
+    same shapes launches every Launcher's and Direct's kernel directly (no
     JITFunction.run for them), and its outputs and gradients are bit for bit
     those of the same call with the direct launch off."""
     from triton.runtime.jit import JITFunction
@@ -200,7 +203,7 @@ def test_gpu_repeat_calls_skip_jit_run_and_match_it(kind, monkeypatch):
         x, params, pe = nsa_arguments(kind, B=1, H=4, T=1024, D=64, L=32, S=16, dtype=torch.bfloat16,
                                       device="cuda", layout="bthd", pe=kind != "gated_pool", bias=True,
                                       grad=True, seed=seed)
-        kw = dict(block_size=32, stride=16, padding="left", backend="triton")
+        kw = dict(block_size=32, stride=16, padding="left", backend=backend)
         if kind != "gated_pool":
             kw["pe"] = pe
         y = fn(x, *params, **kw)
