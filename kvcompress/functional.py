@@ -58,6 +58,7 @@ import torch
 
 from . import backends as _backends
 from . import kinds as _kinds
+from ._cache import bounded_put
 from ._validate import (
     check_choice,
     check_cu_seqlens_layout,
@@ -188,10 +189,9 @@ def _validate(name, x, tensors, options, block_size, stride, padding, pe, cu_seq
                                                    total_windows)
     d_out = _check_kind_args(kind, x, tensors, options, block_size, stride)
     if key is not None:
-        if len(_VALID) >= _VALID_MAX:
-            _VALID.clear()
         reads_values = cu_seqlens is not None and (total_windows is None or cu_seqlens.device.type == "cpu")
-        _VALID[key] = (block_size, stride, total_windows, None if reads_values else W, d_out, reads_values)
+        bounded_put(_VALID, key, (block_size, stride, total_windows, None if reads_values else W, d_out, reads_values),
+                    _VALID_MAX)
     return block_size, stride, total_windows, W, d_out
 
 

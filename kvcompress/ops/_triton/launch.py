@@ -19,6 +19,7 @@ import os
 import torch
 import triton
 
+from ..._cache import bounded_put
 from .env import INTERPRET
 
 __all__ = ["AUTOTUNE", "Direct", "FAST_LAUNCH", "LAUNCH_CACHE_SIZE", "Launcher", "cache_put", "SIZE_ARGS", "cdiv",
@@ -62,10 +63,7 @@ def cache_put(cache: dict, key, value):
     LAUNCH_CACHE_SIZE entries (bounded: packed calls key on their window
     counts). For the wrappers' caches of launch arguments built once per
     (shapes, strides, dtypes, plan sizes) key."""
-    if len(cache) >= LAUNCH_CACHE_SIZE:
-        cache.clear()
-    cache[key] = value
-    return value
+    return bounded_put(cache, key, value, LAUNCH_CACHE_SIZE)
 
 
 def next_pow2(n: int) -> int:

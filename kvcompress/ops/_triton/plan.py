@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..._cache import bounded_put
 from ..._windows import _num_windows, compressed_cu_seqlens
 from .launch import cdiv, next_pow2
 
@@ -95,9 +96,7 @@ def seq_plan(x: torch.Tensor, *, block_size: int, stride: int, padding: str, cu_
         except TypeError:     # a symbolic size (tracing) is not hashable: computed, never cached
             return SeqPlan(*_fixed_sizes(*key), x, x, x)
         if sizes is None:
-            if len(_FIXED) >= 256:
-                _FIXED.clear()
-            sizes = _FIXED[key] = _fixed_sizes(*key)
+            sizes = bounded_put(_FIXED, key, _fixed_sizes(*key), 256)
         # placeholders: the IS_VARLEN=False branches never read them
         return SeqPlan(*sizes, x, x, x)
     B, H, T, D = x.shape

@@ -91,6 +91,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ..._cache import bounded_put
 from ..._windows import _num_windows
 from ...backends import register
 
@@ -565,9 +566,7 @@ def _ones_columns(hg: int, npieces: int, width: int, cd: torch.dtype, device: to
         ones = torch.zeros((hg, width), dtype=cd, device=device)
         ones[:, : npieces * hg] = torch.eye(hg, dtype=cd, device=device).repeat(1, npieces)
         if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-            if len(_ONES) >= 64:                         # bounded (one entry per shape class in practice)
-                _ONES.clear()
-            _ONES[key] = ones
+            bounded_put(_ONES, key, ones, 64)            # one entry per shape class in practice
     return ones
 
 
