@@ -175,7 +175,8 @@ def _launchers():
     import importlib
     mods = [f"kvcompress.ops.{k}.triton_impl" for k in ("mean_pool", "weighted_pool", "linear", "mlp",
                                                           "attention_pool", "gated_pool")]
-    mods += ["kvcompress.ops._triton.gemv", "kvcompress.ops._triton.ring", "kvcompress.ops.mlp._window_copy"]
+    mods += ["kvcompress.ops._triton_pool", "kvcompress.ops._triton.gemv", "kvcompress.ops._triton.ring",
+             "kvcompress.ops.mlp._window_copy"]
     return [v for m in mods for v in vars(importlib.import_module(m)).values()
             if isinstance(v, (tc.Launcher, tc.Direct))]
 

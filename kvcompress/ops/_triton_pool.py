@@ -43,6 +43,7 @@ from ._triton.alloc import empty, empty_like
 from ._triton.env import INTERPRET, num_sms
 from ._triton.lang import chunk_rows
 from ._triton.launch import (
+    Direct,
     Launcher,
     cache_put,
     cdiv,
@@ -498,14 +499,15 @@ def pool_backward(launcher: Launcher, dy: torch.Tensor, x: torch.Tensor, weight:
         launcher(grid, dy, x, wt, dx if need_x else x, pw, pcs, plan.cu, plan.ccu, plan.cq, *ints, **constexprs)
     ints, grid, constexprs = fin
     if ints is not None:
-        pool_bwd_kernel_finalize[grid](pw, pcs, wt, pe if pe is not None else x, dw if need_w else x,
-                                       dpe if need_pe else x, *ints, **constexprs)
+        _FINALIZE(grid, pw, pcs, wt, pe if pe is not None else x, dw if need_w else x, dpe if need_pe else x, *ints,
+                  **constexprs)
     return dx, dw, dpe
 
 
 assert pool_bwd_kernel.runtime_args[:9] == ("dy", "x", "wt", "dx", "pw", "pcs", "cu", "ccu", "cq")
 assert pool_bwd_kernel_finalize.runtime_args[:6] == ("pw", "pcs", "wt", "pe", "dw", "dpe")
 _BWD_LAUNCH: dict[tuple, tuple] = {}
+_FINALIZE = Direct(pool_bwd_kernel_finalize)      # no autotuning: the direct launch, no JITFunction.run a backward
 
 
 def _bwd_launch(dy, x, weight, pe, dx, pw, pcs, plan, P, need_x, need_w, need_pe, need_cs):
