@@ -334,6 +334,30 @@ def test_fit_rule(monkeypatch):
     assert gemm_impl._fits(cuda, lambda: 1 << 60)
 
 
+def test_free_bytes_reads_the_allocators_counter(monkeypatch):
+    """_free_bytes = the device's total memory - the allocator's current
+    allocated bytes - CONTEXT_RESERVE, read from the nested statistics
+    (nothing allocated: an empty dict before CUDA is initialised)."""
+    cuda = torch.device("cuda")
+    props = type("Props", (), {"total_memory": 10 << 30})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict",
+                        lambda device: {"allocated_bytes": {"all": {"current": 123, "peak": 999}, "large_pool": {}}})
+    assert gemm_impl._free_bytes(cuda) == (10 << 30) - 123 - gemm_impl.CONTEXT_RESERVE
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda device: {})
+    assert gemm_impl._free_bytes(cuda) == (10 << 30) - gemm_impl.CONTEXT_RESERVE
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_free_bytes_agrees_with_memory_allocated():
+    """On a CUDA device the nested counter is torch.cuda.memory_allocated's."""
+    keep = torch.empty(3 << 20, device="cuda")
+    dev = keep.device
+    total = torch.cuda.get_device_properties(dev).total_memory
+    assert gemm_impl._free_bytes(dev) == total - torch.cuda.memory_allocated(dev) - gemm_impl.CONTEXT_RESERVE
+
+
 def test_declined_while_torch_compile_traces():
     """Under torch.compile the predicate declines every call, so backend="auto"
     keeps the Triton backend's custom op there: gemm's in-place float32

@@ -3,14 +3,15 @@
 "triton", where ``supports_call`` accepts the call).
 
 relu (the default activation, the seed's): per group, the windows are
-copied once into one group's buffer (M, L*D) in x's dtype (C strided
-copies; left pads stay zero), and the first layer is one GEMM, its output
-in x's dtype, relu in place; pe's and b1's per-head constant
-flat(pe[h]) @ w1[g] + b1[g] enters the GEMM's float32 accumulator through a
-few extra columns of the windows and rows of w1 (``_relu_buffers``), b1
-alone through cuBLAS's bias epilogue; then the second GEMM with b2 the
-same way. The hidden layer is saved for the backward (relu's derivative is
-read from its sign).
+copied once into one group's buffer (M, L*D) in x's dtype (one Triton
+launch on CUDA, C strided copies elsewhere; left pads stay zero), and the
+first layer is one GEMM, its output in x's dtype; pe's and b1's per-head
+constant flat(pe[h]) @ w1[g] + b1[g] enters the GEMM's float32 accumulator
+through a few extra columns of the windows and rows of w1
+(``_relu_buffers``), b1 alone through cuBLAS's bias epilogue. Then, for
+all groups at once, relu in place and the second layer as one batched
+GEMM, b2 added in its float32 accumulator. The hidden layer is saved for
+the backward (relu's derivative is read from its sign).
 
 gelu and silu: the chunked formulation. With S dividing L, a window is C =
 L / S consecutive non-overlapping chunks of S tokens, so
@@ -162,9 +163,14 @@ def _free_bytes(device: torch.device) -> int:
     CONTEXT_RESERVE. Host-side counters only: cudaMemGetInfo, the driver's
     count (which would also see other processes), waits for the device, and
     asked once per call it serialised the host with the GPU (H200 run 55:
-    the host took 2.25 ms to issue a 2.3 ms forward)."""
+    the host took 2.25 ms to issue a 2.3 ms forward). The counter is read
+    from ``torch.cuda.memory_stats_as_nested_dict``: ``memory_allocated``
+    reads the same number but first flattens and sorts all ~120 statistics
+    into strings, about 55 us of Python a call (timed on the CPU on a dict
+    of the same shape)."""
     total = torch.cuda.get_device_properties(device).total_memory
-    return total - torch.cuda.memory_allocated(device) - CONTEXT_RESERVE
+    allocated = torch.cuda.memory_stats_as_nested_dict(device).get("allocated_bytes", {}).get("all", {})
+    return total - allocated.get("current", 0) - CONTEXT_RESERVE
 
 
 def supports_call(x, w1, b1, w2, b2, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None,
@@ -511,33 +517,20 @@ def _windows(x, sh: _Shape, g: int, out: torch.Tensor, kernel: bool) -> None:
             view[:, :, i0:, c].copy_(xs[:, :, r0: r0 + n])
 
 
-def _pieces(t: torch.Tensor, cd: torch.dtype) -> list[torch.Tensor]:
-    """A float32 tensor as terms in ``cd`` whose float32 sum is t: itself
-    for float32; for bfloat16 hi + mid + lo (8 bits of mantissa each: all
-    24 of float32's, barring underflow)."""
-    if cd == t.dtype:
-        return [t]
-    out, r = [], t
-    for _ in range(3):
-        p = r.to(cd)
-        out.append(p)
-        r = r - p.to(t.dtype)
-    return out
-
-
 def _relu_buffers(x, sh: _Shape, cd, const, kernel: bool):
-    """One group's buffers, reused across groups: the windows (M, K_a) and,
-    when there is a per-head constant, w1 augmented (K_a, F). With const
-    (G, Hg, F) float32 (pe's and b1's share), K_a = L*D + the constant's
-    columns rounded up to 8 (cuBLAS's 16-byte alignment): window row of
-    head i has ones in columns L*D + p*Hg + i for each of const's pieces p
-    (``_pieces``), w1's augmented rows there hold the pieces, so the GEMM
-    adds const[g, i] in its float32 accumulator, to float32 accuracy (b1
-    alone, exact in x's dtype, goes through the bias epilogue instead).
-    Entries that ``_windows`` does not write (left pads where torch copies,
-    unused columns) are zero."""
+    """One group's buffers in ``cd``, reused across groups: the windows (M,
+    K_a), w1 augmented (K_a, F) when there is a per-head constant (else
+    None), and the number of const's pieces. With const (G, Hg, F) float32
+    (pe's and b1's share), K_a = L*D + the constant's columns rounded up to 8
+    (cuBLAS's 16-byte alignment): window row of head i has ones in columns
+    L*D + p*Hg + i for each of const's pieces p (``_const_pieces``), and
+    one group's w1 augmented (K_a, F), whose rows there hold the pieces, so
+    the GEMM adds const[g, i] in its float32 accumulator, to float32
+    accuracy (b1 alone, exact in x's dtype, goes through the bias epilogue
+    instead). Entries that ``_windows`` does not write (left pads where
+    torch copies, unused columns) are zero."""
     LD = sh.L * sh.D
-    npieces = 0 if const is None else (1 if cd == const.dtype else 3)          # len(_pieces(const, cd))
+    npieces = 0 if const is None else (1 if cd == const.dtype else 3)
     ka = LD if const is None else LD + -(-npieces * sh.Hg // 8) * 8
     win = x.new_empty((sh.M, ka), dtype=cd)
     if sh.P > 0 and not kernel:                          # the torch copies leave the left pads unwritten
@@ -547,6 +540,26 @@ def _relu_buffers(x, sh: _Shape, cd, const, kernel: bool):
                                                                           x.device)[:, None])
     w1a = None if const is None else x.new_zeros((ka, sh.F), dtype=cd)
     return win, w1a, npieces
+
+
+def _const_pieces(const, cd, npieces: int) -> torch.Tensor | None:
+    """const (G, Hg, F) float32 as (G, npieces * Hg, F) in ``cd``, piece p of
+    head i in row p * Hg + i: terms whose float32 sum is const (const
+    itself for float32; for bfloat16 hi + mid + lo, 8 bits of mantissa
+    each: all 24 of float32's, barring underflow), each rounded to nearest
+    from the float32 residual of the ones before. Built for every group at
+    once, in 2 * npieces - 1 calls (it took 10): the rows that
+    ``_forward_relu`` copies into each group's augmented w1."""
+    if const is None:
+        return None
+    G, Hg, F_ = const.shape
+    out = const.new_empty((G, npieces * Hg, F_), dtype=cd)
+    r = const
+    for p, piece in enumerate(out.view(G, npieces, Hg, F_).unbind(1)):
+        piece.copy_(r)                                   # rounded to nearest (exact for float32)
+        if p + 1 < npieces:
+            r = r - piece                                # float32: the residual, exact
+    return out
 
 
 _ONES: dict[tuple, torch.Tensor] = {}
@@ -573,12 +586,14 @@ def _ones_columns(hg: int, npieces: int, width: int, cd: torch.dtype, device: to
 def _forward_relu(x, w1, b1, w2, b2, pe, sh: _Shape):
     """y (B, H, W, DO) in x's dtype and the hidden layer (G, M, F) in x's
     dtype. Per group g: its windows (exact copies of x's tokens, one
-    group's buffer, reused), one GEMM hidden = windows @ w1[g] + const[g]
-    with const = flat(pe[h]) @ w1[g] + b1[g] in the float32 accumulator
-    (``_relu_buffers``; b1 alone through the bias epilogue), one rounding,
-    relu in place (it commutes with rounding and keeps NaN, which cuBLAS's
-    relu epilogue, max(x, 0), need not), then y = hidden @ w2[g] + b2[g].
-    The pre-activation is exact up to float32 accumulation, so relu's
+    group's buffer, reused) and one GEMM hidden[g] = windows @ w1[g] +
+    const[g] with const = flat(pe[h]) @ w1[g] + b1[g] in the float32
+    accumulator (``_relu_buffers``, ``_augmented_w1``; b1 alone through
+    the bias epilogue), one rounding; then, for every group at once, relu
+    in place (it commutes with rounding and keeps NaN, which cuBLAS's relu
+    epilogue, max(x, 0), need not) and y = hidden @ w2 + b2 in one batched
+    GEMM (b2, exact in x's dtype, added in its float32 accumulator). The
+    pre-activation is exact up to float32 accumulation, so relu's
     derivative, read from the hidden layer's sign, is what float32 gives:
     rounding x + pe to bfloat16 first (the seed's order) moves near-zero
     pre-activations across 0 and made the gradients' RMS error 13x larger
@@ -589,35 +604,36 @@ def _forward_relu(x, w1, b1, w2, b2, pe, sh: _Shape):
     const = None if pe is None else _constant(w1, b1, pe, sh)                 # [G, Hg, F] float32
     kernel = _window_kernel(x, cd)                                             # decided once per call
     win, w1a, npieces = _relu_buffers(x, sh, cd, const, kernel)
-    w1_, w2_ = w1.to(cd), w2.to(cd)
+    pieces = _const_pieces(const, cd, npieces)                                 # [G, npieces * Hg, F]
+    w1_ = w1.to(cd)
     hidden = x.new_empty((G, M, F_), dtype=dt)
-    y = x.new_empty((G, M, DO), dtype=cd)
-    # const's pieces for every group at once, (G, npieces * Hg, F), piece p of head i in row p * Hg + i: the rows
-    # of w1a after w1 (one copy a group; per group and piece, they were 4 torch calls each)
-    pieces = None if const is None else torch.cat(_pieces(const, cd), dim=1)
+    h32 = None if cd == dt else x.new_empty((M, F_), dtype=cd)                # CPU: float32, then rounded once
+    bias1 = b1.to(cd) if const is None and b1 is not None else None
+    if w1a is not None:
+        w1a_w, w1a_p = w1a[:LD], w1a[LD: LD + pieces.shape[1]]              # w1's rows, const's pieces' rows
     with _float32_reductions(x.device):
-        for g in range(G):
+        for g, (hg, w1g) in enumerate(zip(hidden.unbind(0), w1_.unbind(0))):
             _windows(x, sh, g, win, kernel)
-            h = hidden[g] if cd == dt else torch.empty((M, F_), dtype=cd, device=x.device)
-            if const is not None:
-                w1a[:LD].copy_(w1_[g])
-                w1a[LD: LD + npieces * sh.Hg].copy_(pieces[g])
-                torch.mm(win, w1a, out=h)
-            elif b1 is None:
-                torch.mm(win, w1_[g], out=h)
+            out = hg if h32 is None else h32
+            if w1a is not None:
+                w1a_w.copy_(w1g)
+                w1a_p.copy_(pieces[g])
+                torch.mm(win, w1a, out=out)
+            elif bias1 is None:
+                torch.mm(win, w1g, out=out)
             else:
-                torch.addmm(b1[g].to(cd), win, w1_[g], out=h)
-            h.relu_()
-            if cd != dt:
-                hidden[g].copy_(h)                                            # CPU: rounded once, as on CUDA
-                h = hidden[g].to(cd)
-            if b2 is None:
-                torch.mm(h, w2_[g], out=y[g])
-            else:
-                torch.addmm(b2[g].to(cd), h, w2_[g], out=y[g])
-    del win, w1a
-    y = y.to(dt).view(G, sh.B, sh.Hg, sh.W, DO).transpose(0, 1).reshape(sh.B, sh.H, sh.W, DO)
-    return y, hidden
+                torch.addmm(bias1[g], win, w1g, out=out)
+            if h32 is not None:
+                hg.copy_(h32)
+        del win, w1a, h32
+        hidden.relu_()
+        hc, w2_ = hidden.to(cd), w2.to(cd)
+        y = torch.bmm(hc, w2_) if b2 is None else torch.baddbmm(b2.to(cd)[:, None], hc, w2_)
+        del hc
+    y = y.to(dt)
+    if sh.B == 1:                  # group-major (G, Hg, W) rows are (H, W)
+        return y.view(1, sh.H, sh.W, DO), hidden
+    return y.view(G, sh.B, sh.Hg, sh.W, DO).transpose(0, 1).reshape(sh.B, sh.H, sh.W, DO), hidden
 
 
 def _rows_view(xg, sh: _Shape):
@@ -674,13 +690,22 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
     accumulator; dw1 per chunk into a float32 (S*D, F) buffer, plus pe's
     share, reading x's chunk rows (copied, one group's worth, when x's
     tokens are not rows of stride D); db1 and dpe from the gradient summed
-    over windows in float32. x: (B, H, T, D), any strides."""
+    over windows in float32. x: (B, H, T, D), any strides.
+
+    Host time: the per-group buffers are allocated once and their per-chunk
+    views taken once, before the loop over groups, which then makes about
+    3 + 3C calls of torch or Triton a group (and a view or two per call);
+    it made about 100 calls a group, most of them views (H200 runs 66-67:
+    the backend was host-bound at every record size)."""
     need_x, need_w1, need_b1, need_w2, need_b2, need_pe = need
     dt, cd, acc = x.dtype, _compute_dtype(x), sh.acc
     kernel = _window_kernel(x, cd)                                            # decided once per call
-    G, B, Hg, W, F_, C, K, N = sh.G, sh.B, sh.Hg, sh.W, sh.F, sh.C, sh.K, sh.N
+    G, B, Hg, W, F_, C, K, N, M = sh.G, sh.B, sh.Hg, sh.W, sh.F, sh.C, sh.K, sh.N, sh.M
+    nb = B * Hg
     dx = dw1 = db1 = dw2 = db2 = dpe = None
-    dyg = dy.view(B, G, Hg, W, sh.DO).transpose(0, 1).reshape(G, sh.M, sh.DO).to(cd)   # group-major rows
+    # group-major rows (G, M, DO): dy itself when B = 1
+    dyg = dy.view(G, M, sh.DO) if B == 1 else dy.view(B, G, Hg, W, sh.DO).transpose(0, 1).reshape(G, M, sh.DO)
+    dyg = dyg.to(cd)
     if need_b2:
         db2 = dyg.sum(1, dtype=acc).to(dt)
     with _float32_reductions(x.device):
@@ -688,45 +713,56 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
             dw2 = torch.bmm(hidden.to(cd).mT, dyg).to(dt)
         if not (need_x or need_w1 or need_b1 or need_pe):
             return dx, dw1, db1, dw2, db2, dpe
-        w1c = w1.to(cd).unflatten(1, (C, K))                                  # [G, C, K, F]
-        w2_ = w2.to(cd)
+        w1c = w1.to(cd).view(G, C, K, F_)                                     # [G, C, K, F]
+        w2t = w2.to(cd).mT                                                     # [G, DO, F]
         pec = None if pe is None else pe.reshape(G, Hg, C, K)
         cs = dy.new_empty((G, Hg, F_), dtype=acc)                             # the gradient summed over windows
+        dp = dy.new_empty((M, F_), dtype=cd)                                  # one group's dh, then dpre
+        dp4 = dp.view(B, Hg, W, F_)
+        spans = [(c, *sh.rows(c)) for c in reversed(range(C))]                # (c, i0, r0, n): the last chunk first
         if need_x:
             # in x's layout (a (B, T, H, D) x gets a gradient of its strides): autograd then takes it as x.grad
             # instead of copying it into one (a second x-sized buffer and a strided copy: 0.17 ms, run 54)
             dx = torch.empty_like(x)
             dx[:, :, N * sh.S:] = 0                                           # tokens no window reads
-            dx32 = dy.new_empty((1, B, Hg, N, K), dtype=acc)                  # one group's accumulator
+            dx32 = dy.new_empty((B, Hg, N, K), dtype=acc)                     # one group's accumulator
+            # the first GEMM writes, the others add; chunks before the last chunk's first source are written by
+            # the others only (their rows are zeroed first)
+            c_, i0, r0, n = spans[0]
+            lead = dx32[:, :, :r0] if r0 > 0 else None
+            w1t = w1c.transpose(2, 3)[:, :, None].expand(G, C, nb, F_, K)     # [G, C, nb, F, K]: w1[g][c]^T
+            dx_ops = [(k, c, dp.view(nb, W, F_)[:, i0:], dx32.view(nb, N, K)[:, r0: r0 + n])
+                      for k, (c, i0, r0, n) in enumerate(spans) if n > 0]
+            dx_groups = dx.split(Hg, dim=1)
         if need_w1:
             dw1 = w1.new_empty(w1.shape).view(G, C, K, F_)
             part = dy.new_empty((1, K, F_), dtype=acc)
             rows = None if _rows_view(x[:, :Hg], sh) is not None or cd != dt else \
                 x.new_empty((B * Hg * N, K))                                  # one group's tokens as chunk rows
+            # per chunk c: dp's rows of each (batch row, head) pair, windows i0 ..
+            dw_ops = [(c, r0, n, [dp4[b: b + 1, i, i0:] for b in range(B) for i in range(Hg)] if n > 0 else [])
+                      for c, i0, r0, n in sorted(spans)]
         for g in range(G):
-            dp = torch.mm(dyg[g], w2_[g].mT).to(dt).to(cd)                    # dh, rounded once
-            torch.ops.aten.threshold_backward.grad_input(dp, hidden[g].to(cd), 0, grad_input=dp)   # where hidden > 0
-            dp = dp.view(1, B, Hg, W, F_)
-            torch.sum(dp[0], (0, 2), dtype=acc, out=cs[g])
+            torch.mm(dyg[g], w2t[g], out=dp)                                  # dh, rounded once
+            if cd != dt:
+                dp.copy_(dp.to(dt))                                           # CPU: rounded as on CUDA
+            hg = hidden[g]
+            torch.ops.aten.threshold_backward.grad_input(dp, hg if cd == dt else hg.to(cd), 0, grad_input=dp)
+            torch.sum(dp4, (0, 2), dtype=acc, out=cs[g])
             if need_x:
-                for k, c in enumerate(reversed(range(C))):
-                    i0, r0, n = sh.rows(c)
-                    if n == 0:
-                        continue
-                    if k == 0 and r0 > 0:
-                        dx32[:, :, :, :r0].zero_()
-                    for d, x_ in _pairs(dp[:, :, :, i0:], dx32[:, :, :, r0: r0 + n], merge=True):
-                        _gemm(x_, d, _weight(w1c[g: g + 1, c].mT, d.shape[0]), accumulate=k > 0)
-                _store_rows(dx32[0], dx[:, g * Hg: (g + 1) * Hg], sh, kernel)
+                if lead is not None:
+                    lead.zero_()
+                for k, c, d, x_ in dx_ops:
+                    _gemm(x_, d, w1t[g, c], accumulate=k > 0)
+                _store_rows(dx32, dx_groups[g], sh, kernel)
             if need_w1:
-                xs = _group_rows(x, sh, g, cd, rows, kernel).view(1, B, Hg, N, K)
-                for c in range(C):
-                    i0, r0, n = sh.rows(c)
-                    pairs = _pairs(xs[:, :, :, r0: r0 + n], dp[:, :, :, i0:], merge=False) if n > 0 else []
-                    if not pairs:
+                xs = _group_rows(x, sh, g, cd, rows, kernel)                  # [B, Hg, N, K]
+                for c, r0, n, dps in dw_ops:
+                    if not dps:          # no window reads a real chunk through block c (or no batch row)
                         part.zero_()
-                    for j, (a, m) in enumerate(pairs):
-                        _gemm(part, a.mT, m, accumulate=j > 0)               # summed over batch rows and heads
+                    for j, m in enumerate(dps):
+                        b, i = divmod(j, Hg)
+                        _gemm(part, xs[b: b + 1, i, r0: r0 + n].mT, m, accumulate=j > 0)   # summed over pairs
                     if pec is None:
                         dw1[g, c].copy_(part[0])
                     elif kernel:   # window + pe: dw1[g] chunk c += sum_i pe[h, c]^T cs[h], exact
@@ -737,10 +773,11 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
                             part[0].addcmul_(pec[g, i, c].to(acc)[:, None], cs[g, i][None, :])
                         dw1[g, c].copy_(part[0])
                 del xs
-            del dp
+        del dp, dp4
         if need_x:
-            del dx32
+            del dx32, dx_ops, lead
         if need_w1:
+            del dw_ops
             dw1 = dw1.view(w1.shape)
         if need_b1:
             db1 = cs.sum(1).to(dt)
