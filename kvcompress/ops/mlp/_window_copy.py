@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton.launch import Direct, jit_kernel, next_pow2
+from .._triton.launch import Direct, cdiv, jit_kernel, next_pow2
 
 __all__ = ["copy_windows", "finish_dw1", "rows_to_tokens"]
 
@@ -46,7 +46,7 @@ def copy_windows(xg: torch.Tensor, out: torch.Tensor, *, W: int, L: int, S: int,
     B, Hg, T, D = xg.shape
     LD = L * D
     be = min(BLOCK, next_pow2(LD))
-    grid = (B * Hg * W, triton.cdiv(LD, be))
+    grid = (B * Hg * W, cdiv(LD, be))
     _COPY_WINDOWS(grid, xg, out, W, P * S, S, Hg, *xg.stride(), out.stride(0), LD, D=D, BLOCK_E=be, num_warps=4)
 
 
@@ -87,7 +87,7 @@ def rows_to_tokens(src: torch.Tensor, dstg: torch.Tensor, *, N: int, S: int) -> 
     B, Hg, T, D = dstg.shape
     row = S * D
     be = min(BLOCK, next_pow2(row))
-    grid = (B * Hg * N, triton.cdiv(row, be))
+    grid = (B * Hg * N, cdiv(row, be))
     _ROWS_TO_TOKENS(grid, src, dstg, N, S, Hg, *dstg.stride(), row, D=D, BLOCK_E=be,
                     TO_BF16=src.dtype == torch.float32 and dstg.dtype == torch.bfloat16, num_warps=4)
 
@@ -119,7 +119,7 @@ def finish_dw1(part: torch.Tensor, pe: torch.Tensor, cs: torch.Tensor, out: torc
     copy_ do in two). part and out contiguous."""
     K, F = part.shape
     bk, bf = 32, 128
-    grid = (triton.cdiv(K, bk), triton.cdiv(F, bf))
+    grid = (cdiv(K, bk), cdiv(F, bf))
     _FINISH_DW1(grid, part, pe, cs, out, K, F, pe.shape[0], *pe.stride(), *cs.stride(), BLOCK_K=bk, BLOCK_F=bf,
                 TO_BF16=out.dtype == torch.bfloat16, num_warps=4)
 

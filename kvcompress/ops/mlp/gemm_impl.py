@@ -608,9 +608,10 @@ def _forward_relu(x, w1, b1, w2, b2, pe, sh: _Shape):
     w1_ = w1.to(cd)
     hidden = x.new_empty((G, M, F_), dtype=dt)
     h32 = None if cd == dt else x.new_empty((M, F_), dtype=cd)                # CPU: float32, then rounded once
-    bias1 = b1.to(cd) if const is None and b1 is not None else None
+    bias1 = b1.to(cd).unbind(0) if const is None and b1 is not None else None
     if w1a is not None:
-        w1a_w, w1a_p = w1a[:LD], w1a[LD: LD + pieces.shape[1]]              # w1's rows, const's pieces' rows
+        pieces = pieces.unbind(0)
+        w1a_w, w1a_p = w1a[:LD], w1a[LD: LD + npieces * sh.Hg]              # w1's rows, const's pieces' rows
     with _float32_reductions(x.device):
         for g, (hg, w1g) in enumerate(zip(hidden.unbind(0), w1_.unbind(0))):
             _windows(x, sh, g, win, kernel)
@@ -645,16 +646,13 @@ def _rows_view(xg, sh: _Shape):
         return None
 
 
-def _group_rows(x, sh: _Shape, g: int, cd: torch.dtype, buf, kernel: bool) -> torch.Tensor:
-    """Group g's tokens as chunk rows (B, Hg, N, S*D) in ``cd``: a view of x
-    when its tokens are rows of stride D, else copied into ``buf`` (B * Hg
-    * N, S*D) (with ``kernel``, the Triton window kernel with L = S: torch's
-    strided copy of a (B, T, H, D) x ran at a third of the bandwidth), or a
-    new tensor (the CPU's float32 upcast)."""
-    xg = x[:, g * sh.Hg: (g + 1) * sh.Hg]
-    v = _rows_view(xg, sh)
-    if v is not None:
-        return v.to(cd)
+def _group_rows(xg, sh: _Shape, cd: torch.dtype, buf, kernel: bool) -> torch.Tensor:
+    """One group's tokens xg (B, Hg, T, D), which are not rows of stride D
+    (``_rows_view`` gave None), as chunk rows (B, Hg, N, S*D) in ``cd``:
+    copied into ``buf`` (B * Hg * N, S*D) (with ``kernel``, the Triton
+    window kernel with L = S: torch's strided copy of a (B, T, H, D) x ran
+    at a third of the bandwidth), or a new tensor (the CPU's float32
+    upcast)."""
     if buf is None:
         return _rows_view(xg.to(cd, memory_format=torch.contiguous_format), sh)
     if kernel:
@@ -665,12 +663,12 @@ def _group_rows(x, sh: _Shape, g: int, cd: torch.dtype, buf, kernel: bool) -> to
     return buf.view(sh.B, sh.Hg, sh.N, sh.K)
 
 
-def _store_rows(rows32, dxg, sh: _Shape, kernel: bool) -> None:
+def _store_rows(rows32, dxg, v, sh: _Shape, kernel: bool) -> None:
     """One group's float32 chunk-row sums (B, Hg, N, S*D) rounded once into
-    dxg (B, Hg, T, D)'s first N * S tokens, any strides: a view copy when
-    its tokens are rows of stride D, else the Triton kernel with ``kernel``
-    (``_window_kernel``), else torch's strided copy."""
-    v = _rows_view(dxg, sh)
+    dxg (B, Hg, T, D)'s first N * S tokens, any strides: a copy into v, its
+    chunk rows, when its tokens are rows of stride D (``_rows_view``), else
+    the Triton kernel with ``kernel`` (``_window_kernel``), else torch's
+    strided copy."""
     if v is not None:
         v.copy_(rows32)
     elif kernel:
@@ -714,49 +712,63 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
         if not (need_x or need_w1 or need_b1 or need_pe):
             return dx, dw1, db1, dw2, db2, dpe
         w1c = w1.to(cd).view(G, C, K, F_)                                     # [G, C, K, F]
-        w2t = w2.to(cd).mT                                                     # [G, DO, F]
         pec = None if pe is None else pe.reshape(G, Hg, C, K)
         cs = dy.new_empty((G, Hg, F_), dtype=acc)                             # the gradient summed over windows
         dp = dy.new_empty((M, F_), dtype=cd)                                  # one group's dh, then dpre
         dp4 = dp.view(B, Hg, W, F_)
         spans = [(c, *sh.rows(c)) for c in reversed(range(C))]                # (c, i0, r0, n): the last chunk first
+        # per group, lists from one call each instead of an index per use
+        dyg_, w2t_, hid_, cs_ = dyg.unbind(0), w2.to(cd).mT.unbind(0), hidden.unbind(0), cs.unbind(0)
         if need_x:
             # in x's layout (a (B, T, H, D) x gets a gradient of its strides): autograd then takes it as x.grad
             # instead of copying it into one (a second x-sized buffer and a strided copy: 0.17 ms, run 54)
             dx = torch.empty_like(x)
             dx[:, :, N * sh.S:] = 0                                           # tokens no window reads
+            dx_groups = dx.split(Hg, dim=1)
+            dx_rows = _rows_view(dx, sh)
+            dx_rows = [None] * G if dx_rows is None else dx_rows.split(Hg, dim=1)
             dx32 = dy.new_empty((B, Hg, N, K), dtype=acc)                     # one group's accumulator
             # the first GEMM writes, the others add; chunks before the last chunk's first source are written by
             # the others only (their rows are zeroed first)
-            c_, i0, r0, n = spans[0]
+            r0 = spans[0][2]
             lead = dx32[:, :, :r0] if r0 > 0 else None
-            w1t = w1c.transpose(2, 3)[:, :, None].expand(G, C, nb, F_, K)     # [G, C, nb, F, K]: w1[g][c]^T
+            w1t = w1c.transpose(2, 3)[:, :, None].expand(G, C, nb, F_, K).unbind(0)   # [C, nb, F, K]: w1[g][c]^T
             dx_ops = [(k, c, dp.view(nb, W, F_)[:, i0:], dx32.view(nb, N, K)[:, r0: r0 + n])
                       for k, (c, i0, r0, n) in enumerate(spans) if n > 0]
-            dx_groups = dx.split(Hg, dim=1)
         if need_w1:
             dw1 = w1.new_empty(w1.shape).view(G, C, K, F_)
+            dw1_ = dw1.unbind(0)
             part = dy.new_empty((1, K, F_), dtype=acc)
-            rows = None if _rows_view(x[:, :Hg], sh) is not None or cd != dt else \
-                x.new_empty((B * Hg * N, K))                                  # one group's tokens as chunk rows
+            part0 = part[0]
+            x_rows = _rows_view(x, sh)
+            if x_rows is None:
+                rows = None if cd != dt else x.new_empty((B * Hg * N, K))    # one group's tokens as chunk rows
+                x_groups = x.split(Hg, dim=1)
+            else:
+                x_rows = x_rows.split(Hg, dim=1)
+            pec_ = None if pec is None else pec.unbind(0)
             # per chunk c: dp's rows of each (batch row, head) pair, windows i0 ..
             dw_ops = [(c, r0, n, [dp4[b: b + 1, i, i0:] for b in range(B) for i in range(Hg)] if n > 0 else [])
                       for c, i0, r0, n in sorted(spans)]
         for g in range(G):
-            torch.mm(dyg[g], w2t[g], out=dp)                                  # dh, rounded once
+            torch.mm(dyg_[g], w2t_[g], out=dp)                                # dh, rounded once
             if cd != dt:
                 dp.copy_(dp.to(dt))                                           # CPU: rounded as on CUDA
-            hg = hidden[g]
+            hg = hid_[g]
             torch.ops.aten.threshold_backward.grad_input(dp, hg if cd == dt else hg.to(cd), 0, grad_input=dp)
-            torch.sum(dp4, (0, 2), dtype=acc, out=cs[g])
+            torch.sum(dp4, (0, 2), dtype=acc, out=cs_[g])
             if need_x:
                 if lead is not None:
                     lead.zero_()
+                w1g = w1t[g]
                 for k, c, d, x_ in dx_ops:
-                    _gemm(x_, d, w1t[g, c], accumulate=k > 0)
-                _store_rows(dx32, dx_groups[g], sh, kernel)
+                    _gemm(x_, d, w1g[c], accumulate=k > 0)
+                _store_rows(dx32, dx_groups[g], dx_rows[g], sh, kernel)
             if need_w1:
-                xs = _group_rows(x, sh, g, cd, rows, kernel)                  # [B, Hg, N, K]
+                if x_rows is not None:                                        # [B, Hg, N, K]
+                    xs = x_rows[g] if cd == dt else x_rows[g].to(cd)
+                else:
+                    xs = _group_rows(x_groups[g], sh, cd, rows, kernel)
                 for c, r0, n, dps in dw_ops:
                     if not dps:          # no window reads a real chunk through block c (or no batch row)
                         part.zero_()
@@ -764,20 +776,20 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
                         b, i = divmod(j, Hg)
                         _gemm(part, xs[b: b + 1, i, r0: r0 + n].mT, m, accumulate=j > 0)   # summed over pairs
                     if pec is None:
-                        dw1[g, c].copy_(part[0])
+                        dw1_[g][c].copy_(part0)
                     elif kernel:   # window + pe: dw1[g] chunk c += sum_i pe[h, c]^T cs[h], exact
                         from ._window_copy import finish_dw1
-                        finish_dw1(part[0], pec[g, :, c], cs[g], dw1[g, c])
+                        finish_dw1(part0, pec_[g][:, c], cs_[g], dw1_[g][c])
                     else:
                         for i in range(Hg):
-                            part[0].addcmul_(pec[g, i, c].to(acc)[:, None], cs[g, i][None, :])
-                        dw1[g, c].copy_(part[0])
+                            part0.addcmul_(pec[g, i, c].to(acc)[:, None], cs[g, i][None, :])
+                        dw1_[g][c].copy_(part0)
                 del xs
         del dp, dp4
         if need_x:
             del dx32, dx_ops, lead
         if need_w1:
-            del dw_ops
+            del dw_ops, part, part0
             dw1 = dw1.view(w1.shape)
         if need_b1:
             db1 = cs.sum(1).to(dt)
