@@ -3,7 +3,11 @@ inputs (the GPU finishes each kernel long before the CPU issues the next, so
 the wall time is host time), forward and forward + backward, through
 ``kvcompress.functional`` with backend="triton".
 
-    python3 scripts/host_profile.py [--kinds mean_pool,linear] [--calls 2000] [--out DIR]
+    python3 scripts/host_profile.py [--kinds mean_pool,linear,mlp@gemm] [--calls 2000] [--out DIR]
+
+A kind is run with backend="triton", or with the backend named after "@"
+(``mlp@gemm``: mlp's cuBLAS backend, at G = H = 4 heads, where its per-group
+loop runs four times; the other kinds at one head).
 
 Prints per kind the wall microseconds per call without the profiler, then
 the profile's top functions by own time (tottime) and by cumulative time.
@@ -24,12 +28,13 @@ from pathlib import Path
 KINDS = ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool", "gated_pool")
 
 
-def inputs(kind, device, dtype, grad):
-    """Tiny inputs (B = H = 1, T = 64, D = 16, L = 4, S = 2, pe and biases on)
-    from scripts/gpu_perf.py's ``make``: x, the kind's parameters, pe."""
+def inputs(kind, device, dtype, grad, heads=1):
+    """Tiny inputs (B = 1, H = G = ``heads``, T = 64, D = 16, L = 4, S = 2, pe
+    and biases on) from scripts/gpu_perf.py's ``make``: x, the kind's
+    parameters, pe."""
     import gpu_perf  # scripts/ is on sys.path
     gpu_perf.DEVICE = device
-    return gpu_perf.make(kind, B=1, H=1, T=64, D=16, L=4, S=2, dtype=dtype, layout="bhtd", pe=True, bias=True,
+    return gpu_perf.make(kind, B=1, H=heads, T=64, D=16, L=4, S=2, dtype=dtype, layout="bhtd", pe=True, bias=True,
                          grad=grad)
 
 
@@ -54,11 +59,14 @@ def main(argv=None) -> int:
 
     say(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'interpreter'}), torch "
         f"{torch.__version__}, {calls} calls a measurement")
-    for kind in a.kinds.split(","):
+    for spec in a.kinds.split(","):
+        kind, _, backend = spec.partition("@")
+        backend = backend or "triton"
         fn = getattr(kf, kind)
-        x, params, pe = inputs(kind, device, torch.bfloat16, grad=False)
-        xg, pg, peg = inputs(kind, device, torch.bfloat16, grad=True)
-        kw = dict(block_size=4, stride=2, padding="left", backend="triton")
+        heads = 4 if backend == "gemm" else 1
+        x, params, pe = inputs(kind, device, torch.bfloat16, grad=False, heads=heads)
+        xg, pg, peg = inputs(kind, device, torch.bfloat16, grad=True, heads=heads)
+        kw = dict(block_size=4, stride=2, padding="left", backend=backend)
         kwg = kw                        # gated_pool takes no pe (its bias takes pe's place)
         if kind != "gated_pool":
             kw, kwg = dict(kw, pe=pe), dict(kw, pe=peg)
@@ -84,7 +92,7 @@ def main(argv=None) -> int:
                 step()
             sync()
             prof.disable()
-            say(f"\n### {kind} {name}: {us:.1f} us a call (wall, no profiler)")
+            say(f"\n### {spec} {name}: {us:.1f} us a call (wall, no profiler)")
             for order in ("tottime", "cumulative"):
                 s = io.StringIO()
                 pstats.Stats(prof, stream=s).strip_dirs().sort_stats(order).print_stats(a.top)
