@@ -68,6 +68,10 @@ class Backend:
     output. False for a backend that stores a layer the size of mlp's
     hidden layer (B * H * W * F units) between forward and backward;
     ``kvcompress.functional.mlp(memory="lean")`` picks only lean backends.
+    prefer: optional per-call predicate, on the same arguments as
+    ``supports``, asked by "auto" only: False passes the call on to the
+    next backend in priority order (a size at which a lower-priority
+    backend is measured faster); a backend named outright ignores it.
     """
 
     kind: str
@@ -84,11 +88,13 @@ class Backend:
     takes_total_windows: bool = False
     precision: str = "strict"
     lean: bool = True
+    prefer: Callable[..., bool] | None = None
 
     def accepts_auto(self, x: torch.Tensor, *args, **kwargs) -> bool:
         """Whether backend="auto" may pick this backend for the call."""
         auto = self.devices if self.auto_devices is None else self.auto_devices
-        return x.device.type in auto and self.accepts(x, *args, **kwargs)
+        return (x.device.type in auto and self.accepts(x, *args, **kwargs)
+                and (self.prefer is None or bool(self.prefer(x, *args, **kwargs))))
 
     def accepts(self, x: torch.Tensor, *args, **kwargs) -> bool:
         """Whether this backend runs on x's device and dtype and supports the call."""
@@ -106,7 +112,8 @@ def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[to
              auto_devices: tuple[str, ...] | None = None,
              batch_invariant: bool = False,
              emulated_devices: tuple[str, ...] = (),
-             precision: str = "strict", lean: bool = True) -> Callable[[Callable], Callable]:
+             precision: str = "strict", lean: bool = True,
+             prefer: Callable[..., bool] | None = None) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as backend ``name`` of ``kind`` (the
     fields of ``Backend``)."""
     if kind not in KINDS:
@@ -121,7 +128,8 @@ def register(kind: str, name: str, *, devices: tuple[str, ...], dtypes: tuple[to
                                         available or (lambda: True), supports,
                                         None if auto_devices is None else tuple(auto_devices), batch_invariant,
                                         tuple(emulated_devices),
-                                        "total_windows" in inspect.signature(fn).parameters, precision, bool(lean))
+                                        "total_windows" in inspect.signature(fn).parameters, precision, bool(lean),
+                                        prefer)
         return fn
 
     return deco

@@ -292,8 +292,9 @@ def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="va
     memory: "auto" (default) lets backend="auto" take the fastest path,
     which on CUDA stores the hidden layer (B * H * W * F units in x's dtype)
     for the backward where it fits in what the process's CUDA allocator can
-    still hand out (backend
-    "gemm", cuBLAS), and the fused Triton kernel otherwise; "lean" never
+    still hand out and the call is large enough for cuBLAS to win (backend
+    "gemm"; ``kvcompress.ops.mlp.gemm_impl.AUTO_MIN_GROUP_FLOPS``), and the
+    fused Triton kernel otherwise; "lean" never
     stores it (the fused kernel: extra memory of the output's order, about
     1.5x the time), and raises ValueError where no lean backend runs (the
     CPU) or when ``backend`` names one that stores it.

@@ -197,6 +197,32 @@ def test_the_backend_order_follows_the_registry(monkeypatch):
         kb.get("mean_pool", "no-such-backend")
 
 
+def test_prefer_is_asked_by_auto_only(monkeypatch):
+    """A backend's ``prefer`` predicate passes a call it declines on to the
+    next backend in priority order under backend="auto" (and the decode
+    path's resolution, which asks the same ``accepts_auto``); named outright,
+    the backend runs whatever ``prefer`` says."""
+    calls = []
+
+    def spy(x, *, block_size, stride, padding="valid", pe=None, cu_seqlens=None):
+        calls.append(x.shape[2])
+        return kf.mean_pool(x, block_size=block_size, stride=stride, padding=padding, pe=pe,
+                            cu_seqlens=cu_seqlens, backend="torch")
+
+    top = max(b.priority for b in kb.backends("mean_pool")) + 1
+    entry = kb.Backend("mean_pool", "spy", spy, ("cpu",), (torch.float32,), top,
+                       prefer=lambda x, *args, **kwargs: x.shape[2] >= 16)
+    monkeypatch.setitem(kb._REGISTRY["mean_pool"], "spy", entry)
+    small, large = torch.randn(1, 2, 9, 3), torch.randn(1, 2, 16, 3)
+    assert entry.accepts(small, block_size=4, stride=2) and not entry.accepts_auto(small, block_size=4, stride=2)
+    assert entry.accepts_auto(large, block_size=4, stride=2)
+    want = kf.mean_pool(small, block_size=4, stride=2, backend="torch")
+    assert torch.equal(kf.mean_pool(small, block_size=4, stride=2), want) and calls == []    # passed on
+    kf.mean_pool(large, block_size=4, stride=2)
+    assert calls == [16]
+    assert torch.equal(kf.mean_pool(small, block_size=4, stride=2, backend="spy"), want) and calls == [16, 9]
+
+
 def test_fixed_plans_are_cached_by_shape_and_keep_their_tensors():
     x = torch.randn(1, 2, 9, 3)
     p1 = tplan.seq_plan(x, block_size=4, stride=2, padding="left", cu_seqlens=None)

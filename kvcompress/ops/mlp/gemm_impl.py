@@ -1,6 +1,7 @@
 """mlp through cuBLAS with the hidden layer stored. Registered as backend
 "gemm" (CPU and CUDA; backend="auto" picks it on CUDA only, ahead of
-"triton", where ``supports_call`` accepts the call).
+"triton", where ``supports_call`` accepts the call and ``prefer_call``
+finds it large enough for cuBLAS to win).
 
 relu (the default activation, the seed's): per group, the windows are
 copied once into one group's buffer (M, L*D) in x's dtype (one Triton
@@ -194,6 +195,31 @@ def supports_call(x, w1, b1, w2, b2, *, block_size, stride, padding="valid", pe=
         return False
     return _fits(x.device, lambda: workspace_bytes(x, w1, block_size=block_size, stride=stride, padding=padding,
                                                     activation=activation))
+
+
+# backend="auto" takes gemm on CUDA only when one group's first layer is at least this many FLOPs
+# (2 * B * Hg * W * L*D * F): below it the fused Triton kernel was faster, gemm's per-group host work not
+# hidden by its GEMMs. H200 runs 66-67 (tree c255b97, B = 1, G = H = 4, F = L*D; forward / forward + backward):
+# per-group 1.4e11 FLOPs (D = 128, T = 65536) triton 1.55 / 6.17 ms against gemm 1.84 / 7.91; 2.7e11 (D = 128,
+# T = 131072) gemm 2.19 / 7.64 against 2.98 / 12.0; 3.1e11 (D = 192, T = 65536) gemm 3.04 / 10.5 against
+# 5.33 / 17.5; at T = 8192 triton 3.7x (D = 128) and 4.4x (D = 192) faster. The threshold lies between the
+# second and the first; gemm's host path was cut after those runs, so the crossover is to be measured again.
+AUTO_MIN_GROUP_FLOPS = 2e11
+
+
+def group_flops(x, w1, *, block_size: int, stride: int, padding: str) -> int:
+    """FLOPs of one group's first layer, 2 * B * (H / G) * W * L*D * F, for x
+    (B, H, T, D) and w1 (G, L*D, F)."""
+    B, H, T = x.shape[:3]
+    G, LD, F_ = w1.shape
+    return 2 * B * (H // G) * _num_windows(T, block_size, stride, padding) * LD * F_
+
+
+def prefer_call(x, w1, b1, w2, b2, *, block_size, stride, padding="valid", **_) -> bool:
+    """The registry's ``prefer`` (backend="auto" only): gemm where one
+    group's first layer reaches AUTO_MIN_GROUP_FLOPS, else the next backend
+    (the fused Triton kernel on CUDA). backend="gemm" ignores it."""
+    return group_flops(x, w1, block_size=block_size, stride=stride, padding=padding) >= AUTO_MIN_GROUP_FLOPS
 
 
 def _fits(device: torch.device, need) -> bool:
@@ -833,7 +859,7 @@ class _MlpGemm(torch.autograd.Function):
 
 
 @register("mlp", "gemm", devices=("cpu", "cuda"), dtypes=DTYPES, priority=20, supports=supports_call,
-          auto_devices=("cuda",), precision="io-intermediates", lean=False)
+          auto_devices=("cuda",), precision="io-intermediates", lean=False, prefer=prefer_call)
 def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="valid", pe=None, cu_seqlens=None):
     """Per-window two-layer MLP by chunked GEMMs (arguments already validated
     by ``kvcompress.functional.mlp``, which also checks ``supports_call``).
@@ -870,5 +896,5 @@ def mlp(x, w1, b1, w2, b2, *, activation="relu", block_size, stride, padding="va
 
 mlp.__kvcompress_domain__ = DOMAIN
 
-__all__ = ["ACTIVATIONS", "DOMAIN", "DTYPES", "mlp", "preactivation_bytes", "supports_call",
-           "workspace_bytes"]
+__all__ = ["ACTIVATIONS", "AUTO_MIN_GROUP_FLOPS", "DOMAIN", "DTYPES", "group_flops", "mlp", "prefer_call",
+           "preactivation_bytes", "supports_call", "workspace_bytes"]
