@@ -347,3 +347,47 @@ def test_mlp_eager_backward_takes_the_forward_constant(monkeypatch):
         grads[path] = [y.detach()] + [t.grad for t in leaves]
     for a, b in zip(grads["eager"], grads["op"]):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- the eager path without autograd
+
+
+@pytest.mark.parametrize("kind", ["mean_pool", "weighted_pool", "gated_pool", "mlp"])
+def test_a_call_with_nothing_to_differentiate_skips_the_autograd_function(kind, monkeypatch):
+    """An eager Triton call whose inputs need no gradient (or under
+    torch.no_grad) runs the kind's forward without its autograd.Function:
+    the same bits and strides as the call through the Function, an output
+    without grad_fn; with an input requiring grad the Function runs."""
+    from kvcompress.ops import _custom_op
+    applied = []
+    real = torch.autograd.Function.apply.__func__
+
+    def spy(cls, *args, **kwargs):
+        applied.append(cls.__name__)
+        return real(cls, *args, **kwargs)
+    monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(spy))
+    want = _launch_call(kind, torch.float32, "bthd", 9, True, False)[0]          # through the Function
+    assert applied and all(name.endswith("Fn") for name in applied)
+    g = torch.Generator().manual_seed(9)
+    H, D, L = 2, 4, 4
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+    x = rnd(1, 9, H, D).transpose(1, 2)
+    params = {"mean_pool": lambda: [], "weighted_pool": lambda: [rnd(1, L)],
+              "gated_pool": lambda: [rnd(1, H, 9, D), rnd(H, L, D)],
+              "mlp": lambda: [rnd(H, L * D, 6) / 4, rnd(H, 6), rnd(H, 6, 3) / 2, rnd(H, 3)]}[kind]()
+    kw = dict(block_size=L, stride=2, padding="left", cu_seqlens=None, backend="triton")
+    if kind != "gated_pool":
+        kw["pe"] = rnd(H, L, D)
+    applied.clear()
+    y = getattr(kf, kind)(x, *params, **kw)
+    assert applied == [] and y.grad_fn is None
+    assert torch.equal(y, want) and y.stride() == want.stride()
+    x.requires_grad_(True)
+    with torch.no_grad():
+        y = getattr(kf, kind)(x, *params, **kw)
+    assert applied == [] and y.grad_fn is None and torch.equal(y, want)
+    y = getattr(kf, kind)(x, *params, **kw)
+    assert applied and y.grad_fn is not None and torch.equal(y.detach(), want)
+    assert _custom_op.eager_call(x)
