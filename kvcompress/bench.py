@@ -202,6 +202,7 @@ def render(data: dict, outcomes: _Outcomes | None = None, compared: dict | None 
         groups[_config_key(b["extra_info"])][b["extra_info"]["entrant"]] = b
     if groups:
         out += _summary(groups)
+        out += _against_peers(groups)
     by_kind = defaultdict(list)
     for key in groups:
         by_kind[key[0]].append(key)
@@ -286,6 +287,40 @@ def _summary(groups) -> list[str]:
         out.append(f"| {kind} | {direction} | {D} | {T} | {b['extra_info']['entrant']} | {_fmt_time(med)} | "
                    + " | ".join(ratios) + " |")
     return out + [""]
+
+
+# the speed-up over the fastest peer that issue 14 asks of every kind, direction and size
+PEER_TARGET = 1.25
+
+
+def _against_peers(groups, target: float = PEER_TARGET) -> list[str]:
+    """One row per NSA-setting configuration (kind, L/S, D, T, direction)
+    with a kvcompress entrant and a peer: the fastest of each, their
+    medians and the speed-up (peer / kvcompress), and whether it reaches
+    ``target``; then how many rows do."""
+    rows = []
+    for key, entrants in groups.items():
+        kind, role, direction, D, T, L, S = key[:7]
+        mine = [b for b in entrants.values() if _ours(b)]
+        peers = [b for b in entrants.values() if not _ours(b)]
+        if role != "nsa" or not mine or not peers:
+            continue
+        b = min(mine, key=lambda b: b["stats"]["median"])
+        p = min(peers, key=lambda b: b["stats"]["median"])
+        rows.append(((kind, L, S, D, -T, direction), b, p))
+    if not rows:
+        return []
+    out = [f"## Against the fastest peer (NSA setting; target {target:g}x)", "",
+           "| kind | L/S | D | T | dir | fastest kvcompress | median | fastest peer | median | speed-up | "
+           f"{target:g}x |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    met = 0
+    for (kind, L, S, D, negT, direction), b, p in sorted(rows, key=lambda r: r[0]):
+        ratio = p["stats"]["median"] / b["stats"]["median"]
+        met += ratio >= target
+        out.append(f"| {kind} | {L}/{S} | {D} | {-negT} | {direction} | {b['extra_info']['entrant']} | "
+                   f"{_fmt_time(b['stats']['median'])} | {p['extra_info']['entrant']} | "
+                   f"{_fmt_time(p['stats']['median'])} | {ratio:.3g}x | {'yes' if ratio >= target else '**no**'} |")
+    return out + ["", f"{met} of {len(rows)} rows reach {target:g}x.", ""]
 
 
 def _us_per_step(b) -> float:

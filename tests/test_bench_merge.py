@@ -84,3 +84,22 @@ def test_a_run_writes_its_outcomes(monkeypatch, tmp_path):
     got = json.loads((tmp_path / "outcomes.json").read_text())
     assert got["passed"] == ["test_compress[ok]"] and got["failed"] == [["test_compress[bad]", "CheckFailed: wrong"]]
     assert got["skipped"] == [] and got["seconds"] >= 0
+
+
+def test_the_report_sets_each_size_against_its_fastest_peer(tmp_path):
+    """The "Against the fastest peer" section: per configuration the fastest
+    kvcompress entrant against the fastest peer of the same run, the
+    speed-up, whether it reaches 1.25x, and the count of rows that do."""
+    a = _run(tmp_path, "a", [("triton", 1e-4, "kvcompress"), ("torch", 3e-4, "kvcompress"),
+                             ("seed", 4e-4, "peer"), ("seed+compile", 1.2e-4, "peer")], T=8192)
+    b = _run(tmp_path, "b", [("triton", 2e-4, "kvcompress"), ("seed", 6e-4, "peer")], T=65536,
+             when="2026-12-04T10:10:00")
+    out = tmp_path / "merged"
+    assert bench.main(["--render", str(a), str(b), "--out", str(out)]) == 0
+    text = (out / "bench.md").read_text()
+    section = text[text.index("## Against the fastest peer"):]
+    rows = [ln.split("|")[1:-1] for ln in section.splitlines() if ln.startswith("| linear |")]
+    assert [[c.strip() for c in r] for r in rows] == [
+        ["linear", "32/16", "128", "65536", "fwd", "triton", "200 us", "seed", "600 us", "3x", "yes"],
+        ["linear", "32/16", "128", "8192", "fwd", "triton", "100 us", "seed+compile", "120 us", "1.2x", "**no**"]]
+    assert "1 of 2 rows reach 1.25x." in section
