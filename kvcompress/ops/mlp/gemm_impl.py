@@ -614,7 +614,7 @@ def _forward_relu(x, w1, b1, w2, b2, pe, sh: _Shape):
     dtype. Per group g: its windows (exact copies of x's tokens, one
     group's buffer, reused) and one GEMM hidden[g] = windows @ w1[g] +
     const[g] with const = flat(pe[h]) @ w1[g] + b1[g] in the float32
-    accumulator (``_relu_buffers``, ``_augmented_w1``; b1 alone through
+    accumulator (``_relu_buffers``, ``_const_pieces``; b1 alone through
     the bias epilogue), one rounding; then, for every group at once, relu
     in place (it commutes with rounding and keeps NaN, which cuBLAS's relu
     epilogue, max(x, 0), need not) and y = hidden @ w2 + b2 in one batched
@@ -718,9 +718,10 @@ def _backward_relu(dy, x, w1, b1, w2, pe, hidden, sh: _Shape, need):
 
     Host time: the per-group buffers are allocated once and their per-chunk
     views taken once, before the loop over groups, which then makes about
-    3 + 3C calls of torch or Triton a group (and a view or two per call);
-    it made about 100 calls a group, most of them views (H200 runs 66-67:
-    the backend was host-bound at every record size)."""
+    5 + 3C calls of torch or Triton a group with x, w1 and pe needing
+    gradients (and a view or two per call); it made about 100 calls a group,
+    most of them views (H200 runs 66-67: the backend was host-bound at
+    every record size)."""
     need_x, need_w1, need_b1, need_w2, need_b2, need_pe = need
     dt, cd, acc = x.dtype, _compute_dtype(x), sh.acc
     kernel = _window_kernel(x, cd)                                            # decided once per call
