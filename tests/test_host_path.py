@@ -220,6 +220,9 @@ def test_prefer_is_asked_by_auto_only(monkeypatch):
     assert torch.equal(kf.mean_pool(small, block_size=4, stride=2), want) and calls == []    # passed on
     kf.mean_pool(large, block_size=4, stride=2)
     assert calls == [16]
+    from kvcompress import decode
+    assert decode._resolve("mean_pool", "auto", small, (), dict(block_size=4, stride=2)).name != "spy"
+    assert decode._resolve("mean_pool", "auto", large, (), dict(block_size=4, stride=2)) is entry
     assert torch.equal(kf.mean_pool(small, block_size=4, stride=2, backend="spy"), want) and calls == [16, 9]
 
 
