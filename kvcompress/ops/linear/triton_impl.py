@@ -36,6 +36,7 @@ from .._triton.lang import chunk_rows, window_gemm, window_rows
 from .._triton.launch import (
     Direct,
     Launcher,
+    cache_put,
     cdiv,
     fill_factor,
     interpret_block,
@@ -453,25 +454,60 @@ def _forward(x, weight, bias, pe, plan):
     pe, one without."""
     B, H, T, D = x.shape
     G, L, _, DO = weight.shape
-    HG = H // G
     y = empty((B, H, plan.W, DO), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
+    key = (x.shape, x.stride(), weight.shape, weight.stride(), None if bias is None else bias.stride(),
+           None if pe is None else (pe.shape, pe.stride()), x.dtype, plan.varlen, *plan.seq_args()[3:])
+    launch = _FWD_LAUNCH.get(key)
+    if launch is None:
+        launch = cache_put(_FWD_LAUNCH, key, _fwd_launch(x, weight, bias, pe, y, plan))
+    pe_launch, (ints, grid, constexprs) = launch
     pep = None
-    if pe is not None and D > 0:
+    if pe_launch is not None:
         pep = empty((L, H, DO), dtype=torch.float32, device=x.device)                    # [L, H, D_out]
-        BN = min(128, max(16, next_pow2(DO)))
-        _PE((L, H, cdiv(DO, BN)), *kernel_args(linear_pe_kernel, pe=pe, w=weight, out=pep, H=H, HG=HG, L=L, D=D,
-                                                DO=DO, **strides("sp", pe, "hjd"), **strides("sw", weight, "gldn")),
-            BLOCK_D=min(64, max(16, next_pow2(D))), BLOCK_N=BN)
-    _FWD(lambda meta: (cdiv(plan.W, meta["BLOCK_W"]), cdiv(DO, meta["BLOCK_N"]), B * H),
-         *kernel_args(linear_fwd_kernel, x=x, w=weight, pep=pep if pep is not None else x,
-                      bias=bias if bias is not None else x, y=y, **plan.seq_kwargs(), **strides("sx", x, "bhtd"),
-                      **strides("sw", weight, "gldn"), **strides("sy", y, "bhwd"), **strides("sb", bias, "gn"),
-                      H=H, HG=HG, D=D, DO=DO, WORK=size_class(B * H * plan.W)),
-         BLOCK_L=min(32, next_pow2(L)), IS_VARLEN=plan.varlen, HAS_PE=pep is not None, HAS_BIAS=bias is not None,
-         DOT_F32=dot_f32(x.dtype))
+        _PE(pe_launch[1], pe, weight, pep, *pe_launch[0], **pe_launch[2])
+    _FWD(grid, x, weight, pep if pep is not None else x, bias if bias is not None else x, y, plan.cu, plan.ccu,
+         plan.cq, *ints, **constexprs)
     return y
+
+
+# The launches' arguments after their tensors, their grids and constexprs depend only on shapes, strides,
+# dtypes, the plan's sizes and the flags: built once per key (``_fwd_launch``, ``_bwd_launch``, and in the
+# shared ``weight_grad`` and ``x_grad``) instead of named arguments and stride dicts on every call (host time,
+# issue 14 item 2; as the pools and gated_pool do). Each kernel takes its tensors first, in this order.
+assert linear_pe_kernel.runtime_args[:3] == ("pe", "w", "out")
+assert linear_fwd_kernel.runtime_args[:8] == ("x", "w", "pep", "bias", "y", "cu", "ccu", "cq")
+assert linear_bwd_kernel_dx_rows.runtime_args[:7] == ("dy", "w", "dx", "pcs", "cu", "ccu", "cq")
+assert linear_bwd_kernel_finalize.runtime_args[:5] == ("pcs", "w", "cs", "db", "dpe")
+assert linear_bwd_kernel_dw.runtime_args[:8] == ("x", "dy", "pe", "cs", "dw", "cu", "ccu", "cq")
+assert linear_bwd_kernel_dx.runtime_args[:6] == ("dy", "w", "dx", "cu", "ccu", "cq")
+_FWD_LAUNCH: dict[tuple, tuple] = {}
+_BWD_LAUNCH: dict[tuple, tuple] = {}
+_DW_LAUNCH: dict[tuple, tuple] = {}
+_DX_LAUNCH: dict[tuple, tuple] = {}
+
+
+def _fwd_launch(x, weight, bias, pe, y, plan):
+    """(pe's launch or None, the GEMM's launch) of ``_forward``, each (integer
+    arguments, grid, constexprs)."""
+    B, H, T, D = x.shape
+    G, L, _, DO = weight.shape
+    HG = H // G
+    pe_launch = None
+    if pe is not None and D > 0:
+        BN = min(128, max(16, next_pow2(DO)))
+        pe_launch = (kernel_args(linear_pe_kernel, pe=pe, w=weight, out=pe, H=H, HG=HG, L=L, D=D, DO=DO,
+                                 **strides("sp", pe, "hjd"), **strides("sw", weight, "gldn"))[3:],
+                     (L, H, cdiv(DO, BN)), dict(BLOCK_D=min(64, max(16, next_pow2(D))), BLOCK_N=BN))
+    W = plan.W
+    args = kernel_args(linear_fwd_kernel, x=x, w=weight, pep=x, bias=bias if bias is not None else x, y=y,
+                       **plan.seq_kwargs(), **strides("sx", x, "bhtd"), **strides("sw", weight, "gldn"),
+                       **strides("sy", y, "bhwd"), **strides("sb", bias, "gn"), H=H, HG=HG, D=D, DO=DO,
+                       WORK=size_class(B * H * W))
+    return pe_launch, (args[8:], lambda meta: (cdiv(W, meta["BLOCK_W"]), cdiv(DO, meta["BLOCK_N"]), B * H),
+                       dict(BLOCK_L=min(32, next_pow2(L)), IS_VARLEN=plan.varlen, HAS_PE=pe_launch is not None,
+                            HAS_BIAS=bias is not None, DOT_F32=dot_f32(x.dtype)))
 
 
 def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
@@ -487,26 +523,23 @@ def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
     dx = dw = db = dpe = None
     need_pe = need_pe and pe is not None
     need_cs = need_b or need_pe or (need_w and pe is not None)
-    pcs, nslot = None, 0
     if need_x:
         dx = empty_like(x)
-        C_PAD, DO_PAD = plan.C_PAD, max(16, next_pow2(DO))
-        rows_kernel = x.dtype != torch.float32 and C_PAD * DO_PAD <= DXR_MAX_K
-        if dx.numel() > 0 and rows_kernel:
-            nslot = cdiv(plan.NQ, SLOT_ROWS)
-            if need_cs:
-                pcs = empty((B * H * nslot * DO,), dtype=torch.float32, device=x.device)
-            _DXR(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), B * H),
-                 *kernel_args(linear_bwd_kernel_dx_rows, dy=dy, w=weight, dx=dx, pcs=pcs if pcs is not None else x,
-                              **plan.seq_kwargs(), **strides("sd", dy, "bhwn"), **strides("sw", weight, "gldn"),
-                              **strides("sg", dx, "bhtd"), H=H, HG=HG, D=D, DO=DO, C=plan.C, NSLOT=nslot,
-                              WORK=size_class(B * H * plan.NQ)),
-                 C_PAD=C_PAD, DO_PAD=DO_PAD, SLOT_ROWS=SLOT_ROWS, HAS_CS=need_cs, IS_VARLEN=plan.varlen,
-                 DOT_F32=dot_f32(x.dtype))
-        elif dx.numel() > 0:
-            x_grad(_DX, dx, dy, weight, plan, HG, dx_phase_per(plan.NQ, B * H, plan.S, x.device))
+    key = (x.shape, x.stride(), weight.shape, weight.stride(), dy.stride(), x.dtype, plan.varlen,
+           *plan.seq_args()[3:], need_x, need_cs, need_b, need_pe)
+    launch = _BWD_LAUNCH.get(key)
+    if launch is None:
+        launch = cache_put(_BWD_LAUNCH, key, _bwd_launch(dy, x, weight, dx, plan, need_cs, need_b, need_pe))
+    dxr, nslot, fin = launch
+    pcs = None
+    if dxr is not None:             # the x-gradient by chunk rows, with the column sums of dy on the way
+        if need_cs:
+            pcs = empty((B * H * nslot * DO,), dtype=torch.float32, device=x.device)
+        _DXR(dxr[1], dy, weight, dx, pcs if pcs is not None else x, plan.cu, plan.ccu, plan.cq, *dxr[0], **dxr[2])
+    elif need_x and dx.numel() > 0:
+        x_grad(_DX, dx, dy, weight, plan, HG, dx_phase_per(plan.NQ, B * H, plan.S, x.device))
     if need_cs and pcs is None:    # no x-gradient kernel ran (or linear_bwd_kernel_dx did): the column sums from torch
-        pcs, nslot = dy.sum(dim=2, dtype=torch.float32), 1                                # [B, H, D_out]
+        pcs = dy.sum(dim=2, dtype=torch.float32)                                          # [B, H, D_out]
     cs = None
     if need_cs:
         cs = empty((H, DO), dtype=torch.float32, device=x.device)
@@ -514,19 +547,45 @@ def _backward(dy, x, weight, pe, plan, need_x, need_w, need_b, need_pe):
             db = empty((G, DO), dtype=x.dtype, device=x.device)
         if need_pe:
             dpe = empty((H, L, D), dtype=x.dtype, device=x.device)
-        if H > 0 and DO > 0:
-            DO_PAD = max(16, next_pow2(DO))
-            _FINALIZE((H, L if need_pe else 1), *kernel_args(
-                linear_bwd_kernel_finalize, pcs=pcs, w=weight, cs=cs, db=db if need_b else cs,
-                dpe=dpe if need_pe else cs, B=B, H=H, HG=HG, L=L, D=D, DO=DO, NSLOT=nslot,
-                **strides("sw", weight, "gldn")), NEED_CS=True, NEED_B=need_b, NEED_PE=need_pe, DO_PAD=DO_PAD,
-                BLOCK_R=16 if INTERPRET else 32, BLOCK_D=max(16, min(128, 8192 // DO_PAD)))
+        if fin is not None:
+            _FINALIZE(fin[1], pcs, weight, cs, db if need_b else cs, dpe if need_pe else cs, *fin[0], **fin[2])
         elif need_pe:           # D_out = 0: pe does not reach the output
             dpe.zero_()
     if need_w:
         dw = empty(weight.shape, dtype=x.dtype, device=x.device)
         weight_grad(_DW, dw, x, dy, pe, cs, plan, B, H, HG, D, DO, G * L * cdiv(D, 64) * cdiv(DO, 128))
     return tuple(x.new_empty(0) if g is None else g for g in (dx, dw, db, dpe))
+
+
+def _bwd_launch(dy, x, weight, dx, plan, need_cs, need_b, need_pe):
+    """(the chunk-row x-gradient's launch or None, its column-sum slots, the
+    finalize kernel's launch or None) of ``_backward``, each launch (integer
+    arguments, grid, constexprs). The chunk-row kernel serves half-precision
+    x whose C_PAD * D_out fits DXR_MAX_K; the finalize kernel runs when
+    the column sums are needed and H, D_out > 0."""
+    B, H, T, D = x.shape
+    G, L, _, DO = weight.shape
+    HG = H // G
+    C_PAD, DO_PAD = plan.C_PAD, max(16, next_pow2(DO))
+    dxr, nslot = None, 1
+    if dx is not None and dx.numel() > 0 and x.dtype != torch.float32 and C_PAD * DO_PAD <= DXR_MAX_K:
+        NQ, rows_slots = plan.NQ, cdiv(plan.NQ, SLOT_ROWS)
+        args = kernel_args(linear_bwd_kernel_dx_rows, dy=dy, w=weight, dx=dx, pcs=x, **plan.seq_kwargs(),
+                           **strides("sd", dy, "bhwn"), **strides("sw", weight, "gldn"), **strides("sg", dx, "bhtd"),
+                           H=H, HG=HG, D=D, DO=DO, C=plan.C, NSLOT=rows_slots, WORK=size_class(B * H * NQ))
+        dxr = (args[7:], lambda meta: (cdiv(NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]), B * H),
+               dict(C_PAD=C_PAD, DO_PAD=DO_PAD, SLOT_ROWS=SLOT_ROWS, HAS_CS=need_cs, IS_VARLEN=plan.varlen,
+                    DOT_F32=dot_f32(x.dtype)))
+        if need_cs:
+            nslot = rows_slots
+    fin = None
+    if need_cs and H > 0 and DO > 0:
+        args = kernel_args(linear_bwd_kernel_finalize, pcs=x, w=weight, cs=x, db=x, dpe=x, B=B, H=H, HG=HG, L=L,
+                           D=D, DO=DO, NSLOT=nslot, **strides("sw", weight, "gldn"))
+        fin = (args[5:], (H, L if need_pe else 1),
+               dict(NEED_CS=True, NEED_B=need_b, NEED_PE=need_pe, DO_PAD=DO_PAD, BLOCK_R=16 if INTERPRET else 32,
+                    BLOCK_D=max(16, min(128, 8192 // DO_PAD))))
+    return dxr, nslot, fin
 
 
 def _splits(rows: int, programs: int, device) -> int:
@@ -548,22 +607,36 @@ def weight_grad(launcher, dst, x, dy, pe, cs, plan, B, H, HG, D, DO, programs, *
     stored hidden layer, L = 1; ``dot_tf32`` for float16's float32 hidden)."""
     if dst.numel() == 0:
         return
+    key = (dst.shape, dst.stride(), x.shape, x.stride(), x.dtype, x.device, dy.shape, dy.stride(),
+           None if pe is None else (pe.shape, pe.stride()), cs is None, plan.varlen, *plan.seq_args()[3:],
+           B, H, HG, D, DO, programs, dot_tf32)
+    launch = _DW_LAUNCH.get(key)
+    if launch is None:
+        launch = cache_put(_DW_LAUNCH, key, _dw_launch(dst, x, dy, pe, cs, plan, B, H, HG, D, DO, programs,
+                                                        dot_tf32))
+    splits, ints, grid, constexprs = launch
+    out = dst if splits == 1 else empty((splits, *dst.shape), dtype=torch.float32, device=x.device)
+    launcher(grid, x, dy, pe if pe is not None else x, cs if cs is not None else x, out, plan.cu, plan.ccu, plan.cq,
+             *ints, **constexprs)
+    if splits > 1:
+        dst.copy_(out.sum(0))
+
+
+def _dw_launch(dst, x, dy, pe, cs, plan, B, H, HG, D, DO, programs, dot_tf32):
+    """(window splits, integer arguments, grid, constexprs) of ``weight_grad``'s launch."""
     G, L = dst.shape[0], dst.shape[1]
     rows = B * HG * plan.W
     splits = _splits(rows, programs, x.device)
     if splits == 1:
-        out, o_strides = dst, {"sos": 0, **strides("so", dst, "gjdn")}
+        o_strides = {"sos": 0, **strides("so", dst, "gjdn")}
     else:
-        out = empty((splits, *dst.shape), dtype=torch.float32, device=x.device)
-        o_strides = strides("so", out, "sgjdn")
-    launcher(lambda meta: (L * cdiv(D, meta["BLOCK_D"]), cdiv(DO, meta["BLOCK_N"]), G * splits),
-             *kernel_args(linear_bwd_kernel_dw, x=x, dy=dy, pe=pe if pe is not None else x,
-                          cs=cs if cs is not None else x, dw=out, **plan.seq_kwargs(), **strides("sx", x, "bhtd"),
-                          **strides("sd", dy, "bhwn"), **strides("sp", pe, "hjd"), **o_strides, B=B, H=H, HG=HG,
-                          D=D, DO=DO, ROWS_PER_SPLIT=cdiv(rows, splits), WORK=size_class(rows)),
-             IS_VARLEN=plan.varlen, HAS_PE=pe is not None, DOT_F32=dot_f32(x.dtype), DOT_TF32=dot_tf32)
-    if splits > 1:
-        dst.copy_(out.sum(0))
+        o_strides = strides("so", torch.empty((splits, *dst.shape), device="meta"), "sgjdn")
+    args = kernel_args(linear_bwd_kernel_dw, x=x, dy=dy, pe=pe if pe is not None else x,
+                       cs=cs if cs is not None else x, dw=dst, **plan.seq_kwargs(), **strides("sx", x, "bhtd"),
+                       **strides("sd", dy, "bhwn"), **strides("sp", pe, "hjd"), **o_strides, B=B, H=H, HG=HG,
+                       D=D, DO=DO, ROWS_PER_SPLIT=cdiv(rows, splits), WORK=size_class(rows))
+    return (splits, args[8:], lambda meta: (L * cdiv(D, meta["BLOCK_D"]), cdiv(DO, meta["BLOCK_N"]), G * splits),
+            dict(IS_VARLEN=plan.varlen, HAS_PE=pe is not None, DOT_F32=dot_f32(x.dtype), DOT_TF32=dot_tf32))
 
 
 def x_grad(launcher, dx, dy, w, plan, HG, rper):
@@ -573,12 +646,20 @@ def x_grad(launcher, dx, dy, w, plan, HG, rper):
     (``dx_phase_per``); plan: x's SeqPlan. Shared by linear (float32, or
     C * D_out beyond DXR_MAX_K) and mlp's first layer (dy := dp, w := w1 as
     (G, L, D, F))."""
-    B, H, D, DO = plan.B, plan.H, w.shape[2], w.shape[3]
-    launcher(lambda meta: (cdiv(plan.NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]) * cdiv(plan.S, rper), B * H),
-             *kernel_args(linear_bwd_kernel_dx, dy=dy, w=w, dx=dx, **plan.seq_kwargs(), **strides("sd", dy, "bhwn"),
-                          **strides("sw", w, "gldn"), **strides("sg", dx, "bhtd"), H=H, HG=HG, D=D, DO=DO, C=plan.C,
-                          R_PER=rper, WORK=size_class(B * H * plan.NQ)),
-             IS_VARLEN=plan.varlen, DOT_F32=dot_f32(dy.dtype))
+    key = (dx.shape, dx.stride(), dy.shape, dy.stride(), w.shape, w.stride(), dy.dtype, plan.B, plan.H,
+           plan.varlen, *plan.seq_args()[3:], HG, rper)
+    launch = _DX_LAUNCH.get(key)
+    if launch is None:
+        B, H, D, DO = plan.B, plan.H, w.shape[2], w.shape[3]
+        NQ, S = plan.NQ, plan.S
+        args = kernel_args(linear_bwd_kernel_dx, dy=dy, w=w, dx=dx, **plan.seq_kwargs(), **strides("sd", dy, "bhwn"),
+                           **strides("sw", w, "gldn"), **strides("sg", dx, "bhtd"), H=H, HG=HG, D=D, DO=DO, C=plan.C,
+                           R_PER=rper, WORK=size_class(B * H * NQ))
+        launch = cache_put(_DX_LAUNCH, key, (
+            args[6:], lambda meta: (cdiv(NQ, meta["BLOCK_K"]), cdiv(D, meta["BLOCK_D"]) * cdiv(S, rper), B * H),
+            dict(IS_VARLEN=plan.varlen, DOT_F32=dot_f32(dy.dtype))))
+    ints, grid, constexprs = launch
+    launcher(grid, dy, w, dx, plan.cu, plan.ccu, plan.cq, *ints, **constexprs)
 
 
 def _op_forward(x, weight, bias, pe, cu_seqlens, block_size, stride, padding, total_windows):
