@@ -245,13 +245,16 @@ def test_fixed_plans_are_cached_by_shape_and_keep_their_tensors():
 
 
 def _triton_caches():
-    """Every launch cache of the pooling kinds', gated_pool's, linear's and mlp's Triton wrappers."""
+    """Every launch cache of the Triton wrappers: the pooling kinds', gated_pool's, linear's, mlp's and
+    attention_pool's."""
     from kvcompress.ops import _triton_pool as tpool
+    from kvcompress.ops.attention_pool import triton_impl as attention
     from kvcompress.ops.gated_pool import triton_impl as gated
     from kvcompress.ops.linear import triton_impl as linear
     from kvcompress.ops.mlp import triton_impl as mlp
     return (tpool._FWD_LAUNCH, tpool._BWD_LAUNCH, gated._FWD_LAUNCH, gated._BWD_LAUNCH, mlp._FWD_LAUNCH,
-            mlp._DP_LAUNCH, linear._FWD_LAUNCH, linear._BWD_LAUNCH, linear._DW_LAUNCH, linear._DX_LAUNCH)
+            mlp._DP_LAUNCH, linear._FWD_LAUNCH, linear._BWD_LAUNCH, linear._DW_LAUNCH, linear._DX_LAUNCH,
+            attention._FWD_LAUNCH, attention._BWD_LAUNCH)
 
 
 # (dtype, layout, T, pe, packed): each differs from the first in one property a launch's integers depend on
@@ -271,6 +274,7 @@ def _launch_call(kind, dtype, layout, T, use_pe, packed):
     params = {"mean_pool": lambda: [], "weighted_pool": lambda: [rnd(1, L)],
               "gated_pool": lambda: [rnd(1, H, T, D), rnd(H, L, D)],
               "linear": lambda: [rnd(H, L, D, 3) / 4, rnd(H, 3)],
+              "attention_pool": lambda: [rnd(1, D, D) / 2],
               "mlp": lambda: [rnd(H, L * D, 6) / 4, rnd(H, 6), rnd(H, 6, 3) / 2, rnd(H, 3)]}[kind]()
     kw = dict(block_size=L, stride=2, padding="left", cu_seqlens=torch.tensor([0, 3, T]) if packed else None)
     if use_pe and kind != "gated_pool":
@@ -281,7 +285,7 @@ def _launch_call(kind, dtype, layout, T, use_pe, packed):
     return [y.detach()] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("kind", ["mean_pool", "weighted_pool", "gated_pool", "linear", "mlp"])
+@pytest.mark.parametrize("kind", ["mean_pool", "weighted_pool", "gated_pool", "linear", "mlp", "attention_pool"])
 def test_launch_caches_key_on_dtype_strides_shape_and_options(kind):
     """Each launch's integer arguments, grid and constexprs are built once
     per key: calls differing only in dtype, strides, length, pe or packing

@@ -53,6 +53,7 @@ from .._triton.gemv import head_gemv
 from .._triton.lang import chunk_rows, round_tf32
 from .._triton.launch import (
     Launcher,
+    cache_put,
     cdiv,
     interpret_block,
     jit_kernel,
@@ -441,7 +442,6 @@ def _forward(x, weight, pe, plan, need_lse, cpe=None):
     computed here unless given; None without pe or windows), which an eager
     backward takes from the forward instead of launching its kernel again."""
     B, H, T, D = x.shape
-    G = weight.shape[0]
     y = empty((B, H, plan.W, D), dtype=x.dtype, device=x.device)
     stats = empty((B, H, plan.W, 2, D), dtype=torch.float32, device=x.device) if need_lse else x.new_empty(0)
     if y.numel() == 0:
@@ -449,18 +449,43 @@ def _forward(x, weight, pe, plan, need_lse, cpe=None):
     lse, y32 = (stats[:, :, :, 0], stats[:, :, :, 1]) if need_lse else (None, None)
     if cpe is None and pe is not None:
         cpe = _pe_logits(pe, weight, H)
-    rows = plan.NQ if plan.varlen else plan.W
-    BD = max(16, next_pow2(D))
-    _FWD(lambda meta: (cdiv(rows, meta["BLOCK_K"] - plan.C + 1), cdiv(D, meta["BLOCK_C"]), B * H),
-         *kernel_args(attention_pool_fwd_kernel, x=x, w=weight, cpe=cpe if cpe is not None else x,
-                      pe=pe if pe is not None else x, y=y, lse=lse if need_lse else y,
-                      y32=y32 if need_lse else y, **plan.seq_kwargs(),
-                      **strides("sx", x, "bhtd"), **strides("sw", weight, "gdc"), **strides("sp", pe, "hjd"),
-                      **strides("sy", y, "bhwd"), **strides("sl", lse if need_lse else None, "bhwd"), H=H, HG=H // G,
-                      D=D, C=plan.C, WORK=size_class(B * H * plan.NQ)),
-         C_PAD=plan.C_PAD, BLOCK_D=BD, IS_VARLEN=plan.varlen, HAS_PE=pe is not None,
-         HAS_LSE=need_lse, DOT_F32=dot_f32(x.dtype))
+    key = (x.shape, x.stride(), weight.shape, weight.stride(), None if pe is None else (pe.shape, pe.stride()),
+           x.dtype, plan.varlen, *plan.seq_args()[3:], need_lse)
+    launch = _FWD_LAUNCH.get(key)
+    if launch is None:
+        launch = cache_put(_FWD_LAUNCH, key, _fwd_launch(x, weight, pe, y, lse, plan, need_lse))
+    ints, grid, constexprs = launch
+    _FWD(grid, x, weight, cpe if cpe is not None else x, pe if pe is not None else x, y, lse if need_lse else y,
+         y32 if need_lse else y, plan.cu, plan.ccu, plan.cq, *ints, **constexprs)
     return y, stats, cpe
+
+
+# The launches' arguments after their tensors, their grids and constexprs depend only on shapes, strides,
+# dtypes, the plan's sizes and the flags: built once per key (``_fwd_launch``, ``_bwd_launch``) instead of
+# named arguments and stride dicts on every call (host time, issue 14 item 2; as the pools, gated_pool and
+# linear do). Each kernel takes its tensors first, in this order.
+assert attention_pool_fwd_kernel.runtime_args[:10] == ("x", "w", "cpe", "pe", "y", "lse", "y32", "cu", "ccu", "cq")
+assert attention_pool_bwd_kernel.runtime_args[:13] == ("x", "w", "cpe", "pe", "dy", "y", "lse", "dx", "pw", "pp",
+                                                       "cu", "ccu", "cq")
+_FWD_LAUNCH: dict[tuple, tuple] = {}
+_BWD_LAUNCH: dict[tuple, tuple] = {}
+
+
+def _fwd_launch(x, weight, pe, y, lse, plan, need_lse):
+    """(integer arguments, grid, constexprs) of ``_forward``'s launch; lse: the
+    statistics' log-sum-exp view (None without need_lse)."""
+    B, H, T, D = x.shape
+    G = weight.shape[0]
+    rows = plan.NQ if plan.varlen else plan.W
+    C = plan.C
+    args = kernel_args(attention_pool_fwd_kernel, x=x, w=weight, cpe=x, pe=pe if pe is not None else x, y=y, lse=y,
+                       y32=y, **plan.seq_kwargs(), **strides("sx", x, "bhtd"), **strides("sw", weight, "gdc"),
+                       **strides("sp", pe, "hjd"), **strides("sy", y, "bhwd"),
+                       **strides("sl", lse if need_lse else None, "bhwd"), H=H, HG=H // G, D=D, C=C,
+                       WORK=size_class(B * H * plan.NQ))
+    return (args[10:], lambda meta: (cdiv(rows, meta["BLOCK_K"] - C + 1), cdiv(D, meta["BLOCK_C"]), B * H),
+            dict(C_PAD=plan.C_PAD, BLOCK_D=max(16, next_pow2(D)), IS_VARLEN=plan.varlen, HAS_PE=pe is not None,
+                 HAS_LSE=need_lse, DOT_F32=dot_f32(x.dtype)))
 
 
 def bwd_programs(nq: int, rows: int, sms: int) -> int:
@@ -487,41 +512,24 @@ def _backward(dy, y, stats, x, weight, pe, plan, need_x, need_w, need_pe, cpe=No
     lse, y = stats[:, :, :, 0], stats[:, :, :, 1]         # y: the output unrounded, float32
     if cpe is None and pe is not None:
         cpe = _pe_logits(pe, weight, H)
-    bb = bwd_blocks(D, x.dtype)
     need_pe_sums = pe is not None and (need_pe or need_w)
-    # programs per (b, h) row, each running tiles i_p, i_p + n_prog, ...: fill the GPU twice; in the
-    # interpreter one (its cost is per op), two with small tiles so tests reach the strided tile loop
-    if INTERPRET:
-        n_prog = 2 if small_tiles_active() else 1
-    else:
-        n_prog = bwd_programs(plan.NQ, B * H, num_sms(dev, cpu=2))
     run = B * H * plan.NQ * D > 0
+    n_prog, launches = 1, ()
+    if run:
+        key = (x.shape, x.stride(), weight.shape, weight.stride(), None if pe is None else (pe.shape, pe.stride()),
+               dy.stride(), x.dtype, dev, plan.varlen, *plan.seq_args()[3:], need_x, need_w, need_pe_sums,
+               small_tiles_active())
+        launch = _BWD_LAUNCH.get(key)
+        if launch is None:
+            launch = cache_put(_BWD_LAUNCH, key, _bwd_launch(dy, y, lse, x, weight, pe, dx, plan, need_x, need_w,
+                                                              need_pe_sums))
+        n_prog, launches = launch
     pw = empty((B * H, n_prog, D, D), dtype=torch.float32, device=dev) if need_w and run else x
     pp = empty((B * H, n_prog, 2, L, D), dtype=torch.float32, device=dev) if need_pe_sums and run else x
-    common = dict(x=x, w=weight, cpe=cpe if cpe is not None else x, pe=pe if pe is not None else x, dy=dy, y=y,
-                  lse=lse, pw=pw, pp=pp, **plan.seq_kwargs(), **strides("sx", x, "bhtd"),
-                  **strides("sw", weight, "gdc"), **strides("sp", pe, "hjd"), **strides("sd", dy, "bhwd"),
-                  **strides("sy", y, "bhwd"), **strides("sl", lse, "bhwd"), H=H, HG=HG, D=D,
-                  WORK=size_class(B * H * plan.NQ))
-
-    def launch(grid_c, block_c, ncb, need_dx, need_dw, need_p):
-        _BWD(lambda meta: (n_prog, grid_c, B * H),
-             *kernel_args(attention_pool_bwd_kernel, **common, dx=dx if need_dx else x,
-                          **strides("sg", dx if need_dx else x, "bhtd")),
-             BLOCK_C=block_c, BLOCK_D=bb.BD, NCB=ncb, L_PAD=next_pow2(L),
-             IS_VARLEN=plan.varlen, HAS_PE=pe is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_PE=need_p,
-             HID_TF32=tf32_intermediate(x.dtype), DOT_F32=dot_f32(x.dtype))
-
-    if run:
-        if bb.fused:
-            if need_x or need_w or need_pe_sums:
-                launch(1, bb.BD, 1, need_x, need_w, need_pe_sums)
-        else:   # dx over all features, then dW and pe's sums in feature blocks
-            if need_x:
-                launch(1, bb.dx_c, bb.ncb, True, False, False)
-            if need_w or need_pe_sums:
-                launch(cdiv(D, bb.dw_c), bb.dw_c, 1, False, need_w, need_pe_sums)
-    elif need_x:
+    for ints, grid, constexprs, with_dx in launches:
+        _BWD(grid, x, weight, cpe if cpe is not None else x, pe if pe is not None else x, dy, y, lse,
+             dx if with_dx else x, pw, pp, plan.cu, plan.ccu, plan.cq, *ints, **constexprs)
+    if not run and need_x:
         dx.zero_()
     sz = sd = None
     if need_pe_sums:
@@ -544,6 +552,46 @@ def _backward(dy, y, stats, x, weight, pe, plan, need_x, need_w, need_pe, cpe=No
                         (weight.stride(0), 0, weight.stride(2), 0, weight.stride(1)), HG * L, D, D, D, D)
         dpe = (sd + szw.view(H, L, D)).to(x.dtype)
     return dx, dw, dpe
+
+
+def _bwd_launch(dy, y, lse, x, weight, pe, dx, plan, need_x, need_w, need_pe_sums):
+    """(programs per (b, h) row, the launches of ``_backward``: each (integer
+    arguments, grid, constexprs, whether it writes dx)). One fused launch, or
+    dx over all features then dW and pe's sums in feature blocks
+    (``bwd_blocks``)."""
+    B, H, T, D = x.shape
+    G = weight.shape[0]
+    L = plan.L
+    bb = bwd_blocks(D, x.dtype)
+    # programs per (b, h) row, each running tiles i_p, i_p + n_prog, ...: fill the GPU twice; in the
+    # interpreter one (its cost is per op), two with small tiles so tests reach the strided tile loop
+    if INTERPRET:
+        n_prog = 2 if small_tiles_active() else 1
+    else:
+        n_prog = bwd_programs(plan.NQ, B * H, num_sms(x.device, cpu=2))
+    common = dict(x=x, w=weight, cpe=x, pe=pe if pe is not None else x, dy=dy, y=y, lse=lse, pw=x, pp=x,
+                  **plan.seq_kwargs(), **strides("sx", x, "bhtd"), **strides("sw", weight, "gdc"),
+                  **strides("sp", pe, "hjd"), **strides("sd", dy, "bhwd"), **strides("sy", y, "bhwd"),
+                  **strides("sl", lse, "bhwd"), H=H, HG=H // G, D=D, WORK=size_class(B * H * plan.NQ))
+
+    def one(grid_c, block_c, ncb, need_dx, need_dw, need_p):
+        args = kernel_args(attention_pool_bwd_kernel, **common, dx=dx if need_dx else x,
+                           **strides("sg", dx if need_dx else x, "bhtd"))
+        return (args[13:], lambda meta: (n_prog, grid_c, B * H),
+                dict(BLOCK_C=block_c, BLOCK_D=bb.BD, NCB=ncb, L_PAD=next_pow2(L), IS_VARLEN=plan.varlen,
+                     HAS_PE=pe is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_PE=need_p,
+                     HID_TF32=tf32_intermediate(x.dtype), DOT_F32=dot_f32(x.dtype)), need_dx)
+
+    launches = []
+    if bb.fused:
+        if need_x or need_w or need_pe_sums:
+            launches.append(one(1, bb.BD, 1, need_x, need_w, need_pe_sums))
+    else:   # dx over all features, then dW and pe's sums in feature blocks
+        if need_x:
+            launches.append(one(1, bb.dx_c, bb.ncb, True, False, False))
+        if need_w or need_pe_sums:
+            launches.append(one(cdiv(D, bb.dw_c), bb.dw_c, 1, False, need_w, need_pe_sums))
+    return n_prog, tuple(launches)
 
 
 # --------------------------------------------------------------------------- torch.library
