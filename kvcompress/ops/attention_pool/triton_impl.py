@@ -544,7 +544,8 @@ def _backward(dy, y, stats, x, weight, pe, plan, need_x, need_w, need_pe, cpe=No
         else:
             g = torch.zeros((G, D, D), dtype=torch.float32, device=dev)
         if pe is not None:   # v = x + pe: pe's share sum_{h in g, j} pe[h, j]^T sz[h, j]
-            g = g + torch.einsum("hjd,hjc->hdc", pe.double(), sz.double()).view(G, HG, D, D).sum(1).float()
+            # bmm, not the equal einsum "hjd,hjc->hdc": ~15 us less host time (einsum's path parsing, on the CPU)
+            g = g + torch.bmm(pe.double().transpose(1, 2), sz.double()).view(G, HG, D, D).sum(1).float()
         dw = g.to(x.dtype)
     if need_pe:   # dpe[h, j] = sd[h, j] + sz[h, j] @ W[g]^T
         sz2 = sz.reshape(H * L, D)
