@@ -400,3 +400,22 @@ def test_a_call_with_nothing_to_differentiate_skips_the_autograd_function(kind, 
     y = getattr(kf, kind)(x, *params, **kw)
     assert applied and y.grad_fn is not None and torch.equal(y.detach(), want)
     assert _custom_op.eager_call(x)
+
+
+def test_vmap_takes_the_custom_op():
+    """Under vmap the Triton call goes through the custom op (eager_call is
+    False while a functorch transform runs), which torch runs per sample
+    (its batching fallback): the per-sample results. The eager path handed
+    batched tensors to the Function (an error) or, without autograd, to the
+    kernels (an error: no storage)."""
+    from kvcompress.ops import _custom_op
+    x = torch.randn(3, 1, 2, 9, 4)
+    kw = dict(block_size=4, stride=2, padding="left", backend="triton")
+    seen = []
+
+    def one(t):
+        seen.append(_custom_op.eager_call(t))
+        return kf.mean_pool(t, **kw)
+    y = torch.vmap(one)(x)
+    assert seen == [False] and _custom_op.eager_call(x)
+    assert torch.equal(y, torch.stack([kf.mean_pool(t, **kw) for t in x]))

@@ -40,14 +40,21 @@ __all__ = ["eager_call", "kernel_op"]
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+# whether a functorch transform (vmap, grad, jacrev, ...) is running; torch's own autograd.Function asks the same
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def eager_call(x: torch.Tensor) -> bool:
     """Whether a call may skip the ``torch.library`` custom op and run the
-    kind's ``autograd.Function`` directly (same kernels, same bits): x is a
-    plain tensor and nothing traces (torch.compile, torch.export, make_fx,
-    fake tensors all go through the op, which they see as one node). The
-    op's dispatch costs tens of microseconds of host time per call.
+    kind's ``autograd.Function`` (or, with nothing to differentiate, its
+    forward) directly (same kernels, same bits): x is a plain tensor and
+    nothing traces or transforms (torch.compile, torch.export, make_fx, fake
+    tensors and functorch's vmap and grad all go through the op, which
+    they see as one node; vmap runs it through torch's per-sample fallback).
+    The op's dispatch costs tens of microseconds of host time per call.
     ``torch.compiler.is_compiling()`` comes first: dynamo folds it to True."""
-    return not torch.compiler.is_compiling() and type(x) in _PLAIN and _get_current_dispatch_mode() is None
+    return (not torch.compiler.is_compiling() and type(x) in _PLAIN and _get_current_dispatch_mode() is None
+            and not _transforms_active())
 
 
 _ARG = re.compile(r"^\s*(Tensor\??|SymInt|int|float|bool|str)\s+([A-Za-z_]\w*)\s*$")
