@@ -263,8 +263,9 @@ LAUNCH_VARIANTS = [(torch.float32, "bhtd", 9, True, False), (torch.bfloat16, "bh
                    (torch.float32, "bhtd", 9, False, False), (torch.float32, "bhtd", 9, True, True)]
 
 
-def _launch_call(kind, dtype, layout, T, use_pe, packed):
-    """Output and every gradient of one small Triton call (real launches on the interpreter)."""
+def _launch_inputs(kind, dtype, layout, T, use_pe, packed):
+    """(x, the kind's parameters, keywords, generator) of one small Triton call (H = 2, D = L = 4, S = 2,
+    left padding); the generator then draws the cotangent."""
     g = torch.Generator().manual_seed(T)
     H, D, L = 2, 4, 4
 
@@ -276,11 +277,18 @@ def _launch_call(kind, dtype, layout, T, use_pe, packed):
               "linear": lambda: [rnd(H, L, D, 3) / 4, rnd(H, 3)],
               "attention_pool": lambda: [rnd(1, D, D) / 2],
               "mlp": lambda: [rnd(H, L * D, 6) / 4, rnd(H, 6), rnd(H, 6, 3) / 2, rnd(H, 3)]}[kind]()
-    kw = dict(block_size=L, stride=2, padding="left", cu_seqlens=torch.tensor([0, 3, T]) if packed else None)
+    kw = dict(block_size=L, stride=2, padding="left", cu_seqlens=torch.tensor([0, 3, T]) if packed else None,
+              backend="triton")
     if use_pe and kind != "gated_pool":
         kw["pe"] = rnd(H, L, D)
+    return x, params, kw, g
+
+
+def _launch_call(kind, dtype, layout, T, use_pe, packed):
+    """Output and every gradient of one small Triton call (real launches on the interpreter)."""
+    x, params, kw, g = _launch_inputs(kind, dtype, layout, T, use_pe, packed)
     leaves = [t.requires_grad_(True) for t in (x, *params, kw.get("pe")) if t is not None]
-    y = getattr(kf, kind)(x, *params, **kw, backend="triton")
+    y = getattr(kf, kind)(x, *params, **kw)
     y.backward(torch.randn(y.shape, generator=g).to(dtype))
     return [y.detach()] + [t.grad for t in leaves]
 
@@ -377,18 +385,7 @@ def test_a_call_with_nothing_to_differentiate_skips_the_autograd_function(kind, 
     monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(spy))
     want = _launch_call(kind, torch.float32, "bthd", 9, True, False)[0]          # through the Function
     assert applied and all(name.endswith("Fn") for name in applied)
-    g = torch.Generator().manual_seed(9)
-    H, D, L = 2, 4, 4
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g)
-    x = rnd(1, 9, H, D).transpose(1, 2)
-    params = {"mean_pool": lambda: [], "weighted_pool": lambda: [rnd(1, L)],
-              "gated_pool": lambda: [rnd(1, H, 9, D), rnd(H, L, D)],
-              "mlp": lambda: [rnd(H, L * D, 6) / 4, rnd(H, 6), rnd(H, 6, 3) / 2, rnd(H, 3)]}[kind]()
-    kw = dict(block_size=L, stride=2, padding="left", cu_seqlens=None, backend="triton")
-    if kind != "gated_pool":
-        kw["pe"] = rnd(H, L, D)
+    x, params, kw, _ = _launch_inputs(kind, torch.float32, "bthd", 9, True, False)       # the same inputs
     applied.clear()
     y = getattr(kf, kind)(x, *params, **kw)
     assert applied == [] and y.grad_fn is None
