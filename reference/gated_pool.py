@@ -53,8 +53,9 @@ def gated_pool(x, z, bias=None, *, split=False, block_size, stride, padding="val
     with padding "left" the pads are positions [0, L - S) and the last S >= 1
     positions are real tokens, so every softmax has a real position. The
     scores are float64 and max-shifted, so finite scores give finite
-    weights; scores that are all -inf in a window give NaN (0/0), as
-    torch's softmax does.
+    weights; scores that are all -inf in a window give NaN (0/0), and a
+    score of +inf gives NaN (inf - inf in the shift), as torch's softmax
+    does.
 
     Raises TypeError for a non-floating x, z or bias, a non-bool split, or
     non-integer windowing arguments; ValueError for a wrong rank or shape

@@ -57,6 +57,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 KINDS = ("mean_pool", "weighted_pool", "linear", "mlp", "attention_pool")
+# --compile-only also compiles gated_pool (its correctness and timing are the property suite's and kvcompress-bench's)
+COMPILE_KINDS = (*KINDS, "gated_pool")
 # issue targets: H100 80GB, bf16, B=1, H=4, D=128, L=32, S=16, T=131072
 TARGETS = {"linear": {"fwd_ms": 0.10, "fwdbwd_ms": 0.30},
            # mlp: model TFLOP/s, speedup over torch.compile (of the seed's pipeline when installed, else of the
@@ -557,7 +559,7 @@ def compile_sm90(name, fn, cfg, ptrs, const, vals):
     return r
 
 
-def compile_only(dtypes, kinds=KINDS, D=128):
+def compile_only(dtypes, kinds=COMPILE_KINDS, D=128):
     """Compile every configuration of every kernel for sm_90 (no GPU needed),
     with the JIT's specialisations of an NSA-sized call (ints equal to 1 are
     constants, multiples of 16 are marked divisible); report shared memory,
@@ -628,6 +630,8 @@ def compile_only(dtypes, kinds=KINDS, D=128):
                 compile_mlp(one, dt, tdt, tag, varlen, T=T, H=H, D=D, L=L, S=S, W=W)
             if "attention_pool" in kinds:
                 compile_attention_pool(one, dt, tdt, tag, varlen, T=T, H=H, D=D, L=L, S=S, W=W)
+            if "gated_pool" in kinds:
+                compile_gated_pool(one, dt, tdt, tag, varlen, T=T, H=H, D=D)
         one1 = triton.Config({}, num_warps=4)
         if "weighted_pool" in kinds:
             one(f"pool_bwd_kernel_finalize [{dt}]", tp.pool_bwd_kernel_finalize, one1,
@@ -735,6 +739,36 @@ def compile_attention_pool(one, dt, tdt, tag, varlen, *, T, H, D, L, S, W):
                      NEED_DW=need_dw, NEED_PE=need_pe, HID_TF32=dt == "fp16", DOT_F32=False), dims)
 
 
+def compile_gated_pool(one, dt, tdt, tag, varlen, *, T, H, D):
+    """gated_pool's kernels at DeepSeek-V4's two settings (kvcompress-bench's):
+    CSA (L = 8, S = 4, split, D_out = D of Dx = 2D) and HCA (L = S = 128),
+    G = 1 with a bias; the forward with its backward statistics (y kept
+    before rounding for half input) and without, and the backward."""
+    from kvcompress.ops.gated_pool import triton_impl as gp
+    seq = {"cu": "i64", "ccu": "i64", "cq": "i64"}
+    acc = "fp32"
+    for name, L, S, split in (("CSA", 8, 4, True), ("HCA", 128, 128, False)):
+        Dx = 2 * D if split else D
+        W, NQ = T // S, T // S
+        ints = dict(N=1, N_STEPS=0, T=T, W=W, NQ=NQ, L=L, S=S, PRE=L - S, sxb=T * H * Dx, sxh=Dx, sxt=H * Dx, sxd=1,
+                    szb=T * H * Dx, szh=Dx, szt=H * Dx, szd=1, sbg=L * D, sbj=D, sbd=1, syb=H * W * D, syh=W * D,
+                    syw=D, syd=1, H=H, HG=H, DO=D, DX=Dx, WORK=20, sdb=H * W * D, sdh=W * D, sdw=D, sdd=1,
+                    ssb=H * W * D, ssh=W * D, ssw=D, ssd=1, sgb=T * H * Dx, sgh=Dx, sgt=H * Dx, sgd=1,
+                    shb=T * H * Dx, shh=Dx, sht=H * Dx, shd=1, NT=-(-NQ // gp.BWD_BLOCK_Q))
+        for stats in (False, True):
+            cst = dict(SPLIT=split, HAS_BIAS=True, HAS_LSE=stats, HAS_YA=stats and dt != "fp32", IS_VARLEN=varlen,
+                       ACC=gp.tl.float32)
+            for cfg in gp._fwd_prune(gp._FWD.tuned.configs, {"DO": D, "L": L}):
+                one(f"gated_pool_fwd_kernel {name}{' stats' if stats else ''} {tag}", gp.gated_pool_fwd_kernel, cfg,
+                    {"x": dt, "z": dt, "bias": dt, "y": dt, "lse": acc, "ya": acc, **seq}, cst, ints)
+        cst = dict(SPLIT=split, HAS_BIAS=True, NEED_DX=True, NEED_DZ=True, NEED_DB=True, IS_VARLEN=varlen,
+                   ACC=gp.tl.float32, BLOCK_Q=gp.BWD_BLOCK_Q)
+        for cfg in gp._bwd_prune(gp._BWD.tuned.configs, {"DX": Dx, "BLOCK_Q": gp.BWD_BLOCK_Q}):
+            one(f"gated_pool_bwd_kernel {name} {tag}", gp.gated_pool_bwd_kernel, cfg,
+                {"x": dt, "z": dt, "bias": dt, "dy": dt, "ys": acc, "lse": acc, "dx": dt, "dz": dt, "pb": acc, **seq},
+                cst, ints)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -799,7 +833,8 @@ def summary(res):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kinds", default=",".join(KINDS), help="comma list of " + ", ".join(KINDS))
+    ap.add_argument("--kinds", default=None, help="comma list of " + ", ".join(KINDS) + " (default all; "
+                    "--compile-only also gated_pool)")
     ap.add_argument("--cases", default="nsa,b4d192,d64,packed", help="correctness cases: nsa, b4d192, d64, packed")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, few repetitions")
     ap.add_argument("--timing-shapes", default="nsa",
@@ -816,10 +851,11 @@ def main(argv=None):
                     help="with --compile-only: head dims D (NSA: 128 values, 192 keys)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
-    kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
+    known = COMPILE_KINDS if a.compile_only else KINDS
+    kinds = [k.strip() for k in a.kinds.split(",") if k.strip()] if a.kinds is not None else list(known)
+    bad = [k for k in kinds if k not in known]
     if bad:
-        ap.error(f"--kinds: unknown {bad}; choose from {KINDS}")
+        ap.error(f"--kinds: unknown {bad}; choose from {known}")
     shapes = [t.strip() for t in a.timing_shapes.split(",") if t.strip()]
     bad = [t for t in shapes if t not in TIMING_SHAPES]
     if bad or not shapes:

@@ -172,10 +172,15 @@ def make(*, B, H, T, Dx, L, Do, groups, transposed, dtype, seed=0):
     return x, z, bias
 
 
-def run_case(backend, *, padding, split, L, S, groups, transposed, packed, dtype, Dx=8, H=4, seed=0):
-    """Forward and the three gradients of ``backend`` against the oracle."""
-    seqlens = [3, 8, 9] if packed else None          # 3: shorter than a window of 4 (padding "valid")
-    B, T = (1, sum(seqlens)) if packed else (2, 16)
+def run_case(backend, *, padding, split, L, S, groups, transposed, packed, dtype, Dx=8, H=4, seed=0, lengths=None):
+    """Forward and the three gradients of ``backend`` against the oracle.
+    lengths: the packed sequences' lengths (default 3, 8, 9), or with packed
+    False the one sequence length (default 16, B = 2)."""
+    if packed:
+        seqlens = lengths or [3, 8, 9]               # 3: shorter than a window of 4 (padding "valid")
+        B, T = 1, sum(seqlens)
+    else:
+        seqlens, B, T = None, 2, lengths or 16
     Do = Dx // (L // S) if split else Dx
     x, z, bias = make(B=B, H=H, T=T, Dx=Dx, L=L, Do=Do, groups=groups, transposed=transposed, dtype=dtype,
                       seed=seed)
@@ -254,6 +259,72 @@ def test_triton_small_tiles():
                  transposed=True, Dx=20)
         run_case("triton", dtype=torch.float32, padding="valid", split=False, L=5, S=3, packed=True, groups=2,
                  transposed=False, Dx=12)
+
+
+def force_fwd_config(monkeypatch, cfg):
+    """Every forward launch of this test takes ``cfg`` (BLOCK_W, BLOCK_J,
+    BLOCK_F, warps): in the interpreter as its tiles; on a GPU as the one
+    configuration, untuned, and without the direct launch (whose cache would
+    hand back another configuration's kernel)."""
+    bw, bj, bf, nw = cfg
+    monkeypatch.setattr(triton_impl._FWD, "interpret_meta", lambda kw: {"BLOCK_W": bw, "BLOCK_J": bj, "BLOCK_F": bf})
+    if not INTERPRET:
+        from kvcompress.ops._triton import launch
+        monkeypatch.setattr(launch, "AUTOTUNE", False)
+        monkeypatch.setattr(triton_impl._FWD, "configs",
+                            [triton.Config({"BLOCK_W": bw, "BLOCK_J": bj, "BLOCK_F": bf}, num_warps=nw)])
+        monkeypatch.setattr(triton_impl._FWD, "prune", None)
+        monkeypatch.setattr(triton_impl._FWD, "_direct", None)
+
+
+@pytest.mark.parametrize("cfg", triton_impl.FWD_CONFIGS, ids=lambda c: "w{}-j{}-f{}-nw{}".format(*c))
+def test_triton_forward_configs(monkeypatch, cfg):
+    """Every forward configuration the autotuner may pick (the autotuner times
+    them, it checks none), forward and gradients: one position a step
+    (BLOCK_J = 1) or position blocks, here with two full blocks and a
+    partial third (L = 2 BLOCK_J + 3) and a block longer than the window
+    (L = 6), window and feature tiles wider than the problem. On a GPU each
+    configuration as compiled; in the interpreter position blocks of at
+    most 8 (the tiles' semantics do not depend on their size)."""
+    bw, bj, bf, nw = cfg
+    if INTERPRET:   # the same code with blocks of at most 8 (the backward's cost in the interpreter grows with L)
+        bj = min(bj, 8)
+    force_fwd_config(monkeypatch, (bw, bj, bf, nw))
+    L = 2 * bj + 3                  # two full position blocks and a partial third (one position a step: L = 5)
+    run_case("triton", dtype=torch.float32, padding="left", split=True, L=6, S=3, packed=True, groups=1,
+             transposed=True)
+    run_case("triton", dtype=torch.float32, padding="left", split=False, L=L, S=3, packed=True, groups=1,
+             transposed=True, lengths=[3, L + 4, 2 * L])
+    run_case("triton", dtype=torch.float32, padding="valid", split=False, L=L, S=L, packed=False, groups=4,
+             transposed=False, lengths=2 * L + 5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # the interpreter's 0/0 below
+@pytest.mark.parametrize("cfg", [(4, 1, 16, 4), (4, 4, 16, 4)], ids=["one-position", "blocks-of-4"])
+def test_triton_infinite_scores(monkeypatch, cfg):
+    """Scores of -inf weigh nothing, one position a step or in blocks (the
+    block's maximum skips them; a block of nothing but -inf leaves the state
+    as it is); a window whose scores are all -inf for a feature gives NaN
+    there (0/0), and so does a +inf score (inf - inf), as the reference and
+    torch's softmax do, whichever configuration the autotuner picks;
+    everything else matches the torch backend."""
+    force_fwd_config(monkeypatch, cfg)
+    L, S = 8, 8
+    x, z, _ = make(B=1, H=1, T=24, Dx=4, L=L, Do=4, groups=None, transposed=False, dtype=torch.float32)
+    x, z = x.detach(), z.detach()
+    z[0, 0, 0:5, 0] = -math.inf          # window 0, feature 0: the first block (and more) weigh nothing
+    z[0, 0, 12:16, 1] = -math.inf        # window 1, feature 1: the second block of 4 weighs nothing
+    z[0, 0, 16:24, 2] = -math.inf        # window 2, feature 2: every score -inf
+    z[0, 0, 10, 3] = math.inf            # window 1, feature 3: a +inf score
+    kw = dict(block_size=L, stride=S, padding="valid")
+    dev = "cpu" if INTERPRET else "cuda"
+    y = triton_impl.gated_pool(x.to(dev), z.to(dev), **kw).cpu()
+    ref = torch_impl.gated_pool(x, z, **kw)
+    finite = torch.ones_like(y, dtype=torch.bool)
+    finite[0, 0, 2, 2] = finite[0, 0, 1, 3] = False
+    assert y[~finite].isnan().all() and ref[~finite].isnan().all()
+    assert y[finite].isfinite().all()
+    torch.testing.assert_close(y[finite], ref[finite], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -6,7 +6,8 @@ TRITON_INTERPRET=1, never picked by "auto" there).
 
 - Forward (``gated_pool_fwd_kernel``): grid (window tiles, D_out blocks,
   B*H). A program owns BLOCK_W windows x BLOCK_F output features and walks
-  the L window positions: position j of window w is token t0(w) + j (left
+  the L window positions, one a step or BLOCK_J a step (the configuration's
+  choice, docs/triton.md): position j of window w is token t0(w) + j (left
   pads and other sequences' tokens masked), its chunk c = j // S (split)
   puts the loads at features c*D_out + f; s = z + bias[g, j] in float32
   (float64 for float64 input), one online max-shifted softmax state (max,
@@ -55,6 +56,7 @@ from .._triton.launch import (
     kernel_args,
     next_pow2,
     size_class,
+    small_tiles_active,
     strides,
 )
 from .._triton.plan import (
@@ -76,18 +78,24 @@ def gated_pool_fwd_kernel(x, z, bias, y, lse, ya, cu, ccu, cq, N, N_STEPS, T, W,
                           H, HG, DO, WORK,
                           SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LSE: tl.constexpr,
                           HAS_YA: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
-                          BLOCK_W: tl.constexpr, BLOCK_F: tl.constexpr):
+                          BLOCK_W: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_J: tl.constexpr = 1):
     """y[w, f] = sum_j softmax_j(s[:, f]) v[j, f] for windows [i_w*BLOCK_W, +BLOCK_W)
     and output features [i_f*BLOCK_F, +BLOCK_F). Grid (window tiles, D_out
     blocks, B*H). lse (HAS_LSE) and ya (HAS_YA: y in ACC, before rounding)
     share y's strides.
 
-    Online softmax with one exp per position (attention_pool's update): with
-    e = exp(-|s - m|), a new maximum rescales the state by e and adds 1,
-    else adds e. A pad, a missing window and s = -inf leave the state as it
-    is (weight exactly 0: an -inf first score would otherwise give
-    exp(-inf + inf) = NaN); a NaN score makes e NaN and poisons its
-    (window, feature) only.
+    BLOCK_J = 1: the positions one at a time, an online softmax with one exp
+    per position (attention_pool's update): with e = exp(-|s - m|), a new
+    maximum rescales the state by e and adds 1, else adds e. BLOCK_J > 1:
+    BLOCK_J positions per step as one [BLOCK_W, BLOCK_J, BLOCK_F] tile (all
+    their loads in flight at once: the one-position loop waits on each
+    load, so a long window, HCA's L = 128, runs at about half the copy rate,
+    GPU run 64), the state rescaled once a step by exp(m - m_new). Either
+    way a pad, a missing window and s = -inf leave the state as it is
+    (weight exactly 0: an -inf first score would otherwise give
+    exp(-inf + inf) = NaN); a NaN or +inf score poisons its (window,
+    feature) only (NaN, as the reference's max-shifted softmax gives).
+    The autotuner picks BLOCK_J among the configurations (``_FWD``).
     """
     i_w, i_f, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -101,24 +109,54 @@ def gated_pool_fwd_kernel(x, z, bias, y, lse, ya, cu, ccu, cq, N, N_STEPS, T, W,
     b_m = tl.full([BLOCK_W, BLOCK_F], float("-inf"), dtype=ACC)
     b_l = tl.zeros([BLOCK_W, BLOCK_F], dtype=ACC)
     b_a = tl.zeros([BLOCK_W, BLOCK_F], dtype=ACC)
-    for j in range(0, L):
-        t = t0 + j                                                             # [BLOCK_W] int64
-        m_t = m_w & (t >= bos)
-        m2 = m_t[:, None] & m_f[None, :]
-        if SPLIT:
-            o_in = (j // S) * DO + o_f                                         # chunk c = j // S
-        else:
-            o_in = o_f
-        b_s = tl.load(p_z + t[:, None] * szt + o_in[None, :] * szd, mask=m2, other=0.).to(ACC)   # [BLOCK_W, BLOCK_F]
-        b_v = tl.load(p_x + t[:, None] * sxt + o_in[None, :] * sxd, mask=m2, other=0.).to(ACC)
-        if HAS_BIAS:
-            b_s += tl.load(bias + i_g.to(tl.int64) * sbg + j * sbj + o_f * sbd, mask=m_f, other=0.).to(ACC)[None, :]
-        b_e = tl.exp(-tl.abs(b_s - b_m))
-        up = b_s > b_m
-        keep = m2 & (b_s != float("-inf"))
-        b_l = tl.where(keep, tl.where(up, b_l * b_e + 1.0, b_l + b_e), b_l)
-        b_a = tl.where(keep, tl.where(up, b_a * b_e + b_v, b_a + b_e * b_v), b_a)
-        b_m = tl.where(keep & up, b_s, b_m)
+    if BLOCK_J == 1:
+        for j in range(0, L):
+            t = t0 + j                                                         # [BLOCK_W] int64
+            m_t = m_w & (t >= bos)
+            m2 = m_t[:, None] & m_f[None, :]
+            if SPLIT:
+                o_in = (j // S) * DO + o_f                                     # chunk c = j // S
+            else:
+                o_in = o_f
+            b_s = tl.load(p_z + t[:, None] * szt + o_in[None, :] * szd, mask=m2, other=0.).to(ACC)  # [BW, BF]
+            b_v = tl.load(p_x + t[:, None] * sxt + o_in[None, :] * sxd, mask=m2, other=0.).to(ACC)
+            if HAS_BIAS:
+                b_s += tl.load(bias + i_g.to(tl.int64) * sbg + j * sbj + o_f * sbd, mask=m_f,
+                               other=0.).to(ACC)[None, :]
+            # a +inf score gives NaN, as the max-shifted softmax of the reference and the position blocks
+            # (exp(inf - inf)); this update alone would weigh it 1 and every other position 0
+            b_s = tl.where(b_s == float("inf"), float("nan"), b_s)
+            b_e = tl.exp(-tl.abs(b_s - b_m))
+            up = b_s > b_m
+            keep = m2 & (b_s != float("-inf"))
+            b_l = tl.where(keep, tl.where(up, b_l * b_e + 1.0, b_l + b_e), b_l)
+            b_a = tl.where(keep, tl.where(up, b_a * b_e + b_v, b_a + b_e * b_v), b_a)
+            b_m = tl.where(keep & up, b_s, b_m)
+    else:
+        o_j = tl.arange(0, BLOCK_J)
+        for j0 in range(0, L, BLOCK_J):
+            jj = j0 + o_j                                                      # [BLOCK_J]
+            t = t0[:, None] + jj[None, :]                                      # [BW, BJ] int64
+            m_t = m_w[:, None] & (t >= bos[:, None]) & (jj < L)[None, :]
+            m3 = m_t[:, :, None] & m_f[None, None, :]                          # [BW, BJ, BF]
+            if SPLIT:
+                o_in = ((jj // S) * DO)[:, None] + o_f[None, :]                # [BJ, BF]: chunk c = j // S
+            else:
+                o_in = jj[:, None] * 0 + o_f[None, :]
+            b_s = tl.load(p_z + t[:, :, None] * szt + o_in[None, :, :] * szd, mask=m3, other=0.).to(ACC)
+            b_v = tl.load(p_x + t[:, :, None] * sxt + o_in[None, :, :] * sxd, mask=m3, other=0.).to(ACC)
+            if HAS_BIAS:
+                m_jf = (jj < L)[:, None] & m_f[None, :]
+                b_s += tl.load(bias + i_g.to(tl.int64) * sbg + jj[:, None] * sbj + o_f[None, :] * sbd, mask=m_jf,
+                               other=0.).to(ACC)[None, :, :]
+            keep = m3 & (b_s != float("-inf"))
+            m_new = tl.maximum(b_m, tl.max(tl.where(keep, b_s, float("-inf")), axis=1))    # [BW, BF]
+            m_sh = tl.where(m_new == float("-inf"), 0., m_new)        # nothing kept yet: no shift, no weight
+            b_p = tl.where(keep, tl.exp(b_s - m_sh[:, None, :]), 0.)
+            alpha = tl.exp(b_m - m_sh)                                 # 0 while b_m is -inf
+            b_l = b_l * alpha + tl.sum(b_p, axis=1)
+            b_a = b_a * alpha + tl.sum(b_p * b_v, axis=1)
+            b_m = m_new
     m_y = m_w[:, None] & m_f[None, :]
     b_den = tl.where(m_y, b_l, 1.0)             # every real window has a real position (SPEC 3b)
     b_y = b_a / b_den
@@ -215,12 +253,15 @@ def gated_pool_bwd_kernel(x, z, bias, dy, ys, lse, dx, dz, pb, cu, ccu, cq, N, N
 
 
 def _fwd_prune(configs, kw):
-    """Feature blocks no wider than D_out (>= 16); three [BLOCK_W, BLOCK_F]
-    float32 states of at most 32 elements per thread each."""
-    DO = kw["DO"]
+    """Feature blocks no wider than D_out (>= 16); position blocks no longer
+    than the window (next_pow2(L)); three [BLOCK_W, BLOCK_F] float32 states
+    and the [BLOCK_W, BLOCK_J, BLOCK_F] score and value tiles of at most 32
+    elements per thread each."""
+    DO, L = kw["DO"], kw["L"]
     kept = [c for c in configs if c.kwargs["BLOCK_F"] <= max(16, next_pow2(DO))
-            and c.kwargs["BLOCK_W"] * c.kwargs["BLOCK_F"] <= 32 * 32 * c.num_warps]
-    return kept or [triton.Config({"BLOCK_W": 16, "BLOCK_F": 16}, num_warps=4)]
+            and c.kwargs["BLOCK_J"] <= next_pow2(L)
+            and c.kwargs["BLOCK_W"] * c.kwargs["BLOCK_J"] * c.kwargs["BLOCK_F"] <= 32 * 32 * c.num_warps]
+    return kept or [triton.Config({"BLOCK_W": 16, "BLOCK_F": 16, "BLOCK_J": 1}, num_warps=4)]
 
 
 def _bwd_prune(configs, kw):
@@ -232,14 +273,23 @@ def _bwd_prune(configs, kw):
     return kept or [triton.Config({"BLOCK_K": 16}, num_warps=4)]
 
 
+# Forward configurations (BLOCK_W, BLOCK_J, BLOCK_F, warps): one position a step (BLOCK_J = 1, every
+# configuration until 2026-12-05), and position blocks, which keep BLOCK_J loads in flight (long windows:
+# HCA's L = 128 with one window a program; CSA's L = 8 in one step). Not yet timed on a GPU: the autotuner
+# picks, so a position block that is slower is simply not chosen.
+FWD_CONFIGS = [(32, 1, 64, 4), (64, 1, 64, 4), (32, 1, 128, 4), (64, 1, 128, 8), (16, 1, 128, 4), (128, 1, 32, 4),
+               (16, 1, 64, 2), (16, 1, 32, 2),
+               (1, 64, 64, 4), (1, 32, 128, 4), (1, 128, 64, 8), (4, 8, 64, 4)]
+# the interpreter's position block: 4 (several steps and a partial last block for L > 4), with small tiles 1
+INTERPRET_BLOCK_J = 4
 _FWD = Launcher(
     gated_pool_fwd_kernel,
-    configs=[triton.Config({"BLOCK_W": bw, "BLOCK_F": bf}, num_warps=nw)
-             for bw, bf, nw in [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 128, 4),
-                                (128, 32, 4), (16, 64, 2), (16, 32, 2)]],
+    configs=[triton.Config({"BLOCK_W": bw, "BLOCK_J": bj, "BLOCK_F": bf}, num_warps=nw)
+             for bw, bj, bf, nw in FWD_CONFIGS],
     key=["DO", "L", "S", "WORK", "SPLIT", "HAS_BIAS", "HAS_LSE", "HAS_YA", "IS_VARLEN"],
     interpret_meta=lambda kw: {"BLOCK_W": interpret_block(kw["W"], 32, small=4),
-                               "BLOCK_F": interpret_block(kw["DO"], 64)},
+                               "BLOCK_F": interpret_block(kw["DO"], 64),
+                               "BLOCK_J": 1 if small_tiles_active() else INTERPRET_BLOCK_J},
     prune=_fwd_prune)
 _BWD = Launcher(
     gated_pool_bwd_kernel,
