@@ -45,6 +45,7 @@ class _FakeKernel:
     """JITFunction's surface that Launcher.launch uses: arg_names, params,
     kernel[grid](*args, **kwargs) returning the compiled kernel."""
 
+    __name__ = "fake_kernel"
     arg_names = ["x", "n", "y", "BLOCK", "FLAG"]
     params = [_Param("x"), _Param("n"), _Param("y"), _Param("BLOCK"), _Param("FLAG", default=True)]
 
@@ -67,7 +68,7 @@ def launcher(monkeypatch):
     lau = tc.Launcher.__new__(tc.Launcher)
     lau.kernel = _FakeKernel()
     lau.configs, lau.prune, lau.tuned = [triton.Config({"BLOCK": 16}, num_warps=4, num_stages=2)], None, object()
-    lau._direct = {}
+    lau._direct, lau._only = {}, None
     lau._defaults = {p.name: p.default for p in lau.kernel.params if p.default is not inspect.Parameter.empty}
     return lau
 
@@ -138,6 +139,27 @@ def test_unhashable_or_unplaceable_or_off_stays_on_jit(launcher):
     for _ in range(2):
         launcher(grid, x, 64, x)
     assert [e[0] for e in launcher.kernel.log] == ["jit"] * 6
+
+
+def test_only_config_launches_that_configuration_through_jit(launcher):
+    """Inside ``only_config`` every launch runs the given configuration (its
+    keywords and options) through JITFunction.run, never a directly launched
+    kernel cached for another configuration; afterwards the launcher is as
+    before. A configuration the prune drops is refused by name."""
+    x, y = torch.zeros(8), torch.ones(8)
+    launcher(grid, x, 64, y)                                # the first configuration, now cached for direct launch
+    other = triton.Config({"BLOCK": 32}, num_warps=8, num_stages=3)
+    with tc.only_config(launcher, other):
+        launcher(grid, x, 64, y)
+        launcher(grid, x, 64, y)
+    launcher(grid, x, 64, y)
+    log = launcher.kernel.log
+    assert [e[0] for e in log] == ["jit", "jit", "jit", "direct"]
+    assert log[1][3] == log[2][3] == {"BLOCK": 32, **other.all_kwargs()}
+    assert log[3][2][3] == 16                               # the cached first configuration again
+    launcher.prune = lambda configs, named: [c for c in configs if c.kwargs["BLOCK"] <= named["n"] // 4]
+    with tc.only_config(launcher, other), pytest.raises(ValueError, match="fake_kernel's prune drops"):
+        launcher(grid, x, 64, y)
 
 
 def test_direct_wrapper_of_a_plain_launch(monkeypatch):

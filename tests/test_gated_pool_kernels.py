@@ -27,7 +27,7 @@ from kvcompress.ops.gated_pool import torch_impl
 triton = pytest.importorskip("triton")
 
 from kvcompress.ops._triton.env import INTERPRET  # noqa: E402
-from kvcompress.ops._triton.launch import small_tiles  # noqa: E402
+from kvcompress.ops._triton.launch import only_config, small_tiles  # noqa: E402
 from kvcompress.ops.gated_pool import triton_impl  # noqa: E402
 
 BACKENDS = {"torch": torch_impl.gated_pool, "triton": triton_impl.gated_pool}
@@ -261,54 +261,50 @@ def test_triton_small_tiles():
                  transposed=False, Dx=12)
 
 
-def force_fwd_config(monkeypatch, cfg):
-    """Every forward launch of this test takes ``cfg`` (BLOCK_W, BLOCK_J,
-    BLOCK_F, warps): in the interpreter as its tiles; on a GPU as the one
-    configuration, untuned, and without the direct launch (whose cache would
-    hand back another configuration's kernel)."""
-    bw, bj, bf, nw = cfg
-    monkeypatch.setattr(triton_impl._FWD, "interpret_meta", lambda kw: {"BLOCK_W": bw, "BLOCK_J": bj, "BLOCK_F": bf})
-    if not INTERPRET:
-        from kvcompress.ops._triton import launch
-        monkeypatch.setattr(launch, "AUTOTUNE", False)
-        monkeypatch.setattr(triton_impl._FWD, "configs",
-                            [triton.Config({"BLOCK_W": bw, "BLOCK_J": bj, "BLOCK_F": bf}, num_warps=nw)])
-        monkeypatch.setattr(triton_impl._FWD, "prune", None)
-        monkeypatch.setattr(triton_impl._FWD, "_direct", None)
+def fwd_config(bw, bj, bf, nw):
+    return triton.Config({"BLOCK_W": bw, "BLOCK_J": bj, "BLOCK_F": bf}, num_warps=nw)
 
 
 @pytest.mark.parametrize("cfg", triton_impl.FWD_CONFIGS, ids=lambda c: "w{}-j{}-f{}-nw{}".format(*c))
-def test_triton_forward_configs(monkeypatch, cfg):
-    """Every forward configuration the autotuner may pick (the autotuner times
-    them, it checks none), forward and gradients: one position a step
-    (BLOCK_J = 1) or position blocks, here with two full blocks and a
-    partial third (L = 2 BLOCK_J + 3) and a block longer than the window
-    (L = 6), window and feature tiles wider than the problem. On a GPU each
-    configuration as compiled; in the interpreter position blocks of at
-    most 8 (the tiles' semantics do not depend on their size)."""
+def test_triton_forward_configs(cfg):
+    """Every forward configuration the autotuner may pick (it times them and
+    checks none), forward and gradients, at D_out = 128 (so the prune keeps
+    every feature block): one position a step (BLOCK_J = 1) or position
+    blocks, here two full blocks and a partial third (L = 2 BLOCK_J + 3),
+    left pads, packed sequences, split chunks. On a GPU each configuration
+    as compiled; in the interpreter position blocks of at most 8 (the
+    tiles' semantics do not depend on their size; the backward's cost there
+    grows with L)."""
     bw, bj, bf, nw = cfg
-    if INTERPRET:   # the same code with blocks of at most 8 (the backward's cost in the interpreter grows with L)
+    if INTERPRET:
         bj = min(bj, 8)
-    force_fwd_config(monkeypatch, (bw, bj, bf, nw))
-    L = 2 * bj + 3                  # two full position blocks and a partial third (one position a step: L = 5)
-    run_case("triton", dtype=torch.float32, padding="left", split=True, L=6, S=3, packed=True, groups=1,
-             transposed=True)
-    run_case("triton", dtype=torch.float32, padding="left", split=False, L=L, S=3, packed=True, groups=1,
-             transposed=True, lengths=[3, L + 4, 2 * L])
-    run_case("triton", dtype=torch.float32, padding="valid", split=False, L=L, S=L, packed=False, groups=4,
-             transposed=False, lengths=2 * L + 5)
+    L = 2 * bj + 3
+    with only_config(triton_impl._FWD, fwd_config(bw, bj, bf, nw)):
+        run_case("triton", dtype=torch.float32, padding="left", split=False, L=L, S=3, packed=True, groups=1,
+                 transposed=True, Dx=128, H=2, lengths=[3, L + 4, 2 * L])
+        run_case("triton", dtype=torch.float32, padding="valid", split=False, L=L, S=L, packed=False, groups=2,
+                 transposed=False, Dx=128, H=2, lengths=2 * L + 5)
+        run_case("triton", dtype=torch.float32, padding="left", split=True, L=L - 1, S=(L - 1) // 2, packed=True,
+                 groups=1, transposed=True, Dx=256, H=2, lengths=[3, L + 4, 2 * L])
+
+
+def test_only_config_refuses_a_pruned_configuration():
+    """only_config raises, naming the kernel, where the prune would drop the
+    configuration (position blocks longer than the window)."""
+    x, z, bias = make(B=1, H=1, T=16, Dx=16, L=4, Do=16, groups=None, transposed=False, dtype=torch.float32)
+    with only_config(triton_impl._FWD, fwd_config(1, 64, 16, 4)), pytest.raises(ValueError, match="gated_pool_fwd"):
+        triton_impl.gated_pool(x.detach(), z.detach(), block_size=4, stride=4)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # the interpreter's 0/0 below
 @pytest.mark.parametrize("cfg", [(4, 1, 16, 4), (4, 4, 16, 4)], ids=["one-position", "blocks-of-4"])
-def test_triton_infinite_scores(monkeypatch, cfg):
+def test_triton_infinite_scores(cfg):
     """Scores of -inf weigh nothing, one position a step or in blocks (the
     block's maximum skips them; a block of nothing but -inf leaves the state
     as it is); a window whose scores are all -inf for a feature gives NaN
     there (0/0), and so does a +inf score (inf - inf), as the reference and
     torch's softmax do, whichever configuration the autotuner picks;
     everything else matches the torch backend."""
-    force_fwd_config(monkeypatch, cfg)
     L, S = 8, 8
     x, z, _ = make(B=1, H=1, T=24, Dx=4, L=L, Do=4, groups=None, transposed=False, dtype=torch.float32)
     x, z = x.detach(), z.detach()
@@ -318,7 +314,8 @@ def test_triton_infinite_scores(monkeypatch, cfg):
     z[0, 0, 10, 3] = math.inf            # window 1, feature 3: a +inf score
     kw = dict(block_size=L, stride=S, padding="valid")
     dev = "cpu" if INTERPRET else "cuda"
-    y = triton_impl.gated_pool(x.to(dev), z.to(dev), **kw).cpu()
+    with only_config(triton_impl._FWD, fwd_config(*cfg)):
+        y = triton_impl.gated_pool(x.to(dev), z.to(dev), **kw).cpu()
     ref = torch_impl.gated_pool(x, z, **kw)
     finite = torch.ones_like(y, dtype=torch.bool)
     finite[0, 0, 2, 2] = finite[0, 0, 1, 3] = False

@@ -13,6 +13,7 @@ arguments, and the size arithmetic of grids.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 
@@ -23,8 +24,8 @@ from ..._cache import bounded_put
 from .env import INTERPRET
 
 __all__ = ["AUTOTUNE", "Direct", "FAST_LAUNCH", "LAUNCH_CACHE_SIZE", "Launcher", "cache_put", "SIZE_ARGS", "cdiv",
-           "fill_factor", "first_config", "interpret_block", "jit_kernel", "kernel_args", "next_pow2", "size_class",
-           "small_tiles", "small_tiles_active", "strides", "tile_configs"]
+           "fill_factor", "first_config", "interpret_block", "jit_kernel", "kernel_args", "next_pow2", "only_config",
+           "size_class", "small_tiles", "small_tiles_active", "strides", "tile_configs"]
 
 # Problem sizes and counts among the kernels' arguments. Triton specialises an
 # int argument on == 1 and on divisibility by 16 unless told not to, so every
@@ -315,6 +316,7 @@ class Launcher:
         self._key_pos = [(kernel.arg_names.index(k), k) for k in key]
         self.best: dict[tuple, triton.Config] = {}   # tuning key -> the autotuner's pick
         self._picked: dict[tuple, dict] = {}          # tuning key -> its pick's launch keywords
+        self._only: triton.Config | None = None       # set by only_config
         if not INTERPRET:
             early = None
             if prune is not None:
@@ -326,6 +328,9 @@ class Launcher:
                                          )(kernel)
 
     def __call__(self, grid, *args, **kwargs):
+        if self._only is not None:
+            self._launch_only(grid, args, kwargs)
+            return
         if self.tuned is None:
             named = dict(zip(self.kernel.arg_names, args))
             named.update(kwargs)
@@ -362,6 +367,22 @@ class Launcher:
                     if i == len(tried) - 1:
                         raise
 
+    def _launch_only(self, grid, args: tuple, kwargs: dict) -> None:
+        """A launch inside ``only_config``: its configuration, untuned and not
+        through the direct launch (whose cache could hold another
+        configuration's kernel); in the interpreter its keywords are the
+        tiles."""
+        cfg = self._only
+        named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+        if self.prune is not None and not any(c is cfg for c in self.prune([cfg], named)):
+            raise ValueError(f"only_config: {self.kernel.__name__}'s prune drops {cfg} for this call: the autotuner "
+                             "would never pick it here")
+        if self.tuned is None:
+            meta = dict(cfg.kwargs)
+            self.kernel[grid({**named, **meta})](*args, **kwargs, **meta)
+        else:
+            self.kernel[grid](*args, **kwargs, **cfg.all_kwargs())
+
     def launch(self, grid, args: tuple, kwargs: dict, key=None):
         """``self.kernel[grid](*args, **kwargs)`` (kwargs: constexprs and
         compile options, the configuration's included), then, with
@@ -394,3 +415,18 @@ class Launcher:
         return (*[args[i] if i < n else kwargs[name] for i, name in self._key_pos],
                 *[a.dtype for a in args if isinstance(a, torch.Tensor)],
                 *[v.dtype for v in kwargs.values() if isinstance(v, torch.Tensor)])
+
+
+@contextlib.contextmanager
+def only_config(launcher: Launcher, config: triton.Config):
+    """Inside the block every launch of ``launcher`` runs ``config``: on a GPU
+    that configuration as compiled, untuned, not through the direct launch;
+    in the interpreter its keywords as the tiles. For tests of each
+    configuration the autotuner may pick (it times them and checks none of
+    their results). Raises ValueError at a launch whose prune drops
+    ``config`` (a configuration the autotuner would never pick there)."""
+    old, launcher._only = launcher._only, config
+    try:
+        yield
+    finally:
+        launcher._only = old
