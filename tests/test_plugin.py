@@ -312,6 +312,36 @@ def test_assert_matches_reference_checks_gradients():
         assert_matches_reference("attention_pool", halved, x, w, block_size=3, stride=3, check_grad=True)
 
 
+def test_assert_matches_reference_gated_pool():
+    """gated_pool (no pe; z per token; bias (G, L, D_out) gives G, here not
+    B; split): a correct call passes, forward and gradients; a wrong split
+    and a perturbed gradient fail; a pe is refused."""
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.randn(2, 4, 40, 8, generator=g), torch.randn(2, 4, 40, 8, generator=g)
+    bias = torch.randn(1, 4, 4, generator=g)                    # G = 1, L = 4, D_out = 8 / 2
+    kw = dict(block_size=4, stride=2, padding="left")
+    assert_matches_reference("gated_pool", kf.gated_pool, x, z, bias, **kw, split=True, check_grad=True)
+    assert_matches_reference("gated_pool", kf.gated_pool, x, z, None, **kw, check_grad=True)
+    with pytest.raises(AssertionError, match="output shape"):
+        assert_matches_reference("gated_pool", kf.gated_pool(x, z, None, **kw), x, z, None, **kw, split=True)
+
+    class Doubled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y):
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, gy):
+            return 2 * gy
+
+    def doubled(*a, **k):
+        return Doubled.apply(kf.gated_pool(*a, **k))
+    with pytest.raises(AssertionError, match="gradient of x"):
+        assert_matches_reference("gated_pool", doubled, x, z, bias, **kw, split=True, check_grad=True)
+    with pytest.raises(ValueError, match="gated_pool takes no pe"):
+        assert_matches_reference("gated_pool", kf.gated_pool, x, z, bias, **kw, pe=torch.zeros(4, 4, 8))
+
+
 def test_assert_matches_reference_rejects_bad_calls():
     x, w, b, pe = _linear_inputs()
     with pytest.raises(ValueError, match="kind must be one of"):

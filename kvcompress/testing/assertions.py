@@ -33,7 +33,7 @@ def check_output_form(impl, case, got: torch.Tensor, dtype: str, key: str) -> No
     assert got.device.type == impl.device, f"{impl.id}: output on {got.device}, input on {impl.device}"
 
 
-def _case_and_inputs(kind, x, params, *, block_size, stride, padding, pe, cu_seqlens, activation):
+def _case_and_inputs(kind, x, params, *, block_size, stride, padding, pe, cu_seqlens, activation, split):
     if kind not in RECORDS:
         raise ValueError(f"assert_matches_reference: kind must be one of {tuple(RECORDS)}, got {kind!r}")
     rec = RECORDS[kind]
@@ -47,13 +47,16 @@ def _case_and_inputs(kind, x, params, *, block_size, stride, padding, pe, cu_seq
         raise TypeError(f"assert_matches_reference: {kind} takes the parameters ({names}) after x, "
                         f"got {len(params)}")
     p = dict(zip((s.name for s in rec.params), params))
+    if pe is not None and not rec.kind.pe:
+        raise ValueError(f"assert_matches_reference: {kind} takes no pe")
     B, H, T, D = x.shape
     seqlens = None
     if cu_seqlens is not None:
         cu = cu_seqlens.detach().cpu().long().tolist()
         seqlens = tuple(b - a for a, b in zip(cu[:-1], cu[1:]))
-    first = next((t for t in params if t is not None), None)
-    fields = dict(kind=kind, dtype=_DTYPE_NAMES[x.dtype], B=B, H=H, G=first.shape[0] if first is not None else 1,
+    # G: the leading dim of the first given parameter that has one (gated_pool's z is per token: its bias)
+    grouped = next((p[s.name] for s in rec.kind.params if s.shape[:1] == ("G",) and p[s.name] is not None), None)
+    fields = dict(kind=kind, dtype=_DTYPE_NAMES[x.dtype], B=B, H=H, G=grouped.shape[0] if grouped is not None else 1,
                   T=T, D=D, block_size=block_size, stride=stride, padding=padding, seqlens=seqlens,
                   cu_dtype="int64" if cu_seqlens is None or cu_seqlens.dtype == torch.int64 else "int32",
                   use_pe=pe is not None)
@@ -62,6 +65,8 @@ def _case_and_inputs(kind, x, params, *, block_size, stride, padding, pe, cu_seq
     elif kind == "mlp":
         fields.update(D_out=p["w2"].shape[-1], F=p["w1"].shape[-1], bias=p["b1"] is not None,
                       bias2=p["b2"] is not None, activation=activation)
+    elif kind == "gated_pool":
+        fields.update(split=split)
     case = Case(**fields)
     inputs = Inputs(x64=to_numpy(x), params64={k: to_numpy(v) for k, v in p.items()}, pe64=to_numpy(pe),
                     x=x, params=p, pe=pe, cu_seqlens=cu_seqlens,
@@ -72,7 +77,7 @@ def _case_and_inputs(kind, x, params, *, block_size, stride, padding, pe, cu_seq
 def assert_matches_reference(kind: str, actual: torch.Tensor | Callable, x: torch.Tensor, *params,
                              block_size: int, stride: int, padding: str = "valid", pe: torch.Tensor | None = None,
                              cu_seqlens: torch.Tensor | None = None, activation: str = "relu",
-                             check_grad: bool = False, seed: int = 0,
+                             split: bool = False, check_grad: bool = False, seed: int = 0,
                              precision: str = "io-intermediates") -> None:
     """Assert that one call of an implementation of ``kind`` equals the loop
     reference within the tolerance model (docs/semantics.md, "Tolerance").
@@ -86,7 +91,9 @@ def assert_matches_reference(kind: str, actual: torch.Tensor | Callable, x: torc
     weight (G, L); linear: weight (G, L, D, D_out), bias (G, D_out) or None;
     mlp: w1 (G, L*D, F), b1, w2 (G, F, D_out), b2; attention_pool: weight
     (G, D, D)), in x's dtype. block_size, stride, padding, pe (H, L, D) or
-    None, cu_seqlens (N+1,) or None, activation (mlp): as in the reference.
+    None, cu_seqlens (N+1,) or None, activation (mlp), split (gated_pool,
+    whose parameters are z (B, H, T, D) and bias (G, L, D_out) or None, and
+    which takes no pe): as in the reference.
     check_grad: also compare the gradients with respect to x, every
     parameter and pe with the exact float64 gradients for a random cotangent
     (drawn from ``seed``), within the backward tolerance model.
@@ -100,7 +107,7 @@ def assert_matches_reference(kind: str, actual: torch.Tensor | Callable, x: torc
     bound says anything there) or malformed.
     """
     case, inputs = _case_and_inputs(kind, x, params, block_size=block_size, stride=stride, padding=padding,
-                                    pe=pe, cu_seqlens=cu_seqlens, activation=activation)
+                                    pe=pe, cu_seqlens=cu_seqlens, activation=activation, split=split)
     rec = RECORDS[kind]
     b = forward_bound(case, inputs, precision)
     if not b.well_conditioned:
@@ -118,8 +125,7 @@ def assert_matches_reference(kind: str, actual: torch.Tensor | Callable, x: torc
             leaves["pe"] = pe.detach().requires_grad_(check_grad)
         args = [leaves.get(s.name) for s in rec.params]
         with torch.enable_grad():
-            out = fn(leaves["x"], *args, **case.window_kwargs(), pe=leaves.get("pe"), cu_seqlens=cu_seqlens,
-                     **rec.extra_kwargs(case))
+            out = fn(leaves["x"], *args, **rec.kwargs(case, leaves.get("pe"), cu_seqlens))   # pe only if it takes pe
     else:
         if check_grad:
             raise ValueError("assert_matches_reference: check_grad needs the implementation (a callable), "
