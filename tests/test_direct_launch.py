@@ -141,25 +141,34 @@ def test_unhashable_or_unplaceable_or_off_stays_on_jit(launcher):
     assert [e[0] for e in launcher.kernel.log] == ["jit"] * 6
 
 
-def test_only_config_launches_that_configuration_through_jit(launcher):
-    """Inside ``only_config`` every launch runs the given configuration (its
-    keywords and options) through JITFunction.run, never a directly launched
-    kernel cached for another configuration; afterwards the launcher is as
-    before. A configuration the prune drops is refused by name."""
+def test_only_config_launches_the_picked_configuration_through_jit(launcher):
+    """Inside ``only_config`` every launch runs the configuration its pick
+    takes from those the prune keeps, through JITFunction.run, never a
+    directly launched kernel cached for another configuration; a pick of
+    None launches as usual; afterwards the launcher is as before."""
     x, y = torch.zeros(8), torch.ones(8)
     launcher(grid, x, 64, y)                                # the first configuration, now cached for direct launch
     other = triton.Config({"BLOCK": 32}, num_warps=8, num_stages=3)
-    with tc.only_config(launcher, other):
+    launcher.configs.append(other)
+    seen = []
+
+    def pick(kept):
+        seen.append([c.kwargs["BLOCK"] for c in kept])
+        return kept[-1]
+    with tc.only_config(launcher, pick) as runs:
         launcher(grid, x, 64, y)
         launcher(grid, x, 64, y)
     launcher(grid, x, 64, y)
     log = launcher.kernel.log
     assert [e[0] for e in log] == ["jit", "jit", "jit", "direct"]
     assert log[1][3] == log[2][3] == {"BLOCK": 32, **other.all_kwargs()}
+    assert runs == [other, other] and seen == [[16, 32], [16, 32]]
     assert log[3][2][3] == 16                               # the cached first configuration again
     launcher.prune = lambda configs, named: [c for c in configs if c.kwargs["BLOCK"] <= named["n"] // 4]
-    with tc.only_config(launcher, other), pytest.raises(ValueError, match="fake_kernel's prune drops"):
-        launcher(grid, x, 64, y)
+    with tc.only_config(launcher, lambda kept: kept[1] if len(kept) > 1 else None) as runs:
+        launcher(grid, x, 64, y)                            # the prune keeps BLOCK 16 only: as usual (direct)
+        launcher(grid, x, 128, y)                           # it keeps both: BLOCK 32, through JIT
+    assert runs == [other] and [e[0] for e in log[4:]] == ["direct", "jit"]
 
 
 def test_direct_wrapper_of_a_plain_launch(monkeypatch):

@@ -8,6 +8,8 @@ arguments, and the size arithmetic of grids.
 - ``kernel_args(kernel, **named)``, ``strides(prefix, t, axes)``: launches
   written by parameter name, handed to a Launcher in the kernel's order.
 - ``small_tiles()``, ``interpret_block``: the interpreter's tile sizes.
+- ``only_config(launcher, pick)``: one launcher's launches run one of the
+  configurations its prune keeps (tests of each configuration).
 - ``cdiv``, ``next_pow2``, ``size_class``, ``fill_factor``.
 """
 
@@ -316,7 +318,7 @@ class Launcher:
         self._key_pos = [(kernel.arg_names.index(k), k) for k in key]
         self.best: dict[tuple, triton.Config] = {}   # tuning key -> the autotuner's pick
         self._picked: dict[tuple, dict] = {}          # tuning key -> its pick's launch keywords
-        self._only: triton.Config | None = None       # set by only_config
+        self._only = None                             # only_config's (pick, runs) while it is active
         if not INTERPRET:
             early = None
             if prune is not None:
@@ -328,8 +330,7 @@ class Launcher:
                                          )(kernel)
 
     def __call__(self, grid, *args, **kwargs):
-        if self._only is not None:
-            self._launch_only(grid, args, kwargs)
+        if self._only is not None and self._launch_only(grid, args, kwargs):
             return
         if self.tuned is None:
             named = dict(zip(self.kernel.arg_names, args))
@@ -367,21 +368,24 @@ class Launcher:
                     if i == len(tried) - 1:
                         raise
 
-    def _launch_only(self, grid, args: tuple, kwargs: dict) -> None:
-        """A launch inside ``only_config``: its configuration, untuned and not
-        through the direct launch (whose cache could hold another
-        configuration's kernel); in the interpreter its keywords are the
-        tiles."""
-        cfg = self._only
+    def _launch_only(self, grid, args: tuple, kwargs: dict) -> bool:
+        """A launch inside ``only_config``: the configuration its pick takes
+        from those the prune keeps for this call, untuned and not through
+        the direct launch (whose cache could hold another configuration's
+        kernel); in the interpreter its keywords are the tiles. False (and
+        nothing launched) when the pick takes none."""
+        pick, runs = self._only
         named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
-        if self.prune is not None and not any(c is cfg for c in self.prune([cfg], named)):
-            raise ValueError(f"only_config: {self.kernel.__name__}'s prune drops {cfg} for this call: the autotuner "
-                             "would never pick it here")
+        cfg = pick(self.prune(self.configs, named) if self.prune is not None else list(self.configs))
+        if cfg is None:
+            return False
+        runs.append(cfg)
         if self.tuned is None:
             meta = dict(cfg.kwargs)
             self.kernel[grid({**named, **meta})](*args, **kwargs, **meta)
         else:
             self.kernel[grid](*args, **kwargs, **cfg.all_kwargs())
+        return True
 
     def launch(self, grid, args: tuple, kwargs: dict, key=None):
         """``self.kernel[grid](*args, **kwargs)`` (kwargs: constexprs and
@@ -418,15 +422,18 @@ class Launcher:
 
 
 @contextlib.contextmanager
-def only_config(launcher: Launcher, config: triton.Config):
-    """Inside the block every launch of ``launcher`` runs ``config``: on a GPU
+def only_config(launcher: Launcher, pick):
+    """Inside the block each launch of ``launcher`` runs ``pick(kept)``, kept
+    being the configurations its prune keeps for that call (those the
+    autotuner would time, in order; all of them without a prune): on a GPU
     that configuration as compiled, untuned, not through the direct launch;
-    in the interpreter its keywords as the tiles. For tests of each
-    configuration the autotuner may pick (it times them and checks none of
-    their results). Raises ValueError at a launch whose prune drops
-    ``config`` (a configuration the autotuner would never pick there)."""
-    old, launcher._only = launcher._only, config
+    in the interpreter its keywords as the tiles. A launch for which pick
+    returns None goes as usual. Yields the list of the configurations run.
+    For tests of each configuration the autotuner may pick (it times them
+    and checks none of their results)."""
+    runs: list = []
+    old, launcher._only = launcher._only, (pick, runs)
     try:
-        yield
+        yield runs
     finally:
         launcher._only = old
