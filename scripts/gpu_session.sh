@@ -11,6 +11,8 @@
 #   suitetriton  the property suite (ci profile) for the Triton backend on CUDA, untuned launches
 #             (KVCOMPRESS_TRITON_AUTOTUNE=0: autotuning every drawn shape cost ~35 s a property, run 4)
 #   quick     scripts/gpu_check.py --quick
+#   configs   tests/test_every_config.py (every configuration each autotuned launcher's prune keeps, against the
+#             reference, each compiled) and tests/test_gated_pool_kernels.py, on XDIST workers
 #   gputests  pytest -m gpu tests/test_direct_launch.py tests/test_triton.py
 #   suite     the property suite on CUDA (every backend, ci profile)
 #   thorough  the property suite on the Triton backend, thorough profile, under pytest-xdist: JOBS (16)
@@ -91,6 +93,8 @@ for arg in "$@"; do
                    --hypothesis-show-statistics "${XD[@]}" ;;
         timingsizes) run timingsizes 560 python3 scripts/gpu_check.py --skip-correctness \
                    --timing-shapes t8192,t65536,b4,d192 --out "$OUT/gpu_timing_sizes.json" ;;
+        configs) KVCOMPRESS_TRITON_AUTOTUNE=0 run configs 500 python3 -m pytest tests/test_every_config.py \
+                   tests/test_gated_pool_kernels.py -q -p no:cacheprovider "${XD[@]}" ;;
         gputests) run gputests 400 python3 -m pytest -m gpu tests/test_direct_launch.py tests/test_triton.py -q -p no:cacheprovider -x ;;
         suite) KVCOMPRESS_TRITON_AUTOTUNE=0 run suite 420 python3 -m pytest kvcompress/testing/properties \
                    tests/test_streaming.py tests/test_triton.py -q -p no:cacheprovider --kvcompress-report "$OUT/suite.json" \
