@@ -292,18 +292,25 @@ def test_assert_matches_reference_accepts_a_correct_call_and_names_the_worst_ele
         assert_matches_reference("linear", y, x, w, b, **kw)
 
 
+class _ScaledGrad(torch.autograd.Function):
+    """The identity forward, its gradient scaled: a wrong backward with a right forward."""
+
+    @staticmethod
+    def forward(ctx, y, factor):
+        ctx.factor = factor
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
+def _grad_scaled(fn, factor):
+    return lambda *a, **k: _ScaledGrad.apply(fn(*a, **k), factor)
+
+
 def test_assert_matches_reference_checks_gradients():
-    class Half(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, y):
-            return y.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g / 2
-
-    def halved(x, *a, **k):
-        return Half.apply(kf.attention_pool(x, *a, **k))
+    halved = _grad_scaled(kf.attention_pool, 0.5)
 
     x = torch.randn(1, 2, 12, 4, dtype=torch.float64)
     w = torch.randn(1, 4, 4, dtype=torch.float64) / 2
@@ -324,20 +331,9 @@ def test_assert_matches_reference_gated_pool():
     assert_matches_reference("gated_pool", kf.gated_pool, x, z, None, **kw, check_grad=True)
     with pytest.raises(AssertionError, match="output shape"):
         assert_matches_reference("gated_pool", kf.gated_pool(x, z, None, **kw), x, z, None, **kw, split=True)
-
-    class Doubled(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, y):
-            return y.clone()
-
-        @staticmethod
-        def backward(ctx, gy):
-            return 2 * gy
-
-    def doubled(*a, **k):
-        return Doubled.apply(kf.gated_pool(*a, **k))
     with pytest.raises(AssertionError, match="gradient of x"):
-        assert_matches_reference("gated_pool", doubled, x, z, bias, **kw, split=True, check_grad=True)
+        assert_matches_reference("gated_pool", _grad_scaled(kf.gated_pool, 2.0), x, z, bias, **kw, split=True,
+                                 check_grad=True)
     with pytest.raises(ValueError, match="gated_pool takes no pe"):
         assert_matches_reference("gated_pool", kf.gated_pool, x, z, bias, **kw, pe=torch.zeros(4, 4, 8))
 
