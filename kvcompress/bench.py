@@ -151,6 +151,27 @@ def _config_key(e: dict) -> tuple:
     return (e["kind"], e["role"], e["direction"], e["D"], e["T"], e["L"], e["S"], e["dtype"], e["device"])
 
 
+def _autotuned(groups: dict) -> list[str]:
+    """The section listing the configurations the autotuner picked in each
+    benchmark's correctness gate (``extra_info["autotuned"]``; a key tuned
+    by an earlier benchmark of the run is listed there only); none without
+    autotuning (the CPU)."""
+    rows = []
+    for key in sorted(groups, key=lambda k: tuple(str(v) for v in k)):
+        for name, b in sorted(groups[key].items()):
+            e = b["extra_info"]
+            for kernel, picks in sorted((e.get("autotuned") or {}).items()):
+                for pick in picks:
+                    rows.append(f"| {e['kind']} | {e['direction']} | {e['T']} | {e['D']} | {e['L']}/{e['S']} | "
+                                f"{name} | {kernel} | {pick} |")
+    if not rows:
+        return []
+    return ["## Autotuner picks", "", "The configuration each autotuned kernel took, where it was first tuned "
+            "in this run (in that benchmark's correctness gate):", "",
+            "| kind | dir | T | D | L/S | entrant | kernel | configuration |", "|---|---|---|---|---|---|---|---|",
+            *rows, ""]
+
+
 def render(data: dict, outcomes: _Outcomes | None = None, compared: dict | None = None) -> str:
     """The markdown report of one pytest-benchmark JSON (``data``).
 
@@ -239,6 +260,7 @@ def render(data: dict, outcomes: _Outcomes | None = None, compared: dict | None 
                          for b in groups[k].values()})
         out += ["", "Entrants: " + "; ".join(f"`{n}` = {lab}" for n, lab in labels) + "."]
         out += [f"Note: {n}" for n in sorted(notes)] + [""]
+    out += _autotuned(groups)
     if decode:
         out += render_decode(decode, old if compared else None)
     if other:

@@ -103,3 +103,15 @@ def test_the_report_sets_each_size_against_its_fastest_peer(tmp_path):
         ["linear", "32/16", "128", "65536", "fwd", "triton", "200 us", "seed", "600 us", "3x", "yes"],
         ["linear", "32/16", "128", "8192", "fwd", "triton", "100 us", "seed+compile", "120 us", "1.2x", "**no**"]]
     assert "1 of 2 rows reach 1.25x." in section
+
+
+def test_the_report_lists_the_autotuner_picks(tmp_path):
+    """Each benchmark's picks (kvcompress-bench records the configurations the
+    autotuner chose in its gate) appear in a section of their own; a run
+    without any (the CPU) has no such section."""
+    a = _run(tmp_path, "a", [("triton", 1e-4, "kvcompress"), ("seed", 4e-4, "peer")])
+    data = json.loads((a / "bench.json").read_text())
+    assert "## Autotuner picks" not in bench.render(data)
+    data["benchmarks"][0]["extra_info"]["autotuned"] = {"linear_fwd_kernel": ["BLOCK_W: 128, num_warps: 8"]}
+    section = bench.render(data).split("## Autotuner picks")[1]
+    assert "| linear | fwd | 8192 | 128 | 32/16 | triton | linear_fwd_kernel | BLOCK_W: 128, num_warps: 8 |" in section

@@ -171,6 +171,18 @@ def test_only_config_launches_the_picked_configuration_through_jit(launcher):
     assert runs == [other] and [e[0] for e in log[4:]] == ["direct", "jit"]
 
 
+def test_picks_since_a_snapshot(launcher, monkeypatch):
+    """kvcompress-bench's record of the autotuner's picks: only the keys tuned
+    after the snapshot, under their kernel's name."""
+    launcher.best = {("old",): launcher.configs[0]}
+    monkeypatch.setattr(tc, "LAUNCHERS", [launcher])
+    keys = tc.tuned_keys()
+    assert tc.picks_since(keys) == {}
+    launcher.best[("new",)] = triton.Config({"BLOCK": 32}, num_warps=8)
+    assert tc.picks_since(keys) == {"fake_kernel": [str(launcher.best[("new",)])]}
+    assert "BLOCK: 32" in tc.picks_since(keys)["fake_kernel"][0]
+
+
 def test_direct_wrapper_of_a_plain_launch(monkeypatch):
     """``Direct`` (kernels launched without autotuning): a tuple grid, the
     second call direct with the grid as given; a keyword tensor never

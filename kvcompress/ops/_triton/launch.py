@@ -10,6 +10,9 @@ arguments, and the size arithmetic of grids.
 - ``small_tiles()``, ``interpret_block``: the interpreter's tile sizes.
 - ``only_config(launcher, pick)``: one launcher's launches run one of the
   configurations its prune keeps (tests of each configuration).
+- ``LAUNCHERS``, ``tuned_keys()``, ``picks_since(keys)``: every Launcher,
+  and the autotuner's picks made since a snapshot (kvcompress-bench records
+  them per benchmark).
 - ``cdiv``, ``next_pow2``, ``size_class``, ``fill_factor``.
 """
 
@@ -25,9 +28,10 @@ import triton
 from ..._cache import bounded_put
 from .env import INTERPRET
 
-__all__ = ["AUTOTUNE", "Direct", "FAST_LAUNCH", "LAUNCH_CACHE_SIZE", "Launcher", "cache_put", "SIZE_ARGS", "cdiv",
-           "fill_factor", "first_config", "interpret_block", "jit_kernel", "kernel_args", "next_pow2", "only_config",
-           "size_class", "small_tiles", "small_tiles_active", "strides", "tile_configs"]
+__all__ = ["AUTOTUNE", "Direct", "FAST_LAUNCH", "LAUNCHERS", "LAUNCH_CACHE_SIZE", "Launcher", "cache_put", "SIZE_ARGS",
+           "cdiv", "fill_factor", "first_config", "interpret_block", "jit_kernel", "kernel_args", "next_pow2",
+           "only_config", "picks_since", "size_class", "small_tiles", "small_tiles_active", "strides", "tile_configs",
+           "tuned_keys"]
 
 # Problem sizes and counts among the kernels' arguments. Triton specialises an
 # int argument on == 1 and on divisibility by 16 unless told not to, so every
@@ -295,6 +299,9 @@ def first_config(configs, prune, named):
     return list(kept) or list(configs[:1])
 
 
+LAUNCHERS: list = []     # every Launcher made (module-level singletons of the kinds' wrappers), in order
+
+
 class Launcher:
     """One kernel, autotuned over ``configs`` on a GPU; in the interpreter it
     runs once with ``interpret_meta(named_args) -> dict`` of block sizes.
@@ -319,6 +326,7 @@ class Launcher:
         self.best: dict[tuple, triton.Config] = {}   # tuning key -> the autotuner's pick
         self._picked: dict[tuple, dict] = {}          # tuning key -> its pick's launch keywords
         self._only = None                             # only_config's (pick, runs) while it is active
+        LAUNCHERS.append(self)
         if not INTERPRET:
             early = None
             if prune is not None:
@@ -437,3 +445,22 @@ def only_config(launcher: Launcher, pick):
         yield runs
     finally:
         launcher._only = old
+
+
+def tuned_keys() -> list[set]:
+    """A snapshot, per Launcher (``LAUNCHERS`` order), of the tuning keys the
+    autotuner has picked a configuration for."""
+    return [set(lau.best) for lau in LAUNCHERS]
+
+
+def picks_since(keys: list[set]) -> dict[str, list[str]]:
+    """The autotuner's picks made since the snapshot ``keys`` (``tuned_keys``):
+    {kernel name: [its configuration as text, ...]}, one entry per newly
+    tuned key (empty in the interpreter and without autotuning)."""
+    out: dict[str, list[str]] = {}
+    for i, lau in enumerate(LAUNCHERS):
+        old = keys[i] if i < len(keys) else set()
+        for k, cfg in lau.best.items():
+            if k not in old:
+                out.setdefault(lau.kernel.__name__, []).append(str(cfg))
+    return out
