@@ -336,6 +336,23 @@ def test_assert_matches_reference_gated_pool():
                                  check_grad=True)
     with pytest.raises(ValueError, match="gated_pool takes no pe"):
         assert_matches_reference("gated_pool", kf.gated_pool, x, z, bias, **kw, pe=torch.zeros(4, 4, 8))
+    with pytest.raises(TypeError, match=r"gated_pool takes the options \(split\), got \['activation'\]"):
+        assert_matches_reference("gated_pool", kf.gated_pool, x, z, bias, **kw, activation="relu")
+
+
+def test_assert_matches_reference_passes_the_kinds_options():
+    """mlp's activation reaches the call and the reference (gelu checked as
+    gelu: relu's output would fail); a kind without options refuses one."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 24, 4, generator=g)
+    w1, b1 = torch.randn(2, 16, 8, generator=g) / 4, torch.randn(2, 8, generator=g)
+    w2, b2 = torch.randn(2, 8, 4, generator=g) / 3, torch.randn(2, 4, generator=g)
+    kw = dict(block_size=4, stride=2)
+    assert_matches_reference("mlp", kf.mlp, x, w1, b1, w2, b2, **kw, activation="gelu", check_grad=True)
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        assert_matches_reference("mlp", kf.mlp(x, w1, b1, w2, b2, **kw), x, w1, b1, w2, b2, **kw, activation="gelu")
+    with pytest.raises(TypeError, match=r"mean_pool takes the options \(none\)"):
+        assert_matches_reference("mean_pool", kf.mean_pool, x, **kw, split=True)
 
 
 def test_assert_matches_reference_rejects_bad_calls():

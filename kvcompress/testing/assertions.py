@@ -33,7 +33,7 @@ def check_output_form(impl, case, got: torch.Tensor, dtype: str, key: str) -> No
     assert got.device.type == impl.device, f"{impl.id}: output on {got.device}, input on {impl.device}"
 
 
-def _case_and_inputs(kind, x, params, *, block_size, stride, padding, pe, cu_seqlens, activation, split):
+def _case_and_inputs(kind, x, params, *, block_size, stride, padding, pe, cu_seqlens, options):
     if kind not in RECORDS:
         raise ValueError(f"assert_matches_reference: kind must be one of {tuple(RECORDS)}, got {kind!r}")
     rec = RECORDS[kind]
@@ -49,6 +49,10 @@ def _case_and_inputs(kind, x, params, *, block_size, stride, padding, pe, cu_seq
     p = dict(zip((s.name for s in rec.params), params))
     if pe is not None and not rec.kind.pe:
         raise ValueError(f"assert_matches_reference: {kind} takes no pe")
+    unknown = sorted(set(options) - set(rec.kind.option_names))
+    if unknown:
+        raise TypeError(f"assert_matches_reference: {kind} takes the options "
+                        f"({', '.join(rec.kind.option_names) or 'none'}), got {unknown}")
     B, H, T, D = x.shape
     seqlens = None
     if cu_seqlens is not None:
@@ -64,9 +68,8 @@ def _case_and_inputs(kind, x, params, *, block_size, stride, padding, pe, cu_seq
         fields.update(D_out=p["weight"].shape[-1], bias=p["bias"] is not None)
     elif kind == "mlp":
         fields.update(D_out=p["w2"].shape[-1], F=p["w1"].shape[-1], bias=p["b1"] is not None,
-                      bias2=p["b2"] is not None, activation=activation)
-    elif kind == "gated_pool":
-        fields.update(split=split)
+                      bias2=p["b2"] is not None)
+    fields.update(rec.kind.defaults, **options)          # the kind's options (Case fields of the same names)
     case = Case(**fields)
     inputs = Inputs(x64=to_numpy(x), params64={k: to_numpy(v) for k, v in p.items()}, pe64=to_numpy(pe),
                     x=x, params=p, pe=pe, cu_seqlens=cu_seqlens,
@@ -76,9 +79,8 @@ def _case_and_inputs(kind, x, params, *, block_size, stride, padding, pe, cu_seq
 
 def assert_matches_reference(kind: str, actual: torch.Tensor | Callable, x: torch.Tensor, *params,
                              block_size: int, stride: int, padding: str = "valid", pe: torch.Tensor | None = None,
-                             cu_seqlens: torch.Tensor | None = None, activation: str = "relu",
-                             split: bool = False, check_grad: bool = False, seed: int = 0,
-                             precision: str = "io-intermediates") -> None:
+                             cu_seqlens: torch.Tensor | None = None, check_grad: bool = False, seed: int = 0,
+                             precision: str = "io-intermediates", **options) -> None:
     """Assert that one call of an implementation of ``kind`` equals the loop
     reference within the tolerance model (docs/semantics.md, "Tolerance").
 
@@ -91,9 +93,11 @@ def assert_matches_reference(kind: str, actual: torch.Tensor | Callable, x: torc
     weight (G, L); linear: weight (G, L, D, D_out), bias (G, D_out) or None;
     mlp: w1 (G, L*D, F), b1, w2 (G, F, D_out), b2; attention_pool: weight
     (G, D, D)), in x's dtype. block_size, stride, padding, pe (H, L, D) or
-    None, cu_seqlens (N+1,) or None, activation (mlp), split (gated_pool,
-    whose parameters are z (B, H, T, D) and bias (G, L, D_out) or None, and
-    which takes no pe): as in the reference.
+    None (gated_pool takes none; its parameters are z (B, H, T, D) and bias
+    (G, L, D_out) or None), cu_seqlens (N+1,) or None: as in the reference.
+    options: the kind's options by name, as in the reference (mlp's
+    ``activation``, gated_pool's ``split``; ``kvcompress.kinds``), each
+    defaulting to the kind's default.
     check_grad: also compare the gradients with respect to x, every
     parameter and pe with the exact float64 gradients for a random cotangent
     (drawn from ``seed``), within the backward tolerance model.
@@ -107,7 +111,7 @@ def assert_matches_reference(kind: str, actual: torch.Tensor | Callable, x: torc
     bound says anything there) or malformed.
     """
     case, inputs = _case_and_inputs(kind, x, params, block_size=block_size, stride=stride, padding=padding,
-                                    pe=pe, cu_seqlens=cu_seqlens, activation=activation, split=split)
+                                    pe=pe, cu_seqlens=cu_seqlens, options=options)
     rec = RECORDS[kind]
     b = forward_bound(case, inputs, precision)
     if not b.well_conditioned:
