@@ -8,7 +8,9 @@ sequences with one shorter than a window, x and z as transposed (B, T, H, D)
 views); float32 and float64 (the Triton kernels compute float64 input in
 float64, though the registry offers them float16/bfloat16/float32 only),
 float16 and bfloat16 rounded once; multi-tile paths (``small_tiles``);
-NaN containment; the empty output; bitwise determinism of the backward; the
+every forward configuration the autotuner may pick, one position a step or
+in position blocks (``launch.only_config``); -inf and +inf scores; NaN
+containment; the empty output; bitwise determinism of the backward; the
 custom op (``torch.library.opcheck``), its statistics recomputed when the
 forward stored none. Kernels run in Triton's interpreter without a GPU, their
 outputs NaN-poisoned (conftest: KVCOMPRESS_POISON=1), so an element never
