@@ -559,11 +559,13 @@ def compile_sm90(name, fn, cfg, ptrs, const, vals):
     return r
 
 
-def compile_only(dtypes, kinds=COMPILE_KINDS, D=128):
+def compile_only(dtypes, kinds=COMPILE_KINDS, D=128, first_only=False, varlens=(False, True)):
     """Compile every configuration of every kernel for sm_90 (no GPU needed),
     with the JIT's specialisations of an NSA-sized call (ints equal to 1 are
     constants, multiples of 16 are marked divisible); report shared memory,
-    registers and spill stack per config (cuobjdump)."""
+    registers and spill stack per config (cuobjdump). first_only: one
+    configuration per kernel and variant (tests/test_compile_sm90.py: that
+    every kernel compiles); varlens: fixed-length and/or packed."""
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
 
@@ -579,9 +581,12 @@ def compile_only(dtypes, kinds=COMPILE_KINDS, D=128):
                 ROWS_PER_SPLIT=W)
     pool_w = dict(swg=L, swl=1)
     lin_w = dict(swg=L * D * D, swl=D * D, swd=D, swn=1)
-    rows = []
+    rows, done = [], set()
 
     def one(name, fn, cfg, ptrs, const, extra):
+        if first_only and name in done:
+            return
+        done.add(name)
         r = compile_sm90(name, fn, cfg, ptrs, const, {**ints, **extra})
         rows.append(r)
         log(f"{name:34s} {str(r['config']):86s} " + (f"smem {r['shared']:6d} regs {r['regs']:3d} stack "
@@ -590,7 +595,7 @@ def compile_only(dtypes, kinds=COMPILE_KINDS, D=128):
     import torch
     for dt in dtypes:
         tdt = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dt])
-        for varlen in (False, True):
+        for varlen in varlens:
             tag = f"[{dt}{' varlen' if varlen else ''}]"
             seq = {"cu": "i64", "ccu": "i64", "cq": "i64"}
             probe = torch.empty(0, dtype=tdt)
@@ -719,7 +724,7 @@ def compile_attention_pool(one, dt, tdt, tag, varlen, *, T, H, D, L, S, W):
     probe = {"C_PAD": C_PAD, "D": D, "x": torch.empty(0, dtype=tdt)}
     for cfg in ap._fwd_prune(ap._FWD.tuned.configs, probe):
         one(f"attention_pool_fwd_kernel {tag}", ap.attention_pool_fwd_kernel, cfg,
-            {"x": dt, "w": dt, "cpe": "fp32", "pe": dt, "y": dt, "lse": "fp32", **seq},
+            {"x": dt, "w": dt, "cpe": "fp32", "pe": dt, "y": dt, "lse": "fp32", "y32": "fp32", **seq},
             dict(C_PAD=C_PAD, BLOCK_D=BD, IS_VARLEN=varlen, HAS_PE=True, HAS_LSE=True, DOT_F32=False), ints)
     ptrs = {"x": dt, "w": dt, "cpe": "fp32", "pe": dt, "dy": dt, "y": dt, "lse": "fp32", "dx": dt, "pw": "fp32",
             "pp": "fp32", **seq}
@@ -849,6 +854,9 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="bf16,fp32", help="with --compile-only: bf16, fp16, fp32")
     ap.add_argument("--head-dims", default="128,192",
                     help="with --compile-only: head dims D (NSA: 128 values, 192 keys)")
+    ap.add_argument("--first-only", action="store_true",
+                    help="with --compile-only: one configuration per kernel and variant, fixed-length calls only "
+                         "(that every kernel compiles; tests/test_compile_sm90.py)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
     known = COMPILE_KINDS if a.compile_only else KINDS
@@ -865,7 +873,8 @@ def main(argv=None):
         res["compile"] = []
         for D in [int(d) for d in a.head_dims.split(",") if d.strip()]:
             log(f"--- D = {D}")
-            res["compile"] += compile_only([d.strip() for d in a.dtypes.split(",")], kinds, D)
+            res["compile"] += compile_only([d.strip() for d in a.dtypes.split(",")], kinds, D, first_only=a.first_only,
+                                           varlens=(False,) if a.first_only else (False, True))
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=1)
