@@ -323,21 +323,21 @@ def test_workspace_at_the_nsa_shape():
 def test_auto_prefers_gemm_from_the_flops_threshold():
     """prefer_call (backend="auto" only): one head group's first-layer
     FLOPs, 2 * B * (H / G) * W * L*D * F, against AUTO_MIN_GROUP_FLOPS
-    (2e11): the record's D = 128, T = 65536 call (1.4e11 a group) goes to
-    the fused kernel, T = 131072 (2.7e11) and D = 192, T = 65536 (3.1e11)
-    to gemm; fewer groups for the same heads mean more FLOPs a group."""
+    (7e10): the record's T = 8192 calls (1.7e10 a group at D = 128, 3.9e10
+    at D = 192) go to the fused kernel, D = 128, T = 65536 (1.4e11) and
+    more to gemm; fewer groups for the same heads mean more FLOPs a group."""
     def call(B, H, G, T, D, L=32, S=16):
         x = torch.empty(B, H, T, D, dtype=torch.bfloat16, device="meta")
         w1 = torch.empty(G, L * D, L * D, dtype=torch.bfloat16, device="meta")
         w2 = torch.empty(G, L * D, D, dtype=torch.bfloat16, device="meta")
         kw = dict(block_size=L, stride=S, padding="left")
         return gemm_impl.group_flops(x, w1, **kw), gemm_impl.prefer_call(x, w1, None, w2, None, **kw)
-    assert gemm_impl.AUTO_MIN_GROUP_FLOPS == 2e11
-    assert call(1, 4, 4, 65536, 128) == (2 * 4096 * 4096 * 4096, False)
-    assert call(1, 4, 4, 131072, 128) == (2 * 8192 * 4096 * 4096, True)
-    assert call(1, 4, 4, 65536, 192) == (2 * 4096 * 6144 * 6144, True)
-    assert call(1, 4, 4, 8192, 192)[1] is False
-    assert call(2, 4, 4, 65536, 128)[1] is True and call(1, 4, 2, 65536, 128)[1] is True
+    assert gemm_impl.AUTO_MIN_GROUP_FLOPS == 7e10
+    assert call(1, 4, 4, 8192, 128) == (2 * 512 * 4096 * 4096, False)
+    assert call(1, 4, 4, 8192, 192) == (2 * 512 * 6144 * 6144, False)
+    assert call(1, 4, 4, 65536, 128) == (2 * 4096 * 4096 * 4096, True)
+    assert call(1, 4, 4, 65536, 192)[1] is True
+    assert call(2, 4, 4, 8192, 192)[1] is True and call(1, 4, 2, 8192, 192)[1] is True
     b = kb.get("mlp", "gemm")
     assert b.prefer is gemm_impl.prefer_call
 

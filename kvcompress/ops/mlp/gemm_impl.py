@@ -198,13 +198,14 @@ def supports_call(x, w1, b1, w2, b2, *, block_size, stride, padding="valid", pe=
 
 
 # backend="auto" takes gemm on CUDA only when one group's first layer is at least this many FLOPs
-# (2 * B * Hg * W * L*D * F): below it the fused Triton kernel was faster, gemm's per-group host work not
-# hidden by its GEMMs. H200 runs 66-67 (tree c255b97, B = 1, G = H = 4, F = L*D; forward / forward + backward):
-# per-group 1.4e11 FLOPs (D = 128, T = 65536) triton 1.55 / 6.17 ms against gemm 1.84 / 7.91; 2.7e11 (D = 128,
-# T = 131072) gemm 2.19 / 7.64 against 2.98 / 12.0; 3.1e11 (D = 192, T = 65536) gemm 3.04 / 10.5 against
-# 5.33 / 17.5; at T = 8192 triton 3.7x (D = 128) and 4.4x (D = 192) faster. The threshold lies between the
-# second and the first; gemm's host path was cut after those runs, so the crossover is to be measured again.
-AUTO_MIN_GROUP_FLOPS = 2e11
+# (2 * B * Hg * W * L*D * F): below it the fused Triton kernel is faster, gemm's per-group host work not
+# hidden by its GEMMs. H200 runs 68-69 (tree 65a7ad5, after gemm's host path was cut; B = 1, G = H = 4,
+# F = L*D; forward / forward + backward): per-group 1.7e10 FLOPs (D = 128, T = 8192) triton 0.387 / 1.56 ms
+# against gemm 0.600 / 3.72; 3.9e10 (D = 192, T = 8192) triton 0.81 / 2.91 against 1.18 / 4.90; 1.4e11
+# (D = 128, T = 65536) gemm 1.15 / 3.57 against triton 1.61 / 6.26 (runs 66-67, before the cut: triton
+# faster there, hence the earlier 2e11). The threshold lies between 3.9e10 and 1.4e11, near their geometric
+# mean.
+AUTO_MIN_GROUP_FLOPS = 7e10
 
 
 def group_flops(x, w1, *, block_size: int, stride: int, padding: str) -> int:
