@@ -33,6 +33,13 @@ from kvcompress.ops._triton.launch import only_config, small_tiles  # noqa: E402
 from kvcompress.ops.gated_pool import triton_impl  # noqa: E402
 
 BACKENDS = {"torch": torch_impl.gated_pool, "triton": triton_impl.gated_pool}
+# where a test's tensors live for the Triton backend: the interpreter's CPU, else the GPU
+DEV = "cpu" if INTERPRET else "cuda"
+
+
+def leaves_on(dev, *ts):
+    """Each tensor (or None) as a leaf on ``dev``, requiring grad as it did."""
+    return tuple(None if t is None else t.detach().to(dev).requires_grad_(t.requires_grad) for t in ts)
 
 
 # --------------------------------------------------------------------------- the oracle
@@ -189,7 +196,7 @@ def run_case(backend, *, padding, split, L, S, groups, transposed, packed, dtype
     cu = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32) if packed else None
     # the Triton backend on a GPU: the same CPU leaves, moved there and back (differentiably), so the oracle,
     # the bounds and the gradients below stay on the CPU; under the interpreter everything is on the CPU
-    dev = "cuda" if backend == "triton" and not INTERPRET else "cpu"
+    dev = DEV if backend == "triton" else "cpu"
     kw = dict(split=split, block_size=L, stride=S, padding=padding, cu_seqlens=None if cu is None else cu.to(dev))
     y = BACKENDS[backend](*(None if t is None else t.to(dev) for t in (x, z, bias)), **kw).cpu()
     ref = oracle(x.detach(), z.detach(), None if bias is None else bias.detach(), split=split, L=L, S=S,
@@ -322,7 +329,7 @@ def test_triton_infinite_scores(cfg):
     z[0, 0, 16:24, 2] = -math.inf        # window 2, feature 2: every score -inf
     z[0, 0, 10, 3] = math.inf            # window 1, feature 3: a +inf score
     kw = dict(block_size=L, stride=S, padding="valid")
-    dev = "cpu" if INTERPRET else "cuda"
+    dev = DEV
     with only_config(triton_impl._FWD, lambda kept: fwd_config(*cfg)) as runs:
         y = triton_impl.gated_pool(x.to(dev), z.to(dev), **kw).cpu()
     assert len(runs) == 1
@@ -344,7 +351,9 @@ def test_nan_stays_in_its_sequence(backend):
     with torch.no_grad():
         x[0, 0, 0, 1] = float("nan")
         z[0, 1, 0, 2] = float("nan")
-    cu = torch.tensor([0, 5, 12])
+    dev = DEV if backend == "triton" else "cpu"
+    x, z, bias = leaves_on(dev, x, z, bias)
+    cu = torch.tensor([0, 5, 12], device=dev)
     y = BACKENDS[backend](x, z, bias, block_size=L, stride=S, padding="left", cu_seqlens=cu)
     assert y.shape[2] == 5                                 # 2 windows of sequence 0, then 3 of sequence 1
     assert y[:, :, :2].isnan().any() and not y[:, :, 2:].isnan().any()
@@ -378,8 +387,8 @@ def test_triton_backward_deterministic():
 
 
 def _op_args(*, need_stats, dtype=torch.float32):
-    x, z, bias = make(B=1, H=2, T=11, Dx=4, L=4, Do=2, groups=1, transposed=True, dtype=dtype)
-    cu = torch.tensor([0, 3, 11], dtype=torch.int64)
+    x, z, bias = leaves_on(DEV, *make(B=1, H=2, T=11, Dx=4, L=4, Do=2, groups=1, transposed=True, dtype=dtype))
+    cu = torch.tensor([0, 3, 11], dtype=torch.int64, device=DEV)
     return (x, z, bias, cu, 4, 2, "left", True, -1, need_stats)
 
 
